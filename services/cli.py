@@ -1,0 +1,223 @@
+"""The `cargotrack` command: run a service, the local suite, and operator tasks.
+
+    cargotrack dev                 local Kafka + PostgreSQL + every service (+ simulator)
+    cargotrack serve NAME          one service (what a container runs)
+    cargotrack migrate             apply database migrations
+    cargotrack create-topics       create the Kafka topics
+    cargotrack token --role ROLE   mint a development bearer token
+    cargotrack eta-eval            score the ETA model on recorded trajectories
+
+Expected failures (bad configuration, a port taken, no Java) print one line and
+exit with status 2; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A deployable: its module (with `async def run(settings)`) and default gRPC port."""
+
+    name: str
+    module: str
+    default_port: int
+    summary: str
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    spec.name: spec
+    for spec in (
+        ServiceSpec(
+            "gps-ingest", "services.gps_ingest.app", 50051, "GPS batches from drivers' apps"
+        ),
+        ServiceSpec(
+            "shipment-events", "services.shipment_events.app", 50052, "shipment lifecycle events"
+        ),
+        ServiceSpec(
+            "delivery-confirmations",
+            "services.delivery_confirmations.app",
+            50053,
+            "proofs of delivery",
+        ),
+        ServiceSpec("tracking-query", "services.tracking_query.app", 50054, "shipment queries"),
+        ServiceSpec("dispatch", "services.dispatch.app", 50055, "delay alert subscriptions"),
+        ServiceSpec("projector", "services.projector.app", 50056, "folds the streams into state"),
+    )
+}
+
+
+def available_services() -> list[ServiceSpec]:
+    """The services whose code exists in this checkout, in start order."""
+    found = []
+    for spec in SERVICES.values():
+        try:
+            importlib.import_module(spec.module)
+        except ModuleNotFoundError as error:
+            if error.name and spec.module.startswith(error.name):
+                continue
+            raise
+        found.append(spec)
+    return found
+
+
+class UsageError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def _settings(default_port: int = 0) -> Settings:
+    try:
+        return load_settings(default_grpc_port=default_port)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def _configure_logging(settings: Settings | None = None) -> None:
+    from shared.logs import configure_logging
+
+    configure_logging(
+        settings.log_format if settings else "console", settings.log_level if settings else "INFO"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    spec = SERVICES.get(args.name)
+    if spec is None:
+        raise UsageError(f"unknown service {args.name!r}; one of: {', '.join(SERVICES)}")
+    settings = _settings(spec.default_port)
+    _configure_logging(settings)
+    module = importlib.import_module(spec.module)
+    run: Callable[[Settings], Coroutine[Any, Any, None]] = module.run
+    asyncio.run(run(settings))
+
+
+def cmd_migrate(_args: argparse.Namespace) -> None:
+    from shared.db import migrate
+
+    settings = _settings()
+    applied = asyncio.run(migrate(settings.database))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+
+def cmd_create_topics(_args: argparse.Namespace) -> None:
+    from shared.kafka import ensure_topics, topic_specs
+
+    settings = _settings()
+    created = asyncio.run(ensure_topics(settings.kafka, topic_specs(settings.topics)))
+    print(f"created {len(created)} topic(s): {', '.join(created) or 'all existed'}")
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    import os
+
+    from shared.auth import Role, mint_token
+
+    secret = os.environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET
+    try:
+        token = mint_token(
+            secret,
+            role=Role(args.role),
+            tenant_id=args.tenant,
+            subject=args.subject or f"{args.role}@{args.tenant}",
+            vehicle_id=args.vehicle,
+            customer_id=args.customer,
+            ttl_s=args.ttl_hours * 3600,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(token)
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from services.launcher import run_dev
+
+    _configure_logging()
+    asyncio.run(run_dev(args))
+
+
+def cmd_eta_eval(args: argparse.Namespace) -> None:
+    from shared.eta_eval import main as evaluate
+
+    code = evaluate(args.rest)
+    if code:
+        sys.exit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cargotrack", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="run the whole suite locally")
+    dev.add_argument("--headless", action="store_true", help="summary lines instead of a live view")
+    dev.add_argument("--no-simulator", action="store_true", help="start no simulated fleet")
+    dev.add_argument("--reset", action="store_true", help="delete local state before starting")
+    dev.add_argument(
+        "--exit-after", type=float, default=0, metavar="S", help="stop by itself after S seconds"
+    )
+    dev.set_defaults(handler=cmd_dev)
+
+    serve = commands.add_parser("serve", help="run one service")
+    serve.add_argument("name", choices=sorted(SERVICES))
+    serve.set_defaults(handler=cmd_serve)
+
+    commands.add_parser("migrate", help="apply database migrations").set_defaults(
+        handler=cmd_migrate
+    )
+    commands.add_parser("create-topics", help="create the Kafka topics").set_defaults(
+        handler=cmd_create_topics
+    )
+
+    token = commands.add_parser("token", help="mint a bearer token (dev key unless configured)")
+    token.add_argument(
+        "--role", required=True, choices=["driver", "shipper", "ops", "customer", "dispatcher"]
+    )
+    token.add_argument("--tenant", default="demo")
+    token.add_argument("--subject")
+    token.add_argument("--vehicle", help="the driver's vehicle id")
+    token.add_argument("--customer", help="the customer's id")
+    token.add_argument("--ttl-hours", type=int, default=24)
+    token.set_defaults(handler=cmd_token)
+
+    evaluate = commands.add_parser(
+        "eta-eval",
+        help="score the ETA model on recorded trajectories (see docs/eta.md)",
+        add_help=False,
+    )
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(handler=cmd_eta_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eta-eval"]:
+        # The evaluation parses its own options.
+        cmd_eta_eval(argparse.Namespace(rest=argv[1:]))
+        return
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except UsageError as error:
+        print(f"cargotrack: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        # Expected environment failures carry a one-line message; anything else is a bug.
+        from shared.devstack import DevStackError
+
+        if isinstance(error, DevStackError):
+            print(f"cargotrack: {error}", file=sys.stderr)
+            sys.exit(2)
+        logging.getLogger("cargotrack").exception("failed")
+        sys.exit(1)

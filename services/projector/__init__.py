@@ -1,0 +1,1 @@
+"""The tracking projector: folds the Kafka streams into PostgreSQL state."""

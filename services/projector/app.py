@@ -1,0 +1,71 @@
+"""The projector process: consumer group member, outbox relay, maintenance."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+from services.projector.live import LiveTracker
+from services.projector.outbox import OutboxRelay
+from services.projector.projection import TrackingProjection
+from shared import readiness
+from shared import tracking_store as store
+from shared.config import Settings
+from shared.db import create_pool, migrate
+from shared.kafka import ensure_topics, make_producer, topic_specs
+from shared.projection import ProjectionRunner
+from shared.rpc import GrpcApp
+from shared.runtime import Supervisor, periodically
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL_S = 3600.0
+
+
+async def run(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT or the first failure (which is re-raised)."""
+    await migrate(settings.database)
+    await ensure_topics(settings.kafka, topic_specs(settings.topics))
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await create_pool(settings.database)
+        stack.push_async_callback(pool.close)
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        # Health only: probes and the dev launcher wait on it.
+        app = GrpcApp(settings.grpc, settings.auth, services=[], roles={})
+        port = await app.start()
+        stack.push_async_callback(app.stop)
+        log.info("projector health on port %d", port)
+
+        projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts))
+        runner = ProjectionRunner(
+            projection, pool, settings.kafka, settings.topics.dead_letters, producer
+        )
+        relay = OutboxRelay(settings, pool, producer)
+
+        async def maintain() -> None:
+            async with pool.acquire() as connection:
+                created, dropped = await store.maintain_position_partitions(
+                    connection, datetime.now(UTC), settings.position_retention_days
+                )
+            if created or dropped:
+                log.info("history partitions: created %s, dropped %s", created, dropped)
+
+        supervisor = Supervisor("projector")
+        supervisor.install_signal_handlers()
+        supervisor.spawn("projection", runner.run())
+        supervisor.spawn("outbox", relay.run())
+        supervisor.spawn("maintenance", periodically(MAINTENANCE_INTERVAL_S, maintain))
+        supervisor.spawn(
+            "readiness",
+            readiness.monitor(
+                {
+                    "kafka": readiness.kafka_check(producer),
+                    "postgres": readiness.postgres_check(pool),
+                },
+                app.set_serving,
+            ),
+        )
+        await supervisor.run()

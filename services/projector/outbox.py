@@ -1,0 +1,86 @@
+"""Publishes alerts from the outbox table to the alerts topic.
+
+Transactional outbox: the projection decides an alert in the same transaction
+as the state that caused it; this relay then publishes it and marks it
+published after Kafka acknowledged. A crash between the two publishes the alert
+again with the same alert id (at least once); subscribers deduplicate by id.
+Rows are claimed with FOR UPDATE SKIP LOCKED, so several projector instances can
+relay at once without publishing a row twice concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from shared.config import Settings
+from shared.envelopes import encode, timestamp
+from shared.kafka import produce_many
+from shared.pb import alerts_pb2, envelope_pb2
+
+log = logging.getLogger(__name__)
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        *,
+        batch_size: int = 500,
+        idle_s: float = 0.1,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.producer = producer
+        self.batch_size = batch_size
+        self.idle_s = idle_s
+        self.published = 0
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of unpublished alerts; return how many."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(
+                "SELECT id, alert_id, tenant_id, shipment_id, payload, created_at"
+                " FROM alert_outbox WHERE published_at IS NULL ORDER BY id"
+                " LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self.batch_size,
+            )
+            if not rows:
+                return 0
+            records = []
+            for row in rows:
+                alert = alerts_pb2.Alert.FromString(row["payload"])
+                envelope = envelope_pb2.Envelope(
+                    event_id=row["alert_id"],
+                    tenant_id=row["tenant_id"],
+                    principal="projector",
+                    alert=alert,
+                )
+                envelope.occurred_at.CopyFrom(alert.detected_at)
+                envelope.recorded_at.CopyFrom(timestamp(datetime.now(UTC)))
+                records.append(encode(envelope, key=row["shipment_id"]))
+            await produce_many(
+                self.producer,
+                self.settings.topics.shipment_alerts,
+                records,
+                self.settings.kafka.request_timeout_s,
+            )
+            await connection.execute(
+                "UPDATE alert_outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                [row["id"] for row in rows],
+            )
+        self.published += len(rows)
+        return len(rows)
+
+    async def run(self) -> None:
+        """Relay until cancelled; Kafka or database errors end the loop (the supervisor
+        restarts nothing: the process exits and its orchestrator restarts it)."""
+        while True:
+            if await self.publish_pending() < self.batch_size:
+                await asyncio.sleep(self.idle_s)

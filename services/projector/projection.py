@@ -1,0 +1,125 @@
+"""The tracking projection's I/O shell: load states, fold a batch, write once.
+
+Per poll batch (inside the runner's transaction): load the states of every
+shipment and vehicle the batch touches in one query each, fold the records in
+log order with the pure folds of shared.domain.tracking, and write each changed
+state once (coalesced), the accepted GPS points with COPY, and the live
+tracking (position, progress, ETA, alerts) of shipments whose vehicle moved.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.projector.live import LiveTracker
+from shared import tracking_store as store
+from shared.config import TopicSettings
+from shared.db import Connection
+from shared.domain import tracking
+from shared.domain.tracking import Position, ShipmentState, VehicleState
+from shared.pb import envelope_pb2
+from shared.projection import Delivered
+
+log = logging.getLogger(__name__)
+
+SHIPMENT_PAYLOADS = ("shipment_event", "delivery_confirmation")
+
+
+def shipment_key(envelope: envelope_pb2.Envelope) -> store.ShipmentKey:
+    payload = envelope.WhichOneof("payload")
+    shipment_id = (
+        envelope.shipment_event.shipment_id
+        if payload == "shipment_event"
+        else envelope.delivery_confirmation.shipment_id
+    )
+    return envelope.tenant_id, shipment_id
+
+
+@dataclass
+class BatchEffect:
+    """What one batch changed (for metrics and tests)."""
+
+    shipments: dict[store.ShipmentKey, ShipmentState] = field(default_factory=dict)
+    vehicles_moved: dict[store.VehicleKey, VehicleState] = field(default_factory=dict)
+    history_points: int = 0
+    ignored: int = 0
+
+
+class TrackingProjection:
+    """Shipment state, vehicle positions and live tracking, from three topics."""
+
+    name = "tracking"
+
+    def __init__(self, topics: TopicSettings, live: LiveTracker | None = None) -> None:
+        self.topics = (topics.shipment_events, topics.delivery_confirmations, topics.gps_points)
+        self.live = live
+        self.last_effect = BatchEffect()
+
+    async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
+        effect = BatchEffect()
+        shipment_records = []
+        gps_records = []
+        for record in records:
+            payload = record.envelope.WhichOneof("payload")
+            if payload in SHIPMENT_PAYLOADS:
+                shipment_records.append(record)
+            elif payload == "gps_batch":
+                gps_records.append(record)
+            else:
+                # A valid envelope on the wrong topic (e.g. an alert): not ours to fold.
+                effect.ignored += 1
+        if shipment_records:
+            await self._fold_shipments(connection, shipment_records, effect)
+        if gps_records:
+            await self._fold_vehicles(connection, gps_records, effect)
+        if self.live is not None:
+            await self.live.update(connection, effect.vehicles_moved, effect.shipments)
+        self.last_effect = effect
+
+    async def _fold_shipments(
+        self, connection: Connection, records: list[Delivered], effect: BatchEffect
+    ) -> None:
+        states: dict[store.ShipmentKey, ShipmentState] = await store.load_shipments(
+            connection, (shipment_key(r.envelope) for r in records)
+        )
+        for record in records:
+            key = shipment_key(record.envelope)
+            before = states.get(key)
+            after = tracking.apply(before, record.envelope)
+            if after is not None and after is not before:
+                states[key] = after
+                effect.shipments[key] = after
+        await store.save_shipments(connection, list(effect.shipments.values()))
+
+    async def _fold_vehicles(
+        self, connection: Connection, records: list[Delivered], effect: BatchEffect
+    ) -> None:
+        def key_of(envelope: envelope_pb2.Envelope) -> store.VehicleKey:
+            return envelope.tenant_id, envelope.gps_batch.vehicle_id
+
+        states: dict[store.VehicleKey, VehicleState] = await store.load_vehicles(
+            connection, (key_of(r.envelope) for r in records)
+        )
+        loaded_positions = {k: s.last_position for k, s in states.items()}
+        changed: dict[store.VehicleKey, VehicleState] = {}
+        history: list[tuple[str, str, str, Position]] = []
+        for record in records:
+            envelope = record.envelope
+            key = key_of(envelope)
+            before = states.get(key)
+            for point in tracking.accepted_history_points(before, envelope):
+                history.append((key[0], key[1], envelope.event_id, point))
+            after = tracking.apply_gps(before, envelope)
+            if after is not before:
+                states[key] = after
+                changed[key] = after
+        await store.save_vehicles(connection, list(changed.values()))
+        await store.append_history(connection, history)
+        effect.history_points = len(history)
+        effect.vehicles_moved = {
+            key: state
+            for key, state in changed.items()
+            if state.last_position is not None and state.last_position != loaded_positions.get(key)
+        }

@@ -1,0 +1,96 @@
+"""PostgreSQL access: the connection pool and schema migrations.
+
+Every cargotrack table lives in one schema (CARGOTRACK_DB_SCHEMA), set as the
+search_path of each pooled connection; tests give each test its own schema.
+Migrations are the numbered SQL files in shared/migrations/, applied in order,
+each in its own transaction, recorded in schema_migrations, under an advisory
+lock so that concurrent starters apply each exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from shared.config import DatabaseSettings
+
+#: A connection as handed out by a pool or opened directly; every query helper takes either.
+Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+_MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+#: Arbitrary constant: the advisory lock key that serialises migrations.
+_MIGRATION_LOCK = 0x6361_7267_6F74
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every migration shipped, in version order."""
+    found = []
+    for entry in resources.files("shared.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def connect(settings: DatabaseSettings) -> asyncpg.Connection:
+    """One connection with the cargotrack schema on its search_path."""
+    return await asyncpg.connect(settings.url, server_settings={"search_path": settings.schema})
+
+
+async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.Pool:
+    """A started pool whose connections use the cargotrack schema; close() it when done."""
+    options: dict[str, Any] = {
+        "min_size": settings.pool_min,
+        "max_size": settings.pool_max,
+        "server_settings": {"search_path": settings.schema},
+        "command_timeout": 60,
+    }
+    options.update(overrides)
+    pool = await asyncpg.create_pool(settings.url, **options)
+    assert pool is not None
+    return pool
+
+
+async def migrate(settings: DatabaseSettings) -> list[str]:
+    """Create the schema if needed and apply pending migrations; return the files applied.
+
+    Idempotent and safe to run from several processes at once.
+    """
+    connection = await asyncpg.connect(settings.url)
+    try:
+        schema = settings.schema
+        await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await connection.execute(f'SET search_path TO "{schema}"')
+        await connection.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY,"
+                " name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {
+                row["version"]
+                for row in await connection.fetch("SELECT version FROM schema_migrations")
+            }
+            applied = []
+            for version, name, sql in migrations():
+                if version in done:
+                    continue
+                async with connection.transaction():
+                    await connection.execute(sql)
+                    await connection.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(name)
+            return applied
+        finally:
+            await connection.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    finally:
+        await connection.close()

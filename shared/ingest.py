@@ -1,0 +1,445 @@
+"""What the three ingest services share: a Kafka link, ordered writes, the server shell.
+
+An ingest service authenticates a request, validates it, writes it to Kafka and
+answers only after Kafka acknowledged the write. The pieces here are the parts that
+do not depend on which payload is ingested:
+
+- `KafkaLink` owns the service's producer. It connects in the background (creating
+  the topics first), so a service started while Kafka is down still serves: health
+  reports NOT_SERVING and every write fails with `KafkaUnavailable` (UNAVAILABLE)
+  after a bounded wait, never a hang.
+- `KafkaLink.write_in_order` writes several records of one key so that none is
+  stored unless every record before it is: the GPS stream relies on it.
+- `IngestServer` is one running service: Kafka link, `GrpcApp`, readiness task. It
+  is what `app.run` serves until SIGTERM and what the tests start in-process, so
+  the tests exercise the production wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shared.auth import Principal, Role
+from shared.config import KafkaSettings, Settings
+from shared.envelopes import HEADER_TRACEPARENT, EncodedRecord
+from shared.kafka import (
+    KafkaUnavailable,
+    TopicSpec,
+    ensure_topics,
+    make_producer,
+    produce,
+    produce_many,
+    topic_specs,
+)
+from shared.pb import envelope_pb2
+from shared.rpc import Context, GrpcApp, Registrar
+from shared.runtime import Supervisor
+
+log = logging.getLogger(__name__)
+
+#: How often readiness asks Kafka for metadata, and how long one probe may take.
+READINESS_INTERVAL_S = 2.0
+READINESS_PROBE_TIMEOUT_S = 1.5
+#: Back-off between attempts to connect to Kafka at start-up (doubling up to the max).
+CONNECT_BACKOFF_S = 0.2
+CONNECT_BACKOFF_MAX_S = 5.0
+
+
+def deadline_budget(context: Context, limit_s: float) -> float:
+    """Seconds a write may wait for Kafka: limit_s, or less so that the client's
+    deadline is not reached first.
+
+    With a deadline of d seconds left, the budget leaves 10 % of d (at least 50 ms,
+    at most 1 s) for the UNAVAILABLE answer to travel back, so a client sees
+    UNAVAILABLE within its deadline instead of DEADLINE_EXCEEDED. Never below 1 ms.
+    """
+    remaining: float | None = context.time_remaining()
+    if remaining is None:
+        return limit_s
+    margin = min(1.0, max(0.05, remaining * 0.1))
+    return max(0.001, min(limit_s, remaining - margin))
+
+
+def traceparent(context: Context) -> str:
+    """The caller's W3C traceparent metadata, or "" when it sent none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == HEADER_TRACEPARENT:
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def envelope_for(
+    principal: Principal,
+    *,
+    event_id: str,
+    occurred_at: Timestamp,
+    recorded_at: Timestamp,
+    traceparent: str = "",
+) -> envelope_pb2.Envelope:
+    """An Envelope without payload: tenant and principal from the caller's token, never
+    from the payload. The caller sets the payload; shared.envelopes.encode fills
+    schema_type from it."""
+    return envelope_pb2.Envelope(
+        event_id=event_id,
+        tenant_id=principal.tenant_id,
+        occurred_at=occurred_at,
+        recorded_at=recorded_at,
+        principal=principal.subject,
+        traceparent=traceparent,
+    )
+
+
+class KafkaLink:
+    """The service's connection to Kafka: topics, one idempotent acks=all producer.
+
+    Lifecycle: `start()` returns at once and connects in the background (ensure the
+    topics, start the producer), retrying with back-off until it succeeds or `stop()`
+    is called. `start()` twice is an error; `stop()` is idempotent and safe before
+    `start()`; `async with` does both. `stop()` flushes what the producer holds
+    within the Kafka timeout; what it cannot flush was never acknowledged to a
+    client, which resends it.
+
+    Every write waits at most its `timeout_s` in total (connecting included) and
+    raises `KafkaUnavailable` when Kafka did not acknowledge within it.
+    """
+
+    def __init__(self, kafka: KafkaSettings, topics: Sequence[TopicSpec]) -> None:
+        self._kafka = kafka
+        self._topics = list(topics)
+        self._producer: AIOKafkaProducer | None = None
+        self._connected = asyncio.Event()
+        self._connect_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._stopped = False
+
+    @property
+    def connected(self) -> bool:
+        """True once the producer has started (it reconnects by itself afterwards)."""
+        return self._producer is not None
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("KafkaLink.start() called twice")
+        self._started = True
+        self._connect_task = asyncio.create_task(self._connect(), name="kafka-connect")
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until connected; False if that did not happen within timeout_s."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._connected.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _connect(self) -> None:
+        backoff = CONNECT_BACKOFF_S
+        attempt = 0
+        while True:
+            attempt += 1
+            producer = make_producer(self._kafka)
+            try:
+                async with asyncio.timeout(self._kafka.request_timeout_s):
+                    created = await ensure_topics(self._kafka, self._topics)
+                    await producer.start()
+            except (KafkaError, OSError, TimeoutError) as error:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning(
+                        "cannot connect to Kafka at %s (attempt %d), retrying: %r",
+                        self._kafka.bootstrap_servers,
+                        attempt,
+                        error,
+                    )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, CONNECT_BACKOFF_MAX_S)
+                continue
+            if created:
+                log.info("created topics %s", ", ".join(created))
+            log.info("connected to Kafka at %s", self._kafka.bootstrap_servers)
+            self._producer = producer
+            self._connected.set()
+            return
+
+    async def producer(self, timeout_s: float) -> AIOKafkaProducer:
+        """The started producer; KafkaUnavailable if not connected within timeout_s."""
+        if self._stopped:
+            raise KafkaUnavailable("the service is shutting down")
+        if self._producer is None and not await self.wait_connected(timeout_s):
+            raise KafkaUnavailable(f"not connected to Kafka at {self._kafka.bootstrap_servers} yet")
+        assert self._producer is not None
+        return self._producer
+
+    async def probe(self, timeout_s: float = READINESS_PROBE_TIMEOUT_S) -> bool:
+        """True when a metadata request succeeds within timeout_s and lists our topics."""
+        producer = self._producer
+        if producer is None or self._stopped:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                metadata = await producer.client.fetch_all_metadata()
+        except (KafkaError, OSError, TimeoutError):
+            return False
+        return {spec.name for spec in self._topics} <= set(metadata.topics())
+
+    async def write(self, topic: str, record: EncodedRecord, timeout_s: float) -> None:
+        """Write one record and wait for its acknowledgement (see shared.kafka.produce)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        producer = await self.producer(timeout_s)
+        await produce(producer, topic, record, self._left(deadline))
+
+    async def write_many(self, topic: str, records: list[EncodedRecord], timeout_s: float) -> None:
+        """Write records (any keys) and wait until every one is acknowledged.
+
+        Not atomic: on KafkaUnavailable some may be stored; the caller's client
+        retries them all and downstream deduplication by event id absorbs the rest.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        producer = await self.producer(timeout_s)
+        await produce_many(producer, topic, records, self._left(deadline))
+
+    async def write_in_order(
+        self, topic: str, key: bytes, records: Sequence[EncodedRecord], timeout_s: float
+    ) -> None:
+        """Write records of one key so that none is stored unless all before it are.
+
+        The records go out as consecutive Kafka record batches on the key's partition
+        (chosen as the default partitioner chooses it, so `write` and this method put
+        a key on the same partition). Kafka appends a record batch atomically, and the
+        next batch is handed to the producer only after the previous one was
+        acknowledged, so on KafkaUnavailable the stored records are a prefix of
+        `records` (possibly empty), never a later record without an earlier one.
+        Usually all of them fit in one batch (the producer's max_batch_size).
+        """
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        producer = await self.producer(timeout_s)
+        try:
+            async with asyncio.timeout_at(deadline):
+                partitions = sorted(await producer.partitions_for(topic))
+                partition = DefaultPartitioner()(key, partitions, partitions)
+                pending = list(records)
+                while pending:
+                    builder = producer.create_batch()
+                    taken = 0
+                    for record in pending:
+                        appended = builder.append(
+                            timestamp=None,
+                            key=record.key,
+                            value=record.value,
+                            headers=record.headers,
+                        )
+                        if appended is None:
+                            break  # full; the first record of a batch always fits
+                        taken += 1
+                    future = await producer.send_batch(builder, topic, partition=partition)
+                    await future
+                    pending = pending[taken:]
+        except (TimeoutError, KafkaError) as error:
+            raise KafkaUnavailable(
+                f"Kafka did not acknowledge within {timeout_s:g}s: {error!r}"
+            ) from error
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.001, deadline - asyncio.get_running_loop().time())
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connect_task
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await _close_producer(producer, self._kafka.request_timeout_s)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def _close_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
+    """Flush within timeout_s, then close.
+
+    An idempotent aiokafka producer retries a batch until Kafka takes it, so with
+    Kafka gone its stop() would wait forever. After the bounded flush we stop its
+    sender task instead: whatever is still unsent was never acknowledged to a client.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await producer.flush()
+    except (TimeoutError, KafkaError) as error:
+        log.warning("Kafka producer not flushed, dropping unacknowledged records: %r", error)
+        sender_task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+        if sender_task is not None:
+            sender_task.cancel()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await producer.stop()
+    except (TimeoutError, KafkaError) as error:
+        log.warning("Kafka producer did not close cleanly: %r", error)
+
+
+@dataclass(frozen=True)
+class IngestService:
+    """What one ingest service adds to the common shell.
+
+    `name` is the full gRPC service name; `register` adds the servicer to a server;
+    `roles` maps each full method name to the roles that may call it (a method
+    missing from it is refused).
+    """
+
+    name: str
+    register: Registrar
+    roles: Mapping[str, Collection[Role]]
+
+
+#: Builds a service's servicer around the shared Kafka link.
+ServiceBuilder = Callable[[Settings, KafkaLink], IngestService]
+
+
+class IngestServer:
+    """One ingest service, running: Kafka link, gRPC server, readiness.
+
+    `start()` starts the Kafka link (in the background), builds the service, starts
+    the gRPC server on settings.grpc (port 0 picks a free one: see `port`) with
+    health NOT_SERVING, and starts the readiness task, which probes Kafka every
+    READINESS_INTERVAL_S and sets health SERVING or NOT_SERVING.
+
+    `stop()` shuts down in order: readiness task, health NOT_SERVING and
+    server.stop(grace) (in-flight RPCs finish), then the producer is flushed and
+    closed. Idempotent and safe after a failed start; `async with` does both.
+    """
+
+    def __init__(self, settings: Settings, builder: ServiceBuilder, label: str) -> None:
+        self.settings = settings
+        self.label = label
+        self._builder = builder
+        self._stack = contextlib.AsyncExitStack()
+        self._readiness: asyncio.Task[None] | None = None
+        self.kafka = KafkaLink(settings.kafka, topic_specs(settings.topics))
+        self.app: GrpcApp | None = None
+        self.port: int | None = None
+        self._started = False
+
+    async def start(self) -> int:
+        """Start everything; return the gRPC port."""
+        if self._started:
+            raise RuntimeError("IngestServer.start() called twice")
+        self._started = True
+        try:
+            await self._kafka_and_server()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        assert self.port is not None
+        return self.port
+
+    async def _kafka_and_server(self) -> None:
+        # Exit callbacks run in reverse: readiness, then the server, then Kafka.
+        await self._stack.enter_async_context(self.kafka)
+        service = self._builder(self.settings, self.kafka)
+        app = GrpcApp(
+            self.settings.grpc,
+            self.settings.auth,
+            [(service.name, service.register)],
+            service.roles,
+        )
+        self._stack.push_async_callback(app.stop)
+        self.port = await app.start()
+        self.app = app
+        await app.set_serving(False)
+        self._readiness = asyncio.create_task(self._watch_readiness(app), name="readiness")
+        self._stack.push_async_callback(self._stop_readiness)
+        log.info(
+            "%s listening on %s:%d",
+            self.label,
+            self.settings.grpc.host,
+            self.port,
+            extra={"service": self.label, "port": self.port},
+        )
+
+    async def _watch_readiness(self, app: GrpcApp) -> None:
+        serving = False  # as start() set it
+        while True:
+            ok = await self.kafka.probe()
+            if ok != serving:
+                await app.set_serving(ok)
+                if ok:
+                    log.info("%s is SERVING: Kafka is reachable", self.label)
+                else:
+                    log.warning("%s is NOT_SERVING: Kafka is unreachable", self.label)
+                serving = ok
+            if self.kafka.connected:
+                await asyncio.sleep(READINESS_INTERVAL_S)
+            else:  # probe again as soon as the link connects
+                await self.kafka.wait_connected(READINESS_INTERVAL_S)
+
+    async def _stop_readiness(self) -> None:
+        if self._readiness is not None:
+            self._readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness
+
+    async def wait(self) -> None:
+        """Run until cancelled; raise the readiness task's error if it fails.
+
+        (Not server.wait_for_termination(): cancelling that cancels the future the
+        server's own stop() waits on, which then fails with CancelledError.)
+        """
+        assert self._readiness is not None, "start() first"
+        await asyncio.shield(self._readiness)
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings, builder: ServiceBuilder, label: str) -> None:
+    """Run one ingest service until SIGTERM/SIGINT, then shut down in order.
+
+    Prints "<label> listening on host:port" to stdout once serving, so a launcher
+    that asked for port 0 can find the port.
+    """
+    async with IngestServer(settings, builder, label) as server:
+        print(f"{label} listening on {settings.grpc.host}:{server.port}", flush=True)
+        supervisor = Supervisor(label)
+        supervisor.install_signal_handlers()
+        supervisor.spawn("grpc", server.wait())
+        await supervisor.run()

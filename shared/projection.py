@@ -1,0 +1,292 @@
+"""The exactly-once runner that feeds Kafka records to a projection.
+
+A projection turns records into PostgreSQL rows. The runner guarantees that
+each record's effect is applied once, whatever crashes or rebalances happen:
+
+- the rows a poll batch produces and the offsets it consumed are written in ONE
+  transaction; offsets live in `projection_offsets`, never in Kafka;
+- on partition assignment the consumer seeks to the stored offset + 1 (or the
+  beginning of the topic when there is none: a new projection replays history);
+- the offset update is conditional on the offset the runner last saw
+  (optimistic fencing): if another instance, or a rebuild, moved it meanwhile,
+  the transaction rolls back and the runner re-seeks. A zombie instance can
+  therefore never apply a batch twice;
+- records that cannot be decoded go to the dead-letter topic with the reason,
+  and their offsets are committed like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from shared.config import KafkaSettings
+from shared.db import Connection
+from shared.envelopes import EncodedRecord, PoisonRecord, decode
+from shared.kafka import dead_letter_headers, produce
+from shared.pb import envelope_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One decoded record, with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    envelope: envelope_pb2.Envelope
+
+
+class Projection(Protocol):
+    """What the runner needs from a projection."""
+
+    name: str
+
+    @property
+    def topics(self) -> Sequence[str]:
+        """The topics it consumes."""
+
+    async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
+        """Apply records (in partition order) inside the runner's open transaction.
+
+        Must be deterministic in the database state and records, and must not
+        commit or roll back the transaction itself.
+        """
+
+
+class OffsetConflict(Exception):
+    """Someone else moved this projection's offsets: the batch was not applied."""
+
+
+@dataclass
+class RunnerStats:
+    batches: int = 0
+    records: int = 0
+    dead_letters: int = 0
+    conflicts: int = 0
+    positions: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+async def load_offsets(
+    connection: Connection, projection: str, partitions: Sequence[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The last applied offset of each partition that has one (absent: nothing applied)."""
+    rows = await connection.fetch(
+        "SELECT topic, partition, last_offset FROM projection_offsets"
+        " WHERE projection = $1 AND topic = ANY($2::text[])",
+        projection,
+        sorted({tp.topic for tp in partitions}),
+    )
+    wanted = set(partitions)
+    stored = {TopicPartition(r["topic"], r["partition"]): r["last_offset"] for r in rows}
+    return {tp: offset for tp, offset in stored.items() if tp in wanted}
+
+
+async def save_offsets(
+    connection: Connection,
+    projection: str,
+    advanced: dict[TopicPartition, int],
+    expected: dict[TopicPartition, int],
+) -> None:
+    """Store new offsets, fenced: each row must still hold the offset we expect.
+
+    Raises OffsetConflict (the caller's transaction must roll back) if any row
+    moved since we read it. A missing expectation means "no row yet".
+    """
+    for tp, offset in advanced.items():
+        moved = await connection.fetchval(
+            "INSERT INTO projection_offsets (projection, topic, partition, last_offset)"
+            " VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (projection, topic, partition) DO UPDATE"
+            " SET last_offset = EXCLUDED.last_offset, updated_at = now()"
+            " WHERE projection_offsets.last_offset = $5"
+            " RETURNING 1",
+            projection,
+            tp.topic,
+            tp.partition,
+            offset,
+            expected.get(tp, -1),
+        )
+        if moved is None:
+            raise OffsetConflict(f"{projection}: offset of {tp.topic}[{tp.partition}] moved")
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: ProjectionRunner) -> None:
+        self._runner = runner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Wait for the batch in flight to commit, so the next owner starts after it.
+        async with self._runner.batch_lock:
+            for tp in revoked:
+                self._runner.expected.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        async with self._runner.batch_lock:
+            await self._runner.seek_to_stored(assigned)
+
+
+class ProjectionRunner:
+    """Consumes a projection's topics as one consumer group member and applies batches.
+
+    `run()` loops until cancelled; `stop()` is not needed beyond cancelling run():
+    the consumer is closed in run()'s finally block and an unfinished batch's
+    transaction rolls back, which is safe (it is replayed by whoever resumes).
+    """
+
+    def __init__(
+        self,
+        projection: Projection,
+        pool: asyncpg.Pool,
+        kafka: KafkaSettings,
+        dead_letter_topic: str,
+        producer: AIOKafkaProducer,
+        *,
+        group_id: str | None = None,
+        max_records: int = 5000,
+        poll_timeout_ms: int = 200,
+    ) -> None:
+        self.projection = projection
+        self.pool = pool
+        self.kafka = kafka
+        self.dead_letter_topic = dead_letter_topic
+        self.producer = producer
+        self.group_id = group_id or f"cargotrack-{projection.name}"
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.batch_lock = asyncio.Lock()
+        #: Last offset applied per owned partition, as this instance believes.
+        self.expected: dict[TopicPartition, int] = {}
+        self.stats = RunnerStats()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.assigned = asyncio.Event()
+
+    async def seek_to_stored(self, partitions: Sequence[TopicPartition]) -> None:
+        """Point the consumer at stored + 1 for each partition (beginning if none)."""
+        assert self.consumer is not None
+        if not partitions:
+            return
+        async with self.pool.acquire() as connection:
+            stored = await load_offsets(connection, self.projection.name, partitions)
+        unknown = [tp for tp in partitions if tp not in stored]
+        for tp in partitions:
+            if tp in stored:
+                self.expected[tp] = stored[tp]
+                self.consumer.seek(tp, stored[tp] + 1)
+            else:
+                self.expected.pop(tp, None)
+        if unknown:
+            await self.consumer.seek_to_beginning(*unknown)
+        self.assigned.set()
+
+    async def run(self) -> None:
+        """Consume and apply until cancelled. Raises on database or Kafka failure."""
+        self.consumer = AIOKafkaConsumer(
+            **self.kafka.client_options(),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 << 20,
+        )
+        self.consumer.subscribe(list(self.projection.topics), listener=_Rebalance(self))
+        await self.consumer.start()
+        try:
+            while True:
+                batches = await self.consumer.getmany(
+                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+                )
+                if batches:
+                    await self._apply(batches)
+        finally:
+            await self.consumer.stop()
+
+    async def _apply(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        async with self.batch_lock:
+            assert self.consumer is not None
+            owned = set(self.consumer.assignment())
+            batches = {tp: records for tp, records in batches.items() if tp in owned}
+            if not batches:
+                return
+            delivered: list[Delivered] = []
+            poison: list[tuple[ConsumerRecord[Any, Any], str]] = []
+            advanced: dict[TopicPartition, int] = {}
+            for tp, records in batches.items():
+                for record in records:
+                    try:
+                        envelope = decode(record.value, list(record.headers or ()))
+                    except PoisonRecord as error:
+                        poison.append((record, str(error)))
+                    else:
+                        delivered.append(
+                            Delivered(tp.topic, tp.partition, record.offset, record.key, envelope)
+                        )
+                advanced[tp] = records[-1].offset
+            # Dead letters first: if we crash after this, they are sent again on replay
+            # (at least once), but the records are never lost.
+            for record, reason in poison:
+                await self._dead_letter(record, reason)
+            try:
+                async with self.pool.acquire() as connection, connection.transaction():
+                    await self.projection.apply(connection, delivered)
+                    await save_offsets(connection, self.projection.name, advanced, self.expected)
+            except OffsetConflict as conflict:
+                self.stats.conflicts += 1
+                log.warning("%s; re-seeking to stored offsets", conflict)
+                await self.seek_to_stored(list(owned))
+                return
+            self.expected.update(advanced)
+            self.stats.batches += 1
+            self.stats.records += len(delivered)
+            self.stats.dead_letters += len(poison)
+            self.stats.positions.update(advanced)
+
+    async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str) -> None:
+        headers = dead_letter_headers(
+            list(record.headers or ()),
+            reason,
+            record.topic,
+            record.partition,
+            record.offset,
+            self.group_id,
+        )
+        await produce(
+            self.producer,
+            self.dead_letter_topic,
+            EncodedRecord(record.key or b"", record.value or b"", headers),
+            self.kafka.request_timeout_s,
+        )
+        log.warning(
+            "dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
+        )
+
+
+async def wait_caught_up(
+    pool: asyncpg.Pool,
+    projection: str,
+    end_offsets: dict[TopicPartition, int],
+    timeout_s: float = 30.0,
+) -> None:
+    """Wait until the stored offsets reach end_offsets (Kafka's next offsets); for tests,
+    benchmarks and rebuilds. Raises TimeoutError naming the partitions behind."""
+    targets = {tp: end - 1 for tp, end in end_offsets.items() if end > 0}
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        async with pool.acquire() as connection:
+            stored = await load_offsets(connection, projection, list(targets))
+        behind = {tp: last for tp, last in targets.items() if stored.get(tp, -1) < last}
+        if not behind:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"{projection} not caught up: {behind}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,338 @@
+"""Where the tracking projection keeps its state in PostgreSQL, and how it reads back.
+
+The projector writes through `save_*`; the query service reads through `load_*`
+and `shipment_message`. Both sides share this one module, so the table layout
+is known in one place. Every statement takes an open connection: the caller
+owns the transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from shared import statecodec
+from shared.db import Connection
+from shared.domain.tracking import Position, ShipmentState, VehicleState
+from shared.envelopes import timestamp
+from shared.pb import common_pb2, delivery_pb2, tracking_pb2
+
+ShipmentKey = tuple[str, str]  # (tenant_id, shipment_id)
+VehicleKey = tuple[str, str]  # (tenant_id, vehicle_id)
+
+#: Statuses in which a shipment travels with its vehicle (progress and ETA apply).
+ACTIVE_STATUSES = (2, 3, 4, 5, 7)  # ASSIGNED, PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY, FAILED
+
+
+async def load_shipments(
+    connection: Connection, keys: Iterable[ShipmentKey]
+) -> dict[ShipmentKey, ShipmentState]:
+    """The stored states of the given shipments; absent keys have none yet."""
+    keys = sorted(set(keys))
+    if not keys:
+        return {}
+    rows = await connection.fetch(
+        "SELECT s.state FROM shipments s"
+        " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, shipment_id)"
+        " USING (tenant_id, shipment_id)",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    states = (statecodec.decode_as(ShipmentState, json.loads(r["state"])) for r in rows)
+    return {(s.tenant_id, s.shipment_id): s for s in states}
+
+
+async def save_shipments(connection: Connection, states: Sequence[ShipmentState]) -> None:
+    """Upsert shipment states (one row each), in key order to avoid lock-order deadlocks."""
+    ordered = sorted(states, key=lambda s: (s.tenant_id, s.shipment_id))
+    await connection.executemany(
+        "INSERT INTO shipments (tenant_id, shipment_id, customer_id, status, vehicle_id,"
+        " tracking_token, created_at, updated_at, state)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
+        " ON CONFLICT (tenant_id, shipment_id) DO UPDATE SET"
+        " customer_id = EXCLUDED.customer_id, status = EXCLUDED.status,"
+        " vehicle_id = EXCLUDED.vehicle_id, tracking_token = EXCLUDED.tracking_token,"
+        " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,"
+        " state = EXCLUDED.state",
+        [
+            (
+                s.tenant_id,
+                s.shipment_id,
+                s.customer_id,
+                s.status,
+                s.vehicle_id,
+                s.tracking_token or None,
+                s.created_at,
+                s.updated_at or s.created_at or datetime.fromtimestamp(0).astimezone(),
+                json.dumps(statecodec.encode(s)),
+            )
+            for s in ordered
+        ],
+    )
+
+
+async def load_vehicles(
+    connection: Connection, keys: Iterable[VehicleKey]
+) -> dict[VehicleKey, VehicleState]:
+    keys = sorted(set(keys))
+    if not keys:
+        return {}
+    rows = await connection.fetch(
+        "SELECT v.state FROM vehicles v"
+        " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, vehicle_id)"
+        " USING (tenant_id, vehicle_id)",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    states = (statecodec.decode_as(VehicleState, json.loads(r["state"])) for r in rows)
+    return {(s.tenant_id, s.vehicle_id): s for s in states}
+
+
+async def save_vehicles(connection: Connection, states: Sequence[VehicleState]) -> None:
+    ordered = sorted(states, key=lambda s: (s.tenant_id, s.vehicle_id))
+    await connection.executemany(
+        "INSERT INTO vehicles (tenant_id, vehicle_id, latitude, longitude, recorded_at, state)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+        " ON CONFLICT (tenant_id, vehicle_id) DO UPDATE SET"
+        " latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude,"
+        " recorded_at = EXCLUDED.recorded_at, state = EXCLUDED.state, updated_at = now()",
+        [
+            (
+                s.tenant_id,
+                s.vehicle_id,
+                s.last_position.lat if s.last_position else None,
+                s.last_position.lon if s.last_position else None,
+                s.last_position.recorded_at if s.last_position else None,
+                json.dumps(statecodec.encode(s)),
+            )
+            for s in ordered
+        ],
+    )
+
+
+HISTORY_COLUMNS = (
+    "tenant_id",
+    "vehicle_id",
+    "recorded_at",
+    "latitude",
+    "longitude",
+    "speed_mps",
+    "heading_deg",
+    "accuracy_m",
+    "event_id",
+)
+
+
+async def append_history(
+    connection: Connection, rows: Sequence[tuple[str, str, str, Position]]
+) -> None:
+    """COPY positions (tenant, vehicle, event id, position) into the history table."""
+    if not rows:
+        return
+    await connection.copy_records_to_table(
+        "vehicle_positions",
+        columns=HISTORY_COLUMNS,
+        records=[
+            (
+                tenant,
+                vehicle,
+                p.recorded_at,
+                p.lat,
+                p.lon,
+                p.speed_mps,
+                p.heading_deg,
+                p.accuracy_m,
+                event_id,
+            )
+            for tenant, vehicle, event_id, p in rows
+        ],
+    )
+
+
+async def active_shipments_of(
+    connection: Connection, vehicles: Iterable[VehicleKey]
+) -> dict[VehicleKey, list[ShipmentState]]:
+    """Shipments currently travelling with each vehicle (see ACTIVE_STATUSES)."""
+    keys = sorted(set(vehicles))
+    if not keys:
+        return {}
+    rows = await connection.fetch(
+        "SELECT s.state FROM shipments s"
+        " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, vehicle_id)"
+        " USING (tenant_id, vehicle_id)"
+        " WHERE s.status = ANY($3::smallint[])",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        list(ACTIVE_STATUSES),
+    )
+    found: dict[VehicleKey, list[ShipmentState]] = {}
+    for row in rows:
+        state = statecodec.decode_as(ShipmentState, json.loads(row["state"]))
+        found.setdefault((state.tenant_id, state.vehicle_id), []).append(state)
+    return found
+
+
+# --- reading back as messages -------------------------------------------------------
+
+
+def _latlng(point: tuple[float, float] | None) -> common_pb2.LatLng | None:
+    return common_pb2.LatLng(latitude=point[0], longitude=point[1]) if point else None
+
+
+def position_message(position: Position) -> common_pb2.Position:
+    return common_pb2.Position(
+        location=common_pb2.LatLng(latitude=position.lat, longitude=position.lon),
+        recorded_at=timestamp(position.recorded_at),
+        speed_mps=position.speed_mps,
+        heading_deg=position.heading_deg,
+        accuracy_m=position.accuracy_m,
+    )
+
+
+def timeline_messages(state: ShipmentState) -> list[tracking_pb2.TimelineEntry]:
+    entries = []
+    for entry in state.timeline:
+        message = tracking_pb2.TimelineEntry(
+            event_id=entry.event_id,
+            kind=entry.kind,
+            status=entry.status_after,
+            detail=entry.detail,
+            anomaly=entry.anomaly,
+        )
+        if entry.occurred_at:
+            message.occurred_at.CopyFrom(timestamp(entry.occurred_at))
+        if entry.recorded_at:
+            message.recorded_at.CopyFrom(timestamp(entry.recorded_at))
+        entries.append(message)
+    return entries
+
+
+def shipment_message(
+    state: ShipmentState, tracking: dict[str, Any] | None
+) -> tracking_pb2.Shipment:
+    """The API view of a shipment: its folded state plus live tracking (position, ETA)."""
+    message = tracking_pb2.Shipment(
+        shipment_id=state.shipment_id,
+        customer_id=state.customer_id,
+        status=state.status,
+        planned_route=state.planned_route,
+        reference=state.reference,
+        vehicle_id=state.vehicle_id,
+        driver_id=state.driver_id,
+        tracking_token=state.tracking_token,
+        delivery_attempts=state.delivery_attempts,
+    )
+    if (origin := _latlng(state.origin)) is not None:
+        message.origin.CopyFrom(origin)
+    if (destination := _latlng(state.destination)) is not None:
+        message.destination.CopyFrom(destination)
+    if state.promised_window:
+        message.promised_window.start.CopyFrom(timestamp(state.promised_window[0]))
+        message.promised_window.end.CopyFrom(timestamp(state.promised_window[1]))
+    for name in ("created_at", "updated_at", "delivered_at"):
+        moment = getattr(state, name)
+        if moment is not None:
+            getattr(message, name).CopyFrom(timestamp(moment))
+    if state.proof is not None:
+        proof = state.proof
+        message.proof.CopyFrom(
+            delivery_pb2.DeliveryConfirmation(
+                confirmation_id=proof.confirmation_id,
+                shipment_id=state.shipment_id,
+                vehicle_id=proof.vehicle_id,
+                recipient_name=proof.recipient_name,
+                method=proof.method,
+                proof_sha256=proof.proof_sha256,
+                note=proof.note,
+            )
+        )
+        if proof.confirmed_at:
+            message.proof.confirmed_at.CopyFrom(timestamp(proof.confirmed_at))
+        if (where := _latlng(proof.location)) is not None:
+            message.proof.location.CopyFrom(where)
+    for anomaly in state.anomalies:
+        entry = message.anomalies.add(event_id=anomaly.event_id, reason=anomaly.reason)
+        if anomaly.occurred_at:
+            entry.occurred_at.CopyFrom(timestamp(anomaly.occurred_at))
+    if tracking:
+        if tracking.get("position"):
+            message.last_position.CopyFrom(
+                position_message(statecodec.decode_as(Position, tracking["position"]))
+            )
+        if tracking.get("progress"):
+            message.progress.CopyFrom(common_pb2.Progress(**tracking["progress"]))
+        if tracking.get("eta"):
+            message.eta.CopyFrom(eta_message(tracking["eta"]))
+    return message
+
+
+def eta_message(data: dict[str, Any]) -> common_pb2.Eta:
+    """An Eta message from the JSON the projector stores in shipment_tracking.eta."""
+    eta = common_pb2.Eta(
+        confidence=data.get("confidence", 0.0),
+        method=data.get("method", 0),
+        remaining_m=data.get("remaining_m", 0.0),
+    )
+    for name in ("estimated_arrival", "earliest", "latest", "computed_at"):
+        if data.get(name):
+            getattr(eta, name).CopyFrom(timestamp(datetime.fromisoformat(data[name])))
+    if "position_age_s" in data:
+        eta.position_age.FromNanoseconds(int(float(data["position_age_s"]) * 1e9))
+    return eta
+
+
+# --- position history partitions ------------------------------------------------------
+
+
+def _partition_name(day: datetime) -> str:
+    return f"vehicle_positions_{day:%Y%m%d}"
+
+
+async def maintain_position_partitions(
+    connection: Connection, now: datetime, retention_days: int, days_ahead: int = 2
+) -> tuple[list[str], list[str]]:
+    """Create the daily history partitions from the retention horizon to days_ahead,
+    drop those wholly older than the horizon; return (created, dropped).
+
+    Partitions exist before their day starts, so the DEFAULT partition only ever
+    holds points older than the retention horizon (hours-late points still find
+    their day), and creating a partition never collides with rows in DEFAULT.
+    Idempotent; run at start and periodically.
+    """
+    from datetime import UTC, timedelta
+
+    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    horizon = today - timedelta(days=retention_days)
+    existing = {
+        r["relname"]
+        for r in await connection.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " JOIN pg_class p ON p.oid = i.inhparent"
+            " WHERE p.relname = 'vehicle_positions'"
+            " AND p.relnamespace = to_regnamespace(current_schema())"
+        )
+    }
+    created = []
+    day = horizon
+    while day <= today + timedelta(days=days_ahead):
+        name = _partition_name(day)
+        if name not in existing:
+            until = day + timedelta(days=1)
+            await connection.execute(
+                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF vehicle_positions"
+                f" FOR VALUES FROM ('{day.isoformat()}') TO ('{until.isoformat()}')"
+            )
+            created.append(name)
+        day += timedelta(days=1)
+    dropped = []
+    for name in sorted(existing):
+        suffix = name.rsplit("_", 1)[-1]
+        if suffix.isdigit() and len(suffix) == 8 and suffix < f"{horizon:%Y%m%d}":
+            await connection.execute(f"DROP TABLE IF EXISTS {name}")
+            dropped.append(name)
+    await connection.execute(
+        "DELETE FROM vehicle_positions_default WHERE recorded_at < $1", horizon
+    )
+    return created, dropped

@@ -1,0 +1,109 @@
+"""Fixtures shared by every test suite.
+
+One local stack (a real Kafka broker and a real PostgreSQL) per test session, started
+only when a test asks for it; every test gets its own topic prefix and its own schema,
+so tests never see each other's data. Set ``KAFKA_BOOTSTRAP_SERVERS`` and/or
+``DATABASE_URL`` to run against servers that already exist instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+from shared.devstack import DevStackError, LocalStack
+
+# Shared machines are noisy: no per-example deadline. The explain phase is left out
+# because on Python 3.11 it can take longer than the test timeout after a failure,
+# hiding the failing example behind a timeout.
+settings.register_profile(
+    "cargotrack",
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("cargotrack")
+
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+    """The session's local stack, started once, stopped after the last test.
+
+    An expected start failure (no Java, port taken, ...) fails the tests that need the
+    stack with its one-line message instead of a stack trace.
+    """
+    local = LocalStack.for_tests(tmp_path_factory.mktemp("devstack"))
+    problem: DevStackError | None = None
+    try:
+        await local.start()
+    except DevStackError as err:
+        problem = err
+    if problem is not None:  # failed outside the except block: no chained traceback
+        pytest.fail(f"local stack did not start: {problem}", pytrace=False)
+    try:
+        yield local
+    finally:
+        await local.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(stack: LocalStack) -> str:
+    """Bootstrap servers of the session's Kafka broker."""
+    return stack.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def database_url(stack: LocalStack) -> str:
+    """Connection URL of the session's PostgreSQL (superuser, database ``postgres``)."""
+    return stack.database_url
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A prefix unique to this test, e.g. ``"t1a2b3c4d5e."``: name every topic and group with it."""
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.fixture
+async def pg_schema(database_url: str) -> AsyncIterator[str]:
+    """A fresh schema unique to this test, dropped with everything in it afterwards.
+
+    No connection is held in between, so a test may stop and restart PostgreSQL.
+    """
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield name
+    finally:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def db_pool(database_url: str, pg_schema: str) -> AsyncIterator[asyncpg.Pool[asyncpg.Record]]:
+    """An asyncpg pool whose connections resolve unqualified names in :func:`pg_schema`."""
+    pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=4, server_settings={"search_path": pg_schema}
+    )
+    try:
+        yield pool
+    finally:
+        try:
+            async with asyncio.timeout(10):
+                await pool.close()
+        except TimeoutError:
+            # A test kept a connection acquired; do not let it hang the session.
+            pool.terminate()
