@@ -30,7 +30,6 @@ settings.register_profile(
 settings.load_profile("cargotrack")
 
 
-
 @pytest.fixture(scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     """The session's local stack, started once, stopped after the last test.

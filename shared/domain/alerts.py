@@ -22,13 +22,11 @@ Debouncing rules:
 from __future__ import annotations
 
 import enum
-import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from shared.domain.eta import DelayCondition
-
-_NAMESPACE = uuid.UUID("0b5c8f7e-2d7a-4f4e-9a51-63a1c7f0d2a1")
+from shared.domain.ids import alert_id
 
 
 class AlertKind(enum.IntEnum):
@@ -68,11 +66,6 @@ class AlertDecision:
     kind: AlertKind
     severity: Severity
     message: str
-
-
-def alert_id(tenant_id: str, shipment_id: str, kind: AlertKind, episode: str) -> str:
-    """The id of the alert for one change: the same inputs always give the same id."""
-    return str(uuid.uuid5(_NAMESPACE, f"{tenant_id}\x1f{shipment_id}\x1f{kind.name}\x1f{episode}"))
 
 
 @dataclass(frozen=True)
@@ -125,7 +118,7 @@ def observe_delay(
         AlertKind.RECOVERED: "back on time",
     }[kind]
     decision = AlertDecision(
-        alert_id(tenant_id, shipment_id, kind, str(episode)),
+        alert_id(shipment_id, kind, str(episode), tenant_id=tenant_id),
         kind,
         SEVERITY[kind],
         f"{message}{': ' + detail if detail else ''}",
@@ -148,7 +141,7 @@ def observe_route(
         return replace(conditions, off_route=False), []
     episode = conditions.off_route_episode + 1
     decision = AlertDecision(
-        alert_id(tenant_id, shipment_id, AlertKind.OFF_ROUTE, str(episode)),
+        alert_id(shipment_id, AlertKind.OFF_ROUTE, str(episode), tenant_id=tenant_id),
         AlertKind.OFF_ROUTE,
         SEVERITY[AlertKind.OFF_ROUTE],
         f"vehicle is {offset_m:.0f} m off the planned route",
@@ -173,7 +166,7 @@ def observe_silence(
         return conditions, []
     minutes = (now - last_position_at).total_seconds() / 60
     decision = AlertDecision(
-        alert_id(tenant_id, shipment_id, AlertKind.STALE_TRACKING, marker),
+        alert_id(shipment_id, AlertKind.STALE_TRACKING, marker, tenant_id=tenant_id),
         AlertKind.STALE_TRACKING,
         SEVERITY[AlertKind.STALE_TRACKING],
         f"no GPS for {minutes:.0f} min",
@@ -184,7 +177,7 @@ def observe_silence(
 def delivery_failed(tenant_id: str, shipment_id: str, attempt: int, reason: str) -> AlertDecision:
     """The alert for one failed delivery attempt."""
     return AlertDecision(
-        alert_id(tenant_id, shipment_id, AlertKind.DELIVERY_FAILED, str(attempt)),
+        alert_id(shipment_id, AlertKind.DELIVERY_FAILED, str(attempt), tenant_id=tenant_id),
         AlertKind.DELIVERY_FAILED,
         SEVERITY[AlertKind.DELIVERY_FAILED],
         f"delivery attempt {attempt} failed{': ' + reason if reason else ''}",

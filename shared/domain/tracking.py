@@ -191,7 +191,11 @@ class ShipmentState:
 
 
 def tracking_token(tenant_id: str, shipment_id: str, created_event_id: str) -> str:
-    """The public tracking token: 22 base64url characters of SHA-256(tenant, shipment, id).
+    """The fallback tracking token: 22 base64url characters of SHA-256(tenant, shipment, id).
+
+    The shipment-events service mints a random token into every ``created`` event
+    (``ShipmentCreated.tracking_token``) and the fold keeps it; this derivation is
+    used only for a ``created`` record that carries none.
 
     Deterministic, so every replay and rebuild gives the same token, and the fold needs
     no secret. It is unguessable as long as the ``created`` event id is: that id never
@@ -331,7 +335,10 @@ def _created(state: ShipmentState, fact: _Fact, event: shipment_pb2.ShipmentEven
         planned_route=created.planned_route,
         reference=created.reference,
         created_event_id=fact.event_id,
-        tracking_token=tracking_token(state.tenant_id, state.shipment_id, fact.event_id),
+        # Ingest mints a random token into the event; the derived one covers records
+        # written before that (or by other producers).
+        tracking_token=created.tracking_token
+        or tracking_token(state.tenant_id, state.shipment_id, fact.event_id),
         created_at=fact.occurred_at,
         proof=proof,
     )

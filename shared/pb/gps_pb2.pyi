@@ -95,7 +95,11 @@ class GpsBatch(_message.Message):
 
     `sequence` increases by one per new batch of a device. A batch resent after a
     reconnect carries the same sequence, which makes the resend detectable
-    downstream (see docs/architecture.md, "Idempotency").
+    downstream: a batch whose sequence is not above the highest already stored for
+    its device is a duplicate. That holds because the service stores a stream's
+    batches in order and ends the stream at the first failure, so a device must
+    (1) resend unacknowledged batches in their original order, (2) keep one stream
+    open at a time, and (3) use a new device_id if it ever loses its counter.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

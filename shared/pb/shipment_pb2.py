@@ -27,47 +27,47 @@ from shared.pb import common_pb2 as cargotrack_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rgotrack/v1/shipment.proto\x12\rcargotrack.v1\x1a\x1a\x63\x61rgotrack/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x01\n\x0fShipmentCreated\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12%\n\x06origin\x18\x02 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12*\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12\x32\n\x0fpromised_window\x18\x04 \x01(\x0b\x32\x19.cargotrack.v1.TimeWindow\x12\x15\n\rplanned_route\x18\x05 \x01(\t\x12\x11\n\treference\x18\x06 \x01(\t\"O\n\x0fVehicleAssigned\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x11\n\tdriver_id\x18\x02 \x01(\t\x12\x15\n\rstop_sequence\x18\x03 \x01(\r\"\n\n\x08PickedUp\"\x0b\n\tInTransit\"\x10\n\x0eOutForDelivery\"\x0b\n\tDelivered\"\x82\x01\n\x0e\x44\x65liveryFailed\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.cargotrack.v1.DeliveryFailureReason\x12\x0c\n\x04note\x18\x02 \x01(\t\x12,\n\x08retry_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\tCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x11ShipmentException\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.cargotrack.v1.ExceptionKind\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xc7\x04\n\rShipmentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0bshipment_id\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x07\x63reated\x18\n \x01(\x0b\x32\x1e.cargotrack.v1.ShipmentCreatedH\x00\x12:\n\x10vehicle_assigned\x18\x0b \x01(\x0b\x32\x1e.cargotrack.v1.VehicleAssignedH\x00\x12,\n\tpicked_up\x18\x0c \x01(\x0b\x32\x17.cargotrack.v1.PickedUpH\x00\x12.\n\nin_transit\x18\r \x01(\x0b\x32\x18.cargotrack.v1.InTransitH\x00\x12\x39\n\x10out_for_delivery\x18\x0e \x01(\x0b\x32\x1d.cargotrack.v1.OutForDeliveryH\x00\x12-\n\tdelivered\x18\x0f \x01(\x0b\x32\x18.cargotrack.v1.DeliveredH\x00\x12\x38\n\x0f\x64\x65livery_failed\x18\x10 \x01(\x0b\x32\x1d.cargotrack.v1.DeliveryFailedH\x00\x12-\n\tcancelled\x18\x11 \x01(\x0b\x32\x18.cargotrack.v1.CancelledH\x00\x12\x35\n\texception\x18\x12 \x01(\x0b\x32 .cargotrack.v1.ShipmentExceptionH\x00\x42\x07\n\x05\x65vent\"A\n\x12RecordEventRequest\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.cargotrack.v1.ShipmentEvent\"X\n\x13RecordEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x13RecordEventsRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.cargotrack.v1.ShipmentEvent\"K\n\x14RecordEventsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".cargotrack.v1.RecordEventResponse*\xb4\x02\n\x0eShipmentStatus\x12\x1f\n\x1bSHIPMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SHIPMENT_STATUS_CREATED\x10\x01\x12\x1c\n\x18SHIPMENT_STATUS_ASSIGNED\x10\x02\x12\x1d\n\x19SHIPMENT_STATUS_PICKED_UP\x10\x03\x12\x1e\n\x1aSHIPMENT_STATUS_IN_TRANSIT\x10\x04\x12$\n SHIPMENT_STATUS_OUT_FOR_DELIVERY\x10\x05\x12\x1d\n\x19SHIPMENT_STATUS_DELIVERED\x10\x06\x12#\n\x1fSHIPMENT_STATUS_DELIVERY_FAILED\x10\x07\x12\x1d\n\x19SHIPMENT_STATUS_CANCELLED\x10\x08*\x8a\x02\n\x15\x44\x65liveryFailureReason\x12\'\n#DELIVERY_FAILURE_REASON_UNSPECIFIED\x10\x00\x12,\n(DELIVERY_FAILURE_REASON_RECIPIENT_ABSENT\x10\x01\x12-\n)DELIVERY_FAILURE_REASON_ADDRESS_NOT_FOUND\x10\x02\x12#\n\x1f\x44\x45LIVERY_FAILURE_REASON_REFUSED\x10\x03\x12#\n\x1f\x44\x45LIVERY_FAILURE_REASON_DAMAGED\x10\x04\x12!\n\x1d\x44\x45LIVERY_FAILURE_REASON_OTHER\x10\x05*\xe0\x01\n\rExceptionKind\x12\x1e\n\x1a\x45XCEPTION_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45XCEPTION_KIND_DAMAGE\x10\x01\x12\x17\n\x13\x45XCEPTION_KIND_LOSS\x10\x02\x12\x1f\n\x1b\x45XCEPTION_KIND_CUSTOMS_HOLD\x10\x03\x12\x1a\n\x16\x45XCEPTION_KIND_WEATHER\x10\x04\x12$\n EXCEPTION_KIND_VEHICLE_BREAKDOWN\x10\x05\x12\x18\n\x14\x45XCEPTION_KIND_OTHER\x10\x06\x32\xc6\x01\n\x15ShipmentEventsService\x12T\n\x0bRecordEvent\x12!.cargotrack.v1.RecordEventRequest\x1a\".cargotrack.v1.RecordEventResponse\x12W\n\x0cRecordEvents\x12\".cargotrack.v1.RecordEventsRequest\x1a#.cargotrack.v1.RecordEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rgotrack/v1/shipment.proto\x12\rcargotrack.v1\x1a\x1a\x63\x61rgotrack/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\x0fShipmentCreated\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12%\n\x06origin\x18\x02 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12*\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12\x32\n\x0fpromised_window\x18\x04 \x01(\x0b\x32\x19.cargotrack.v1.TimeWindow\x12\x15\n\rplanned_route\x18\x05 \x01(\t\x12\x11\n\treference\x18\x06 \x01(\t\x12\x16\n\x0etracking_token\x18\x07 \x01(\t\"O\n\x0fVehicleAssigned\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x11\n\tdriver_id\x18\x02 \x01(\t\x12\x15\n\rstop_sequence\x18\x03 \x01(\r\"\n\n\x08PickedUp\"\x0b\n\tInTransit\"\x10\n\x0eOutForDelivery\"\x0b\n\tDelivered\"\x82\x01\n\x0e\x44\x65liveryFailed\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.cargotrack.v1.DeliveryFailureReason\x12\x0c\n\x04note\x18\x02 \x01(\t\x12,\n\x08retry_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\tCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"T\n\x11ShipmentException\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.cargotrack.v1.ExceptionKind\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xc7\x04\n\rShipmentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0bshipment_id\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x07\x63reated\x18\n \x01(\x0b\x32\x1e.cargotrack.v1.ShipmentCreatedH\x00\x12:\n\x10vehicle_assigned\x18\x0b \x01(\x0b\x32\x1e.cargotrack.v1.VehicleAssignedH\x00\x12,\n\tpicked_up\x18\x0c \x01(\x0b\x32\x17.cargotrack.v1.PickedUpH\x00\x12.\n\nin_transit\x18\r \x01(\x0b\x32\x18.cargotrack.v1.InTransitH\x00\x12\x39\n\x10out_for_delivery\x18\x0e \x01(\x0b\x32\x1d.cargotrack.v1.OutForDeliveryH\x00\x12-\n\tdelivered\x18\x0f \x01(\x0b\x32\x18.cargotrack.v1.DeliveredH\x00\x12\x38\n\x0f\x64\x65livery_failed\x18\x10 \x01(\x0b\x32\x1d.cargotrack.v1.DeliveryFailedH\x00\x12-\n\tcancelled\x18\x11 \x01(\x0b\x32\x18.cargotrack.v1.CancelledH\x00\x12\x35\n\texception\x18\x12 \x01(\x0b\x32 .cargotrack.v1.ShipmentExceptionH\x00\x42\x07\n\x05\x65vent\"A\n\x12RecordEventRequest\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.cargotrack.v1.ShipmentEvent\"X\n\x13RecordEventResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x13RecordEventsRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.cargotrack.v1.ShipmentEvent\"K\n\x14RecordEventsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".cargotrack.v1.RecordEventResponse*\xb4\x02\n\x0eShipmentStatus\x12\x1f\n\x1bSHIPMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SHIPMENT_STATUS_CREATED\x10\x01\x12\x1c\n\x18SHIPMENT_STATUS_ASSIGNED\x10\x02\x12\x1d\n\x19SHIPMENT_STATUS_PICKED_UP\x10\x03\x12\x1e\n\x1aSHIPMENT_STATUS_IN_TRANSIT\x10\x04\x12$\n SHIPMENT_STATUS_OUT_FOR_DELIVERY\x10\x05\x12\x1d\n\x19SHIPMENT_STATUS_DELIVERED\x10\x06\x12#\n\x1fSHIPMENT_STATUS_DELIVERY_FAILED\x10\x07\x12\x1d\n\x19SHIPMENT_STATUS_CANCELLED\x10\x08*\x8a\x02\n\x15\x44\x65liveryFailureReason\x12\'\n#DELIVERY_FAILURE_REASON_UNSPECIFIED\x10\x00\x12,\n(DELIVERY_FAILURE_REASON_RECIPIENT_ABSENT\x10\x01\x12-\n)DELIVERY_FAILURE_REASON_ADDRESS_NOT_FOUND\x10\x02\x12#\n\x1f\x44\x45LIVERY_FAILURE_REASON_REFUSED\x10\x03\x12#\n\x1f\x44\x45LIVERY_FAILURE_REASON_DAMAGED\x10\x04\x12!\n\x1d\x44\x45LIVERY_FAILURE_REASON_OTHER\x10\x05*\xe0\x01\n\rExceptionKind\x12\x1e\n\x1a\x45XCEPTION_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45XCEPTION_KIND_DAMAGE\x10\x01\x12\x17\n\x13\x45XCEPTION_KIND_LOSS\x10\x02\x12\x1f\n\x1b\x45XCEPTION_KIND_CUSTOMS_HOLD\x10\x03\x12\x1a\n\x16\x45XCEPTION_KIND_WEATHER\x10\x04\x12$\n EXCEPTION_KIND_VEHICLE_BREAKDOWN\x10\x05\x12\x18\n\x14\x45XCEPTION_KIND_OTHER\x10\x06\x32\xc6\x01\n\x15ShipmentEventsService\x12T\n\x0bRecordEvent\x12!.cargotrack.v1.RecordEventRequest\x1a\".cargotrack.v1.RecordEventResponse\x12W\n\x0cRecordEvents\x12\".cargotrack.v1.RecordEventsRequest\x1a#.cargotrack.v1.RecordEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.pb.shipment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHIPMENTSTATUS']._serialized_start=1601
-  _globals['_SHIPMENTSTATUS']._serialized_end=1909
-  _globals['_DELIVERYFAILUREREASON']._serialized_start=1912
-  _globals['_DELIVERYFAILUREREASON']._serialized_end=2178
-  _globals['_EXCEPTIONKIND']._serialized_start=2181
-  _globals['_EXCEPTIONKIND']._serialized_end=2405
+  _globals['_SHIPMENTSTATUS']._serialized_start=1625
+  _globals['_SHIPMENTSTATUS']._serialized_end=1933
+  _globals['_DELIVERYFAILUREREASON']._serialized_start=1936
+  _globals['_DELIVERYFAILUREREASON']._serialized_end=2202
+  _globals['_EXCEPTIONKIND']._serialized_start=2205
+  _globals['_EXCEPTIONKIND']._serialized_end=2429
   _globals['_SHIPMENTCREATED']._serialized_start=109
-  _globals['_SHIPMENTCREATED']._serialized_end=324
-  _globals['_VEHICLEASSIGNED']._serialized_start=326
-  _globals['_VEHICLEASSIGNED']._serialized_end=405
-  _globals['_PICKEDUP']._serialized_start=407
-  _globals['_PICKEDUP']._serialized_end=417
-  _globals['_INTRANSIT']._serialized_start=419
-  _globals['_INTRANSIT']._serialized_end=430
-  _globals['_OUTFORDELIVERY']._serialized_start=432
-  _globals['_OUTFORDELIVERY']._serialized_end=448
-  _globals['_DELIVERED']._serialized_start=450
-  _globals['_DELIVERED']._serialized_end=461
-  _globals['_DELIVERYFAILED']._serialized_start=464
-  _globals['_DELIVERYFAILED']._serialized_end=594
-  _globals['_CANCELLED']._serialized_start=596
-  _globals['_CANCELLED']._serialized_end=623
-  _globals['_SHIPMENTEXCEPTION']._serialized_start=625
-  _globals['_SHIPMENTEXCEPTION']._serialized_end=709
-  _globals['_SHIPMENTEVENT']._serialized_start=712
-  _globals['_SHIPMENTEVENT']._serialized_end=1295
-  _globals['_RECORDEVENTREQUEST']._serialized_start=1297
-  _globals['_RECORDEVENTREQUEST']._serialized_end=1362
-  _globals['_RECORDEVENTRESPONSE']._serialized_start=1364
-  _globals['_RECORDEVENTRESPONSE']._serialized_end=1452
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=1454
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=1521
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1523
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1598
-  _globals['_SHIPMENTEVENTSSERVICE']._serialized_start=2408
-  _globals['_SHIPMENTEVENTSSERVICE']._serialized_end=2606
+  _globals['_SHIPMENTCREATED']._serialized_end=348
+  _globals['_VEHICLEASSIGNED']._serialized_start=350
+  _globals['_VEHICLEASSIGNED']._serialized_end=429
+  _globals['_PICKEDUP']._serialized_start=431
+  _globals['_PICKEDUP']._serialized_end=441
+  _globals['_INTRANSIT']._serialized_start=443
+  _globals['_INTRANSIT']._serialized_end=454
+  _globals['_OUTFORDELIVERY']._serialized_start=456
+  _globals['_OUTFORDELIVERY']._serialized_end=472
+  _globals['_DELIVERED']._serialized_start=474
+  _globals['_DELIVERED']._serialized_end=485
+  _globals['_DELIVERYFAILED']._serialized_start=488
+  _globals['_DELIVERYFAILED']._serialized_end=618
+  _globals['_CANCELLED']._serialized_start=620
+  _globals['_CANCELLED']._serialized_end=647
+  _globals['_SHIPMENTEXCEPTION']._serialized_start=649
+  _globals['_SHIPMENTEXCEPTION']._serialized_end=733
+  _globals['_SHIPMENTEVENT']._serialized_start=736
+  _globals['_SHIPMENTEVENT']._serialized_end=1319
+  _globals['_RECORDEVENTREQUEST']._serialized_start=1321
+  _globals['_RECORDEVENTREQUEST']._serialized_end=1386
+  _globals['_RECORDEVENTRESPONSE']._serialized_start=1388
+  _globals['_RECORDEVENTRESPONSE']._serialized_end=1476
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=1478
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=1545
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1547
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1622
+  _globals['_SHIPMENTEVENTSSERVICE']._serialized_start=2432
+  _globals['_SHIPMENTEVENTSSERVICE']._serialized_end=2630
 # @@protoc_insertion_point(module_scope)

@@ -42,8 +42,10 @@ class ShipmentStatus(_ShipmentStatus, metaclass=_ShipmentStatusEnumTypeWrapper):
     """Where a shipment is in its lifecycle.
 
       CREATED -> ASSIGNED -> PICKED_UP -> IN_TRANSIT -> OUT_FOR_DELIVERY -> DELIVERED
-                                                      \\-> DELIVERY_FAILED -> (retry) OUT_FOR_DELIVERY
+      PICKED_UP / IN_TRANSIT / OUT_FOR_DELIVERY -> DELIVERY_FAILED
+      DELIVERY_FAILED -> (retry) IN_TRANSIT or OUT_FOR_DELIVERY
       any non-final state -> CANCELLED
+    Forward skips are accepted; backward moves are recorded as anomalies.
     """
 
 SHIPMENT_STATUS_UNSPECIFIED: ShipmentStatus.ValueType  # 0
@@ -115,11 +117,16 @@ class ShipmentCreated(_message.Message):
     PROMISED_WINDOW_FIELD_NUMBER: _builtins.int
     PLANNED_ROUTE_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    TRACKING_TOKEN_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     planned_route: _builtins.str
     """Optional planned route, Google encoded polyline (precision 5)."""
     reference: _builtins.str
     """The shipper's own reference (order number, waybill), free text."""
+    tracking_token: _builtins.str
+    """The public tracking token. Minted by cargotrack at ingest (a random 128-bit
+    value); whatever a client sends here is replaced.
+    """
     @_builtins.property
     def origin(self) -> _common_pb2.LatLng: ...
     @_builtins.property
@@ -137,10 +144,11 @@ class ShipmentCreated(_message.Message):
         promised_window: _common_pb2.TimeWindow | None = ...,
         planned_route: _builtins.str = ...,
         reference: _builtins.str = ...,
+        tracking_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "origin", b"origin", "promised_window", b"promised_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "destination", b"destination", "origin", b"origin", "planned_route", b"planned_route", "promised_window", b"promised_window", "reference", b"reference"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "destination", b"destination", "origin", b"origin", "planned_route", b"planned_route", "promised_window", b"promised_window", "reference", b"reference", "tracking_token", b"tracking_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
