@@ -5,6 +5,7 @@
     cargotrack migrate             apply database migrations
     cargotrack create-topics       create the Kafka topics
     cargotrack token --role ROLE   mint a development bearer token
+    cargotrack rebuild             rebuild the projection from the log, switch atomically
     cargotrack eta-eval            score the ETA model on recorded trajectories
 
 Expected failures (bad configuration, a port taken, no Java) print one line and
@@ -145,6 +146,19 @@ def cmd_dev(args: argparse.Namespace) -> None:
     asyncio.run(run_dev(args))
 
 
+def cmd_rebuild(args: argparse.Namespace) -> None:
+    from services.projector.rebuild import rebuild
+
+    settings = _settings()
+    _configure_logging(settings)
+    report = asyncio.run(rebuild(settings, keep_old=args.keep_old))
+    print(
+        f"rebuilt {report.schema} from {report.records} records in {report.seconds:.1f}s"
+        f" ({report.records_per_s:,.0f} records/s)"
+        + (f"; dropped {report.dropped_old}" if report.dropped_old else "")
+    )
+
+
 def cmd_eta_eval(args: argparse.Namespace) -> None:
     from shared.eta_eval import main as evaluate
 
@@ -187,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--customer", help="the customer's id")
     token.add_argument("--ttl-hours", type=int, default=24)
     token.set_defaults(handler=cmd_token)
+
+    rebuild = commands.add_parser(
+        "rebuild", help="replay the log into fresh tables, then switch to them atomically"
+    )
+    rebuild.add_argument("--keep-old", action="store_true", help="keep the replaced schema")
+    rebuild.set_defaults(handler=cmd_rebuild)
 
     evaluate = commands.add_parser(
         "eta-eval",
