@@ -39,6 +39,9 @@ class KafkaSettings:
     ssl_cafile: str | None = None
     #: How long a producer may wait for Kafka before the RPC fails with UNAVAILABLE.
     request_timeout_s: float = 10.0
+    #: A consumer silent this long is presumed dead and its partitions reassigned.
+    #: Kafka refuses values below the broker's group.min.session.timeout.ms (6 s default).
+    consumer_session_timeout_ms: int = 10_000
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments for any aiokafka client: servers and security, nothing else."""
@@ -151,6 +154,8 @@ class Settings:
     log_level: str = "INFO"
     #: Position history older than this is dropped (partitions are per day).
     position_retention_days: int = 30
+    #: Most records the projector applies in one transaction.
+    projector_max_records: int = 5000
 
 
 class _Reader:
@@ -236,6 +241,9 @@ def load_settings(
         sasl_password=env.optional("KAFKA_SASL_PASSWORD"),
         ssl_cafile=env.optional("KAFKA_SSL_CAFILE"),
         request_timeout_s=env.number("CARGOTRACK_KAFKA_TIMEOUT_S", 10.0, minimum=0.1),
+        consumer_session_timeout_ms=env.integer(
+            "CARGOTRACK_CONSUMER_SESSION_TIMEOUT_MS", 10_000, minimum=1000
+        ),
     )
     database = DatabaseSettings(
         url=env.required("DATABASE_URL", "postgresql://user:password@host:port/database"),
@@ -296,6 +304,7 @@ def load_settings(
         log_format=env.choice("CARGOTRACK_LOG_FORMAT", "json", ("json", "console")),
         log_level=env.choice("CARGOTRACK_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
+        projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
     )
     if env.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))

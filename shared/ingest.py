@@ -173,10 +173,25 @@ class KafkaLink:
             self._connected.set()
             return
 
+    def raise_if_failed(self) -> None:
+        """Re-raise the error that ended the background connection, if one did.
+
+        Transient failures (KafkaError, OSError, timeouts) are retried forever; any
+        other error (a configuration the client library refuses, a bug) ends the
+        connection attempts, and the service should fail rather than stay
+        NOT_SERVING in silence: the readiness task calls this.
+        """
+        task = self._connect_task
+        if task is not None and task.done() and not task.cancelled():
+            task.result()
+
     async def producer(self, timeout_s: float) -> AIOKafkaProducer:
         """The started producer; KafkaUnavailable if not connected within timeout_s."""
         if self._stopped:
             raise KafkaUnavailable("the service is shutting down")
+        task = self._connect_task
+        if self._producer is None and task is not None and task.done():
+            raise KafkaUnavailable("connecting to Kafka failed; see the service log")
         if self._producer is None and not await self.wait_connected(timeout_s):
             raise KafkaUnavailable(f"not connected to Kafka at {self._kafka.bootstrap_servers} yet")
         assert self._producer is not None
@@ -387,6 +402,7 @@ class IngestServer:
     async def _watch_readiness(self, app: GrpcApp) -> None:
         serving = False  # as start() set it
         while True:
+            self.kafka.raise_if_failed()
             ok = await self.kafka.probe()
             if ok != serving:
                 await app.set_serving(ok)

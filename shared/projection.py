@@ -12,7 +12,13 @@ each record's effect is applied once, whatever crashes or rebalances happen:
   the transaction rolls back and the runner re-seeks. A zombie instance can
   therefore never apply a batch twice;
 - records that cannot be decoded go to the dead-letter topic with the reason,
-  and their offsets are committed like any other.
+  and their offsets are committed like any other;
+- partitions are assigned with the range assignor, so partition N of every
+  subscribed topic goes to the same member: shipment events and delivery
+  confirmations, co-partitioned by shipment id, are folded by one instance;
+- after each PostgreSQL commit the offsets are also committed to Kafka, best
+  effort and only for monitoring (consumer-lag exporters, KEDA); they are never
+  read back.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Any, Protocol
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
 
 from shared.config import KafkaSettings
 from shared.db import Connection
@@ -153,6 +161,7 @@ class ProjectionRunner:
         producer: AIOKafkaProducer,
         *,
         group_id: str | None = None,
+        topic_prefix: str = "cargotrack.",
         max_records: int = 5000,
         poll_timeout_ms: int = 200,
     ) -> None:
@@ -161,7 +170,8 @@ class ProjectionRunner:
         self.kafka = kafka
         self.dead_letter_topic = dead_letter_topic
         self.producer = producer
-        self.group_id = group_id or f"cargotrack-{projection.name}"
+        # The topic prefix isolates environments (and tests) sharing one Kafka.
+        self.group_id = group_id or f"{topic_prefix}{projection.name}"
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
         self.batch_lock = asyncio.Lock()
@@ -187,6 +197,13 @@ class ProjectionRunner:
                 self.expected.pop(tp, None)
         if unknown:
             await self.consumer.seek_to_beginning(*unknown)
+        log.info(
+            "%s assigned %d partitions (%d resume after stored offsets, %d from the beginning)",
+            self.group_id,
+            len(partitions),
+            len(partitions) - len(unknown),
+            len(unknown),
+        )
         self.assigned.set()
 
     async def run(self) -> None:
@@ -198,6 +215,9 @@ class ProjectionRunner:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_partition_fetch_bytes=4 << 20,
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=self.kafka.consumer_session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.kafka.consumer_session_timeout_ms // 4),
         )
         self.consumer.subscribe(list(self.projection.topics), listener=_Rebalance(self))
         await self.consumer.start()
@@ -250,6 +270,18 @@ class ProjectionRunner:
             self.stats.records += len(delivered)
             self.stats.dead_letters += len(poison)
             self.stats.positions.update(advanced)
+        # Outside the lock: a commit waits for a rebalance in progress, and the
+        # rebalance listener waits for this lock.
+        await self._commit_for_monitoring(advanced)
+
+    async def _commit_for_monitoring(self, advanced: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None
+        try:
+            async with asyncio.timeout(5):
+                await self.consumer.commit({tp: offset + 1 for tp, offset in advanced.items()})
+        except (KafkaError, TimeoutError) as error:
+            # Monitoring only: PostgreSQL holds the offsets that matter.
+            log.debug("offset commit to Kafka failed (monitoring only): %r", error)
 
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str) -> None:
         headers = dead_letter_headers(

@@ -132,6 +132,9 @@ def _guarded(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
 Registrar = Callable[[grpc.aio.Server], None]
 
+#: grpc.health.v1 service name that liveness probes check.
+LIVENESS = "liveness"
+
 
 class GrpcApp:
     """One gRPC server with health, reflection, auth and error mapping.
@@ -181,6 +184,9 @@ class GrpcApp:
         for _name, register in self._services:
             register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Liveness is its own health service name: it stays SERVING while the process
+        # runs, so losing Kafka or PostgreSQL (readiness) never restarts a pod.
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
             [
                 *self.service_names,

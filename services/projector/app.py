@@ -25,6 +25,9 @@ MAINTENANCE_INTERVAL_S = 3600.0
 
 async def run(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT or the first failure (which is re-raised)."""
+    # Signals first: a SIGTERM during start-up still ends in an orderly stop.
+    supervisor = Supervisor("projector")
+    supervisor.install_signal_handlers()
     await migrate(settings.database)
     await ensure_topics(settings.kafka, topic_specs(settings.topics))
     async with contextlib.AsyncExitStack() as stack:
@@ -41,7 +44,13 @@ async def run(settings: Settings) -> None:
 
         projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts))
         runner = ProjectionRunner(
-            projection, pool, settings.kafka, settings.topics.dead_letters, producer
+            projection,
+            pool,
+            settings.kafka,
+            settings.topics.dead_letters,
+            producer,
+            topic_prefix=settings.topics.prefix,
+            max_records=settings.projector_max_records,
         )
         relay = OutboxRelay(settings, pool, producer)
 
@@ -53,8 +62,6 @@ async def run(settings: Settings) -> None:
             if created or dropped:
                 log.info("history partitions: created %s, dropped %s", created, dropped)
 
-        supervisor = Supervisor("projector")
-        supervisor.install_signal_handlers()
         supervisor.spawn("projection", runner.run())
         supervisor.spawn("outbox", relay.run())
         supervisor.spawn("maintenance", periodically(MAINTENANCE_INTERVAL_S, maintain))

@@ -1,0 +1,1 @@
+"""delivery-confirmations: drivers record proofs of delivery."""

@@ -1,0 +1,1 @@
+"""shipment-events: the TMS and operations staff record shipment lifecycle events."""

@@ -1,0 +1,2 @@
+"""The tracking-query service: shipment state for portals and operations, read from the
+PostgreSQL projection (see docs/query.md)."""

@@ -1,0 +1,171 @@
+"""The query service's reads of the tracking projection (tables: shared/migrations).
+
+Every read takes a `Scope`, built from the caller's verified token: the tenant, and
+for a customer its customer id. A shipment outside the scope reads exactly like one
+that does not exist (None, or absent from a listing), so the service can answer
+NOT_FOUND without telling which. Only `by_tracking_token` reads across tenants: the
+public tracking token is the secret.
+
+Statements are parameterized; the only text assembled at run time is the choice
+among fixed WHERE conditions of `list_shipments`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.tracking_query.paging import Cursor
+from shared import statecodec
+from shared import tracking_store as store
+from shared.auth import Principal, Role
+from shared.db import Connection
+from shared.domain.tracking import ShipmentState
+from shared.pb import tracking_pb2
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a caller may read: one tenant and, if `customer_id` is set, only that
+    customer's shipments within it."""
+
+    tenant_id: str
+    customer_id: str | None = None
+
+    @classmethod
+    def of(cls, principal: Principal) -> Scope:
+        """The scope of a token: its tenant; a customer additionally its own shipments."""
+        if principal.role is Role.CUSTOMER:
+            assert principal.customer_id, "verify_token guarantees a customer's id"
+            return cls(principal.tenant_id, principal.customer_id)
+        return cls(principal.tenant_id)
+
+
+@dataclass(frozen=True)
+class ShipmentView:
+    """One stored shipment: its folded state and its live tracking row (None if none)."""
+
+    state: ShipmentState
+    tracking: dict[str, Any] | None
+    #: The row's updated_at column: the sort key of listings.
+    updated_at: datetime
+
+    def message(self) -> tracking_pb2.Shipment:
+        return store.shipment_message(self.state, self.tracking)
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.updated_at, self.state.shipment_id)
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """The filters of one listing, with the scope they apply in.
+
+    `statuses` is sorted and without repeats; empty means every status.
+    `updated_since` is inclusive.
+    """
+
+    scope: Scope
+    statuses: tuple[int, ...] = ()
+    customer_id: str | None = None
+    updated_since: datetime | None = None
+
+    def fingerprint(self) -> str:
+        """A short digest of everything that decides which rows the listing holds; a
+        page token is valid only for the fingerprint it was issued for."""
+        document = {
+            "tenant": self.scope.tenant_id,
+            "scope_customer": self.scope.customer_id,
+            "statuses": list(self.statuses),
+            "customer": self.customer_id,
+            "since": self.updated_since.isoformat() if self.updated_since else None,
+        }
+        canonical = json.dumps(document, separators=(",", ":"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+_SELECT = (
+    "SELECT s.state, s.updated_at, t.position, t.progress, t.eta"
+    " FROM shipments s LEFT JOIN shipment_tracking t USING (tenant_id, shipment_id)"
+)
+
+
+def _view(row: asyncpg.Record) -> ShipmentView:
+    state = statecodec.decode_as(ShipmentState, json.loads(row["state"]))
+    tracking = None
+    if row["position"] is not None or row["progress"] is not None or row["eta"] is not None:
+        tracking = {
+            name: json.loads(row[name]) if row[name] is not None else None
+            for name in ("position", "progress", "eta")
+        }
+    return ShipmentView(state, tracking, row["updated_at"])
+
+
+async def get_shipment(
+    connection: Connection, scope: Scope, shipment_id: str
+) -> ShipmentView | None:
+    """The shipment with its live tracking; None if absent or outside the scope."""
+    if scope.customer_id is None:
+        row = await connection.fetchrow(
+            _SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2",
+            scope.tenant_id,
+            shipment_id,
+        )
+    else:
+        row = await connection.fetchrow(
+            _SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2 AND s.customer_id = $3",
+            scope.tenant_id,
+            shipment_id,
+            scope.customer_id,
+        )
+    return _view(row) if row is not None else None
+
+
+async def by_tracking_token(connection: Connection, token: str) -> ShipmentView | None:
+    """The shipment whose public tracking token is `token`, in any tenant; None if none."""
+    row = await connection.fetchrow(_SELECT + " WHERE s.tracking_token = $1", token)
+    return _view(row) if row is not None else None
+
+
+async def list_shipments(
+    connection: Connection, filters: ListFilter, after: Cursor | None, limit: int
+) -> list[ShipmentView]:
+    """Up to `limit` shipments matching `filters`, newest change first
+    (updated_at DESC, shipment_id DESC), starting strictly after `after`.
+
+    Served by the index shipments_by_update (tenant_id, updated_at DESC,
+    shipment_id DESC): the cursor is a row comparison on its columns, so a page
+    costs the same however deep it is. Empty when nothing (more) matches.
+    """
+    args: list[Any] = [filters.scope.tenant_id]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    conditions = ["s.tenant_id = $1"]
+    if filters.scope.customer_id is not None:
+        conditions.append(f"s.customer_id = {arg(filters.scope.customer_id)}")
+    if filters.customer_id is not None:
+        conditions.append(f"s.customer_id = {arg(filters.customer_id)}")
+    if filters.statuses:
+        conditions.append(f"s.status = ANY({arg(list(filters.statuses))}::smallint[])")
+    if filters.updated_since is not None:
+        conditions.append(f"s.updated_at >= {arg(filters.updated_since)}")
+    if after is not None:
+        conditions.append(
+            f"(s.updated_at, s.shipment_id) < ({arg(after.updated_at)}, {arg(after.shipment_id)})"
+        )
+    sql = (
+        f"{_SELECT} WHERE {' AND '.join(conditions)}"
+        f" ORDER BY s.updated_at DESC, s.shipment_id DESC LIMIT {arg(limit)}"
+    )
+    rows: Sequence[asyncpg.Record] = await connection.fetch(sql, *args)
+    return [_view(row) for row in rows]

@@ -1,0 +1,250 @@
+"""TrackingService: shipment state for the customer portal, operations and the public.
+
+Contract (docs/query.md has the client's view):
+
+- The tenant is always the bearer token's. A customer token sees only shipments
+  whose customer_id is its own. A shipment outside the caller's scope answers
+  NOT_FOUND exactly as a missing one does (never PERMISSION_DENIED), so neither its
+  existence nor its tenant leaks. Which roles may call at all is the interceptor's
+  table (services/tracking_query/app.py).
+- Bad arguments answer INVALID_ARGUMENT with a google.rpc.BadRequest naming each
+  field; nothing is read.
+- A database that cannot be reached answers UNAVAILABLE (retry), not INTERNAL.
+- TrackByToken needs no bearer token; it returns only `PublicShipment` fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import NoReturn
+
+import asyncpg
+import grpc
+
+from services.tracking_query import queries
+from services.tracking_query.paging import (
+    PageTokenError,
+    decode_page_token,
+    encode_page_token,
+)
+from services.tracking_query.queries import ListFilter, Scope, ShipmentView
+from services.tracking_query.watch import CONNECTION_ERRORS, ChangeFeed
+from shared import tracking_store as store
+from shared.auth import current_principal
+from shared.db import Connection
+from shared.domain.tracking import CANCELLED, DELIVERED
+from shared.domain.validation import MAX_ID_LENGTH, Violation
+from shared.envelopes import to_datetime
+from shared.pb import shipment_pb2, tracking_pb2, tracking_pb2_grpc
+from shared.rpc import Context, abort_invalid
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE_DEFAULT = 50
+PAGE_SIZE_MAX = 500
+#: Longest tracking token looked up; the service mints 22 characters.
+MAX_TRACKING_TOKEN_LENGTH = 64
+#: How long an RPC waits for a pooled connection before answering UNAVAILABLE.
+ACQUIRE_TIMEOUT_S = 5.0
+
+_TRACKING_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+#: After these, the stored ETA is history, not a forecast: the public view omits it.
+_FINAL_STATUSES = frozenset({DELIVERED, CANCELLED})
+
+
+def _check_id(field: str, value: str) -> list[Violation]:
+    if not value:
+        return [Violation(field, "must not be empty")]
+    if len(value) > MAX_ID_LENGTH:
+        return [Violation(field, f"must be at most {MAX_ID_LENGTH} characters")]
+    return []
+
+
+def public_shipment(view: ShipmentView) -> tracking_pb2.PublicShipment:
+    """What anyone holding the tracking token may see.
+
+    Status, promised window, delivered/updated times, reference, the ETA while the
+    shipment is not final, and the timeline's kinds, statuses and times. Never a
+    vehicle, driver, customer, recipient or proof; never event ids (the fallback
+    tracking token derives from the creation event id) nor detail texts; timeline
+    entries recorded as anomalies are back-office matters and left out.
+    """
+    state = view.state
+    full = store.shipment_message(state, view.tracking)
+    public = tracking_pb2.PublicShipment(status=state.status, reference=state.reference)
+    if full.HasField("promised_window"):
+        public.promised_window.CopyFrom(full.promised_window)
+    if full.HasField("delivered_at"):
+        public.delivered_at.CopyFrom(full.delivered_at)
+    if full.HasField("updated_at"):
+        public.updated_at.CopyFrom(full.updated_at)
+    if full.HasField("eta") and state.status not in _FINAL_STATUSES:
+        public.eta.CopyFrom(full.eta)
+    for entry in store.timeline_messages(state):
+        if entry.anomaly:
+            continue
+        shown = public.timeline.add(kind=entry.kind, status=entry.status)
+        if entry.HasField("occurred_at"):
+            shown.occurred_at.CopyFrom(entry.occurred_at)
+        if entry.HasField("recorded_at"):
+            shown.recorded_at.CopyFrom(entry.recorded_at)
+    return public
+
+
+class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, feed: ChangeFeed) -> None:
+        self._pool = pool
+        self._feed = feed
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, context: Context) -> AsyncIterator[Connection]:
+        """A pooled connection; UNAVAILABLE when the database cannot be reached."""
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as connection:
+                yield connection
+        except CONNECTION_ERRORS as error:
+            log.warning("database unavailable: %r", error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is unavailable, retry")
+            raise  # pragma: no cover  (abort raises; never swallow the error)
+
+    @staticmethod
+    async def _not_found(context: Context, what: str = "shipment not found") -> NoReturn:
+        await context.abort(grpc.StatusCode.NOT_FOUND, what)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    async def _shipment_id(self, value: str, context: Context) -> str:
+        violations = _check_id("shipment_id", value)
+        if violations:
+            await abort_invalid(context, violations, "invalid shipment id")
+        return value
+
+    async def _read(self, scope: Scope, shipment_id: str, context: Context) -> ShipmentView | None:
+        async with self._connection(context) as connection:
+            return await queries.get_shipment(connection, scope, shipment_id)
+
+    async def GetShipment(
+        self, request: tracking_pb2.GetShipmentRequest, context: Context
+    ) -> tracking_pb2.GetShipmentResponse:
+        scope = Scope.of(current_principal())
+        shipment_id = await self._shipment_id(request.shipment_id, context)
+        view = await self._read(scope, shipment_id, context)
+        if view is None:
+            await self._not_found(context)
+        return tracking_pb2.GetShipmentResponse(shipment=view.message())
+
+    async def GetTimeline(
+        self, request: tracking_pb2.GetTimelineRequest, context: Context
+    ) -> tracking_pb2.GetTimelineResponse:
+        """Every timeline entry in log order (the order the events arrived), anomalies
+        included (marked)."""
+        scope = Scope.of(current_principal())
+        shipment_id = await self._shipment_id(request.shipment_id, context)
+        view = await self._read(scope, shipment_id, context)
+        if view is None:
+            await self._not_found(context)
+        return tracking_pb2.GetTimelineResponse(entries=store.timeline_messages(view.state))
+
+    async def ListShipments(
+        self, request: tracking_pb2.ListShipmentsRequest, context: Context
+    ) -> tracking_pb2.ListShipmentsResponse:
+        scope = Scope.of(current_principal())
+        violations: list[Violation] = []
+        page_size = request.page_size or PAGE_SIZE_DEFAULT
+        if not 1 <= page_size <= PAGE_SIZE_MAX:
+            violations.append(
+                Violation("page_size", f"must be between 1 and {PAGE_SIZE_MAX} (0: default)")
+            )
+        if request.customer_id:
+            violations.extend(_check_id("customer_id", request.customer_id))
+        for index, status in enumerate(request.statuses):
+            if status not in shipment_pb2.ShipmentStatus.values():
+                violations.append(Violation(f"statuses[{index}]", f"unknown status {status}"))
+        since = None
+        if request.HasField("updated_since"):
+            try:
+                since = to_datetime(request.updated_since)
+                # Stored times have microseconds: round up so that `>=` stays exact.
+                if request.updated_since.nanos % 1000:
+                    since += timedelta(microseconds=1)
+            except (ValueError, OverflowError):
+                violations.append(Violation("updated_since", "is not a valid timestamp"))
+        if violations:
+            await abort_invalid(context, violations, "invalid list request")
+        filters = ListFilter(
+            scope,
+            statuses=tuple(sorted(set(request.statuses))),
+            customer_id=request.customer_id or None,
+            updated_since=since,
+        )
+        after = None
+        if request.page_token:
+            try:
+                after = decode_page_token(request.page_token, filters.fingerprint())
+            except PageTokenError as error:
+                await abort_invalid(
+                    context, [Violation("page_token", str(error))], "invalid page token"
+                )
+        async with self._connection(context) as connection:
+            # One row more than the page tells whether another page follows.
+            views = await queries.list_shipments(connection, filters, after, page_size + 1)
+        response = tracking_pb2.ListShipmentsResponse(
+            shipments=[view.message() for view in views[:page_size]]
+        )
+        if len(views) > page_size:
+            response.next_page_token = encode_page_token(
+                views[page_size - 1].cursor, filters.fingerprint()
+            )
+        return response
+
+    async def WatchShipment(
+        self, request: tracking_pb2.WatchShipmentRequest, context: Context
+    ) -> AsyncIterator[tracking_pb2.WatchShipmentResponse]:
+        """The current state, then the state after each change (consecutive equal
+        states are sent once). Ends when the client cancels, or normally when the
+        server shuts down (the client watches again, elsewhere)."""
+        scope = Scope.of(current_principal())
+        shipment_id = await self._shipment_id(request.shipment_id, context)
+        with self._feed.subscribe(scope.tenant_id, shipment_id) as changes:
+            view = await self._read(scope, shipment_id, context)
+            if view is None:
+                await self._not_found(context)
+            last = view.message()
+            yield tracking_pb2.WatchShipmentResponse(shipment=last)
+            while await changes.changed():
+                view = await self._read(scope, shipment_id, context)
+                if view is None:  # e.g. outside the scope now: nothing to show
+                    continue
+                current = view.message()
+                if current != last:
+                    last = current
+                    yield tracking_pb2.WatchShipmentResponse(shipment=current)
+
+    async def TrackByToken(
+        self, request: tracking_pb2.TrackByTokenRequest, context: Context
+    ) -> tracking_pb2.TrackByTokenResponse:
+        token = request.tracking_token
+        if not token or len(token) > MAX_TRACKING_TOKEN_LENGTH:
+            await abort_invalid(
+                context,
+                [
+                    Violation(
+                        "tracking_token", f"must be 1 to {MAX_TRACKING_TOKEN_LENGTH} characters"
+                    )
+                ],
+                "invalid tracking token",
+            )
+        if not _TRACKING_TOKEN.fullmatch(token):
+            await abort_invalid(
+                context,
+                [Violation("tracking_token", "must consist of base64url characters")],
+                "invalid tracking token",
+            )
+        async with self._connection(context) as connection:
+            view = await queries.by_tracking_token(connection, token)
+        if view is None:
+            await self._not_found(context, "unknown tracking token")
+        return tracking_pb2.TrackByTokenResponse(shipment=public_shipment(view))

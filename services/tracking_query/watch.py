@@ -1,0 +1,239 @@
+"""Change notifications for WatchShipment: one LISTEN connection, fanned out in-process.
+
+The migration's triggers `pg_notify('<schema>.shipment_changed', tenant || ':' ||
+shipment)` whenever a shipments or shipment_tracking row is written (delivered on
+commit, repeats within a transaction collapsed). `ChangeFeed` holds ONE dedicated
+connection per process listening on that channel and wakes the subscriptions of the
+key named in each notification.
+
+A notification carries no state, only "this shipment changed": a watcher re-reads
+the shipment. Hence each subscription's queue is bounded (one slot) and coalescing:
+if a wake-up is already pending, another one adds nothing, so a burst of changes
+costs a slow watcher one re-read, never unbounded memory.
+
+No change is missed:
+- subscribe before reading the initial state (`subscribe()` then read), so a change
+  committed after the read wakes the subscription;
+- when the connection is (re)established, LISTEN runs first and then EVERY
+  subscription is woken, so whatever changed while nobody listened is re-read;
+- a connection that dies silently is found by a periodic `SELECT 1`.
+Wake-ups may be spurious (a reconnect, a payload shared by two keys); watchers
+compare before sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+
+from shared.config import DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+#: How often the idle LISTEN connection is probed, and how long a probe may take.
+PING_INTERVAL_S = 5.0
+PING_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 10.0
+#: Back-off between reconnection attempts (doubling up to the maximum).
+RECONNECT_BACKOFF_S = 0.1
+RECONNECT_BACKOFF_MAX_S = 5.0
+
+#: Failures that mean "the connection is gone or unusable": reconnect.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    # e.g. "connection is closed" when the server went away between two calls.
+    asyncpg.InterfaceError,
+)
+
+Connect = Callable[[], Awaitable["asyncpg.Connection[Any]"]]
+
+
+class Signal(enum.Enum):
+    #: Something about the shipment may have changed: re-read it.
+    CHANGED = "changed"
+    #: The feed is closing (the server shuts down): end the watch.
+    CLOSED = "closed"
+
+
+class Subscription:
+    """One watcher's wake-ups for one shipment (see `ChangeFeed.subscribe`)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._queue: asyncio.Queue[Signal] = asyncio.Queue(maxsize=1)
+        self._closed = False
+
+    def _wake(self) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(asyncio.QueueFull):
+            # Full means a CHANGED is already pending: it covers this change too.
+            self._queue.put_nowait(Signal.CHANGED)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(Signal.CLOSED)
+
+    async def changed(self) -> bool:
+        """Wait for the next wake-up: True means re-read the shipment, False means the
+        feed closed and the watch should end. Returns at once if one is pending."""
+        return await self._queue.get() is Signal.CHANGED
+
+
+class ChangeFeed:
+    """The process's LISTEN connection and the subscriptions it wakes.
+
+    `run()` is a long-running task (give it to the Supervisor): it connects, LISTENs
+    and reconnects with back-off whenever the connection fails, forever; it ends only
+    when cancelled (closing its connection). `close()` ends every subscription, present
+    and future, with `changed() == False`; idempotent. Subscriptions work whether or
+    not the connection is up at the moment: the next (re)connection wakes them all.
+    """
+
+    def __init__(
+        self,
+        database: DatabaseSettings,
+        *,
+        connect: Connect | None = None,
+        ping_interval_s: float = PING_INTERVAL_S,
+    ) -> None:
+        self.channel = f"{database.schema}.shipment_changed"
+        self._connect: Connect = connect or (
+            lambda: asyncpg.connect(
+                database.url,
+                timeout=CONNECT_TIMEOUT_S,
+                server_settings={"application_name": f"cargotrack-watch:{database.schema}"[:63]},
+            )
+        )
+        self._ping_interval_s = ping_interval_s
+        self._subscriptions: dict[str, set[Subscription]] = {}
+        self._closed = False
+        self._listening = False
+        #: How many times LISTEN was established (observability and tests).
+        self.connections = 0
+        self._state = asyncio.Condition()
+
+    @staticmethod
+    def key(tenant_id: str, shipment_id: str) -> str:
+        """A notification's payload for a shipment (as the trigger builds it)."""
+        return f"{tenant_id}:{shipment_id}"
+
+    @property
+    def listening(self) -> bool:
+        return self._listening
+
+    @property
+    def watchers(self) -> int:
+        return sum(len(subs) for subs in self._subscriptions.values())
+
+    @contextlib.contextmanager
+    def subscribe(self, tenant_id: str, shipment_id: str) -> Iterator[Subscription]:
+        """Wake-ups for one shipment while the block runs. Subscribe first, then read
+        the current state: a change after the read is then never missed."""
+        subscription = Subscription(self.key(tenant_id, shipment_id))
+        if self._closed:
+            subscription._close()
+        subscribers = self._subscriptions.setdefault(subscription.key, set())
+        subscribers.add(subscription)
+        try:
+            yield subscription
+        finally:
+            subscribers.discard(subscription)
+            if not subscribers and self._subscriptions.get(subscription.key) is subscribers:
+                del self._subscriptions[subscription.key]
+
+    def close(self) -> None:
+        """End every watch (now and any started later). Idempotent."""
+        self._closed = True
+        for subscribers in self._subscriptions.values():
+            for subscription in subscribers:
+                subscription._close()
+
+    async def wait_listening(self, connections: int = 1, timeout_s: float = 30.0) -> None:
+        """Wait until LISTEN has been established at least `connections` times and is up."""
+        async with asyncio.timeout(timeout_s), self._state:
+            await self._state.wait_for(lambda: self._listening and self.connections >= connections)
+
+    async def _set_listening(self, listening: bool) -> None:
+        async with self._state:
+            self._listening = listening
+            if listening:
+                self.connections += 1
+            self._state.notify_all()
+
+    def _on_notification(
+        self, _connection: object, _pid: int, _channel: str, payload: object
+    ) -> None:
+        for subscription in self._subscriptions.get(str(payload), ()):
+            subscription._wake()
+
+    def _wake_all(self) -> None:
+        for subscribers in self._subscriptions.values():
+            for subscription in subscribers:
+                subscription._wake()
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting after any connection failure."""
+        backoff = RECONNECT_BACKOFF_S
+        failures = 0
+        while True:
+            try:
+                connection = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
+            except CONNECTION_ERRORS as error:
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("cannot connect for LISTEN (attempt %d): %r", failures, error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+                continue
+            established = self.connections
+            try:
+                await self._listen(connection)
+            except CONNECTION_ERRORS as error:
+                log.warning("LISTEN connection lost, reconnecting: %r", error)
+            finally:
+                await self._set_listening(False)
+                await _close_quietly(connection)
+            if self.connections > established:  # it worked for a while: retry promptly
+                backoff, failures = RECONNECT_BACKOFF_S, 0
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+
+    async def _listen(self, connection: asyncpg.Connection[Any]) -> None:
+        """LISTEN, wake everyone, then hold the connection until it fails (raises)."""
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _connection: lost.set())
+        await connection.add_listener(self.channel, self._on_notification)
+        await self._set_listening(True)
+        log.info("listening on %s (connection %d)", self.channel, self.connections)
+        # Changes committed while nobody listened sent notifications to no one.
+        self._wake_all()
+        while True:
+            try:
+                await asyncio.wait_for(lost.wait(), self._ping_interval_s)
+            except TimeoutError:
+                await connection.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
+            else:
+                raise ConnectionError("the LISTEN connection was closed")
+
+
+async def _close_quietly(connection: asyncpg.Connection[Any]) -> None:
+    if connection.is_closed():
+        return
+    try:
+        await asyncio.wait_for(connection.close(), PING_TIMEOUT_S)
+    except CONNECTION_ERRORS:
+        connection.terminate()

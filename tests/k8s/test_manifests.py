@@ -1,0 +1,425 @@
+"""The deployment: every kustomize overlay builds and validates offline, and keeps the
+properties operations rely on (probes, security, sizing, topics, autoscaling).
+
+scripts/validate-k8s does the building and the schema validation (and installs its
+pinned tools into the cache on first use, which takes a minute or two); these tests
+run it once, then read the rendered resources it writes as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "validate-k8s"
+OVERLAYS = ("dev", "prod")
+# name -> conventional gRPC port (services/cli.py)
+SERVICES = {
+    "gps-ingest": 50051,
+    "shipment-events": 50052,
+    "delivery-confirmations": 50053,
+    "tracking-query": 50054,
+    "dispatch": 50055,
+    "projector": 50056,
+}
+GRPC_SERVICES = [name for name in SERVICES if name != "projector"]
+METRICS_PORT = 9090
+TOPIC_RETENTION_MS = {
+    "cargotrack.gps-points": 7 * 24 * 3600 * 1000,
+    "cargotrack.shipment-events": -1,
+    "cargotrack.delivery-confirmations": -1,
+    "cargotrack.shipment-alerts": 30 * 24 * 3600 * 1000,
+    "cargotrack.dead-letters": 30 * 24 * 3600 * 1000,
+}
+
+Resource = dict[str, Any]
+
+# A cold cache installs kustomize (go install), a virtualenv and npm packages first.
+pytestmark = pytest.mark.timeout(900)
+
+
+def run_validator(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Resource]]:
+    """Run the validation of every overlay once; the resources of each overlay."""
+    out = tmp_path_factory.mktemp("k8s-rendered")
+    result = run_validator("--json-out", str(out))
+    assert result.returncode == 0, f"validate-k8s failed:\n{result.stdout}\n{result.stderr}"
+    for overlay in OVERLAYS:
+        assert re.search(rf"^ok +{overlay} ", result.stdout, re.MULTILINE), result.stdout
+    return {overlay: json.loads((out / f"{overlay}.json").read_text()) for overlay in OVERLAYS}
+
+
+def of_kind(resources: list[Resource], kind: str) -> dict[str, Resource]:
+    return {r["metadata"]["name"]: r for r in resources if r["kind"] == kind}
+
+
+def config(resources: list[Resource]) -> dict[str, str]:
+    (configmap,) = of_kind(resources, "ConfigMap").values()
+    data: dict[str, str] = configmap["data"]
+    return data
+
+
+def container(workload: Resource) -> dict[str, Any]:
+    (only,) = workload["spec"]["template"]["spec"]["containers"]
+    assert only["name"] == "cargotrack"
+    return dict(only)
+
+
+def env(workload: Resource) -> dict[str, Any]:
+    return {var["name"]: var for var in container(workload).get("env", [])}
+
+
+def topic_by_name(resources: list[Resource]) -> dict[str, Resource]:
+    return {t["spec"]["topicName"]: t for t in of_kind(resources, "KafkaTopic").values()}
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest, rendered: dict[str, list[Resource]]) -> list[Resource]:
+    resources: list[Resource] = rendered[request.param]
+    return resources
+
+
+# --- every overlay ------------------------------------------------------------------
+
+
+def test_every_service_is_deployed_with_its_port(overlay: list[Resource]) -> None:
+    deployments = of_kind(overlay, "Deployment")
+    services = of_kind(overlay, "Service")
+    assert set(deployments) == set(SERVICES)
+    for name, port in SERVICES.items():
+        c = container(deployments[name])
+        assert c["args"] == ["serve", name]
+        assert env(deployments[name])["CARGOTRACK_GRPC_PORT"]["value"] == str(port)
+        assert {p["containerPort"] for p in c["ports"]} == {port, METRICS_PORT}
+        assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT}
+    assert config(overlay)["CARGOTRACK_METRICS_PORT"] == str(METRICS_PORT)
+    assert config(overlay)["CARGOTRACK_GRPC_HOST"] == "0.0.0.0"
+    assert config(overlay)["CARGOTRACK_LOG_FORMAT"] == "json"
+
+
+def test_every_deployment_has_grpc_readiness_and_liveness_probes(overlay: list[Resource]) -> None:
+    for name, deployment in of_kind(overlay, "Deployment").items():
+        c = container(deployment)
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert c[probe]["grpc"]["port"] == SERVICES[name], (name, probe)
+        # Readiness follows the dependencies (overall status); liveness must not.
+        assert c["readinessProbe"]["grpc"].get("service", "") == ""
+        assert c["livenessProbe"]["grpc"]["service"] == "liveness"
+
+
+def test_workloads_run_as_non_root_with_resource_limits(overlay: list[Resource]) -> None:
+    workloads = [*of_kind(overlay, "Deployment").values(), *of_kind(overlay, "Job").values()]
+    assert len(workloads) == len(SERVICES) + 1
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["automountServiceAccountToken"] is False
+        c = container(workload)
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][bound]), workload["metadata"]["name"]
+
+
+def test_termination_grace_exceeds_the_drain(overlay: list[Resource]) -> None:
+    shutdown_grace = float(config(overlay)["CARGOTRACK_SHUTDOWN_GRACE_S"])
+    for deployment in of_kind(overlay, "Deployment").values():
+        pre_stop = container(deployment)["lifecycle"]["preStop"]["sleep"]["seconds"]
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace >= pre_stop + shutdown_grace + 10
+
+
+def test_configuration_uses_only_variables_the_code_reads(overlay: list[Resource]) -> None:
+    source = (REPO / "shared" / "config.py").read_text()
+    known = set(re.findall(r'"((?:CARGOTRACK|KAFKA)_[A-Z0-9_]+|DATABASE_URL)"', source))
+    used = set(config(overlay))
+    for secret in of_kind(overlay, "Secret").values():
+        used |= set(secret.get("data", {})) | set(secret.get("stringData", {}))
+    for workload in [*of_kind(overlay, "Deployment").values(), *of_kind(overlay, "Job").values()]:
+        used |= set(env(workload))
+    assert used - known == set()
+    # What the services need is all there.
+    assert {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "KAFKA_SASL_PASSWORD"} <= used
+
+
+def test_secrets_come_from_operators_and_secret_resources(overlay: list[Resource]) -> None:
+    (cluster,) = of_kind(overlay, "Cluster")
+    (user,) = of_kind(overlay, "KafkaUser")
+    for workload in [*of_kind(overlay, "Deployment").values(), *of_kind(overlay, "Job").values()]:
+        variables = env(workload)
+        assert variables["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{cluster}-app",
+            "key": "uri",
+        }
+        assert variables["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": user,
+            "key": "password",
+        }
+    assert config(overlay)["KAFKA_SASL_USERNAME"] == user
+    assert config(overlay)["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+
+
+def test_kafka_bootstrap_is_fully_qualified(overlay: list[Resource]) -> None:
+    """KEDA's scaler resolves the address from its own namespace."""
+    (kafka,) = of_kind(overlay, "Kafka")
+    (namespace,) = of_kind(overlay, "Namespace")
+    expected = f"{kafka}-kafka-bootstrap.{namespace}.svc:9093"
+    assert config(overlay)["KAFKA_BOOTSTRAP_SERVERS"] == expected
+
+
+def test_topics_partitions_and_retention(overlay: list[Resource]) -> None:
+    topics = topic_by_name(overlay)
+    settings = config(overlay)
+    assert set(topics) == set(TOPIC_RETENTION_MS)
+    for name, topic in topics.items():
+        assert name.startswith(settings["CARGOTRACK_TOPIC_PREFIX"])
+        assert topic["spec"]["config"]["retention.ms"] == TOPIC_RETENTION_MS[name]
+        assert topic["spec"]["partitions"] == int(settings["CARGOTRACK_TOPIC_PARTITIONS"])
+        assert topic["spec"]["replicas"] == int(settings["CARGOTRACK_TOPIC_REPLICATION_FACTOR"])
+    assert topics["cargotrack.gps-points"]["spec"]["partitions"] == 12
+    assert topics["cargotrack.shipment-events"]["spec"]["partitions"] == 12
+    # Co-partitioned: the same shipments on the same partition numbers.
+    assert (
+        topics["cargotrack.delivery-confirmations"]["spec"]["partitions"]
+        == topics["cargotrack.shipment-events"]["spec"]["partitions"]
+    )
+    hours = {
+        "cargotrack.gps-points": "CARGOTRACK_GPS_RETENTION_HOURS",
+        "cargotrack.shipment-events": "CARGOTRACK_EVENTS_RETENTION_HOURS",
+        "cargotrack.shipment-alerts": "CARGOTRACK_ALERTS_RETENTION_HOURS",
+    }
+    for name, variable in hours.items():
+        value = int(settings[variable])
+        assert TOPIC_RETENTION_MS[name] == (value * 3600 * 1000 if value > 0 else -1)
+
+
+def test_projector_scales_on_lag_up_to_the_partition_count(overlay: list[Resource]) -> None:
+    scaled = of_kind(overlay, "ScaledObject")["projector"]["spec"]
+    partitions = topic_by_name(overlay)["cargotrack.shipment-events"]["spec"]["partitions"]
+    assert scaled["scaleTargetRef"]["name"] == "projector"
+    assert scaled["maxReplicaCount"] == partitions
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == "cargotrack.tracking"
+    assert trigger["metadata"]["bootstrapServersFromEnv"] == "KAFKA_BOOTSTRAP_SERVERS"
+    # The gRPC services scale on CPU; the projector has no HPA besides KEDA's.
+    hpas = of_kind(overlay, "HorizontalPodAutoscaler")
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == set(GRPC_SERVICES)
+
+
+def test_network_policies_open_only_the_service_ports(overlay: list[Resource]) -> None:
+    policies = of_kind(overlay, "NetworkPolicy")
+    for name, port in SERVICES.items():
+        policy = policies[name]["spec"]
+        assert policy["policyTypes"] == ["Ingress", "Egress"]
+        assert "egress" not in policy
+        opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+        assert opened == {port, METRICS_PORT}
+    baseline = policies["cargotrack-baseline"]["spec"]
+    assert "ingress" not in baseline
+    egress_ports = {p["port"] for rule in baseline["egress"] for p in rule["ports"]}
+    assert egress_ports == {53, 9093, 5432}
+
+
+def test_every_resource_carries_the_common_labels(overlay: list[Resource]) -> None:
+    for resource in overlay:
+        labels = resource["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "cargotrack", resource["metadata"]
+        if resource["kind"] != "Namespace":
+            assert "app.kubernetes.io/name" in labels or resource["kind"] in (
+                "ConfigMap",
+                "Secret",
+                "ServiceAccount",
+            ), resource["metadata"]
+
+
+def test_migration_job_runs_migrate(overlay: list[Resource]) -> None:
+    (job,) = of_kind(overlay, "Job").values()
+    assert container(job)["args"] == ["migrate"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+# --- per environment ----------------------------------------------------------------
+
+
+def test_prod_is_highly_available(rendered: dict[str, list[Resource]]) -> None:
+    prod = rendered["prod"]
+    assert {d["spec"]["replicas"] for d in of_kind(prod, "Deployment").values()} == {3}
+    for pdb in of_kind(prod, "PodDisruptionBudget").values():
+        assert pdb["spec"]["minAvailable"] == 2
+        assert "maxUnavailable" not in pdb["spec"]
+    hpas = of_kind(prod, "HorizontalPodAutoscaler").values()
+    assert {h["spec"]["minReplicas"] for h in hpas} == {3}
+    assert of_kind(prod, "ScaledObject")["projector"]["spec"]["minReplicaCount"] == 3
+    pools = of_kind(prod, "KafkaNodePool")
+    assert {n: (p["spec"]["replicas"], p["spec"]["roles"]) for n, p in pools.items()} == {
+        "controller": (3, ["controller"]),
+        "broker": (3, ["broker"]),
+    }
+    (kafka,) = of_kind(prod, "Kafka").values()
+    kafka_config = kafka["spec"]["kafka"]["config"]
+    assert kafka_config["default.replication.factor"] == 3
+    assert kafka_config["min.insync.replicas"] == 2
+    assert kafka_config["offsets.topic.replication.factor"] == 3
+    for topic in of_kind(prod, "KafkaTopic").values():
+        assert topic["spec"]["replicas"] == 3
+        assert topic["spec"]["config"]["min.insync.replicas"] == 2
+    (cluster,) = of_kind(prod, "Cluster").values()
+    assert cluster["spec"]["instances"] == 3
+    assert of_kind(prod, "Secret") == {}, "production secrets are never committed"
+
+
+def test_dev_is_small(rendered: dict[str, list[Resource]]) -> None:
+    dev = rendered["dev"]
+    assert {d["spec"]["replicas"] for d in of_kind(dev, "Deployment").values()} == {1}
+    (pool,) = of_kind(dev, "KafkaNodePool").values()
+    assert pool["spec"]["replicas"] == 1
+    assert sorted(pool["spec"]["roles"]) == ["broker", "controller"]
+    for topic in of_kind(dev, "KafkaTopic").values():
+        assert topic["spec"]["replicas"] == 1
+    (cluster,) = of_kind(dev, "Cluster").values()
+    assert cluster["spec"]["instances"] == 1
+    (secret,) = of_kind(dev, "Secret").values()
+    assert set(secret["data"]) == {"CARGOTRACK_JWT_SECRET"}
+    for deployment in of_kind(dev, "Deployment").values():
+        prod_like = of_kind(rendered["prod"], "Deployment")[deployment["metadata"]["name"]]
+        assert container(deployment)["resources"] != container(prod_like)["resources"]
+
+
+# --- the validation itself catches mistakes -------------------------------------------
+
+
+def write_overlay(directory: Path, patches: str) -> Path:
+    """An overlay of k8s/overlays/dev with the given patches, outside the repository."""
+    base = os.path.relpath(REPO / "k8s" / "overlays" / "dev", directory)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "namespace: cargotrack-dev\n"
+        f"resources:\n  - {base}\n"
+        f"patches:\n{patches}"
+    )
+    return directory
+
+
+def test_validation_rejects_broken_manifests(tmp_path: Path) -> None:
+    overlay = write_overlay(
+        tmp_path,
+        """
+  - target: {kind: Deployment, name: gps-ingest}
+    patch: |-
+      - {op: add, path: /spec/template/spec/containers/0/bogusField, value: 1}
+      - {op: replace, path: /spec/template/spec/containers/0/readinessProbe/grpc/port, value: 1}
+  - target: {kind: Kafka}
+    patch: |-
+      - {op: add, path: /spec/kafka/listeners/0/tsl, value: true}
+  - target: {kind: Cluster}
+    patch: |-
+      - {op: replace, path: /spec/postgresql/parameters/max_connections, value: 100}
+  - target: {kind: ScaledObject}
+    patch: |-
+      - {op: replace, path: /spec/maxReplicaCount, value: "12"}
+  - target: {kind: Deployment, name: dispatch}
+    patch: |-
+      - {op: replace, path: /spec/template/spec/volumes/0/secret/secretName, value: nope}
+""",
+    )
+    result = run_validator("--overlay", str(overlay))
+    assert result.returncode == 1, result.stdout + result.stderr
+    for expected in (
+        "Deployment/gps-ingest: Kubernetes 1.31.0: spec.template.spec.containers.0: "
+        "Additional properties are not allowed ('bogusField' was unexpected)",
+        "Deployment/gps-ingest: readinessProbe port 1 is not a container port",
+        "Kafka/cargotrack: spec.kafka.listeners.0: Additional properties are not allowed",
+        "Cluster/cargotrack-pg: spec.postgresql.parameters.max_connections: "
+        "100 is not of type 'string'",
+        "ScaledObject/projector: @kubernetes-models/keda: "
+        "data/spec/maxReplicaCount must be integer",
+        "Deployment/dispatch: Secret 'nope' is neither in the overlay nor made by an operator",
+    ):
+        assert expected in result.stdout, result.stdout
+
+
+def test_validation_uses_crd_schemas_when_given(tmp_path: Path) -> None:
+    """--crd-dir validates custom resources against CustomResourceDefinition files."""
+    crds = tmp_path / "crds"
+    crds.mkdir()
+    (crds / "kafkatopics.yaml").write_text(
+        """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: kafkatopics.kafka.strimzi.io}
+spec:
+  group: kafka.strimzi.io
+  names: {kind: KafkaTopic, plural: kafkatopics}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            apiVersion: {type: string}
+            kind: {type: string}
+            metadata: {type: object}
+            spec:
+              type: object
+              properties:
+                topicName: {type: string}
+                partitions: {type: integer, minimum: 1, maximum: 6}
+                replicas: {type: integer, minimum: 1}
+                config: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"""
+    )
+    result = run_validator("--overlay", "dev", "--crd-dir", str(crds))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "loaded 1 CRD schema(s)" in result.stdout
+    assert (
+        "KafkaTopic/cargotrack-shipment-events: CRD schema: spec.partitions: "
+        "12 is greater than the maximum of 6" in result.stdout
+    ), result.stdout
+
+
+# --- the image ----------------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_non_root_multi_stage_image() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", dockerfile, re.MULTILINE | re.IGNORECASE)
+    assert [name for _, name in stages] == ["builder", "runtime"]
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", dockerfile, re.MULTILINE)
+    assert "pip install $constraints ." in dockerfile
+    assert "COPY --from=builder /opt/cargotrack /opt/cargotrack" in dockerfile
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users
+    assert users[-1].split(":")[0] not in ("0", "root")
+    assert 'ENTRYPOINT ["cargotrack"]' in dockerfile
+    # Kafka and PostgreSQL are external: no JVM, no database server in the image.
+    assert not re.search(r"openjdk|default-jre|default-jdk|postgresql-\d", dockerfile)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for entry in ("**/.venv", "**/.git", "**/__pycache__", "data/", ".cargotrack/"):
+        assert entry in ignored
