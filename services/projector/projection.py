@@ -9,6 +9,7 @@ tracking (position, progress, ETA, alerts) of shipments whose vehicle moved.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,29 @@ def shipment_key(envelope: envelope_pb2.Envelope) -> store.ShipmentKey:
         else envelope.delivery_confirmation.shipment_id
     )
     return envelope.tenant_id, shipment_id
+
+
+def merge_by_recorded_time(records: Sequence[Delivered]) -> list[Delivered]:
+    """Interleave the partitions of a batch by the time cargotrack accepted each record.
+
+    A shipment's lifecycle events and its delivery confirmation arrive on two
+    topics; within a poll batch they come partition by partition. Each
+    partition's order is kept exactly (it is the log's order); across
+    partitions the records are merged by `recorded_at`, so a confirmation
+    accepted after the `out_for_delivery` event is folded after it even when
+    both arrive in one poll.
+    """
+    streams: dict[tuple[str, int], list[Delivered]] = {}
+    for record in records:
+        streams.setdefault((record.topic, record.partition), []).append(record)
+    if len(streams) <= 1:
+        return list(records)
+
+    def accepted_at(record: Delivered) -> tuple[int, int]:
+        stamp = record.envelope.recorded_at
+        return stamp.seconds, stamp.nanos
+
+    return list(heapq.merge(*streams.values(), key=accepted_at))
 
 
 @dataclass
@@ -71,7 +95,7 @@ class TrackingProjection:
                 # A valid envelope on the wrong topic (e.g. an alert): not ours to fold.
                 effect.ignored += 1
         if shipment_records:
-            await self._fold_shipments(connection, shipment_records, effect)
+            await self._fold_shipments(connection, merge_by_recorded_time(shipment_records), effect)
         if gps_records:
             await self._fold_vehicles(connection, gps_records, effect)
         if self.live is not None:
