@@ -8,6 +8,7 @@ configuration.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ class Settings:
     metrics_port: int = 0
     log_format: str = "json"
     log_level: str = "INFO"
+    #: OpenTelemetry tracing (shared/tracing.py); needs opentelemetry-api and -sdk.
+    tracing: bool = False
     #: Position history older than this is dropped (partitions are per day).
     position_retention_days: int = 30
     #: Most records the projector applies in one transaction.
@@ -220,6 +223,13 @@ class _Reader:
         if value not in choices:
             self.errors.append(f"{name}={value!r}: expected one of {', '.join(choices)}")
         return value
+
+
+def _opentelemetry_installed() -> bool:
+    try:
+        return importlib.util.find_spec("opentelemetry.sdk.trace") is not None
+    except ModuleNotFoundError:  # no opentelemetry package at all
+        return False
 
 
 def load_settings(
@@ -303,9 +313,15 @@ def load_settings(
         metrics_port=env.integer("CARGOTRACK_METRICS_PORT", 0, minimum=0),
         log_format=env.choice("CARGOTRACK_LOG_FORMAT", "json", ("json", "console")),
         log_level=env.choice("CARGOTRACK_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        tracing=env.flag("CARGOTRACK_TRACING"),
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
     )
+    if settings.tracing and not _opentelemetry_installed():
+        env.errors.append(
+            "CARGOTRACK_TRACING=1: OpenTelemetry is not installed"
+            " (install opentelemetry-api and opentelemetry-sdk, or unset CARGOTRACK_TRACING)"
+        )
     if env.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))
     return settings

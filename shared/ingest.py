@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from shared import metrics, tracing
 from shared.auth import Principal, Role
 from shared.config import KafkaSettings, Settings
 from shared.envelopes import HEADER_TRACEPARENT, EncodedRecord
@@ -72,7 +73,12 @@ def deadline_budget(context: Context, limit_s: float) -> float:
 
 
 def traceparent(context: Context) -> str:
-    """The caller's W3C traceparent metadata, or "" when it sent none."""
+    """The W3C traceparent to write with this call's records: the current span's when
+    tracing is on (the call's server span, itself a child of the caller's), else the
+    caller's traceparent metadata passed through, or "" when it sent none."""
+    current = tracing.current_traceparent()
+    if current:
+        return current
     for key, value in context.invocation_metadata() or ():
         if key == HEADER_TRACEPARENT:
             return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
@@ -244,30 +250,41 @@ class KafkaLink:
         deadline = loop.time() + timeout_s
         producer = await self.producer(timeout_s)
         try:
-            async with asyncio.timeout_at(deadline):
-                partitions = sorted(await producer.partitions_for(topic))
-                partition = DefaultPartitioner()(key, partitions, partitions)
-                pending = list(records)
-                while pending:
-                    builder = producer.create_batch()
-                    taken = 0
-                    for record in pending:
-                        appended = builder.append(
-                            timestamp=None,
-                            key=record.key,
-                            value=record.value,
-                            headers=record.headers,
-                        )
-                        if appended is None:
-                            break  # full; the first record of a batch always fits
-                        taken += 1
-                    future = await producer.send_batch(builder, topic, partition=partition)
-                    await future
-                    pending = pending[taken:]
+            with metrics.produce_timer(topic, len(records)):
+                await self._write_batches(producer, topic, key, records, deadline)
         except (TimeoutError, KafkaError) as error:
             raise KafkaUnavailable(
                 f"Kafka did not acknowledge within {timeout_s:g}s: {error!r}"
             ) from error
+
+    @staticmethod
+    async def _write_batches(
+        producer: AIOKafkaProducer,
+        topic: str,
+        key: bytes,
+        records: Sequence[EncodedRecord],
+        deadline: float,
+    ) -> None:
+        async with asyncio.timeout_at(deadline):
+            partitions = sorted(await producer.partitions_for(topic))
+            partition = DefaultPartitioner()(key, partitions, partitions)
+            pending = list(records)
+            while pending:
+                builder = producer.create_batch()
+                taken = 0
+                for record in pending:
+                    appended = builder.append(
+                        timestamp=None,
+                        key=record.key,
+                        value=record.value,
+                        headers=record.headers,
+                    )
+                    if appended is None:
+                        break  # full; the first record of a batch always fits
+                    taken += 1
+                future = await producer.send_batch(builder, topic, partition=partition)
+                await future
+                pending = pending[taken:]
 
     @staticmethod
     def _left(deadline: float) -> float:
@@ -376,7 +393,9 @@ class IngestServer:
         return self.port
 
     async def _kafka_and_server(self) -> None:
-        # Exit callbacks run in reverse: readiness, then the server, then Kafka.
+        # Exit callbacks run in reverse: readiness, then the server, then Kafka, then
+        # metrics and tracing (so they cover the whole shutdown).
+        await self._stack.enter_async_context(metrics.service_telemetry(self.settings, self.label))
         await self._stack.enter_async_context(self.kafka)
         service = self._builder(self.settings, self.kafka)
         app = GrpcApp(

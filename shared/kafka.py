@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from shared import metrics
 from shared.config import KafkaSettings, TopicSettings
 from shared.envelopes import EncodedRecord, Headers
 
@@ -122,11 +123,12 @@ async def produce(
     downstream deduplication by event id makes the retry harmless.
     """
     try:
-        async with asyncio.timeout(timeout_s):
-            future = await producer.send(
-                topic, record.value, key=record.key, headers=record.headers
-            )
-            await future
+        with metrics.produce_timer(topic, 1):
+            async with asyncio.timeout(timeout_s):
+                future = await producer.send(
+                    topic, record.value, key=record.key, headers=record.headers
+                )
+                await future
     except (TimeoutError, KafkaError) as error:
         raise KafkaUnavailable(
             f"Kafka did not acknowledge within {timeout_s:g}s: {error!r}"
@@ -138,11 +140,13 @@ async def produce_many(
 ) -> None:
     """Write records and wait until Kafka acknowledged all of them (see produce)."""
     try:
-        async with asyncio.timeout(timeout_s):
-            futures = [
-                await producer.send(topic, r.value, key=r.key, headers=r.headers) for r in records
-            ]
-            await asyncio.gather(*futures)
+        with metrics.produce_timer(topic, len(records)):
+            async with asyncio.timeout(timeout_s):
+                futures = [
+                    await producer.send(topic, r.value, key=r.key, headers=r.headers)
+                    for r in records
+                ]
+                await asyncio.gather(*futures)
     except (TimeoutError, KafkaError) as error:
         raise KafkaUnavailable(
             f"Kafka did not acknowledge within {timeout_s:g}s: {error!r}"

@@ -19,25 +19,40 @@ each record's effect is applied once, whatever crashes or rebalances happen:
 - after each PostgreSQL commit the offsets are also committed to Kafka, best
   effort and only for monitoring (consumer-lag exporters, KEDA); they are never
   read back.
+
+Observability: shared.metrics counts batches, records, dead letters and offset
+conflicts, times fold and commit, and keeps the consumer lag of each owned
+partition (the end offset the consumer last fetched minus the next offset to
+apply: no extra request). With tracing on, each batch is applied under one span
+linked to the trace context of every record in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
+from shared import metrics, tracing
 from shared.config import KafkaSettings
 from shared.db import Connection
-from shared.envelopes import EncodedRecord, PoisonRecord, decode
+from shared.envelopes import (
+    HEADER_EVENT_ID,
+    HEADER_TRACEPARENT,
+    EncodedRecord,
+    PoisonRecord,
+    decode,
+)
 from shared.kafka import dead_letter_headers, produce
 from shared.pb import envelope_pb2
 
@@ -138,6 +153,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self._runner.batch_lock:
             for tp in revoked:
                 self._runner.expected.pop(tp, None)
+            metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._runner.batch_lock:
@@ -228,8 +244,24 @@ class ProjectionRunner:
                 )
                 if batches:
                     await self._apply(batches)
+                self._update_lag()
         finally:
+            metrics.forget_partitions(
+                [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+            )
             await self.consumer.stop()
+
+    def _update_lag(self) -> None:
+        """Lag of each owned partition from the end offset the last fetch reported
+        (aiokafka's highwater: no request of its own). Partitions not fetched yet are
+        left out; one with nothing applied yet counts from offset 0."""
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            end = self.consumer.highwater(tp)
+            if end is None:
+                continue
+            lag = max(0, end - (self.expected.get(tp, -1) + 1))
+            metrics.PROJECTOR_LAG.labels(tp.topic, str(tp.partition)).set(lag)
 
     async def _apply(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         async with self.batch_lock:
@@ -252,24 +284,42 @@ class ProjectionRunner:
                             Delivered(tp.topic, tp.partition, record.offset, record.key, envelope)
                         )
                 advanced[tp] = records[-1].offset
-            # Dead letters first: if we crash after this, they are sent again on replay
-            # (at least once), but the records are never lost.
-            for record, reason in poison:
-                await self._dead_letter(record, reason)
-            try:
-                async with self.pool.acquire() as connection, connection.transaction():
-                    await self.projection.apply(connection, delivered)
-                    await save_offsets(connection, self.projection.name, advanced, self.expected)
-            except OffsetConflict as conflict:
-                self.stats.conflicts += 1
-                log.warning("%s; re-seeking to stored offsets", conflict)
-                await self.seek_to_stored(list(owned))
-                return
+            with tracing.span(
+                f"{self.projection.name} apply",
+                kind="consumer",
+                links=_traceparents(batches),
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "process",
+                    "messaging.consumer.group.name": self.group_id,
+                    "messaging.batch.message_count": len(delivered) + len(poison),
+                },
+            ):
+                # Dead letters first: if we crash after this, they are sent again on
+                # replay (at least once), but the records are never lost.
+                for record, reason in poison:
+                    await self._dead_letter(record, reason)
+                started = time.perf_counter()
+                try:
+                    async with self.pool.acquire() as connection, connection.transaction():
+                        await self.projection.apply(connection, delivered)
+                        folded = time.perf_counter()
+                        await save_offsets(
+                            connection, self.projection.name, advanced, self.expected
+                        )
+                except OffsetConflict as conflict:
+                    self.stats.conflicts += 1
+                    metrics.PROJECTOR_OFFSET_CONFLICTS.inc()
+                    log.warning("%s; re-seeking to stored offsets", conflict)
+                    await self.seek_to_stored(list(owned))
+                    return
+                committed = time.perf_counter()
             self.expected.update(advanced)
             self.stats.batches += 1
             self.stats.records += len(delivered)
             self.stats.dead_letters += len(poison)
             self.stats.positions.update(advanced)
+            _record_batch(delivered, started, folded, committed)
         # Outside the lock: a commit waits for a rebalance in progress, and the
         # rebalance listener waits for this lock.
         await self._commit_for_monitoring(advanced)
@@ -298,9 +348,47 @@ class ProjectionRunner:
             EncodedRecord(record.key or b"", record.value or b"", headers),
             self.kafka.request_timeout_s,
         )
-        log.warning(
-            "dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
-        )
+        metrics.PROJECTOR_DEAD_LETTERS.labels(record.topic).inc()
+        with structlog.contextvars.bound_contextvars(event_id=_header(record, HEADER_EVENT_ID)):
+            log.warning(
+                "dead-lettered %s[%d]@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                reason,
+            )
+
+
+def _header(record: ConsumerRecord[Any, Any], name: str) -> str:
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value).decode(errors="replace")
+    return ""
+
+
+def _traceparents(batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> list[str]:
+    """The trace contexts the records of a batch carry (their `traceparent` headers);
+    none unless tracing is on."""
+    if not tracing.enabled():
+        return []
+    found = (_header(record, HEADER_TRACEPARENT) for rs in batches.values() for record in rs)
+    return [traceparent for traceparent in found if traceparent]
+
+
+def _record_batch(
+    delivered: Sequence[Delivered], started: float, folded: float, committed: float
+) -> None:
+    """Metrics of one committed batch."""
+    metrics.PROJECTOR_BATCHES.inc()
+    metrics.PROJECTOR_BATCH_RECORDS.observe(len(delivered))
+    metrics.PROJECTOR_FOLD_LATENCY.observe(folded - started)
+    metrics.PROJECTOR_COMMIT_LATENCY.observe(committed - folded)
+    metrics.PROJECTOR_BATCH_LATENCY.observe(committed - started)
+    per_topic: dict[str, int] = {}
+    for record in delivered:
+        per_topic[record.topic] = per_topic.get(record.topic, 0) + 1
+    for topic, count in per_topic.items():
+        metrics.PROJECTOR_RECORDS.labels(topic).inc(count)
 
 
 async def wait_caught_up(

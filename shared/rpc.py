@@ -4,7 +4,10 @@
 `start()` binds and serves, `stop()` marks health NOT_SERVING, lets in-flight
 RPCs finish within the grace period, then stops. Unhandled exceptions in a
 servicer never reach the client as UNKNOWN: `ErrorInterceptor` maps
-`KafkaUnavailable` to UNAVAILABLE and anything else to INTERNAL (and logs it).
+`KafkaUnavailable` to UNAVAILABLE, an undecodable request message to
+INVALID_ARGUMENT and anything else to INTERNAL (and logs it).
+`TelemetryInterceptor`, outermost, measures every call (shared.metrics) and, with
+tracing on, runs it under a server span (shared.tracing).
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+import time
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
@@ -28,7 +40,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from shared.auth import AuthInterceptor, Role, wrap_behaviour
+from shared import metrics, tracing
+from shared.auth import ALWAYS_PUBLIC_PREFIXES, AuthInterceptor, Role, wrap_behaviour
 from shared.config import AuthSettings, GrpcSettings
 from shared.domain.validation import Violation
 from shared.kafka import KafkaUnavailable
@@ -79,9 +92,16 @@ def field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns exceptions a servicer did not handle into a deliberate status.
 
-    KafkaUnavailable becomes UNAVAILABLE (the client should retry); any other
-    exception is logged with its traceback and becomes INTERNAL, never UNKNOWN.
-    Aborts and cancellations pass through untouched.
+    KafkaUnavailable becomes UNAVAILABLE (the client should retry); a request
+    message that is not valid protobuf of the method's request type becomes
+    INVALID_ARGUMENT; any other exception is logged with its traceback and becomes
+    INTERNAL, never UNKNOWN. Aborts and cancellations pass through untouched.
+
+    Undecodable requests need the request deserializer wrapped: grpc decodes a
+    unary request before any interceptor's behaviour runs, and reports a decoding
+    error as UNKNOWN (a streamed request's error would surface in the servicer's
+    loop and end as INTERNAL). The wrapped deserializer returns a marker instead of
+    raising, and the guarded behaviour answers the marker with INVALID_ARGUMENT.
     """
 
     async def intercept_service(
@@ -93,24 +113,89 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = details.method
-        return wrap_behaviour(handler, lambda behaviour: _guarded(method, behaviour))
+        streaming: bool = handler.request_streaming
+        guarded = wrap_behaviour(handler, lambda behaviour: _guarded(method, behaviour, streaming))
+        return _with_deserializer(guarded, _tolerant(handler.request_deserializer))
+
+
+class UndecodableRequest(Exception):
+    """A request message that is not valid protobuf of the method's request type."""
+
+
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes it cannot parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.reason = f"{type(error).__name__}: {error}"[:300]
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as error:  # DecodeError, or whatever a parser raises on garbage
+            return _Undecodable(error)
+
+    return deserialize
+
+
+def _with_deserializer(
+    handler: grpc.RpcMethodHandler, deserializer: Callable[[bytes], Any] | None
+) -> grpc.RpcMethodHandler:
+    """The same handler with another request deserializer (grpc has four kinds)."""
+    serializer = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(handler.unary_unary, deserializer, serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(handler.unary_stream, deserializer, serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(handler.stream_unary, deserializer, serializer)
+    return grpc.stream_stream_rpc_method_handler(handler.stream_stream, deserializer, serializer)
+
+
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that raises UndecodableRequest at the first undecodable message."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise UndecodableRequest(request.reason)
+        yield request
 
 
 async def _map_exception(method: str, error: Exception, context: Context) -> NoReturn:
     if isinstance(error, KafkaUnavailable):
         log.warning("kafka unavailable in %s: %s", method, error)
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"Kafka is unavailable, retry: {error}")
+    if isinstance(error, UndecodableRequest):
+        await _abort_undecodable(context, str(error))
     log.exception("unhandled error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__})")
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _guarded(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+async def _abort_undecodable(context: Context, reason: str) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, f"the request message is not valid protobuf: {reason}"
+    )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _guarded(method: str, behaviour: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    async def checked(request: Any, context: Context) -> Any:
+        """The request as the servicer should see it (aborts if it is undecodable)."""
+        if streaming:
+            return _decoded(request)
+        if isinstance(request, _Undecodable):
+            await _abort_undecodable(context, request.reason)
+        return request
+
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: Context) -> Any:
             try:
-                async for response in behaviour(request, context):
+                async for response in behaviour(await checked(request, context), context):
                     yield response
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
@@ -121,13 +206,137 @@ def _guarded(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
     async def call(request: Any, context: Context) -> Any:
         try:
-            return await behaviour(request, context)
+            return await behaviour(await checked(request, context), context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as error:
             await _map_exception(method, error, context)
 
     return call
+
+
+#: Status codes that mean the server failed (OpenTelemetry's rule for server spans).
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts and times every call by service, method and final status code; with
+    tracing on, runs it under a SERVER span that continues the caller's traceparent.
+
+    Outermost, so it sees the codes the other interceptors decide (UNAUTHENTICATED,
+    the INTERNAL / UNAVAILABLE / INVALID_ARGUMENT of ErrorInterceptor). Calls to
+    methods the server does not have are not counted: their names come from clients.
+    Health and reflection are counted but not traced (probes would flood the traces).
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        service, _, name = method.lstrip("/").partition("/")
+        traced = not method.startswith(ALWAYS_PUBLIC_PREFIXES)
+        return wrap_behaviour(
+            handler, lambda behaviour: _observed(service, name, traced, behaviour)
+        )
+
+
+def _final_code(context: Context, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with: what the servicer set or aborted with, else OK /
+    CANCELLED / UNKNOWN by how it ended."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if error is not None and not isinstance(error, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.OK
+
+
+class _CallObservation:
+    """The metrics and span of one call, from start to end."""
+
+    def __init__(self, service: str, method: str, traced: bool, context: Context) -> None:
+        self.service = service
+        self.method = method
+        self.context = context
+        self.started = time.perf_counter()
+        metrics.GRPC_IN_FLIGHT.labels(service, method).inc()
+        self.span = tracing.SpanHandle()
+        if traced and tracing.enabled():
+            metadata = dict(context.invocation_metadata() or ())
+            self.span = tracing.start_span(
+                f"{service}/{method}",
+                parent=_text(metadata.get("traceparent")),
+                parent_state=_text(metadata.get("tracestate")),
+                kind="server",
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            )
+            # Each RPC runs in its own task: the span stays current until the call ends.
+            self.span.activate()
+
+    def end(self, error: BaseException | None) -> None:
+        code = _final_code(self.context, error)
+        metrics.GRPC_IN_FLIGHT.labels(self.service, self.method).dec()
+        metrics.GRPC_HANDLED.labels(self.service, self.method, code.name).inc()
+        metrics.GRPC_LATENCY.labels(self.service, self.method).observe(
+            time.perf_counter() - self.started
+        )
+        self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        self.span.end(code.name if code in _SERVER_ERRORS else None)
+
+
+def _text(value: str | bytes | None) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _observed(
+    service: str, method: str, traced: bool, behaviour: Callable[..., Any]
+) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(request: Any, context: Context) -> Any:
+            call = _CallObservation(service, method, traced, context)
+            error: BaseException | None = None
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                call.end(error)
+
+        return stream
+
+    async def unary(request: Any, context: Context) -> Any:
+        call = _CallObservation(service, method, traced, context)
+        error: BaseException | None = None
+        try:
+            return await behaviour(request, context)
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            call.end(error)
+
+    return unary
 
 
 Registrar = Callable[[grpc.aio.Server], None]
@@ -155,7 +364,11 @@ class GrpcApp:
         self._services = list(services)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(auth, roles, public_methods)],
+            interceptors=[
+                TelemetryInterceptor(),
+                ErrorInterceptor(),
+                AuthInterceptor(auth, roles, public_methods),
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 import grpc
+import structlog
 
 from shared.auth import Role, current_principal
 from shared.domain.validation import Violation, validate_delivery_confirmation
@@ -45,6 +46,12 @@ class DeliveryConfirmationsServicer(delivery_pb2_grpc.DeliveryConfirmationsServi
     ) -> delivery_pb2.ConfirmDeliveryResponse:
         principal = current_principal()
         confirmation = request.confirmation
+        # The call's own task: its log lines name what it is about.
+        structlog.contextvars.bind_contextvars(
+            shipment_id=confirmation.shipment_id,
+            event_id=confirmation.confirmation_id,
+            vehicle_id=confirmation.vehicle_id,
+        )
         is_driver = principal.role is Role.DRIVER
         vehicle_id = confirmation.vehicle_id
         if is_driver and vehicle_id and vehicle_id != principal.vehicle_id:

@@ -31,11 +31,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import grpc
+import structlog
 
+from shared import metrics, tracing
 from shared.auth import Principal, Role, current_principal
 from shared.domain.ids import gps_batch_event_id
 from shared.domain.validation import as_field_violations, validate_gps_batch
@@ -57,10 +59,14 @@ MAX_GROUP_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class _Write:
-    """An accepted batch: its record, then its answer once Kafka acknowledged it."""
+    """An accepted batch: its record, then its answer once Kafka acknowledged it.
+
+    `span` (tracing on) covers the batch from validation to acknowledgement; the
+    record carries its traceparent."""
 
     record: EncodedRecord
     response: gps_pb2.StreamPointsResponse
+    span: tracing.SpanHandle = field(default_factory=tracing.SpanHandle)
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,8 @@ class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
         context: Context,
     ) -> AsyncIterator[gps_pb2.StreamPointsResponse]:
         principal = current_principal()
+        # This call's own task: every log line of the stream names the vehicle.
+        structlog.contextvars.bind_contextvars(vehicle_id=principal.vehicle_id)
         queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=MAX_QUEUED_BATCHES)
         reader = asyncio.create_task(
             self._admit_all(request_iterator, principal, traceparent(context), queue),
@@ -149,6 +157,8 @@ class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
                         deadline_budget(context, self._timeout_s),
                     )
                 except KafkaUnavailable as error:
+                    for write in group:
+                        write.span.end(f"not stored: {error}")
                     log.warning(
                         "GPS stream of %s ends at sequence %d: %s",
                         principal.subject,
@@ -160,6 +170,9 @@ class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
                         f"batch {item.response.sequence} was not stored ({error}); "
                         "resend it and every later batch on a new stream",
                     )
+                for write in group:
+                    _count_stored(write.response)
+                    write.span.end()
                 for write in group:
                     yield write.response
         finally:
@@ -199,10 +212,15 @@ class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
                 f"this driver token is for vehicle {principal.vehicle_id!r}; "
                 f"batch {batch.sequence} is for vehicle {batch.vehicle_id!r}"
             )
+        metrics.GPS_BATCH_POINTS.observe(len(batch.points))
         now = self._clock()
         verdict = validate_gps_batch(batch, now)
         violations = as_field_violations(verdict.violations())
+        refused = len(batch.points) - (len(verdict.valid_points) if verdict.accepted else 0)
+        if refused:
+            metrics.GPS_POINTS_REJECTED.inc(refused)
         if not verdict.accepted:
+            metrics.GPS_BATCHES.labels("rejected").inc()
             return _Answer(
                 gps_pb2.StreamPointsResponse(
                     sequence=batch.sequence,
@@ -213,12 +231,25 @@ class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
         newest = max(
             verdict.valid_points, key=lambda p: (p.recorded_at.seconds, p.recorded_at.nanos)
         )
+        event_id = gps_batch_event_id(principal.tenant_id, batch.device_id, batch.sequence)
+        # A child of the stream's span (this task inherited the call's context).
+        span = tracing.start_span(
+            "gps batch",
+            kind="producer",
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": self._topic,
+                "cargotrack.event_id": event_id,
+                "cargotrack.vehicle_id": batch.vehicle_id,
+                "cargotrack.batch.points": len(batch.points),
+            },
+        )
         envelope = envelope_for(
             principal,
-            event_id=gps_batch_event_id(principal.tenant_id, batch.device_id, batch.sequence),
+            event_id=event_id,
             occurred_at=newest.recorded_at,
             recorded_at=timestamp(now),
-            traceparent=trace,
+            traceparent=span.traceparent or trace,
         )
         stored = envelope.gps_batch
         stored.vehicle_id = batch.vehicle_id
@@ -233,4 +264,18 @@ class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
                 accepted_points=len(verdict.valid_points),
                 violations=violations,
             ),
+            span,
         )
+
+
+_OUTCOMES = {
+    gps_pb2.BATCH_OUTCOME_ACCEPTED: "accepted",
+    gps_pb2.BATCH_OUTCOME_PARTIALLY_ACCEPTED: "partially_accepted",
+    gps_pb2.BATCH_OUTCOME_REJECTED: "rejected",
+}
+
+
+def _count_stored(response: gps_pb2.StreamPointsResponse) -> None:
+    """Metrics of a batch Kafka acknowledged (refused points were counted at admission)."""
+    metrics.GPS_BATCHES.labels(_OUTCOMES.get(response.outcome, "accepted")).inc()
+    metrics.GPS_POINTS_INGESTED.inc(response.accepted_points)

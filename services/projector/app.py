@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from services.projector.live import LiveTracker
 from services.projector.outbox import OutboxRelay
 from services.projector.projection import TrackingProjection
-from shared import readiness
+from services.projector.stale import StaleScanner
+from shared import metrics, readiness
 from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool, migrate
@@ -31,6 +32,7 @@ async def run(settings: Settings) -> None:
     await migrate(settings.database)
     await ensure_topics(settings.kafka, topic_specs(settings.topics))
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(metrics.service_telemetry(settings, "projector"))
         pool = await create_pool(settings.database)
         stack.push_async_callback(pool.close)
         producer = make_producer(settings.kafka)
@@ -65,6 +67,7 @@ async def run(settings: Settings) -> None:
         supervisor.spawn("projection", runner.run())
         supervisor.spawn("outbox", relay.run())
         supervisor.spawn("maintenance", periodically(MAINTENANCE_INTERVAL_S, maintain))
+        supervisor.spawn("stale-tracking", StaleScanner(pool, settings.alerts).run())
         supervisor.spawn(
             "readiness",
             readiness.monitor(

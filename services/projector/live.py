@@ -4,17 +4,43 @@ Runs inside the projection's transaction, after the folds. For every vehicle
 that moved in the batch (and every shipment that just got a vehicle or a failed
 delivery), it recomputes the progress and ETA of the shipments travelling with
 the vehicle, keeps the ETA history, and writes the alerts it decides into the
-alert outbox. Clocks are event times (the newest fix), never the wall clock, so
-a replay decides exactly the same alerts with the same ids.
+alert outbox.
+
+Alert decisions never depend on how the log was cut into poll batches, so a
+replay (a restart, a rebuild, a fresh projector) decides exactly the same alerts
+with the same ids:
+
+* Clocks are event times (GPS fix times), never the wall clock.
+* The debouncer is fed *observations*: the ETA at the newest fix of each GPS
+  record (one Kafka record = one uploaded batch) of the vehicle, taken in event
+  time order, at most one per `observe_every_s` of event time, and only for
+  records at or after the shipment became active (its first assignment). Which
+  records qualify is read from the position history, so a projector that gets
+  twenty records in one poll observes the same twenty instants as one that gets
+  them one per poll. The event time of the last observation is the shipment's
+  cursor (kept with its ETA); the chain of estimates (which carries the off-route
+  hysteresis) is kept with it.
+* An alert carries the ETA, time and location of the observation that revealed
+  it, not of whatever the vehicle's newest position was when the batch ended.
+
+The ETA shown to clients is separate: it is recomputed at the vehicle's newest
+position on every batch (so it is as fresh as the data), and never fed to the
+debouncer.
+
+Known limit: a GPS record that arrives after a newer record of the same vehicle
+was already observed (a late upload from a second device) is skipped live but
+observed in a replay that reads both in one batch. In-order data, the normal
+case, decides identically.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared import statecodec
@@ -33,6 +59,9 @@ log = logging.getLogger(__name__)
 
 ETA_METHODS = {EtaMethod.ROUTE: 1, EtaMethod.GREAT_CIRCLE: 2}
 
+#: At most one debouncer observation per shipment per this much event time.
+OBSERVE_EVERY_S = 30.0
+
 
 @dataclass(frozen=True)
 class Tracked:
@@ -40,7 +69,25 @@ class Tracked:
 
     shipment: ShipmentState
     conditions: AlertConditions
+    #: The last estimate shown (the display chain).
     previous: EtaEstimate | None
+    #: Event time of the last observation fed to the debouncer, and its estimate.
+    observed_at: datetime | None = None
+    observed: EtaEstimate | None = None
+
+
+@dataclass(frozen=True)
+class PendingAlert:
+    """An alert decided in this transaction, with what to publish alongside it."""
+
+    shipment: ShipmentState
+    decision: AlertDecision
+    #: The ETA (as eta_json) the decision rests on, if any.
+    eta: dict[str, Any] | None = None
+    #: Where the vehicle was, (lat, lon); None: look up the vehicle's last position.
+    location: tuple[float, float] | None = None
+    #: Event time of the input that revealed the change; None: the shipment's update time.
+    detected_at: datetime | None = None
 
 
 def eta_json(estimate: EtaEstimate, now: datetime) -> dict[str, Any]:
@@ -67,12 +114,61 @@ def _route_of(shipment: ShipmentState) -> Route | None:
         return None  # validated at ingest; an old or foreign record falls back to great circle
 
 
+#: For a shipment whose activation time is unknown: observe every record.
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def active_since(shipment: ShipmentState) -> datetime:
+    """Event time at which the shipment first entered an active status.
+
+    Records before it are never observed for the shipment: live, they were
+    projected while it had no vehicle. Falls back to the creation time, then to
+    "always" for a foreign record without times.
+    """
+    for entry in shipment.timeline:
+        if entry.status_after in store.ACTIVE_STATUSES and not entry.anomaly:
+            moment = entry.occurred_at or entry.recorded_at
+            if moment is not None:
+                return moment
+    return shipment.created_at or _LONG_AGO
+
+
+@dataclass
+class _VehicleTrack:
+    """A vehicle's fixes (time order) and its GPS records' instants, for one batch."""
+
+    fixes: list[Fix]
+    times: list[datetime]
+    #: Event time of each GPS record: its newest fix. Sorted, distinct.
+    records: list[datetime]
+
+    def up_to(self, moment: datetime, window_s: float) -> list[Fix]:
+        """The fixes in (moment - window_s, moment]."""
+        lo = bisect.bisect_right(self.times, moment - timedelta(seconds=window_s))
+        hi = bisect.bisect_right(self.times, moment)
+        return self.fixes[lo:hi]
+
+    def at(self, moment: datetime) -> tuple[float, float] | None:
+        """Where the newest fix at or before `moment` was."""
+        i = bisect.bisect_right(self.times, moment)
+        return (self.fixes[i - 1].lat, self.fixes[i - 1].lon) if i else None
+
+
 class LiveTracker:
     """Recomputes progress, ETA and alerts for shipments whose vehicle moved."""
 
-    def __init__(self, settings: AlertSettings, model: EtaModel | None = None) -> None:
+    def __init__(
+        self,
+        settings: AlertSettings,
+        model: EtaModel | None = None,
+        *,
+        observe_every_s: float = OBSERVE_EVERY_S,
+    ) -> None:
+        if observe_every_s < 0:
+            raise ValueError("observe_every_s must be >= 0")
         self.settings = settings
         self.model = model or EtaModel()
+        self.observe_every = timedelta(seconds=observe_every_s)
         self.margins = DelayMargins(
             late_after_s=settings.late_margin_min * 60,
             at_risk_within_s=settings.at_risk_margin_min * 60,
@@ -84,9 +180,9 @@ class LiveTracker:
         vehicles_moved: dict[store.VehicleKey, VehicleState],
         shipments_changed: dict[store.ShipmentKey, ShipmentState],
     ) -> None:
-        decisions: list[tuple[ShipmentState, AlertDecision, dict[str, Any] | None]] = []
+        pending: list[PendingAlert] = []
         for shipment in shipments_changed.values():
-            decisions.extend((shipment, d, None) for d in self._failed_deliveries(shipment))
+            pending.extend(self._failed_deliveries(shipment))
         newly_active = {
             (s.tenant_id, s.vehicle_id)
             for s in shipments_changed.values()
@@ -98,71 +194,136 @@ class LiveTracker:
             vehicles.update(await store.load_vehicles(connection, missing))
         vehicles = {k: v for k, v in vehicles.items() if v.last_position is not None}
         if vehicles:
-            decisions.extend(await self._track(connection, vehicles))
-        await self._write_alerts(connection, decisions)
+            pending.extend(await self._track(connection, vehicles))
+        await write_alerts(connection, pending)
 
-    def _failed_deliveries(self, shipment: ShipmentState) -> Iterable[AlertDecision]:
+    def _failed_deliveries(self, shipment: ShipmentState) -> Iterable[PendingAlert]:
         attempt = 0
         for entry in shipment.timeline:
             if entry.kind == "delivery_failed" and not entry.anomaly:
                 attempt += 1
-                yield alerts.delivery_failed(
+                decision = alerts.delivery_failed(
                     shipment.tenant_id, shipment.shipment_id, attempt, entry.detail
                 )
+                yield PendingAlert(shipment, decision, detected_at=entry.occurred_at)
         if shipment.status == DELIVERY_FAILED and attempt == 0:
             log.debug("shipment %s failed without a timeline entry", shipment.shipment_id)
 
+    def _due(
+        self, records: Sequence[datetime], observed_at: datetime | None, start: datetime
+    ) -> list[datetime]:
+        """The record instants to observe, in time order: at or after `start`, after the
+        last observation, at most one per observe_every."""
+        due = []
+        last = observed_at
+        for moment in records:
+            if moment < start:
+                continue
+            if last is not None and (moment <= last or moment < last + self.observe_every):
+                continue
+            due.append(moment)
+            last = moment
+        return due
+
     async def _track(
         self, connection: Connection, vehicles: dict[store.VehicleKey, VehicleState]
-    ) -> list[tuple[ShipmentState, AlertDecision, dict[str, Any] | None]]:
+    ) -> list[PendingAlert]:
         active = await store.active_shipments_of(connection, vehicles)
         if not active:
             return []
         shipments = [s for group in active.values() for s in group if s.destination]
         tracked = await self._load_tracked(connection, shipments)
-        fixes = await self._recent_fixes(connection, vehicles)
+        # Per vehicle, the earliest instant any of its shipments needs: its next
+        # observation, or the newest position (for the ETA shown).
+        since: dict[store.VehicleKey, datetime] = {}
+        for shipment in shipments:
+            key = (shipment.tenant_id, shipment.vehicle_id)
+            newest = vehicles[key].last_position
+            assert newest is not None
+            current = tracked.get((shipment.tenant_id, shipment.shipment_id))
+            first = current.observed_at if current and current.observed_at else None
+            first = min(first or active_since(shipment), newest.recorded_at)
+            since[key] = min(since.get(key, first), first)
+        tracks = await self._load_tracks(connection, vehicles, since)
+        window_s = self.model.params.window_s
         rows = []
         history = []
-        decisions: list[tuple[ShipmentState, AlertDecision, dict[str, Any] | None]] = []
+        pending: list[PendingAlert] = []
         for shipment in sorted(shipments, key=lambda s: (s.tenant_id, s.shipment_id)):
-            vehicle = vehicles[(shipment.tenant_id, shipment.vehicle_id)]
+            vehicle_key = (shipment.tenant_id, shipment.vehicle_id)
+            vehicle = vehicles[vehicle_key]
+            track = tracks.get(vehicle_key)
             position = vehicle.last_position
             assert position is not None
             assert shipment.destination is not None
-            now = position.recorded_at
             current = tracked.get((shipment.tenant_id, shipment.shipment_id))
             conditions = current.conditions if current else AlertConditions()
+            observed_at = current.observed_at if current else None
+            chain = current.observed if current else None
             route = _route_of(shipment)
-            estimate = self.model.estimate(
-                now=now,
-                destination=shipment.destination,
-                positions=fixes.get((shipment.tenant_id, shipment.vehicle_id), []),
-                route=route,
-                previous=current.previous if current else None,
+
+            def estimate_at(
+                moment: datetime,
+                previous: EtaEstimate | None,
+                fixes: list[Fix],
+                shipment: ShipmentState = shipment,
+                route: Route | None = route,
+            ) -> EtaEstimate | None:
+                assert shipment.destination is not None
+                return self.model.estimate(
+                    now=moment,
+                    destination=shipment.destination,
+                    positions=fixes,
+                    route=route,
+                    previous=previous,
+                )
+
+            # Observations: what the debouncer sees, independent of batching.
+            due = (
+                self._due(track.records, observed_at, active_since(shipment))
+                if track is not None
+                else []
             )
-            eta = eta_json(estimate, now) if estimate else None
+            for moment in due:
+                assert track is not None
+                estimate = estimate_at(moment, chain, track.up_to(moment, window_s))
+                observed_at = moment
+                if estimate is None:
+                    continue
+                chain = estimate
+                history.append(self._history_row(shipment, estimate, moment))
+                conditions, fired = self._observe(shipment, conditions, estimate)
+                if fired:
+                    basis = eta_json(estimate, moment)
+                    pending.extend(
+                        PendingAlert(shipment, d, basis, track.at(moment), moment) for d in fired
+                    )
+
+            # The ETA shown: at the vehicle's newest position.
+            now = position.recorded_at
+            shown: EtaEstimate | None = None
+            if chain is not None and observed_at == now:
+                shown = chain
+            elif track is not None:
+                previous = chain or (current.previous if current else None)
+                fixes = track.up_to(now, window_s)
+                shown = estimate_at(now, previous, fixes) if fixes else None
+                if shown is not None:
+                    history.append(self._history_row(shipment, shown, now))
+            eta: dict[str, Any] | None = None
             progress = None
-            if estimate is not None:
+            if shown is not None:
+                eta = eta_json(shown, now)
                 progress = {
                     "route_length_m": route.length_m if route else 0.0,
-                    "travelled_m": estimate.distance_along_m or 0.0,
-                    "remaining_m": estimate.remaining_m,
-                    "on_route": route is not None and not estimate.off_route,
-                    "off_route_m": estimate.offset_m or 0.0,
+                    "travelled_m": shown.distance_along_m or 0.0,
+                    "remaining_m": shown.remaining_m,
+                    "on_route": route is not None and not shown.off_route,
+                    "off_route_m": shown.offset_m or 0.0,
                 }
-                history.append(
-                    (
-                        shipment.tenant_id,
-                        shipment.shipment_id,
-                        estimate.position_at,
-                        now,
-                        estimate.arrival,
-                        estimate.remaining_m,
-                        ETA_METHODS[estimate.method],
-                    )
-                )
-                conditions, fired = self._observe(shipment, conditions, estimate)
-                decisions.extend((shipment, d, eta) for d in fired)
+            if eta is not None and observed_at is not None:
+                eta["observed_at"] = observed_at.isoformat()
+                eta["observed"] = statecodec.encode(chain) if chain is not None else None
             rows.append(
                 (
                     shipment.tenant_id,
@@ -179,7 +340,8 @@ class LiveTracker:
             " progress, eta, conditions) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb,"
             " $7::jsonb) ON CONFLICT (tenant_id, shipment_id) DO UPDATE SET"
             " vehicle_id = EXCLUDED.vehicle_id, position = EXCLUDED.position,"
-            " progress = EXCLUDED.progress, eta = EXCLUDED.eta,"
+            " progress = coalesce(EXCLUDED.progress, shipment_tracking.progress),"
+            " eta = coalesce(EXCLUDED.eta, shipment_tracking.eta),"
             " conditions = EXCLUDED.conditions, updated_at = now()",
             rows,
         )
@@ -191,7 +353,21 @@ class LiveTracker:
             " remaining_m = EXCLUDED.remaining_m, method = EXCLUDED.method",
             history,
         )
-        return decisions
+        return pending
+
+    @staticmethod
+    def _history_row(
+        shipment: ShipmentState, estimate: EtaEstimate, now: datetime
+    ) -> tuple[str, str, datetime, datetime, datetime, float, int]:
+        return (
+            shipment.tenant_id,
+            shipment.shipment_id,
+            estimate.position_at,
+            now,
+            estimate.arrival,
+            estimate.remaining_m,
+            ETA_METHODS[estimate.method],
+        )
 
     def _observe(
         self, shipment: ShipmentState, conditions: AlertConditions, estimate: EtaEstimate
@@ -235,72 +411,120 @@ class LiveTracker:
             key = (row["tenant_id"], row["shipment_id"])
             eta = json.loads(row["eta"]) if row["eta"] else None
             previous = statecodec.decode_as(EtaEstimate, eta["model"]) if eta else None
+            observed_at = None
+            observed = None
+            if eta and eta.get("observed_at"):
+                observed_at = datetime.fromisoformat(eta["observed_at"])
+                if eta.get("observed"):
+                    observed = statecodec.decode_as(EtaEstimate, eta["observed"])
+            elif eta:
+                # A row written before observations had a cursor: its ETA was the last
+                # thing the debouncer saw, so continue after it (never re-observe the past).
+                observed_at = datetime.fromisoformat(eta["computed_at"])
+                observed = previous
             found[key] = Tracked(
                 by_key[key],
                 statecodec.decode_as(AlertConditions, json.loads(row["conditions"])),
                 previous,
+                observed_at,
+                observed,
             )
         return found
 
-    async def _recent_fixes(
-        self, connection: Connection, vehicles: dict[store.VehicleKey, VehicleState]
-    ) -> dict[store.VehicleKey, list[Fix]]:
+    async def _load_tracks(
+        self,
+        connection: Connection,
+        vehicles: dict[store.VehicleKey, VehicleState],
+        since: dict[store.VehicleKey, datetime],
+    ) -> dict[store.VehicleKey, _VehicleTrack]:
+        """Each vehicle's fixes from `since` - window on, and its GPS records' instants.
+
+        A record's instant is its newest fix, so it is found however many of its
+        points lie before `since`.
+        """
         window = timedelta(seconds=self.model.params.window_s)
-        keys = sorted(vehicles)
+        keys = sorted(since)
         rows = await connection.fetch(
             "SELECT p.tenant_id, p.vehicle_id, p.recorded_at, p.latitude, p.longitude,"
-            " p.speed_mps FROM vehicle_positions p"
+            " p.speed_mps, p.event_id FROM vehicle_positions p"
             " JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(tenant_id, vehicle_id,"
-            " newest) USING (tenant_id, vehicle_id)"
-            " WHERE p.recorded_at > k.newest - $4::interval AND p.recorded_at <= k.newest"
-            " ORDER BY p.recorded_at",
+            " since) USING (tenant_id, vehicle_id)"
+            " WHERE p.recorded_at > k.since - $4::interval"
+            " ORDER BY p.tenant_id, p.vehicle_id, p.recorded_at, p.latitude, p.longitude",
             [k[0] for k in keys],
             [k[1] for k in keys],
-            [vehicles[k].last_position.recorded_at for k in keys],  # type: ignore[union-attr]
+            [since[k] for k in keys],
             window,
         )
         fixes: dict[store.VehicleKey, list[Fix]] = {}
+        newest_of_record: dict[store.VehicleKey, dict[str, datetime]] = {}
         for row in rows:
+            key = (row["tenant_id"], row["vehicle_id"])
             speed = row["speed_mps"]
-            fixes.setdefault((row["tenant_id"], row["vehicle_id"]), []).append(
-                Fix(row["recorded_at"], row["latitude"], row["longitude"], speed or None)
+            at: datetime = row["recorded_at"]
+            fixes.setdefault(key, []).append(
+                Fix(at, row["latitude"], row["longitude"], speed or None)
             )
-        return fixes
+            # Rows come in time order: the last one of a record is its newest.
+            newest_of_record.setdefault(key, {})[row["event_id"]] = at
+        tracks = {}
+        for key, found in fixes.items():
+            instants = sorted(set(newest_of_record.get(key, {}).values()))
+            tracks[key] = _VehicleTrack(found, [f.at for f in found], instants)
+        return tracks
 
-    async def _write_alerts(
-        self,
-        connection: Connection,
-        decisions: list[tuple[ShipmentState, AlertDecision, dict[str, Any] | None]],
-    ) -> None:
-        if not decisions:
-            return
-        rows = []
-        for shipment, decision, eta in decisions:
-            alert = alerts_pb2.Alert(
-                alert_id=decision.alert_id,
-                shipment_id=shipment.shipment_id,
-                vehicle_id=shipment.vehicle_id,
-                kind=int(decision.kind),  # type: ignore[arg-type]
-                severity=int(decision.severity),  # type: ignore[arg-type]
-                message=decision.message,
-                customer_id=shipment.customer_id,
-            )
-            if shipment.promised_window:
-                alert.promised_window.start.CopyFrom(timestamp(shipment.promised_window[0]))
-                alert.promised_window.end.CopyFrom(timestamp(shipment.promised_window[1]))
-                if eta:
-                    arrival = datetime.fromisoformat(eta["estimated_arrival"])
-                    delay = max(arrival - shipment.promised_window[1], timedelta(0))
-                    alert.expected_delay.FromTimedelta(delay)
-            if eta:
-                alert.eta.CopyFrom(store.eta_message(eta))
-                alert.detected_at.CopyFrom(timestamp(datetime.fromisoformat(eta["computed_at"])))
-            elif shipment.updated_at:
-                alert.detected_at.CopyFrom(timestamp(shipment.updated_at))
+
+def alert_message(pending: PendingAlert) -> alerts_pb2.Alert:
+    """The Alert published for a decision (location filled in by write_alerts if unknown)."""
+    shipment, decision, eta = pending.shipment, pending.decision, pending.eta
+    alert = alerts_pb2.Alert(
+        alert_id=decision.alert_id,
+        shipment_id=shipment.shipment_id,
+        vehicle_id=shipment.vehicle_id,
+        kind=int(decision.kind),  # type: ignore[arg-type]
+        severity=int(decision.severity),  # type: ignore[arg-type]
+        message=decision.message,
+        customer_id=shipment.customer_id,
+    )
+    if shipment.promised_window:
+        alert.promised_window.start.CopyFrom(timestamp(shipment.promised_window[0]))
+        alert.promised_window.end.CopyFrom(timestamp(shipment.promised_window[1]))
+        if eta:
+            arrival = datetime.fromisoformat(eta["estimated_arrival"])
+            delay = max(arrival - shipment.promised_window[1], timedelta(0))
+            alert.expected_delay.FromTimedelta(delay)
+    if eta:
+        alert.eta.CopyFrom(store.eta_message(eta))
+    detected_at = pending.detected_at
+    if detected_at is None and eta:
+        detected_at = datetime.fromisoformat(eta["computed_at"])
+    if detected_at is None:
+        detected_at = shipment.updated_at
+    if detected_at is not None:
+        alert.detected_at.CopyFrom(timestamp(detected_at))
+    if pending.location is not None:
+        alert.last_location.CopyFrom(
+            common_pb2.LatLng(latitude=pending.location[0], longitude=pending.location[1])
+        )
+    return alert
+
+
+async def write_alerts(connection: Connection, pending: Sequence[PendingAlert]) -> int:
+    """Insert alerts into the outbox in the caller's transaction; return how many are new.
+
+    Idempotent by alert id: a decision made again (a replay, a retried batch, a
+    repeated stale scan) inserts nothing.
+    """
+    if not pending:
+        return 0
+    rows = []
+    for item in pending:
+        alert = alert_message(item)
+        if item.location is None:
             vehicle_position = await connection.fetchrow(
                 "SELECT latitude, longitude FROM vehicles WHERE tenant_id = $1 AND vehicle_id = $2",
-                shipment.tenant_id,
-                shipment.vehicle_id,
+                item.shipment.tenant_id,
+                item.shipment.vehicle_id,
             )
             if vehicle_position and vehicle_position["latitude"] is not None:
                 alert.last_location.CopyFrom(
@@ -309,16 +533,22 @@ class LiveTracker:
                         longitude=vehicle_position["longitude"],
                     )
                 )
-            rows.append(
-                (
-                    decision.alert_id,
-                    shipment.tenant_id,
-                    shipment.shipment_id,
-                    alert.SerializeToString(),
-                )
+        rows.append(
+            (
+                item.decision.alert_id,
+                item.shipment.tenant_id,
+                item.shipment.shipment_id,
+                alert.SerializeToString(),
             )
-        await connection.executemany(
-            "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (alert_id) DO NOTHING",
-            rows,
         )
+    inserted = await connection.fetch(
+        "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
+        " SELECT a, t, s, p FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])"
+        " WITH ORDINALITY AS u(a, t, s, p, n) ORDER BY n"  # ids in decision order
+        " ON CONFLICT (alert_id) DO NOTHING RETURNING alert_id",
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+    )
+    return len(inserted)

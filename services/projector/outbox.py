@@ -4,8 +4,14 @@ Transactional outbox: the projection decides an alert in the same transaction
 as the state that caused it; this relay then publishes it and marks it
 published after Kafka acknowledged. A crash between the two publishes the alert
 again with the same alert id (at least once); subscribers deduplicate by id.
-Rows are claimed with FOR UPDATE SKIP LOCKED, so several projector instances can
-relay at once without publishing a row twice concurrently.
+
+Order: alerts reach the topic in outbox order (the order they were decided), so
+a shipment's LATE is never published after its RECOVERED. Every projector
+instance runs a relay, but one batch is published at a time: each batch's
+transaction first takes a transaction-scoped advisory lock of the schema's
+outbox, and a relay that finds it taken publishes nothing this round. (Claiming
+disjoint rows with SKIP LOCKED instead would let a second relay publish a
+shipment's later alerts while the first is still sending its earlier ones.)
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from shared import metrics
 from shared.config import Settings
 from shared.envelopes import encode, timestamp
 from shared.kafka import produce_many
@@ -43,19 +50,27 @@ class OutboxRelay:
         self.published = 0
 
     async def publish_pending(self) -> int:
-        """Publish one batch of unpublished alerts; return how many."""
+        """Publish one batch of unpublished alerts; return how many (0 also when another
+        relay is publishing right now)."""
         async with self.pool.acquire() as connection, connection.transaction():
+            mine = await connection.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.alert_outbox'))"
+            )
+            if not mine:
+                return 0
             rows = await connection.fetch(
                 "SELECT id, alert_id, tenant_id, shipment_id, payload, created_at"
                 " FROM alert_outbox WHERE published_at IS NULL ORDER BY id"
-                " LIMIT $1 FOR UPDATE SKIP LOCKED",
+                " LIMIT $1 FOR UPDATE",
                 self.batch_size,
             )
             if not rows:
                 return 0
             records = []
+            kinds = []
             for row in rows:
                 alert = alerts_pb2.Alert.FromString(row["payload"])
+                kinds.append(alert.kind)
                 envelope = envelope_pb2.Envelope(
                     event_id=row["alert_id"],
                     tenant_id=row["tenant_id"],
@@ -76,6 +91,7 @@ class OutboxRelay:
                 [row["id"] for row in rows],
             )
         self.published += len(rows)
+        metrics.count_alerts_published(kinds)
         return len(rows)
 
     async def run(self) -> None:

@@ -24,6 +24,8 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
+import structlog
+
 from shared.auth import Principal, current_principal
 from shared.domain.ids import uuid7
 from shared.domain.validation import Violation, validate_shipment_event
@@ -58,6 +60,10 @@ class ShipmentEventsServicer(shipment_pb2_grpc.ShipmentEventsServiceServicer):
         self, request: shipment_pb2.RecordEventRequest, context: Context
     ) -> shipment_pb2.RecordEventResponse:
         principal = current_principal()
+        # The call's own task: its log lines name what it is about.
+        structlog.contextvars.bind_contextvars(
+            shipment_id=request.event.shipment_id, event_id=request.event.event_id
+        )
         now = self._clock()
         violations = validate_shipment_event(request.event, now)
         if violations:

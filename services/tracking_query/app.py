@@ -15,7 +15,7 @@ from typing import Self
 
 from services.tracking_query.servicer import TrackingServicer
 from services.tracking_query.watch import ChangeFeed
-from shared import readiness
+from shared import metrics, readiness
 from shared.auth import Role
 from shared.config import Settings
 from shared.db import create_pool, migrate
@@ -77,7 +77,8 @@ class QueryServer:
         return self.port
 
     async def _start(self) -> None:
-        # Exit callbacks run in reverse order of registration.
+        # Exit callbacks run in reverse order of registration: metrics and tracing last.
+        await self._stack.enter_async_context(metrics.service_telemetry(self.settings, LABEL))
         await migrate(self.settings.database)
         pool = await create_pool(self.settings.database)
         self._stack.push_async_callback(pool.close)

@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import asyncpg
 import grpc
+import structlog
 
 from services.tracking_query import queries
 from services.tracking_query.paging import (
@@ -120,6 +121,8 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         violations = _check_id("shipment_id", value)
         if violations:
             await abort_invalid(context, violations, "invalid shipment id")
+        # The call's own task: its log lines (an unhandled error) name the shipment.
+        structlog.contextvars.bind_contextvars(shipment_id=value)
         return value
 
     async def _read(self, scope: Scope, shipment_id: str, context: Context) -> ShipmentView | None:

@@ -11,8 +11,11 @@ Debouncing rules:
 - a delay condition (on time / at risk / late) is reported only after
   `confirmations` consecutive estimates agree on it, so one noisy ETA does not
   alert;
-- LATE and AT_RISK fire when entered; leaving LATE for AT_RISK fires nothing
-  (still not on time); RECOVERED fires on returning to on time from either;
+- LATE fires when entered, unless LATE was already reported since the shipment
+  was last on time (LATE → AT_RISK → LATE is one lateness, reported once);
+  AT_RISK fires only when entered from on time; leaving LATE for AT_RISK fires
+  nothing (still not on time); RECOVERED fires on returning to on time after
+  LATE or AT_RISK was reported;
 - OFF_ROUTE fires when the vehicle leaves the route (the ETA model already
   applies hysteresis), nothing on return;
 - STALE_TRACKING fires once per silence (keyed by the last position's time);
@@ -75,6 +78,8 @@ class AlertConditions:
     delay: str = DelayCondition.ON_TIME.value
     #: Counts changes of `delay`: part of each delay alert's id.
     delay_episode: int = 0
+    #: The delay condition last alerted since the shipment was last on time ("" none).
+    delay_reported: str = ""
     pending_delay: str = ""
     pending_count: int = 0
     off_route: bool = False
@@ -98,18 +103,32 @@ def observe_delay(
     count = conditions.pending_count + 1 if conditions.pending_delay == observed.value else 1
     if count < confirmations:
         return replace(conditions, pending_delay=observed.value, pending_count=count), []
-    previous = DelayCondition(conditions.delay)
-    episode = conditions.delay_episode + 1
-    updated = replace(
-        conditions, delay=observed.value, delay_episode=episode, pending_delay="", pending_count=0
+    # Rows stored before `delay_reported` existed: a condition other than on time
+    # was always alerted when entered.
+    reported = conditions.delay_reported or (
+        conditions.delay if conditions.delay != DelayCondition.ON_TIME.value else ""
     )
-    kind: AlertKind | None
+    episode = conditions.delay_episode + 1
+    kind: AlertKind | None = None
     if observed is DelayCondition.LATE:
-        kind = AlertKind.LATE
+        if reported != DelayCondition.LATE.value:
+            kind = AlertKind.LATE
+            reported = observed.value
     elif observed is DelayCondition.AT_RISK:
-        kind = AlertKind.AT_RISK if previous is DelayCondition.ON_TIME else None
-    else:
+        if not reported:
+            kind = AlertKind.AT_RISK
+            reported = observed.value
+    elif reported:
         kind = AlertKind.RECOVERED
+        reported = ""
+    updated = replace(
+        conditions,
+        delay=observed.value,
+        delay_episode=episode,
+        delay_reported=reported,
+        pending_delay="",
+        pending_count=0,
+    )
     if kind is None:
         return updated, []
     message = {

@@ -122,6 +122,15 @@ async def test_events_in_through_ingest_come_out_of_the_query_service(
             acks = [ack async for ack in stream]
         assert [a.sequence for a in acks] == [1, 2, 3]
         assert all(a.outcome == gps_pb2.BATCH_OUTCOME_ACCEPTED for a in acks)
+        topics = [
+            settings.topics.shipment_events,
+            settings.topics.delivery_confirmations,
+            settings.topics.gps_points,
+        ]
+        pool = await create_pool(settings.database)
+        # The topics are independent streams: let the projector see the trip before the
+        # delivery, as it would in the field, where GPS keeps flowing.
+        await wait_caught_up(pool, "tracking", await end_offsets(settings, topics), 60)
         async with grpc.aio.insecure_channel(targets["delivery-confirmations"]) as channel:
             confirmations = delivery_pb2_grpc.DeliveryConfirmationsServiceStub(channel)
             from shared.pb import delivery_pb2
@@ -133,12 +142,6 @@ async def test_events_in_through_ingest_come_out_of_the_query_service(
                 metadata=driver,
                 timeout=20,
             )
-        topics = [
-            settings.topics.shipment_events,
-            settings.topics.delivery_confirmations,
-            settings.topics.gps_points,
-        ]
-        pool = await create_pool(settings.database)
         try:
             await wait_caught_up(pool, "tracking", await end_offsets(settings, topics), 60)
         finally:

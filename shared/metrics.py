@@ -1,0 +1,326 @@
+"""Prometheus metrics of every cargotrack process, and the HTTP server that exposes them.
+
+Every series is named `cargotrack_*` and lives in prometheus_client's default
+registry, next to its process and platform collectors (`process_resident_memory_bytes`,
+`process_cpu_seconds_total`, `python_gc_*`). Labels are low-cardinality by rule:
+service, method, code, topic, partition, outcome, kind. Never an id of a shipment,
+vehicle, tenant or event: those belong in logs and traces.
+
+Who records what:
+
+- `shared.rpc.TelemetryInterceptor`: every gRPC call of every server (requests by
+  method and status code, latency, calls in flight), so the query service's traffic
+  is measured there;
+- `shared.kafka` / `shared.ingest.KafkaLink`: every write to Kafka (produce latency,
+  records, failures) by topic;
+- `services.gps_ingest.servicer`: GPS batches and points;
+- `shared.projection.ProjectionRunner`: the projector's batches, records applied,
+  fold and commit latency, dead letters, offset conflicts, consumer lag;
+- `services.projector.outbox`: alerts published by kind.
+
+`serve_metrics(settings, label)` runs `MetricsServer` for a service's lifetime when
+CARGOTRACK_METRICS_PORT is above 0. docs/operations.md lists every series and what
+to alert on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from importlib import metadata
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import start_http_server
+
+from shared import tracing
+from shared.config import Settings
+from shared.pb import alerts_pb2
+
+log = logging.getLogger(__name__)
+
+# No `*_created` companion of every counter and histogram: it doubles the series count
+# and nothing of ours reads it (counter resets show in the rate functions anyway).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+#: Seconds: from sub-millisecond (a health check) to a minute (a slow stream).
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+#: Records per batch: GPS batches hold 1 to 1000 points, projector batches up to
+#: CARGOTRACK_PROJECTOR_MAX_RECORDS (5000 by default).
+SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+# --- service -----------------------------------------------------------------------------
+
+SERVICE_INFO = Info(
+    "cargotrack_service", "Which cargotrack service this process runs, and its version."
+)
+
+# --- gRPC (shared.rpc.TelemetryInterceptor) ------------------------------------------------
+
+GRPC_HANDLED = Counter(
+    "cargotrack_grpc_server_handled",
+    "gRPC calls completed, by full service name, method and status code.",
+    ["service", "method", "code"],
+)
+GRPC_LATENCY = Histogram(
+    "cargotrack_grpc_server_handling_seconds",
+    "Duration of gRPC calls (for streams: how long the stream was open).",
+    ["service", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+GRPC_IN_FLIGHT = Gauge(
+    "cargotrack_grpc_server_in_flight",
+    "gRPC calls in progress (open streams included).",
+    ["service", "method"],
+)
+
+# --- Kafka writes (shared.kafka, shared.ingest) ---------------------------------------
+
+PRODUCE_LATENCY = Histogram(
+    "cargotrack_kafka_produce_seconds",
+    "From handing records to the producer until Kafka acknowledged all of them"
+    " (one observation per write call: a GPS group, an event, an outbox batch).",
+    ["topic"],
+    buckets=LATENCY_BUCKETS,
+)
+PRODUCED_RECORDS = Counter(
+    "cargotrack_kafka_produced_records",
+    "Records Kafka acknowledged, by topic.",
+    ["topic"],
+)
+PRODUCE_FAILURES = Counter(
+    "cargotrack_kafka_produce_failures",
+    "Write calls that Kafka did not acknowledge in time (answered UNAVAILABLE), by topic.",
+    ["topic"],
+)
+
+# --- GPS ingest (services.gps_ingest.servicer) -----------------------------------------
+
+GPS_BATCHES = Counter(
+    "cargotrack_gps_batches",
+    "GPS batches answered, by outcome: accepted, partially_accepted (stored, some points"
+    " refused) or rejected (nothing stored).",
+    ["outcome"],
+)
+GPS_POINTS_INGESTED = Counter(
+    "cargotrack_gps_points_ingested",
+    "GPS points stored on Kafka (acknowledged).",
+)
+GPS_POINTS_REJECTED = Counter(
+    "cargotrack_gps_points_rejected",
+    "GPS points refused by validation (in rejected and partially accepted batches).",
+)
+GPS_BATCH_POINTS = Histogram(
+    "cargotrack_gps_batch_points",
+    "Points per GPS batch received.",
+    buckets=SIZE_BUCKETS,
+)
+
+# --- projector (shared.projection.ProjectionRunner) ------------------------------------
+
+PROJECTOR_BATCHES = Counter(
+    "cargotrack_projector_batches",
+    "Poll batches applied and committed (one PostgreSQL transaction each).",
+)
+PROJECTOR_RECORDS = Counter(
+    "cargotrack_projector_records_applied",
+    "Records applied and committed, by topic.",
+    ["topic"],
+)
+PROJECTOR_BATCH_RECORDS = Histogram(
+    "cargotrack_projector_batch_records",
+    "Records per applied batch.",
+    buckets=SIZE_BUCKETS,
+)
+PROJECTOR_BATCH_LATENCY = Histogram(
+    "cargotrack_projector_batch_seconds",
+    "Fold plus commit of one batch: from opening its transaction until PostgreSQL committed.",
+    buckets=LATENCY_BUCKETS,
+)
+PROJECTOR_FOLD_LATENCY = Histogram(
+    "cargotrack_projector_fold_seconds",
+    "The projection's apply() of one batch (folds, live tracking, alert decisions).",
+    buckets=LATENCY_BUCKETS,
+)
+PROJECTOR_COMMIT_LATENCY = Histogram(
+    "cargotrack_projector_commit_seconds",
+    "Saving the offsets and committing one batch's transaction.",
+    buckets=LATENCY_BUCKETS,
+)
+PROJECTOR_DEAD_LETTERS = Counter(
+    "cargotrack_projector_dead_letters",
+    "Records that could not be decoded and went to the dead-letter topic, by source topic.",
+    ["topic"],
+)
+PROJECTOR_OFFSET_CONFLICTS = Counter(
+    "cargotrack_projector_offset_conflicts",
+    "Batches rolled back because another instance (or a rebuild) moved the stored offsets.",
+)
+PROJECTOR_LAG = Gauge(
+    "cargotrack_projector_consumer_lag",
+    "Records on Kafka not yet applied, per owned partition: the partition's end offset as"
+    " last fetched minus the next offset to apply.",
+    ["topic", "partition"],
+)
+
+# --- alerts and ETA (services.projector) -------------------------------------------------
+
+ALERTS_PUBLISHED = Counter(
+    "cargotrack_alerts_published",
+    "Alerts the outbox relay published to the alerts topic, by kind.",
+    ["kind"],
+)
+#: Defined here so its name and buckets are settled; fed by services/projector/live.py
+#: when a shipment is delivered (see docs/operations.md).
+ETA_ERROR = Histogram(
+    "cargotrack_eta_error_seconds",
+    "Absolute difference between a shipment's actual arrival and the ETA shown, by how"
+    " far ahead the ETA was computed (horizon: 15m, 1h, 4h).",
+    ["horizon"],
+    buckets=(60, 120, 300, 600, 900, 1800, 3600, 7200, 14400),
+)
+
+
+def alert_kind(kind: int) -> str:
+    """The label of an AlertKind: ALERT_KIND_AT_RISK -> "at_risk"."""
+    try:
+        name = alerts_pb2.AlertKind.Name(kind)  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
+    return name.removeprefix("ALERT_KIND_").lower()
+
+
+def count_alerts_published(kinds: Iterable[int]) -> None:
+    """Count alerts the outbox relay published (after Kafka acknowledged them)."""
+    for kind in kinds:
+        ALERTS_PUBLISHED.labels(alert_kind(kind)).inc()
+
+
+@contextlib.contextmanager
+def produce_timer(topic: str, records: int) -> Iterator[None]:
+    """Time one write call of `records` records to `topic`: latency and records on
+    success, a failure on an exception (which propagates); a cancelled call counts as
+    neither."""
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        PRODUCE_FAILURES.labels(topic).inc()
+        raise
+    PRODUCE_LATENCY.labels(topic).observe(time.perf_counter() - started)
+    PRODUCED_RECORDS.labels(topic).inc(records)
+
+
+class MetricsServer:
+    """prometheus_client's HTTP exposition server (a thread), stoppable.
+
+    Serves the registry on `http://host:port/metrics` (any path answers the same).
+    `start()` binds and returns the port (port 0 picks a free one); `stop()` shuts the
+    thread down and closes the socket; it is idempotent and safe before `start()`.
+    """
+
+    def __init__(
+        self, port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY
+    ) -> None:
+        self._port = port
+        self._host = host
+        self._registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def start(self) -> int:
+        if self._server is not None:
+            raise RuntimeError("MetricsServer.start() called twice")
+        try:
+            server, thread = start_http_server(self._port, self._host, self._registry)
+        except OSError as error:
+            raise OSError(
+                f"cannot serve metrics on {self._host}:{self._port}: {error.strerror or error}"
+                " (CARGOTRACK_METRICS_PORT)"
+            ) from error
+        self._server, self._thread = server, thread
+        self.port = int(server.server_port)
+        return self.port
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        # shutdown() waits for serve_forever's poll loop (up to 0.5 s): not on the loop.
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cargotrack")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(settings: Settings, label: str) -> AsyncIterator[MetricsServer | None]:
+    """Expose the metrics of service `label` on settings.metrics_port for the block's
+    duration (yields None when the port is 0: metrics off). Binds the gRPC host, so the
+    local suite serves on loopback and Kubernetes (0.0.0.0) on every interface."""
+    SERVICE_INFO.info({"service": label, "version": _version()})
+    if settings.metrics_port <= 0:
+        yield None
+        return
+    server = MetricsServer(settings.metrics_port, settings.grpc.host)
+    port = server.start()
+    log.info("%s metrics on %s:%d/metrics", label, settings.grpc.host, port)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def forget_partitions(partitions: list[tuple[str, int]]) -> None:
+    """Drop the lag series of partitions this process no longer owns."""
+    for topic, partition in partitions:
+        with contextlib.suppress(KeyError):
+            PROJECTOR_LAG.remove(topic, str(partition))
+
+
+@contextlib.asynccontextmanager
+async def service_telemetry(settings: Settings, label: str) -> AsyncIterator[MetricsServer | None]:
+    """Metrics server and tracing of service `label`, for the block's duration.
+
+    Enter it first and leave it last, so the final scrape and the last spans cover
+    the shutdown: `await stack.enter_async_context(service_telemetry(settings, LABEL))`.
+    """
+    with tracing.session(settings, label):
+        async with serve_metrics(settings, label) as server:
+            yield server
