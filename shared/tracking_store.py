@@ -26,21 +26,29 @@ VehicleKey = tuple[str, str]  # (tenant_id, vehicle_id)
 ACTIVE_STATUSES = (2, 3, 4, 5, 7)  # ASSIGNED, PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY, FAILED
 
 
+async def _load_states(
+    connection: Connection, table: str, id_column: str, keys: Iterable[tuple[str, str]]
+) -> list[Any]:
+    """The decoded `state` jsonb of the rows of `table` keyed (tenant_id, id_column)."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return []
+    rows = await connection.fetch(
+        f"SELECT t.state FROM {table} t"
+        f" JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, {id_column})"
+        f" USING (tenant_id, {id_column})",
+        [k[0] for k in wanted],
+        [k[1] for k in wanted],
+    )
+    return [json.loads(r["state"]) for r in rows]
+
+
 async def load_shipments(
     connection: Connection, keys: Iterable[ShipmentKey]
 ) -> dict[ShipmentKey, ShipmentState]:
     """The stored states of the given shipments; absent keys have none yet."""
-    keys = sorted(set(keys))
-    if not keys:
-        return {}
-    rows = await connection.fetch(
-        "SELECT s.state FROM shipments s"
-        " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, shipment_id)"
-        " USING (tenant_id, shipment_id)",
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
-    states = (statecodec.decode_as(ShipmentState, json.loads(r["state"])) for r in rows)
+    rows = await _load_states(connection, "shipments", "shipment_id", keys)
+    states = (statecodec.decode_as(ShipmentState, row) for row in rows)
     return {(s.tenant_id, s.shipment_id): s for s in states}
 
 
@@ -76,17 +84,9 @@ async def save_shipments(connection: Connection, states: Sequence[ShipmentState]
 async def load_vehicles(
     connection: Connection, keys: Iterable[VehicleKey]
 ) -> dict[VehicleKey, VehicleState]:
-    keys = sorted(set(keys))
-    if not keys:
-        return {}
-    rows = await connection.fetch(
-        "SELECT v.state FROM vehicles v"
-        " JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, vehicle_id)"
-        " USING (tenant_id, vehicle_id)",
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
-    states = (statecodec.decode_as(VehicleState, json.loads(r["state"])) for r in rows)
+    """The stored states of the given vehicles; absent keys have none yet."""
+    rows = await _load_states(connection, "vehicles", "vehicle_id", keys)
+    states = (statecodec.decode_as(VehicleState, row) for row in rows)
     return {(s.tenant_id, s.vehicle_id): s for s in states}
 
 

@@ -29,11 +29,9 @@ import signal
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -45,7 +43,13 @@ from shared.devstack.ports import (
     ensure_port_free,
     free_ports,
 )
-from shared.devstack.process import ChildProcess, ensure_writable_dir, log_tail, run_command
+from shared.devstack.process import (
+    ChildProcess,
+    ServerProcess,
+    ensure_writable_dir,
+    log_tail,
+    run_command,
+)
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -295,7 +299,7 @@ def _read_cluster_id(meta: Path) -> str | None:
     return None
 
 
-class KafkaBroker:
+class KafkaBroker(ServerProcess):
     """One Apache Kafka broker + KRaft controller process on 127.0.0.1.
 
     Lifecycle guarantees:
@@ -326,7 +330,7 @@ class KafkaBroker:
         start_timeout: float = 60.0,
         stop_timeout: float = 30.0,
     ) -> None:
-        self._state_dir = Path(state_dir).absolute()
+        super().__init__(state_dir, stop_timeout)
         self._version = version
         self._port = port
         self._controller_port = controller_port
@@ -335,11 +339,8 @@ class KafkaBroker:
         self._heap = heap
         self._extra_properties = dict(extra_properties or {})
         self._start_timeout = start_timeout
-        self._stop_timeout = stop_timeout
-        self._proc: ChildProcess | None = None
         self._cluster_id: str | None = None
         self._starts = 0
-        self._lock = asyncio.Lock()
 
     # -- properties ---------------------------------------------------------------
 
@@ -380,79 +381,10 @@ class KafkaBroker:
         """The KRaft cluster id of the current data directory; None before a start."""
         return self._cluster_id
 
-    @property
-    def running(self) -> bool:
-        """True while the broker process is alive (ready or not)."""
-        return self._proc is not None and self._proc.running
+    # -- lifecycle: start/stop/kill/restart/async with come from ServerProcess ------
 
-    @property
-    def pid(self) -> int | None:
-        """Process id of the JVM while it runs, else None."""
-        return self._proc.pid if self._proc is not None and self._proc.running else None
-
-    # -- lifecycle ----------------------------------------------------------------
-
-    async def start(self, *, keep_data: bool = False) -> None:
-        """Start the broker and wait until it serves clients (see the class guarantees).
-
-        Raises :class:`DevStackError` (one line, naming the fix) for missing Java or
-        Maven, a failed jar fetch, an unwritable state directory, a taken port, or a
-        broker that exits or is not ready within ``start_timeout``.
-        """
-        async with self._lock:
-            if self.running:
-                return
-            try:
-                await self._start(keep_data)
-            except BaseException:
-                await self._discard()
-                raise
-
-    async def stop(self) -> None:
-        """Stop the broker gracefully (SIGTERM; SIGKILL after ``stop_timeout``). Idempotent."""
-        async with self._lock:
-            if self._proc is not None:
-                await self._proc.terminate(signal.SIGTERM, self._stop_timeout)
-                self._proc = None
-
-    async def kill(self) -> None:
-        """Crash the broker with SIGKILL (fault tests); returns once it is gone. Idempotent."""
-        async with self._lock:
-            await self._discard()
-
-    async def restart(self) -> None:
-        """Stop gracefully, then start again on the same ports keeping the data."""
-        await self.stop()
-        await self.start(keep_data=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def __del__(self) -> None:
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.running:
-            warnings.warn(
-                f"KafkaBroker {self._state_dir} was not stopped; killing pid {proc.pid}",
-                ResourceWarning,
-                stacklevel=1,
-            )
-            proc.kill_now()
-
-    # -- internals ----------------------------------------------------------------
-
-    async def _discard(self) -> None:
-        if self._proc is not None:
-            await self._proc.kill()
-            self._proc = None
+    _stop_signal = signal.SIGTERM
+    _default_keep_data = False  # a fresh log directory per start unless asked
 
     async def _start(self, keep_data: bool) -> None:
         java = await find_java()

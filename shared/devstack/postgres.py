@@ -28,14 +28,19 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType, TracebackType
-from typing import Self
+from types import ModuleType
 
 import asyncpg
 
 from shared.devstack.errors import DevStackError
 from shared.devstack.ports import LOCALHOST, POSTGRES_PORT_ENV, ensure_port_free, free_ports
-from shared.devstack.process import ChildProcess, ensure_writable_dir, log_tail, run_command
+from shared.devstack.process import (
+    ChildProcess,
+    ServerProcess,
+    ensure_writable_dir,
+    log_tail,
+    run_command,
+)
 
 __all__ = ["PG_SYSTEM_USER", "PostgresServer", "default_bin_dir"]
 
@@ -99,7 +104,7 @@ def _prepare_for_system_user(bin_dir: Path, dirs: list[Path]) -> None:
         os.chown(directory, entry.pw_uid, entry.pw_gid)
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """One PostgreSQL postmaster listening on 127.0.0.1:<port>, trust auth, user ``postgres``.
 
     Lifecycle guarantees:
@@ -130,16 +135,13 @@ class PostgresServer:
         start_timeout: float = 60.0,
         stop_timeout: float = 30.0,
     ) -> None:
-        self._state_dir = Path(state_dir).absolute()
+        super().__init__(state_dir, stop_timeout)
         self._port = port
         self._fsync = fsync
         self._bin_dir = bin_dir
         self._settings = dict(settings or {})
         self._start_timeout = start_timeout
-        self._stop_timeout = stop_timeout
-        self._proc: ChildProcess | None = None
         self._starts = 0
-        self._lock = asyncio.Lock()
 
     # -- properties ---------------------------------------------------------------
 
@@ -170,79 +172,11 @@ class PostgresServer:
             raise RuntimeError("PostgresServer: port not chosen yet, call start() first")
         return f"postgresql://{_SUPERUSER}@{LOCALHOST}:{self._port}/postgres"
 
-    @property
-    def running(self) -> bool:
-        """True while the postmaster process is alive (ready or not)."""
-        return self._proc is not None and self._proc.running
+    # -- lifecycle: start/stop/kill/restart/async with come from ServerProcess ------
 
-    @property
-    def pid(self) -> int | None:
-        """Process id of the postmaster while it runs, else None."""
-        return self._proc.pid if self._proc is not None and self._proc.running else None
-
-    # -- lifecycle ----------------------------------------------------------------
-
-    async def start(self, *, keep_data: bool = True) -> None:
-        """Start the server and wait until it accepts queries (see the class guarantees).
-
-        Raises :class:`DevStackError` (one line, naming the fix) for an unwritable state
-        directory, a taken port, a failed initdb, or a server that exits or is not ready
-        within ``start_timeout``.
-        """
-        async with self._lock:
-            if self.running:
-                return
-            try:
-                await self._start(keep_data)
-            except BaseException:
-                await self._discard()
-                raise
-
-    async def stop(self) -> None:
-        """Fast shutdown (SIGINT to the postmaster; SIGKILL after ``stop_timeout``). Idempotent."""
-        async with self._lock:
-            if self._proc is not None:
-                await self._proc.terminate(signal.SIGINT, self._stop_timeout)
-                self._proc = None
-
-    async def kill(self) -> None:
-        """Crash the server: SIGKILL postmaster and backends; returns once gone. Idempotent."""
-        async with self._lock:
-            await self._discard()
-
-    async def restart(self) -> None:
-        """Fast shutdown, then start again on the same port with the same data."""
-        await self.stop()
-        await self.start(keep_data=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def __del__(self) -> None:
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.running:
-            warnings.warn(
-                f"PostgresServer {self._state_dir} was not stopped; killing pid {proc.pid}",
-                ResourceWarning,
-                stacklevel=1,
-            )
-            proc.kill_now()
-
-    # -- internals ----------------------------------------------------------------
-
-    async def _discard(self) -> None:
-        if self._proc is not None:
-            await self._proc.kill()
-            self._proc = None
+    # SIGINT is PostgreSQL's "fast shutdown": abort transactions, checkpoint, exit.
+    _stop_signal = signal.SIGINT
+    _default_keep_data = True
 
     async def _start(self, keep_data: bool) -> None:
         bin_dir = self._bin_dir or default_bin_dir()

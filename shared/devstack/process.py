@@ -16,8 +16,11 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from shared.devstack.errors import DevStackError
 
@@ -344,3 +347,95 @@ async def run_command(
         ) from None
     finally:
         await child.kill()
+
+
+class ServerProcess:
+    """The lifecycle every local server shares: start, stop, kill, restart, ``async with``.
+
+    Subclasses set ``_stop_signal`` (the server's graceful-shutdown signal) and
+    ``_default_keep_data``, and implement ``_start(keep_data)``, which must set
+    ``self._proc``. Guarantees: ``start`` is idempotent while running and kills
+    whatever it launched if it fails or is cancelled; ``stop`` and ``kill`` are
+    idempotent; a server never stopped is killed (with a ResourceWarning) when
+    the object is collected.
+    """
+
+    _stop_signal: signal.Signals = signal.SIGTERM
+    _default_keep_data: bool = True
+
+    def __init__(self, state_dir: Path, stop_timeout: float) -> None:
+        self._state_dir = Path(state_dir).absolute()
+        self._stop_timeout = stop_timeout
+        self._proc: ChildProcess | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is up."""
+        return self._proc is not None and self._proc.running
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    async def start(self, *, keep_data: bool | None = None) -> None:
+        """Start the server and wait until it serves (see the subclass guarantees).
+
+        Raises :class:`DevStackError` (one line, naming the fix) for expected failures.
+        """
+        async with self._lock:
+            if self.running:
+                return
+            try:
+                await self._start(self._default_keep_data if keep_data is None else keep_data)
+            except BaseException:
+                await self._discard()
+                raise
+
+    async def stop(self) -> None:
+        """Stop gracefully (``_stop_signal``; SIGKILL after the stop timeout). Idempotent."""
+        async with self._lock:
+            if self._proc is not None:
+                await self._proc.terminate(self._stop_signal, self._stop_timeout)
+                self._proc = None
+
+    async def kill(self) -> None:
+        """Crash the server with SIGKILL (fault tests); returns once it is gone. Idempotent."""
+        async with self._lock:
+            await self._discard()
+
+    async def restart(self) -> None:
+        """Stop gracefully, then start again on the same ports keeping the data."""
+        await self.stop()
+        await self.start(keep_data=True)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __del__(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.running:
+            warnings.warn(
+                f"{type(self).__name__} {self._state_dir} was not stopped; killing pid {proc.pid}",
+                ResourceWarning,
+                stacklevel=1,
+            )
+            proc.kill_now()
+
+    async def _discard(self) -> None:
+        if self._proc is not None:
+            await self._proc.kill()
+            self._proc = None
+
+    async def _start(self, keep_data: bool) -> None:
+        raise NotImplementedError
