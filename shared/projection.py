@@ -124,7 +124,8 @@ async def save_offsets(
     """Store new offsets, fenced: each row must still hold the offset we expect.
 
     Raises OffsetConflict (the caller's transaction must roll back) if any row
-    moved since we read it. A missing expectation means "no row yet".
+    moved since we read it, or if an offset would not advance (those records were
+    applied already). A missing expectation means "no row yet".
     """
     for tp, offset in advanced.items():
         moved = await connection.fetchval(
@@ -132,7 +133,7 @@ async def save_offsets(
             " VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (projection, topic, partition) DO UPDATE"
             " SET last_offset = EXCLUDED.last_offset, updated_at = now()"
-            " WHERE projection_offsets.last_offset = $5"
+            " WHERE projection_offsets.last_offset = $5 AND EXCLUDED.last_offset > $5"
             " RETURNING 1",
             projection,
             tp.topic,
@@ -267,7 +268,14 @@ class ProjectionRunner:
         async with self.batch_lock:
             assert self.consumer is not None
             owned = set(self.consumer.assignment())
-            batches = {tp: records for tp, records in batches.items() if tp in owned}
+            # Records at or below the last applied offset were fetched before a seek
+            # (a rebalance, a conflict): applying them again would repeat their effect.
+            batches = {
+                tp: fresh
+                for tp, records in batches.items()
+                if tp in owned
+                and (fresh := [r for r in records if r.offset > self.expected.get(tp, -1)])
+            }
             if not batches:
                 return
             delivered: list[Delivered] = []

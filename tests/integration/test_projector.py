@@ -174,6 +174,13 @@ async def test_fencing_refuses_a_stale_offset_writer(database_url: str, pg_schem
             pass
         else:
             raise AssertionError("a stale writer was not fenced")
+        try:
+            # Re-applying records up to the stored offset must not pass either.
+            await save_offsets(connection, "p", {tp: 20}, {tp: 20})
+        except OffsetConflict:
+            pass
+        else:
+            raise AssertionError("a batch that does not advance the offset was accepted")
         assert await connection.fetchval("SELECT last_offset FROM projection_offsets") == 20
     finally:
         await connection.close()
