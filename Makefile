@@ -11,12 +11,13 @@ BUF := $(TOOLS)/node_modules/.bin/buf
 GRPCURL := $(TOOLS)/bin/grpcurl
 BUF_VERSION := 1.75.0
 GRPCURL_VERSION := v1.9.3
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 PYTEST_ARGS ?=
 
 export CARGOTRACK_CACHE_DIR := $(CACHE)
 export PATH := $(TOOLS)/bin:$(TOOLS)/node_modules/.bin:$(PATH)
 
-.PHONY: up test lint protos bootstrap tools clean
+.PHONY: up test lint protos bootstrap tools kcat clean
 
 up: bootstrap
 	$(BIN)/cargotrack dev
@@ -41,7 +42,17 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,local]'
 	touch $@
 
-tools: $(BUF) $(GRPCURL)
+tools: $(BUF) $(GRPCURL) kcat
+
+# kcat reads topics in the README's example (tests/e2e/test_readme.py runs it). It is
+# a system package: installed quietly with apt-get where that works (Debian, as
+# root: CI), else a one-line hint; never a failure, and nothing when it is present.
+kcat:
+	@command -v kcat >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { $(APT_INSTALL) kcat || { apt-get update -qq && $(APT_INSTALL) kcat; }; } \
+	       >/dev/null 2>&1; } \
+	  || echo "kcat not installed (apt-get install kcat, brew install kcat): the README's topic example needs it"
 
 $(BUF):
 	mkdir -p $(TOOLS)

@@ -1,6 +1,7 @@
 """The `cargotrack` command: run a service, the local suite, and operator tasks.
 
-    cargotrack dev                 local Kafka + PostgreSQL + every service (+ simulator)
+    cargotrack dev                 local Kafka + PostgreSQL + every service + simulator
+    cargotrack simulate            a simulated fleet against running ingest services
     cargotrack serve NAME          one service (what a container runs)
     cargotrack migrate             apply database migrations
     cargotrack create-topics       create the Kafka topics
@@ -21,9 +22,12 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from services.fleet_simulator import SimulatorConfig
 
 
 @dataclass(frozen=True)
@@ -142,8 +146,78 @@ def cmd_token(args: argparse.Namespace) -> None:
 def cmd_dev(args: argparse.Namespace) -> None:
     from services.launcher import run_dev
 
+    if args.status_every <= 0:
+        raise UsageError("--status-every must be a positive number of seconds")
+    if not args.no_simulator:
+        _simulator_config(args)  # a bad option fails before anything starts
     _configure_logging()
     asyncio.run(run_dev(args))
+
+
+def _simulator_config(args: argparse.Namespace, **overrides: Any) -> SimulatorConfig:
+    """The SimulatorConfig of the command line (ValueError → one-line usage error)."""
+    from services.fleet_simulator import SimulatorConfig
+
+    try:
+        return SimulatorConfig(
+            seed=args.seed, vehicles=args.vehicles, speedup=args.speedup, **overrides
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    import os
+
+    from services.fleet_simulator import Targets
+    from services.fleet_simulator import run as simulate
+    from services.launcher import dev_service_ports
+
+    if args.report_every <= 0:
+        raise UsageError("--report-every must be a positive number of seconds")
+    config = _simulator_config(
+        args,
+        rate_hz=args.rate,
+        datasets=tuple(args.dataset or ("liverpool",)),
+        tenant=args.tenant,
+        run_id=args.run_id,
+        jwt_secret=os.environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET,
+    )
+    ports = dev_service_ports(os.environ)
+    targets = Targets(
+        gps=args.gps or f"127.0.0.1:{ports['gps-ingest']}",
+        events=args.events or f"127.0.0.1:{ports['shipment-events']}",
+        confirmations=args.confirmations or f"127.0.0.1:{ports['delivery-confirmations']}",
+    )
+    _configure_logging()
+
+    async def main() -> None:
+        import signal
+
+        from services.fleet_simulator import SimulatorStats
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if args.exit_after:
+            loop.call_later(args.exit_after, stop.set)
+        stats = SimulatorStats()
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(args.report_every)
+                print(f"[sim +{int(stats.elapsed_s())}s] {stats.summary()}", flush=True)
+
+        reporter = asyncio.create_task(report())
+        try:
+            await simulate(config, targets, stats=stats, stop=stop)
+        finally:
+            reporter.cancel()
+            await asyncio.wait({reporter})
+        print(f"[sim +{int(stats.elapsed_s())}s] stopped: {stats.summary()}", flush=True)
+
+    asyncio.run(main())
 
 
 def cmd_rebuild(args: argparse.Namespace) -> None:
@@ -167,6 +241,21 @@ def cmd_eta_eval(args: argparse.Namespace) -> None:
         sys.exit(code)
 
 
+def _simulator_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=1, help="same seed, same plan (default 1)")
+    parser.add_argument(
+        "--vehicles", type=int, default=8, metavar="N", help="fleet size (default 8)"
+    )
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        default=30.0,
+        metavar="X",
+        help="replay recorded trips X times faster (default 30; vehicles never appear "
+        "faster than 25 m/s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cargotrack", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -178,7 +267,58 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--exit-after", type=float, default=0, metavar="S", help="stop by itself after S seconds"
     )
+    dev.add_argument(
+        "--status-every",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between summary lines (--headless)",
+    )
+    _simulator_options(dev)
     dev.set_defaults(handler=cmd_dev)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="drive a simulated fleet against running ingest services",
+        description="Drivers' apps and a TMS as gRPC clients of the ingest services; "
+        "vehicles replay recorded trips (data/trajectories). Runs until Ctrl-C.",
+    )
+    _simulator_options(simulate)
+    simulate.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        metavar="HZ",
+        help="GPS fixes per vehicle per second, interpolated between recorded ones "
+        "(0: recorded fixes only; default 1)",
+    )
+    simulate.add_argument(
+        "--dataset",
+        action="append",
+        choices=["liverpool", "austin"],
+        help="recorded trips to drive (repeat for both; default liverpool)",
+    )
+    simulate.add_argument("--tenant", default="demo")
+    simulate.add_argument(
+        "--run-id", default="", help="tag of shipment and device ids (default: the start time)"
+    )
+    for name, service in (
+        ("gps", "gps-ingest"),
+        ("events", "shipment-events"),
+        ("confirmations", "delivery-confirmations"),
+    ):
+        simulate.add_argument(
+            f"--{name}",
+            metavar="HOST:PORT",
+            help=f"{service} (default: its cargotrack dev port)",
+        )
+    simulate.add_argument(
+        "--exit-after", type=float, default=0, metavar="S", help="stop by itself after S seconds"
+    )
+    simulate.add_argument(
+        "--report-every", type=float, default=10.0, metavar="S", help="seconds between reports"
+    )
+    simulate.set_defaults(handler=cmd_simulate)
 
     serve = commands.add_parser("serve", help="run one service")
     serve.add_argument("name", choices=sorted(SERVICES))
