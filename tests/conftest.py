@@ -9,8 +9,12 @@ so tests never see each other's data. Set ``KAFKA_BOOTSTRAP_SERVERS`` and/or
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -30,25 +34,48 @@ settings.register_profile(
 settings.load_profile("cargotrack")
 
 
+@contextlib.contextmanager
+def server_state_dir(prefix: str) -> Iterator[Path]:
+    """A fresh directory for a local server's state, removed afterwards.
+
+    Not under pytest's tmp_path: pytest keeps its root directory private (mode
+    0700) and re-tightens it whenever a pytest session starts, while PostgreSQL
+    runs as another system user that must reach its data directory.
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"cargotrack-{prefix}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A fresh state directory for a `cargotrack dev` run or a dedicated stack."""
+    with server_state_dir("state") as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+async def stack() -> AsyncIterator[LocalStack]:
     """The session's local stack, started once, stopped after the last test.
 
     An expected start failure (no Java, port taken, ...) fails the tests that need the
     stack with its one-line message instead of a stack trace.
     """
-    local = LocalStack.for_tests(tmp_path_factory.mktemp("devstack"))
-    problem: DevStackError | None = None
-    try:
-        await local.start()
-    except DevStackError as err:
-        problem = err
-    if problem is not None:  # failed outside the except block: no chained traceback
-        pytest.fail(f"local stack did not start: {problem}", pytrace=False)
-    try:
-        yield local
-    finally:
-        await local.stop()
+    with server_state_dir("devstack") as state:
+        local = LocalStack.for_tests(state)
+        problem: DevStackError | None = None
+        try:
+            await local.start()
+        except DevStackError as err:
+            problem = err
+        if problem is not None:  # failed outside the except block: no chained traceback
+            pytest.fail(f"local stack did not start: {problem}", pytrace=False)
+        try:
+            yield local
+        finally:
+            await local.stop()
 
 
 @pytest.fixture(scope="session")

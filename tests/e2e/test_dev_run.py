@@ -69,9 +69,9 @@ async def start(runs: list[DevRun], env: dict[str, str], tmp_path: Path, *args: 
 
 @pytest.mark.timeout(240)
 async def test_shipments_move_alerts_reach_dispatch_and_ctrl_c_stops_everything(
-    tmp_path: Path, runs: list[DevRun]
+    tmp_path: Path, state_dir: Path, runs: list[DevRun]
 ) -> None:
-    env = dev_env(tmp_path / "state")
+    env = dev_env(state_dir)
     launched_at = time.monotonic()
     first = await start(runs, env, tmp_path, "--status-every", "2")
     await first.wait_for(lambda line: line.startswith("ready;"), READY_S)
@@ -128,9 +128,9 @@ async def test_shipments_move_alerts_reach_dispatch_and_ctrl_c_stops_everything(
 
 @pytest.mark.timeout(240)
 async def test_a_second_run_reuses_the_state_and_reset_starts_afresh(
-    tmp_path: Path, runs: list[DevRun]
+    tmp_path: Path, state_dir: Path, runs: list[DevRun]
 ) -> None:
-    env = dev_env(tmp_path / "state")
+    env = dev_env(state_dir)
     first = await start(runs, env, tmp_path, "--status-every", "2", "--vehicles", "3")
     await first.wait_for(lambda line: line.startswith("ready;"), READY_S)
     await first.wait_for(

@@ -114,8 +114,8 @@ def _tool_or_fail(name: str, install: str) -> None:
 
 
 @pytest.fixture
-async def suite(tmp_path: Path) -> AsyncIterator[tuple[DevRun, dict[str, str]]]:
-    env = dev_env(tmp_path / "state")
+async def suite(tmp_path: Path, state_dir: Path) -> AsyncIterator[tuple[DevRun, dict[str, str]]]:
+    env = dev_env(state_dir)
     run = DevRun(env, tmp_path, "--status-every", "2")
     await run.start()
     try:

@@ -204,8 +204,8 @@ async def test_broker_keeps_records_across_stop_and_kill_with_keep_data(
     assert broker.pid is None
 
 
-async def test_postgres_keeps_committed_rows_across_stop_and_kill(tmp_path: Path) -> None:
-    server = PostgresServer(tmp_path / "postgres", fsync=False)
+async def test_postgres_keeps_committed_rows_across_stop_and_kill(state_dir: Path) -> None:
+    server = PostgresServer(state_dir / "postgres", fsync=False)
     try:
         await server.start()
         dsn = server.dsn
@@ -245,9 +245,9 @@ async def test_taken_kafka_port_is_a_one_line_error(tmp_path: Path, listening_so
 
 
 async def test_taken_postgres_port_is_a_one_line_error(
-    tmp_path: Path, listening_socket: int
+    state_dir: Path, listening_socket: int
 ) -> None:
-    server = PostgresServer(tmp_path / "postgres", port=listening_socket)
+    server = PostgresServer(state_dir / "postgres", port=listening_socket)
     with pytest.raises(DevStackError) as caught:
         await server.start()
     message = str(caught.value)
