@@ -290,6 +290,37 @@ def _partition_name(day: datetime) -> str:
     return f"vehicle_positions_{day:%Y%m%d}"
 
 
+async def _create_day_partition(
+    connection: Connection, name: str, start: datetime, end: datetime
+) -> None:
+    """Create one day's partition, moving that day's rows out of DEFAULT first.
+
+    PostgreSQL refuses a new partition while DEFAULT holds rows of its range
+    (points may land there before the partition exists, e.g. right after a
+    fresh start), so the rows move in the same transaction as the attach.
+    """
+    bounds = f"FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+    async with connection.transaction():
+        await connection.execute("LOCK TABLE vehicle_positions_default IN SHARE ROW EXCLUSIVE MODE")
+        if await connection.fetchval(
+            "SELECT to_regclass(current_schema() || '.' || $1) IS NOT NULL", name
+        ):
+            return
+        await connection.execute(
+            f"CREATE TABLE {name} (LIKE vehicle_positions INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+        )
+        await connection.execute(
+            f"WITH moved AS (DELETE FROM vehicle_positions_default"
+            f" WHERE recorded_at >= $1 AND recorded_at < $2 RETURNING *)"
+            f" INSERT INTO {name} SELECT * FROM moved",
+            start,
+            end,
+        )
+        await connection.execute(
+            f"ALTER TABLE vehicle_positions ATTACH PARTITION {name} FOR VALUES {bounds}"
+        )
+
+
 async def maintain_position_partitions(
     connection: Connection, now: datetime, retention_days: int, days_ahead: int = 2
 ) -> tuple[list[str], list[str]]:
@@ -319,11 +350,7 @@ async def maintain_position_partitions(
     while day <= today + timedelta(days=days_ahead):
         name = _partition_name(day)
         if name not in existing:
-            until = day + timedelta(days=1)
-            await connection.execute(
-                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF vehicle_positions"
-                f" FOR VALUES FROM ('{day.isoformat()}') TO ('{until.isoformat()}')"
-            )
+            await _create_day_partition(connection, name, day, day + timedelta(days=1))
             created.append(name)
         day += timedelta(days=1)
     dropped = []

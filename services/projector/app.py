@@ -64,6 +64,10 @@ async def run(settings: Settings) -> None:
             if created or dropped:
                 log.info("history partitions: created %s, dropped %s", created, dropped)
 
+        # The history's day partitions must exist before the projection writes: a
+        # point that lands in the DEFAULT partition for a day that gets its partition
+        # later makes creating that partition fail, and the projector crash-loops.
+        await maintain()
         supervisor.spawn("projection", runner.run())
         supervisor.spawn("outbox", relay.run())
         supervisor.spawn("maintenance", periodically(MAINTENANCE_INTERVAL_S, maintain))

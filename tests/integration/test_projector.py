@@ -184,3 +184,30 @@ async def test_fencing_refuses_a_stale_offset_writer(database_url: str, pg_schem
         assert await connection.fetchval("SELECT last_offset FROM projection_offsets") == 20
     finally:
         await connection.close()
+
+
+async def test_a_day_partition_is_created_even_when_default_holds_its_rows(
+    database_url: str, pg_schema: str
+) -> None:
+    """Points that landed in DEFAULT before their day's partition existed move into it."""
+    from datetime import UTC, datetime
+
+    from shared.config import DatabaseSettings
+    from shared.db import migrate
+    from shared.domain.tracking import Position
+
+    db = DatabaseSettings(url=database_url, schema=pg_schema)
+    await migrate(db)
+    now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
+    try:
+        await store.append_history(connection, [("acme", "v1", "e1", Position(53.4, -2.99, now))])
+        created, _ = await store.maintain_position_partitions(connection, now, 2)
+        in_default = await connection.fetchval("SELECT count(*) FROM vehicle_positions_default")
+        in_day = await connection.fetchval("SELECT count(*) FROM vehicle_positions_20261125")
+        again, _ = await store.maintain_position_partitions(connection, now, 2)
+    finally:
+        await connection.close()
+    assert "vehicle_positions_20261125" in created
+    assert (in_default, in_day) == (0, 1)
+    assert again == []
