@@ -26,7 +26,13 @@ from types import TracebackType
 from typing import Self
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -55,6 +61,17 @@ READINESS_PROBE_TIMEOUT_S = 1.5
 #: Back-off between attempts to connect to Kafka at start-up (doubling up to the max).
 CONNECT_BACKOFF_S = 0.2
 CONNECT_BACKOFF_MAX_S = 5.0
+#: Errors after which an idempotent producer never writes to the partition again.
+#: aiokafka gives a batch that expires while its partition has no leader (a broker
+#: restart longer than the Kafka timeout) a sequence number and fails it unsent; every
+#: later batch of the partition is then refused as out of order, until the producer
+#: is replaced (aio-libs/aiokafka#1017). KafkaLink replaces it.
+BROKEN_PRODUCER_ERRORS = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
 
 
 def deadline_budget(context: Context, limit_s: float) -> float:
@@ -117,7 +134,10 @@ class KafkaLink:
     client, which resends it.
 
     Every write waits at most its `timeout_s` in total (connecting included) and
-    raises `KafkaUnavailable` when Kafka did not acknowledge within it.
+    raises `KafkaUnavailable` when Kafka did not acknowledge within it. A write that
+    fails with one of BROKEN_PRODUCER_ERRORS replaces the producer: the old one is
+    closed in the background (what it still holds was never acknowledged), a new one
+    connects, and later writes use it.
     """
 
     def __init__(self, kafka: KafkaSettings, topics: Sequence[TopicSpec]) -> None:
@@ -128,6 +148,7 @@ class KafkaLink:
         self._connect_task: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -219,7 +240,11 @@ class KafkaLink:
         """Write one record and wait for its acknowledgement (see shared.kafka.produce)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         producer = await self.producer(timeout_s)
-        await produce(producer, topic, record, self._left(deadline))
+        try:
+            await produce(producer, topic, record, self._left(deadline))
+        except KafkaUnavailable as error:
+            self._replace_if_broken(producer, error.__cause__)
+            raise
 
     async def write_many(self, topic: str, records: list[EncodedRecord], timeout_s: float) -> None:
         """Write records (any keys) and wait until every one is acknowledged.
@@ -229,7 +254,11 @@ class KafkaLink:
         """
         deadline = asyncio.get_running_loop().time() + timeout_s
         producer = await self.producer(timeout_s)
-        await produce_many(producer, topic, records, self._left(deadline))
+        try:
+            await produce_many(producer, topic, records, self._left(deadline))
+        except KafkaUnavailable as error:
+            self._replace_if_broken(producer, error.__cause__)
+            raise
 
     async def write_in_order(
         self, topic: str, key: bytes, records: Sequence[EncodedRecord], timeout_s: float
@@ -253,9 +282,26 @@ class KafkaLink:
             with metrics.produce_timer(topic, len(records)):
                 await self._write_batches(producer, topic, key, records, deadline)
         except (TimeoutError, KafkaError) as error:
+            self._replace_if_broken(producer, error)
             raise KafkaUnavailable(
                 f"Kafka did not acknowledge within {timeout_s:g}s: {error!r}"
             ) from error
+
+    def _replace_if_broken(self, producer: AIOKafkaProducer, error: BaseException | None) -> None:
+        """Replace the producer if the error says it cannot write any more."""
+        if not isinstance(error, BROKEN_PRODUCER_ERRORS):
+            return
+        if self._producer is not producer or self._stopped:
+            return  # already replaced (another write saw it first), or shutting down
+        log.warning("the Kafka producer is out of sync with the broker (%r); replacing it", error)
+        self._producer = None
+        self._connected.clear()
+        closing = asyncio.create_task(
+            _close_producer(producer, self._kafka.request_timeout_s), name="kafka-close-broken"
+        )
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        self._connect_task = asyncio.create_task(self._connect(), name="kafka-reconnect")
 
     @staticmethod
     async def _write_batches(
@@ -283,7 +329,11 @@ class KafkaLink:
                         break  # full; the first record of a batch always fits
                     taken += 1
                 future = await producer.send_batch(builder, topic, partition=partition)
-                await future
+                # Shielded: the future is the producer's own batch future, which it
+                # still needs if our deadline passes first (cancelling it corrupts
+                # the producer's bookkeeping of batches in flight).
+                future.add_done_callback(_retrieve)
+                await asyncio.shield(future)
                 pending = pending[taken:]
 
     @staticmethod
@@ -301,6 +351,8 @@ class KafkaLink:
         producer, self._producer = self._producer, None
         if producer is not None:
             await _close_producer(producer, self._kafka.request_timeout_s)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -313,6 +365,12 @@ class KafkaLink:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    """Mark a batch future's outcome as seen (nobody awaits it after a timeout)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _close_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:

@@ -52,23 +52,38 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
+#: Field violations listed in one INVALID_ARGUMENT answer (see abort_invalid).
+MAX_FIELD_VIOLATIONS = 20
+
+
 async def abort_invalid(
     context: Context, violations: Sequence[Violation], summary: str = "invalid request"
 ) -> NoReturn:
     """Abort with INVALID_ARGUMENT and a google.rpc.BadRequest naming every bad field.
 
     Clients read the details with grpc_status.rpc_status.from_call (or grpcurl's
-    -v output); the message also lists the fields for humans.
+    -v output); the message also lists the fields for humans. At most
+    MAX_FIELD_VIOLATIONS are listed (then one saying how many more): the details
+    travel in a trailer, and a trailer over gRPC's metadata limit (8 KiB) makes the
+    client see RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT.
     """
-    bad_request = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations
-        ]
-    )
+    listed = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=v.field[:100], description=v.description[:120]
+        )
+        for v in violations[:MAX_FIELD_VIOLATIONS]
+    ]
+    if len(violations) > MAX_FIELD_VIOLATIONS:
+        more = len(violations) - MAX_FIELD_VIOLATIONS
+        listed.append(
+            error_details_pb2.BadRequest.FieldViolation(
+                field="", description=f"and {more} more violations"
+            )
+        )
+    bad_request = error_details_pb2.BadRequest(field_violations=listed)
     detail = any_pb2.Any()
     detail.Pack(bad_request)
-    fields = "; ".join(f"{v.field}: {v.description}" for v in violations[:10])
+    fields = "; ".join(f"{v.field[:100]}: {v.description[:120]}" for v in violations[:5])
     status = status_pb2.Status(
         code=code_pb2.INVALID_ARGUMENT, message=f"{summary}: {fields}", details=[detail]
     )

@@ -35,6 +35,7 @@ case, decides identically.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import logging
@@ -58,6 +59,9 @@ from shared.pb import alerts_pb2, common_pb2
 log = logging.getLogger(__name__)
 
 ETA_METHODS = {EtaMethod.ROUTE: 1, EtaMethod.GREAT_CIRCLE: 2}
+
+#: Shipments tracked between two yields to the event loop (see _track).
+YIELD_EVERY = 16
 
 #: At most one debouncer observation per shipment per this much event time.
 OBSERVE_EVERY_S = 30.0
@@ -249,7 +253,12 @@ class LiveTracker:
         rows = []
         history = []
         pending: list[PendingAlert] = []
-        for shipment in sorted(shipments, key=lambda s: (s.tenant_id, s.shipment_id)):
+        ordered = sorted(shipments, key=lambda s: (s.tenant_id, s.shipment_id))
+        for n, shipment in enumerate(ordered):
+            if n and n % YIELD_EVERY == 0:
+                # A batch can move thousands of vehicles, each an ETA estimate of several
+                # ms: let the consumer's heartbeats and the outbox relay run meanwhile.
+                await asyncio.sleep(0)
             vehicle_key = (shipment.tenant_id, shipment.vehicle_id)
             vehicle = vehicles[vehicle_key]
             track = tracks.get(vehicle_key)
@@ -458,7 +467,9 @@ class LiveTracker:
         )
         fixes: dict[store.VehicleKey, list[Fix]] = {}
         newest_of_record: dict[store.VehicleKey, dict[str, datetime]] = {}
-        for row in rows:
+        for n, row in enumerate(rows):
+            if n and n % (YIELD_EVERY * 1000) == 0:
+                await asyncio.sleep(0)  # a replay's batch can read back 10^5+ fixes
             key = (row["tenant_id"], row["vehicle_id"])
             speed = row["speed_mps"]
             at: datetime = row["recorded_at"]

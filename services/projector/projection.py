@@ -9,6 +9,7 @@ tracking (position, progress, ETA, alerts) of shipments whose vehicle moved.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ from shared.pb import envelope_pb2
 from shared.projection import Delivered
 
 log = logging.getLogger(__name__)
+
+#: GPS records folded between two yields to the event loop.
+FOLD_YIELD_EVERY = 64
 
 SHIPMENT_PAYLOADS = ("shipment_event", "delivery_confirmation")
 
@@ -129,13 +133,15 @@ class TrackingProjection:
         loaded_positions = {k: s.last_position for k, s in states.items()}
         changed: dict[store.VehicleKey, VehicleState] = {}
         history: list[tuple[str, str, str, Position]] = []
-        for record in records:
+        for n, record in enumerate(records):
+            if n and n % FOLD_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # heartbeats: a poll batch can hold 10^5+ points
             envelope = record.envelope
             key = key_of(envelope)
             before = states.get(key)
-            for point in tracking.accepted_history_points(before, envelope):
+            after, points = tracking.fold_gps(before, envelope)
+            for point in points:
                 history.append((key[0], key[1], envelope.event_id, point))
-            after = tracking.apply_gps(before, envelope)
             if after is not before:
                 states[key] = after
                 changed[key] = after

@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.projector.live import LiveTracker
 from services.projector.projection import TrackingProjection
+from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.kafka import make_producer
@@ -85,6 +86,13 @@ async def rebuild(
     topics = list(projection.topics)
     started = time.monotonic()
     pool = await create_pool(new_db)
+    async with pool.acquire() as connection:
+        # The history's day partitions before the replay, as the live projector keeps
+        # them: a point replayed into the DEFAULT partition would make creating its
+        # day's partition fail later, and the projector would crash-loop.
+        await store.maintain_position_partitions(
+            connection, datetime.now(UTC), settings.position_retention_days
+        )
     producer = make_producer(settings.kafka)
     await producer.start()
     runner = ProjectionRunner(

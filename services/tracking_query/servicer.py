@@ -62,6 +62,9 @@ def _check_id(field: str, value: str) -> list[Violation]:
         return [Violation(field, "must not be empty")]
     if len(value) > MAX_ID_LENGTH:
         return [Violation(field, f"must be at most {MAX_ID_LENGTH} characters")]
+    if not value.isprintable() or any(ch.isspace() for ch in value):
+        # As ingest requires of every id; PostgreSQL could not even compare a NUL.
+        return [Violation(field, "must consist of printable characters without whitespace")]
     return []
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,26 +51,22 @@ def _libc_prctl() -> Callable[..., int] | None:
 _PRCTL = _libc_prctl()
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGKILL the child when its parent dies.
+def _parent_death_prefix() -> list[str]:
+    """A command prefix asking Linux to SIGKILL the child when its parent dies.
 
     Without it a broker or postmaster would outlive a test run killed with SIGKILL (or
-    a ``cargotrack dev`` whose terminal closed) and keep the ports taken. The libc
-    handle is looked up before ``fork``, so the child only makes one call. Linux
-    delivers the signal when the *thread* that forked the child exits, so children
-    must be spawned from the event loop thread, not from a worker thread.
+    a ``cargotrack dev`` whose terminal closed) and keep the ports taken. util-linux's
+    ``setpriv --pdeathsig`` sets it and then execs the command (same pid, same
+    parent). A Python ``preexec_fn`` would do the same in-process, but running Python
+    between fork and exec in a process with threads (grpc's, asyncpg's) can crash the
+    child, so it is not used. Linux delivers the signal when the *thread* that
+    forked the child exits: spawn from the event loop thread, not a worker thread.
     """
-    prctl = _PRCTL
-    if prctl is None:
-        return None
-
-    def set_pdeathsig() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-    return set_pdeathsig
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and sys.platform == "linux" else []
 
 
-_PREEXEC = _parent_death_signal()
+_PDEATHSIG_PREFIX = _parent_death_prefix()
 
 
 def _become_subreaper() -> None:
@@ -200,7 +197,7 @@ class ChildProcess:
             log.flush()
             try:
                 popen = subprocess.Popen(
-                    list(argv),
+                    [*_PDEATHSIG_PREFIX, *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -208,8 +205,6 @@ class ChildProcess:
                     env=None if env is None else dict(env),
                     user=user,
                     start_new_session=True,
-                    # One libc call between fork and exec; see _parent_death_signal.
-                    preexec_fn=_PREEXEC,
                 )
             except OSError as err:
                 raise DevStackError(f"could not start {name} ({argv[0]}): {err}") from None

@@ -234,11 +234,10 @@ class EtaModel:
         p = self.params
         newest = window[-1]
         hint = previous.distance_along_m if previous is not None else None
-        projected: list[tuple[Fix, RoutePosition]] = []
-        for f in window:
-            rp = route.project(f.lat, f.lon, near_m=hint)
-            projected.append((f, rp))
-            hint = rp.distance_along_m
+        positions = route.project_track(
+            [f.lat for f in window], [f.lon for f in window], near_m=hint
+        )
+        projected: list[tuple[Fix, RoutePosition]] = list(zip(window, positions, strict=True))
         off = previous.off_route if previous is not None else False
         streak = 0
         for _, rp in projected:
@@ -322,14 +321,20 @@ class EtaModel:
         i0 = min(int(a // step), n - 1)
         i1 = min(int(b // step), n - 1)
         t = t0
-        for i in range(i0, i1 + 1):
-            s = max(a, float(samples.start_m[i]))
-            e = min(b, float(samples.start_m[i] + samples.length_m[i]))
+        # The pieces' bounds as Python floats in one conversion (indexing numpy arrays
+        # one scalar at a time cost more than the arithmetic); same values, same order.
+        starts = samples.start_m[i0 : i1 + 1]
+        ends = (starts + samples.length_m[i0 : i1 + 1]).tolist()
+        pace_of = self.speeds.pace
+        neutral = ratio.neutral
+        for i, start, end in zip(range(i0, i1 + 1), starts.tolist(), ends, strict=True):
+            s = max(a, start)
+            e = min(b, end)
             if e <= s:
                 continue
             cell, sector = keys[i]
-            pace = self.speeds.pace(cell, sector, hour_of_week(t, off_s))
-            if not ratio.neutral:
+            pace = pace_of(cell, sector, hour_of_week(t, off_s))
+            if not neutral:
                 pace *= ratio.pace_factor((s + e) / 2 - a)
             t += (e - s) * pace
         return t - t0

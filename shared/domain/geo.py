@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -91,6 +92,8 @@ class Fix:
     lat: float
     lon: float
     speed_mps: float | None = None
+    #: ``at`` as epoch seconds, computed once: the ETA model reads it many times per fix.
+    _t: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.at.tzinfo is None or self.at.utcoffset() is None:
@@ -100,11 +103,12 @@ class Fix:
             math.isfinite(self.speed_mps) and self.speed_mps >= 0.0
         ):
             raise ValueError(f"speed_mps must be finite and >= 0, got {self.speed_mps!r}")
+        object.__setattr__(self, "_t", self.at.timestamp())
 
     @property
     def t(self) -> float:
         """Epoch seconds (UTC)."""
-        return self.at.timestamp()
+        return self._t
 
 
 def fix_sort_key(f: Fix) -> tuple[float, float, float, float]:
@@ -122,7 +126,11 @@ def clean_track(fixes: Iterable[Fix], max_speed_mps: float = 60.0) -> list[Fix]:
     (two agreeing fixes) does, and then a lone first fix it contradicts is dropped.
     Fixes with equal times count as one second apart.
     """
-    pts = sorted(set(fixes), key=fix_sort_key)
+    given = list(fixes)
+    if all(a.t < b.t for a, b in pairwise(given)):
+        pts = given  # already in time order, hence distinct: what sorting would give
+    else:
+        pts = sorted(set(given), key=fix_sort_key)
 
     def plausible(a: Fix, b: Fix) -> bool:
         dt = max(b.t - a.t, 1.0)
@@ -248,7 +256,15 @@ class Route:
     than two distinct points or invalid coordinates.
     """
 
-    __slots__ = ("__weakref__", "_line", "_points", "_proj", "_samples", "_threshold")
+    __slots__ = (
+        "__weakref__",
+        "_line",
+        "_points",
+        "_proj",
+        "_samples",
+        "_simple",
+        "_threshold",
+    )
 
     def __init__(
         self,
@@ -279,6 +295,9 @@ class Route:
         self._proj = proj
         self._line = LineString(np.column_stack([xs[keep], ys[keep]]))
         shapely.prepare(self._line)
+        # A line that never touches or crosses itself has no two equally near points
+        # on different legs; `project` relies on that for its fast path.
+        self._simple = bool(shapely.is_simple(self._line))
         self._threshold = float(on_route_threshold_m)
         self._samples: dict[float, RouteSamples] = {}
 
@@ -328,14 +347,103 @@ class Route:
         check_lat_lon(lat, lon)
         x, y = self._proj.to_xy(lat, lon)
         best = self._position(x, y, self._line, 0.0)
+        return self._near(x, y, best, near_m, back_m, ahead_m, slack_m)
+
+    def _near(
+        self,
+        x: float,
+        y: float,
+        best: RoutePosition,
+        near_m: float | None,
+        back_m: float,
+        ahead_m: float,
+        slack_m: float,
+    ) -> RoutePosition:
+        """`project`'s choice between the global nearest point `best` and the nearest
+        point within [near_m - back_m, near_m + ahead_m]."""
         if near_m is None:
             return best
         lo = max(0.0, near_m - back_m)
         hi = min(self.length_m, near_m + ahead_m)
         if hi - lo < 1.0 or (lo <= 0.0 and hi >= self.length_m):
             return best
+        if self._simple and lo <= best.distance_along_m <= hi:
+            # The global nearest point lies in the window, so it is the window's nearest
+            # point too (on a simple line the nearest point is unique): skip cutting the
+            # line, which costs more than everything else here together.
+            return best
         local = self._position(x, y, substring(self._line, lo, hi), lo)
         return local if local.offset_m <= best.offset_m + slack_m else best
+
+    def project_track(
+        self,
+        lats: Sequence[float],
+        lons: Sequence[float],
+        *,
+        near_m: float | None = None,
+        back_m: float = 500.0,
+        ahead_m: float = 5000.0,
+        slack_m: float = 30.0,
+    ) -> list[RoutePosition]:
+        """:meth:`project` of each point in turn, each with the previous result's
+        distance along as its ``near_m`` (the first with ``near_m``): what a loop of
+        :meth:`project` calls returns, with the projections done in one vectorised
+        pass."""
+        for lat, lon in zip(lats, lons, strict=True):
+            check_lat_lon(lat, lon)
+        if not lats:
+            return []
+        xs, ys = self._proj.to_xy_many(np.asarray(lats), np.asarray(lons))
+        pts = shapely.points(xs, ys)
+        raw = shapely.line_locate_point(self._line, pts)
+        alongs = raw.tolist()
+        offsets = shapely.distance(self._line, pts).tolist()
+        length = self.length_m
+        threshold = self._threshold
+        if self._all_nearest_in_window(raw, length, near_m, back_m, ahead_m):
+            # The usual case: every point's global nearest lies in the window around the
+            # previous one, so `_near` would keep each as it is.
+            return [
+                RoutePosition(min(max(along, 0.0), length), off, off <= threshold)
+                for along, off in zip(alongs, offsets, strict=True)
+            ]
+        found: list[RoutePosition] = []
+        hint = near_m
+        for i, (along, off) in enumerate(zip(alongs, offsets, strict=True)):
+            best = RoutePosition(min(max(along, 0.0), length), off, off <= threshold)
+            if hint is not None:
+                best = self._near(float(xs[i]), float(ys[i]), best, hint, back_m, ahead_m, slack_m)
+            found.append(best)
+            hint = best.distance_along_m
+        return found
+
+    def _all_nearest_in_window(
+        self,
+        raw_alongs: FloatArray,
+        length: float,
+        near_m: float | None,
+        back_m: float,
+        ahead_m: float,
+    ) -> bool:
+        """True when `_near` would return the global nearest point for every point of a
+        track: each one's window (around the previous one's distance along, the first
+        one's around `near_m`) is degenerate or, on a simple line, holds it."""
+        along = np.minimum(np.maximum(raw_alongs, 0.0), length)
+        previous = along[:-1]
+        ok = np.ones(len(along), dtype=bool)
+        if near_m is None:
+            current = along[1:]
+            keep = ok[1:]
+        else:
+            previous = np.concatenate([[near_m], previous])
+            current = along
+            keep = ok
+        lo = np.maximum(previous - back_m, 0.0)
+        hi = np.minimum(previous + ahead_m, length)
+        degenerate = (hi - lo < 1.0) | ((lo <= 0.0) & (hi >= length))
+        inside = (lo <= current) & (current <= hi) if self._simple else False
+        keep &= degenerate | inside
+        return bool(ok.all())
 
     def project_many(self, lats: FloatArray, lons: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Vectorised global projection: ``(distance_along_m, offset_m)`` arrays."""

@@ -61,7 +61,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
 from google.protobuf.descriptor import EnumDescriptor
@@ -214,12 +214,22 @@ def tracking_token(tenant_id: str, shipment_id: str, created_event_id: str) -> s
 # --- conversions (never raise) -----------------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The range Timestamp.ToDatetime accepts (0001-01-01 to 9999-12-31).
+_SECONDS_MIN, _SECONDS_MAX = -62_135_596_800, 253_402_300_799
+
+
 def _dt(stamp: Timestamp) -> datetime | None:
-    if stamp.seconds == 0 and stamp.nanos == 0:
+    """``stamp.ToDatetime(tzinfo=UTC)``, None when unset or invalid; computed here
+    because the library's version costs more than the rest of a GPS point's decoding."""
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if seconds == 0 and nanos == 0:
+        return None
+    if not (_SECONDS_MIN <= seconds <= _SECONDS_MAX and 0 <= nanos < 1_000_000_000):
         return None
     try:
-        return stamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
+        return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+    except OverflowError:
         return None
 
 
@@ -644,15 +654,25 @@ def gps_positions(batch: gps_pb2.GpsBatch) -> list[Position]:
     NaN, which is unequal to itself, out of states that must compare equal.)
     """
     positions: list[Position] = []
+    isfinite = math.isfinite
     for point in batch.points:
         recorded_at = _dt(point.recorded_at)
         where = _latlon(point.latitude, point.longitude)
-        extras = (point.speed_mps, point.heading_deg, point.accuracy_m)
         if recorded_at is None or where is None or where == (0.0, 0.0):
             continue
-        if not all(math.isfinite(x) and x >= 0.0 for x in extras):
+        speed, heading, accuracy = point.speed_mps, point.heading_deg, point.accuracy_m
+        # Written out (not all(... for x in ...)): this runs for every point the
+        # projector folds, and the generator cost as much as the checks.
+        if not (
+            isfinite(speed)
+            and speed >= 0.0
+            and isfinite(heading)
+            and heading >= 0.0
+            and isfinite(accuracy)
+            and accuracy >= 0.0
+        ):
             continue
-        positions.append(Position(*where, recorded_at, *extras))
+        positions.append(Position(where[0], where[1], recorded_at, speed, heading, accuracy))
     return positions
 
 
@@ -688,26 +708,29 @@ def _implied_speed(a: Position, b: Position) -> float:
     return max(distance, 0.0) / elapsed
 
 
-def _advance(state: VehicleState, point: Position, noise: NoiseFilter) -> VehicleState:
-    last = state.last_position
+#: (last_position, jump_candidate, jump_streak): the part of a VehicleState a point moves.
+_Motion = tuple[Position | None, Position | None, int]
+
+
+def _advance(motion: _Motion, point: Position, noise: NoiseFilter) -> _Motion:
+    last, candidate, streak = motion
     if last is not None and point.recorded_at <= last.recorded_at:
-        return state  # older: history only, never moves the vehicle back
+        return motion  # older: history only, never moves the vehicle back
     if point.accuracy_m > noise.max_accuracy_m:
-        return state
+        return motion
     if last is None or _implied_speed(last, point) <= noise.max_implied_speed_mps:
-        return replace(state, last_position=point, jump_candidate=None, jump_streak=0)
-    candidate = state.jump_candidate
+        return point, None, 0
     if (
         candidate is not None
         and point.recorded_at > candidate.recorded_at
         and _implied_speed(candidate, point) <= noise.max_implied_speed_mps
     ):
-        streak = state.jump_streak + 1
+        streak += 1
     else:
         streak = 1
     if streak >= noise.jump_confirmations:
-        return replace(state, last_position=point, jump_candidate=None, jump_streak=0)
-    return replace(state, jump_candidate=point, jump_streak=streak)
+        return point, None, 0
+    return last, point, streak
 
 
 def apply_gps(
@@ -725,15 +748,33 @@ def apply_gps(
     vehicle back. Never raises for any batch content; raises ``ValueError`` when the
     envelope holds no GPS batch (the shell routes records by schema type).
     """
+    return fold_gps(state, envelope, noise)[0]
+
+
+def fold_gps(
+    state: VehicleState | None,
+    envelope: envelope_pb2.Envelope,
+    noise: NoiseFilter = DEFAULT_NOISE_FILTER,
+) -> tuple[VehicleState, list[Position]]:
+    """``(apply_gps(state, envelope), accepted_history_points(state, envelope))`` with the
+    batch's points decoded once (the projector needs both for every GPS record)."""
     if envelope.WhichOneof("payload") != "gps_batch":
         raise ValueError("apply_gps needs an envelope with a gps_batch payload")
     batch = envelope.gps_batch
     current = state or VehicleState(vehicle_id=batch.vehicle_id, tenant_id=envelope.tenant_id)
     if is_duplicate_gps(state, envelope):
-        return current
+        return current, []
+    positions = gps_positions(batch)
     sequences = dict(current.device_sequences)
     sequences[batch.device_id] = batch.sequence
     current = replace(current, device_sequences=tuple(sorted(sequences.items())))
-    for point in sorted(gps_positions(batch), key=lambda p: p.recorded_at):
-        current = _advance(current, point, noise)
-    return current
+    # Fold the points' motion as a plain tuple, then build the state once (not once
+    # per point): the same result, without a dataclass copy per point.
+    before: _Motion = (current.last_position, current.jump_candidate, current.jump_streak)
+    motion = before
+    for point in sorted(positions, key=lambda p: p.recorded_at):
+        motion = _advance(motion, point, noise)
+    if motion is not before:
+        last, candidate, streak = motion
+        current = replace(current, last_position=last, jump_candidate=candidate, jump_streak=streak)
+    return current, positions

@@ -13,7 +13,9 @@ Common rules, applied wherever the field occurs:
 * **ids** (shipment, vehicle, device, customer, ...): non-empty, at most
   :data:`MAX_ID_LENGTH` characters, printable, no whitespace. An optional id may be
   empty but, when given, follows the same rules.
-* **free text** (reference, note, reason, ...): at most :data:`MAX_TEXT_LENGTH` characters.
+* **free text** (reference, note, reason, ...): at most :data:`MAX_TEXT_LENGTH` characters,
+  no NUL (U+0000: PostgreSQL cannot store it);
+  a planned route (encoded polyline) at most :data:`MAX_ROUTE_LENGTH`.
 * **coordinates**: finite; latitude within [-90, 90], longitude within [-180, 180];
   (0, 0) — "null island", what an unset coordinate reads as — is refused (within
   :data:`NULL_ISLAND_TOLERANCE_DEG`), reported on the point or LatLng as a whole.
@@ -43,6 +45,10 @@ from shared.pb import common_pb2, delivery_pb2, gps_pb2, shipment_pb2
 MAX_POINTS_PER_BATCH = 1000
 MAX_ID_LENGTH = 128
 MAX_TEXT_LENGTH = 1024
+#: Characters of an encoded planned route (tens of thousands of points). Without a
+#: bound, a route under the gRPC message limit made a Kafka record over the broker's
+#: limit, which Kafka refused for good while the client was told to retry.
+MAX_ROUTE_LENGTH = 256 * 1024
 DEFAULT_MAX_FUTURE_SKEW = timedelta(minutes=5)
 EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_TIME = datetime(2100, 1, 1, tzinfo=UTC)
@@ -152,6 +158,10 @@ def _check_id(out: list[Violation], path: str, value: str, *, required: bool = T
 def _check_text(out: list[Violation], path: str, value: str) -> None:
     if len(value) > MAX_TEXT_LENGTH:
         out.append(Violation(path, f"must be at most {MAX_TEXT_LENGTH} characters"))
+    elif "\x00" in value:
+        # PostgreSQL text and jsonb cannot hold U+0000: the projector could never
+        # store the event, and would stop at it.
+        out.append(Violation(path, "must not contain NUL (U+0000) characters"))
 
 
 def _check_lat_lon(
@@ -232,6 +242,9 @@ def _check_enum(
 
 
 def _check_polyline(out: list[Violation], path: str, encoded: str) -> None:
+    if len(encoded) > MAX_ROUTE_LENGTH:
+        out.append(Violation(path, f"must be at most {MAX_ROUTE_LENGTH} characters"))
+        return
     # Imported here, not at the top, so that this module does not depend on the
     # polyline module at import time (it was written concurrently with this one).
     from shared.domain.polyline import decode

@@ -216,6 +216,11 @@ def test_event_without_member_names_the_oneof() -> None:
         ({"planned_route": "not a polyline!"}, "event.created.planned_route"),
         ({"planned_route": encode([(52.4, 13.0)])}, "event.created.planned_route"),
         ({"reference": "r" * 2000}, "event.created.reference"),
+        ({"reference": "nul \x00 inside"}, "event.created.reference"),
+        (
+            {"planned_route": encode([(52.0 + i * 1e-3, 13.0) for i in range(2)]) + "?" * 300_000},
+            "event.created.planned_route",
+        ),
         (
             {
                 "promised_window": common_pb2.TimeWindow(
@@ -313,6 +318,7 @@ def test_valid_confirmation_passes() -> None:
             "confirmation.location.longitude",
         ),
         ({"confirmed_at": Timestamp()}, "confirmation.confirmed_at"),
+        ({"note": "\x00"}, "confirmation.note"),
     ],
 )
 def test_confirmation_rules(overrides: dict[str, object], field: str) -> None:
@@ -364,6 +370,8 @@ def check_paths(violations: list[Violation], root: str, message: Message) -> Non
 
 
 ids = st.text(max_size=140)
+#: Free text as ingest accepts it: anything but NUL (PostgreSQL cannot store it).
+no_nul = st.characters(exclude_characters="\x00")
 doubles = st.floats(allow_nan=True, allow_infinity=True)
 floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 enums = st.integers(-(2**31), 2**31 - 1)
@@ -555,7 +563,7 @@ def good_events(draw: st.DrawFn) -> shipment_pb2.ShipmentEvent:
                     end=ts(NOW + timedelta(seconds=start + draw(st.integers(1, 10**6)))),
                 ),
                 planned_route=draw(st.one_of(st.just(""), st.just(encode(route)))),
-                reference=draw(st.text(max_size=100)),
+                reference=draw(st.text(no_nul, max_size=100)),
             )
         )
     elif name.name == "vehicle_assigned":
@@ -579,14 +587,14 @@ def test_valid_events_pass(message: shipment_pb2.ShipmentEvent) -> None:
         confirmation_id=good_ids,
         shipment_id=good_ids,
         vehicle_id=st.one_of(st.just(""), good_ids),
-        recipient_name=st.text(max_size=50),
+        recipient_name=st.text(no_nul, max_size=50),
         confirmed_at=past,
         location=st.one_of(
             st.none(), st.builds(common_pb2.LatLng, latitude=good_lat, longitude=good_lon)
         ),
         method=st.integers(1, 5),
         proof_sha256=st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
-        note=st.text(max_size=50),
+        note=st.text(no_nul, max_size=50),
     )
 )
 def test_valid_confirmations_pass(message: delivery_pb2.DeliveryConfirmation) -> None:

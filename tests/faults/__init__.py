@@ -1,0 +1,1 @@
+"""Fault and bad-input suites: a Jepsen-style checker over the real services."""
