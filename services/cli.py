@@ -15,6 +15,13 @@ exit with status 2; tracebacks are kept for bugs.
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports grpc: `cargotrack dev` forks service processes while its own
+# grpc threads run, and grpc's fork handlers can crash such a child; every child
+# execs at once, so fork support buys nothing.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import argparse
 import asyncio
 import importlib

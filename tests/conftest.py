@@ -8,6 +8,12 @@ so tests never see each other's data. Set ``KAFKA_BOOTSTRAP_SERVERS`` and/or
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports grpc: its fork handlers can crash a child forked while
+# grpc threads are busy, and every child here execs at once, so they buy nothing.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import asyncio
 import contextlib
 import shutil
