@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from bench.workload import (
+    SPEED_MPS,
     TENANT,
     batches_per_stream,
     encode_points,
@@ -52,6 +53,7 @@ class Job:
     #: When the fleet left its origins (epoch seconds): positions follow from it.
     origin_s: int
     duration_s: float
+    speed_mps: float = SPEED_MPS
     streams: int = 8
     batches_per_stream: int = 0  # 0: bench.workload.batches_per_stream(batch)
     pipeline: int = 32
@@ -167,7 +169,9 @@ class Client:
                     vehicle_id(vehicle),
                     f"{vehicle_id(vehicle)}-{job.device}",
                     sequence,
-                    encode_points(route, job.origin_s, job.start_s, first, job.batch),
+                    encode_points(
+                        route, job.origin_s, job.start_s, first, job.batch, job.speed_mps
+                    ),
                 )
                 self._next_point[vehicle] = first + job.batch
                 self._next_sequence[vehicle] = sequence + 1

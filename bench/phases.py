@@ -57,7 +57,7 @@ from bench.measure import (
 from bench.report import Report, Row
 from bench.stack import PARTITIONS, BenchStack
 from bench.workload import (
-    MIN_ROUTE_LENGTH_M,
+    ROUTE_LENGTH_M,
     SPEED_MPS,
     TENANT,
     points_per_vehicle,
@@ -180,9 +180,11 @@ class Bench:
         self.t_next = self.t_e2e
         self.t_setup = self.t_e2e - 4 * 3600
         #: Long enough that no vehicle reaches its destination during the run.
-        self.route_length_m = max(
-            MIN_ROUTE_LENGTH_M,
-            (sum(self.e2e_spans.values()) + self.lat_span) * SPEED_MPS + 20_000,
+        self.route_length_m = ROUTE_LENGTH_M
+        #: Slow enough that no vehicle reaches the end of its route (20 km to spare).
+        self.speed_mps = min(
+            SPEED_MPS,
+            (ROUTE_LENGTH_M - 20_000) / (sum(self.e2e_spans.values()) + self.lat_span),
         )
         self.ingest_span = (
             points_per_vehicle(o.ingest_s, o.rate_cap, v, max(o.ingest_batches))
@@ -656,6 +658,7 @@ class Bench:
             "batch": b,
             "start_s": self.t_next,
             "origin_s": self.t_e2e,
+            "speed_mps": self.speed_mps,
             "max_points_per_vehicle": self.e2e_spans[b],
             "duration_s": o.e2e_s,
             "streams": o.streams,
@@ -861,6 +864,7 @@ class Bench:
                     "batch": o.latency_batch,
                     "start_s": self.t_next,
                     "origin_s": self.t_e2e,
+                    "speed_mps": self.speed_mps,
                     "max_points_per_vehicle": self.lat_span,
                     "duration_s": o.latency_s,
                     "streams": o.latency_streams,
@@ -877,6 +881,7 @@ class Bench:
                     "batch": o.latency_batch,
                     "start_s": self.t_next,
                     "origin_s": self.t_e2e,
+                    "speed_mps": self.speed_mps,
                     "max_points_per_vehicle": self.lat_span,
                     "duration_s": o.latency_s * 0.8,
                     "batches_per_stream": 2,  # the second observation confirms LATE
@@ -1193,8 +1198,12 @@ class Bench:
             span_min = self._phase_minutes(name, slope_phase)
             growth = slope * span_min
             grows = growth > max(0.05 * first, 5.0)
+            samples = [(t, rss) for t, rss, ph in self.rss.samples.get(name, []) if ph in phases]
+            t0 = samples[0][0] if samples else 0.0
             self.report.memory.append(
                 {
+                    # (seconds, MB) every ~10 s, for plotting a soak
+                    "series": [(round(t - t0), round(rss / 1e6)) for t, rss in samples[::10]],
                     "service": name,
                     "peak_mb": peak,
                     "slope_mb_per_min": slope,

@@ -105,19 +105,21 @@ class Report:
                 lines.extend(fmt.format(*c) for c in mem_body)
         if self.targets:
             lines.append("")
+            bullet = "- " if markdown else ""
             for target in self.targets:
                 lines.append(
-                    f"target {target['target']}: {target['measured']} -> "
+                    f"{bullet}target {target['target']}: {target['measured']} -> "
                     f"{'MET' if target['met'] else 'NOT MET'}"
                 )
         if self.machine:
             lines.append("")
             lines.append(
-                "machine: "
+                ("- " if markdown else "")
+                + "machine: "
                 + ", ".join(f"{k}={v}" for k, v in self.machine.items() if k != "load_samples")
             )
         for note in self.notes:
-            lines.append(f"note: {note}")
+            lines.append(f"{'- ' if markdown else ''}note: {note}")
         return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """The benchmark's synthetic fleet: vehicles on straight routes, and their GPS batches.
 
-Every vehicle `i` drives from its origin towards its destination at `SPEED_MPS`, one
-fix per second of event time: at epoch second `t` it is `(t - origin_s) * SPEED_MPS`
-metres along its straight route. Fixes are a pure function of (vehicle, origin, time),
+Every vehicle `i` drives from its origin towards its destination at a constant speed
+(`SPEED_MPS`, less in long runs so that no vehicle arrives), one fix per second of
+event time: at epoch second `t` it is `(t - origin_s) * speed` metres along its
+straight route. Fixes are a pure function of (vehicle, origin, time),
 so the load clients (separate processes) and the orchestrator (which records the
 shipments with their planned routes) agree without talking, and a vehicle's track is
 continuous from one phase to the next (no jump for the noise filter to refuse).
@@ -24,8 +25,8 @@ import numpy.typing as npt
 TENANT = "bench"
 #: Ground speed of every simulated vehicle.
 SPEED_MPS = 5.0
-#: Shortest planned route; the orchestrator lengthens routes so no vehicle arrives.
-MIN_ROUTE_LENGTH_M = 100_000.0
+#: Length of every planned route. Fixed: the ETA model's per-route caches grow with it.
+ROUTE_LENGTH_M = 100_000.0
 #: Route vertices this far apart: the straight line of the fixes stays within a metre.
 VERTEX_SPACING_M = 2_000.0
 _EARTH_RADIUS_M = 6_371_008.8
@@ -115,12 +116,19 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def encode_points(route: Route, origin_s: int, start_s: int, first: int, count: int) -> bytes:
+def encode_points(
+    route: Route,
+    origin_s: int,
+    start_s: int,
+    first: int,
+    count: int,
+    speed_mps: float = SPEED_MPS,
+) -> bytes:
     """Wire bytes of `count` GpsBatch.points entries: the fixes at epoch seconds
     `start_s + first`, `start_s + first + 1`, ... of a vehicle that left its origin at
-    `origin_s` (before that it waits at the origin)."""
+    `origin_s` at `speed_mps` (before that it waits at the origin)."""
     k = np.arange(first, first + count, dtype=np.int64)
-    metres = np.maximum(start_s + k - origin_s, 0).astype(np.float64) * SPEED_MPS
+    metres = np.maximum(start_s + k - origin_s, 0).astype(np.float64) * speed_mps
     lat, lon = route.at(metres)
     points = np.empty(count, dtype=_POINT_DTYPE)
     points["head"] = _HEAD
@@ -132,7 +140,7 @@ def encode_points(route: Route, origin_s: int, start_s: int, first: int, count: 
     points["t_acc"] = 0x25
     points["acc"] = 5.0
     points["t_speed"] = 0x2D
-    points["speed"] = SPEED_MPS
+    points["speed"] = speed_mps
     points["t_heading"] = 0x35
     points["heading"] = math.degrees(route.bearing_rad)
     return points.tobytes()
