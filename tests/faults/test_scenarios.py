@@ -195,7 +195,7 @@ async def test_client_disconnects_with_unacknowledged_batches_then_resends(
             if not rig.workload_running:
                 break
             await asyncio.sleep(rng.uniform(0.1, 0.4))
-            rig.faults += workload.cut_some(new_channel=rng.random() < 0.3)
+            rig.faults += await workload.cut_when_in_flight(new_channel=rng.random() < 0.3)
         report = await rig.finish()
     assert_clean(report)
     assert workload.ledger.cut_in_flight >= 1

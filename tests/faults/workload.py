@@ -768,3 +768,19 @@ class Workload:
         for client in clients[: max(1, len(clients) // 2)]:
             cut += client.disconnect(new_channel=new_channel)
         return cut
+
+    async def cut_when_in_flight(self, *, new_channel: bool = False, within_s: float = 2.0) -> int:
+        """Cut calls as soon as some are in flight, waiting up to `within_s` for that moment.
+
+        A fast ingest answers within milliseconds, so one random instant often finds
+        nothing in flight; polling the clients every millisecond catches the window.
+        Returns how many calls were cut (0 only if none was in flight in that time).
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within_s
+        while not self.finished.is_set() and loop.time() < give_up:
+            cut = self.cut_some(new_channel=new_channel)
+            if cut:
+                return cut
+            await asyncio.sleep(0.001)
+        return 0
