@@ -140,6 +140,10 @@ class AlertSettings:
     late_margin_min: float = 15.0
     at_risk_margin_min: float = 5.0
     stale_after_min: float = 10.0
+    #: Most GPS fixes the projector keeps in memory (each vehicle's recent track, so
+    #: live tracking need not read it back from PostgreSQL); about 250 bytes each.
+    #: 0 turns the cache off.
+    track_cache_fixes: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,7 @@ def load_settings(
         late_margin_min=env.number("CARGOTRACK_LATE_MARGIN_MIN", 15.0),
         at_risk_margin_min=env.number("CARGOTRACK_AT_RISK_MARGIN_MIN", 5.0),
         stale_after_min=env.number("CARGOTRACK_STALE_AFTER_MIN", 10.0, minimum=0.1),
+        track_cache_fixes=env.integer("CARGOTRACK_TRACK_CACHE_FIXES", 1_000_000, minimum=0),
     )
     settings = Settings(
         kafka=kafka,

@@ -86,6 +86,13 @@ class Projection(Protocol):
         commit or roll back the transaction itself.
         """
 
+    def committed(self) -> None:
+        """The transaction of the last `apply` committed (keep what it cached)."""
+
+    def forget(self) -> None:
+        """Drop anything cached: the last `apply` did not commit, or partitions
+        changed hands (another instance may have written meanwhile)."""
+
 
 class OffsetConflict(Exception):
     """Someone else moved this projection's offsets: the batch was not applied."""
@@ -152,12 +159,14 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # Wait for the batch in flight to commit, so the next owner starts after it.
         async with self._runner.batch_lock:
+            self._runner.projection.forget()
             for tp in revoked:
                 self._runner.expected.pop(tp, None)
             metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._runner.batch_lock:
+            self._runner.projection.forget()
             await self._runner.seek_to_stored(assigned)
 
 
@@ -316,11 +325,16 @@ class ProjectionRunner:
                             connection, self.projection.name, advanced, self.expected
                         )
                 except OffsetConflict as conflict:
+                    self.projection.forget()
                     self.stats.conflicts += 1
                     metrics.PROJECTOR_OFFSET_CONFLICTS.inc()
                     log.warning("%s; re-seeking to stored offsets", conflict)
                     await self.seek_to_stored(list(owned))
                     return
+                except BaseException:
+                    self.projection.forget()
+                    raise
+                self.projection.committed()
                 committed = time.perf_counter()
             self.expected.update(advanced)
             self.stats.batches += 1

@@ -27,6 +27,14 @@ The ETA shown to clients is separate: it is recomputed at the vehicle's newest
 position on every batch (so it is as fresh as the data), and never fed to the
 debouncer.
 
+Each vehicle's recent track is kept in memory between batches (`TrackCache`), so
+a batch reads from PostgreSQL only the tracks it has not seen: the cache holds
+exactly what `vehicle_positions` holds for the vehicle after a known instant, as
+of the last committed transaction. Its changes are staged per batch and applied
+only when the runner reports the commit (`committed`); any failure or change of
+partition ownership empties it (`forget`), because another projector may have
+written the vehicle's history meanwhile.
+
 Known limit: a GPS record that arrives after a newer record of the same vehicle
 was already observed (a late upload from a second device) is skipped live but
 observed in a replay that reads both in one batch. In-order data, the normal
@@ -39,9 +47,11 @@ import asyncio
 import bisect
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from shared import statecodec
@@ -52,7 +62,7 @@ from shared.domain import alerts
 from shared.domain.alerts import AlertConditions, AlertDecision
 from shared.domain.eta import DelayMargins, EtaEstimate, EtaMethod, EtaModel, classify_delay
 from shared.domain.geo import Fix, Route, route_from_polyline
-from shared.domain.tracking import DELIVERY_FAILED, ShipmentState, VehicleState
+from shared.domain.tracking import DELIVERY_FAILED, Position, ShipmentState, VehicleState
 from shared.envelopes import timestamp
 from shared.pb import alerts_pb2, common_pb2
 
@@ -158,8 +168,110 @@ class _VehicleTrack:
         return (self.fixes[i - 1].lat, self.fixes[i - 1].lon) if i else None
 
 
+def _fix_order(fix: Fix) -> tuple[datetime, float, float]:
+    # The order the history query returns rows in (recorded_at, latitude, longitude).
+    return fix.at, fix.lat, fix.lon
+
+
+@dataclass(frozen=True)
+class CachedTrack:
+    """A vehicle's history rows after `covered_from` (exclusive), in history order.
+
+    Immutable: a batch derives new tracks from the committed ones, so a rollback
+    leaves the cache as it was.
+    """
+
+    covered_from: datetime
+    fixes: tuple[Fix, ...]
+    #: The GPS record (event id) of each fix.
+    events: tuple[str, ...]
+
+    def covers(self, since: datetime) -> bool:
+        return self.covered_from <= since
+
+    def with_points(self, points: Sequence[tuple[str, Position]]) -> CachedTrack:
+        """This track plus a batch's new history rows."""
+        added = [(_fix_of(point), event_id) for event_id, point in points]
+        merged = list(zip(self.fixes, self.events, strict=True))
+        in_order = not merged or _fix_order(merged[-1][0]) <= _fix_order(added[0][0])
+        merged.extend(added)
+        if not in_order or any(_fix_order(a[0]) > _fix_order(b[0]) for a, b in pairwise(added)):
+            merged.sort(key=lambda pair: _fix_order(pair[0]))
+        return CachedTrack(
+            self.covered_from, tuple(f for f, _ in merged), tuple(e for _, e in merged)
+        )
+
+    def after(self, moment: datetime) -> CachedTrack:
+        """The same track without the rows at or before `moment` (never widens it)."""
+        if moment <= self.covered_from:
+            return self
+        lo = bisect.bisect_right(self.fixes, moment, key=lambda f: f.at)
+        return CachedTrack(moment, self.fixes[lo:], self.events[lo:])
+
+    def view(self, after: datetime) -> _VehicleTrack:
+        """What the history query returns for rows after `after` (must be covered)."""
+        lo = bisect.bisect_right(self.fixes, after, key=lambda f: f.at)
+        fixes = list(self.fixes[lo:])
+        newest: dict[str, datetime] = {}
+        for fix, event_id in zip(fixes, self.events[lo:], strict=True):
+            newest[event_id] = fix.at  # time order: the last one of a record is its newest
+        return _VehicleTrack(fixes, [f.at for f in fixes], sorted(set(newest.values())))
+
+
+def _fix_of(point: Position) -> Fix:
+    # Exactly what reading the row back gives: speeds are float32 on the wire and
+    # `real` in the table, so the value survives the round trip unchanged.
+    return Fix(point.recorded_at, point.lat, point.lon, point.speed_mps or None)
+
+
+class TrackCache:
+    """Recent tracks of the vehicles this projector tracks, bounded by fixes held.
+
+    Least recently used vehicles are dropped first; a dropped vehicle's track is
+    read from PostgreSQL again when it is next needed.
+    """
+
+    def __init__(self, max_fixes: int) -> None:
+        self.max_fixes = max_fixes
+        self._tracks: OrderedDict[store.VehicleKey, CachedTrack] = OrderedDict()
+        self._fixes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._tracks)
+
+    @property
+    def fixes(self) -> int:
+        return self._fixes
+
+    def get(self, key: store.VehicleKey) -> CachedTrack | None:
+        return self._tracks.get(key)
+
+    def apply(self, changes: Mapping[store.VehicleKey, CachedTrack | None]) -> None:
+        """Store a committed batch's tracks (None: forget that vehicle), then evict."""
+        for key, track in changes.items():
+            old = self._tracks.pop(key, None)
+            if old is not None:
+                self._fixes -= len(old.fixes)
+            if track is not None and self.max_fixes:
+                self._tracks[key] = track  # newest use last
+                self._fixes += len(track.fixes)
+        while self._fixes > self.max_fixes and self._tracks:
+            _, evicted = self._tracks.popitem(last=False)
+            self._fixes -= len(evicted.fixes)
+
+    def clear(self) -> None:
+        self._tracks.clear()
+        self._fixes = 0
+
+
 class LiveTracker:
-    """Recomputes progress, ETA and alerts for shipments whose vehicle moved."""
+    """Recomputes progress, ETA and alerts for shipments whose vehicle moved.
+
+    Call `committed()` after the transaction of each `update` commits and
+    `forget()` when it did not (or when partitions changed hands).
+    """
 
     def __init__(
         self,
@@ -177,13 +289,41 @@ class LiveTracker:
             late_after_s=settings.late_margin_min * 60,
             at_risk_within_s=settings.at_risk_margin_min * 60,
         )
+        self.tracks = TrackCache(settings.track_cache_fixes)
+        #: The tracks of the batch in flight, applied to the cache on commit.
+        self._staged: dict[store.VehicleKey, CachedTrack | None] = {}
+
+    def committed(self) -> None:
+        """The last update's transaction committed: keep what it read and wrote."""
+        self.tracks.apply(self._staged)
+        self._staged = {}
+
+    def forget(self) -> None:
+        """The last update did not commit, or partitions changed hands: drop the cache."""
+        self.tracks.clear()
+        self._staged = {}
 
     async def update(
         self,
         connection: Connection,
         vehicles_moved: dict[store.VehicleKey, VehicleState],
         shipments_changed: dict[store.ShipmentKey, ShipmentState],
+        new_points: Mapping[store.VehicleKey, Sequence[tuple[str, Position]]] | None = None,
     ) -> None:
+        """Track the shipments of the moved vehicles inside the caller's transaction.
+
+        `new_points` are the history rows (event id, position) this transaction
+        added per vehicle; without them the cache is not used for this batch.
+        """
+        self._staged = {}
+        if new_points is None:
+            # Unknown additions: nothing cached can be trusted past this batch.
+            self.forget()
+        else:
+            for key, points in new_points.items():
+                cached = self.tracks.get(key)
+                if cached is not None and points:
+                    self._staged[key] = cached.with_points(points)
         pending: list[PendingAlert] = []
         for shipment in shipments_changed.values():
             pending.extend(self._failed_deliveries(shipment))
@@ -197,8 +337,19 @@ class LiveTracker:
         if missing:
             vehicles.update(await store.load_vehicles(connection, missing))
         vehicles = {k: v for k, v in vehicles.items() if v.last_position is not None}
+        needed: dict[store.VehicleKey, datetime] = {}
         if vehicles:
-            pending.extend(await self._track(connection, vehicles))
+            pending.extend(await self._track(connection, vehicles, needed))
+        # Keep a vehicle's track only while it carries shipments, and only as far
+        # back as its next batch is likely to need.
+        for key in list(self._staged):
+            if key not in needed:
+                self._staged[key] = None
+        window = timedelta(seconds=self.model.params.window_s)
+        for key, after in needed.items():
+            track = self._staged.get(key)
+            if track is not None:
+                self._staged[key] = track.after(after - window)
         await write_alerts(connection, pending)
 
     def _failed_deliveries(self, shipment: ShipmentState) -> Iterable[PendingAlert]:
@@ -230,8 +381,13 @@ class LiveTracker:
         return due
 
     async def _track(
-        self, connection: Connection, vehicles: dict[store.VehicleKey, VehicleState]
+        self,
+        connection: Connection,
+        vehicles: dict[store.VehicleKey, VehicleState],
+        needed: dict[store.VehicleKey, datetime],
     ) -> list[PendingAlert]:
+        """Track the active shipments of `vehicles`; fill `needed` with each tracked
+        vehicle's next-observation horizon (for trimming its cached track)."""
         active = await store.active_shipments_of(connection, vehicles)
         if not active:
             return []
@@ -248,7 +404,7 @@ class LiveTracker:
             first = current.observed_at if current and current.observed_at else None
             first = min(first or active_since(shipment), newest.recorded_at)
             since[key] = min(since.get(key, first), first)
-        tracks = await self._load_tracks(connection, vehicles, since)
+        tracks = await self._load_tracks(connection, since)
         window_s = self.model.params.window_s
         rows = []
         history = []
@@ -330,6 +486,8 @@ class LiveTracker:
                     "on_route": route is not None and not shown.off_route,
                     "off_route_m": shown.offset_m or 0.0,
                 }
+            horizon = min(observed_at or position.recorded_at, position.recorded_at)
+            needed[vehicle_key] = min(needed.get(vehicle_key, horizon), horizon)
             if eta is not None and observed_at is not None:
                 eta["observed_at"] = observed_at.isoformat()
                 eta["observed"] = statecodec.encode(chain) if chain is not None else None
@@ -441,47 +599,58 @@ class LiveTracker:
         return found
 
     async def _load_tracks(
-        self,
-        connection: Connection,
-        vehicles: dict[store.VehicleKey, VehicleState],
-        since: dict[store.VehicleKey, datetime],
+        self, connection: Connection, since: dict[store.VehicleKey, datetime]
     ) -> dict[store.VehicleKey, _VehicleTrack]:
         """Each vehicle's fixes from `since` - window on, and its GPS records' instants.
 
-        A record's instant is its newest fix, so it is found however many of its
-        points lie before `since`.
+        From the cache where it covers that far back, else from PostgreSQL (and
+        staged for the cache). A record's instant is its newest fix, so it is found
+        however many of its points lie before `since`.
         """
         window = timedelta(seconds=self.model.params.window_s)
-        keys = sorted(since)
+        tracks: dict[store.VehicleKey, _VehicleTrack] = {}
+        missing: dict[store.VehicleKey, datetime] = {}
+        for key, moment in since.items():
+            after = moment - window
+            cached = self._staged.get(key) or self.tracks.get(key)
+            if cached is not None and cached.covers(after):
+                self.tracks.hits += 1
+                self._staged[key] = cached
+                view = cached.view(after)
+                if view.fixes:
+                    tracks[key] = view
+            else:
+                self.tracks.misses += 1
+                missing[key] = after
+        if not missing:
+            return tracks
+        keys = sorted(missing)
         rows = await connection.fetch(
             "SELECT p.tenant_id, p.vehicle_id, p.recorded_at, p.latitude, p.longitude,"
             " p.speed_mps, p.event_id FROM vehicle_positions p"
             " JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(tenant_id, vehicle_id,"
-            " since) USING (tenant_id, vehicle_id)"
-            " WHERE p.recorded_at > k.since - $4::interval"
+            " after) USING (tenant_id, vehicle_id)"
+            " WHERE p.recorded_at > k.after"
             " ORDER BY p.tenant_id, p.vehicle_id, p.recorded_at, p.latitude, p.longitude",
             [k[0] for k in keys],
             [k[1] for k in keys],
-            [since[k] for k in keys],
-            window,
+            [missing[k] for k in keys],
         )
-        fixes: dict[store.VehicleKey, list[Fix]] = {}
-        newest_of_record: dict[store.VehicleKey, dict[str, datetime]] = {}
+        fixes: dict[store.VehicleKey, list[Fix]] = {key: [] for key in keys}
+        events: dict[store.VehicleKey, list[str]] = {key: [] for key in keys}
         for n, row in enumerate(rows):
             if n and n % (YIELD_EVERY * 1000) == 0:
                 await asyncio.sleep(0)  # a replay's batch can read back 10^5+ fixes
             key = (row["tenant_id"], row["vehicle_id"])
-            speed = row["speed_mps"]
-            at: datetime = row["recorded_at"]
-            fixes.setdefault(key, []).append(
-                Fix(at, row["latitude"], row["longitude"], speed or None)
+            fixes[key].append(
+                Fix(row["recorded_at"], row["latitude"], row["longitude"], row["speed_mps"] or None)
             )
-            # Rows come in time order: the last one of a record is its newest.
-            newest_of_record.setdefault(key, {})[row["event_id"]] = at
-        tracks = {}
-        for key, found in fixes.items():
-            instants = sorted(set(newest_of_record.get(key, {}).values()))
-            tracks[key] = _VehicleTrack(found, [f.at for f in found], instants)
+            events[key].append(row["event_id"])
+        for key in keys:
+            loaded = CachedTrack(missing[key], tuple(fixes[key]), tuple(events[key]))
+            self._staged[key] = loaded
+            if loaded.fixes:
+                tracks[key] = loaded.view(missing[key])
         return tracks
 
 

@@ -72,6 +72,8 @@ class BatchEffect:
     shipments: dict[store.ShipmentKey, ShipmentState] = field(default_factory=dict)
     vehicles_moved: dict[store.VehicleKey, VehicleState] = field(default_factory=dict)
     history_points: int = 0
+    #: The history rows added, per vehicle: (event id, position).
+    new_points: dict[store.VehicleKey, list[tuple[str, Position]]] = field(default_factory=dict)
     ignored: int = 0
 
 
@@ -103,8 +105,20 @@ class TrackingProjection:
         if gps_records:
             await self._fold_vehicles(connection, gps_records, effect)
         if self.live is not None:
-            await self.live.update(connection, effect.vehicles_moved, effect.shipments)
+            await self.live.update(
+                connection, effect.vehicles_moved, effect.shipments, effect.new_points
+            )
         self.last_effect = effect
+
+    def committed(self) -> None:
+        """The transaction of the last `apply` committed."""
+        if self.live is not None:
+            self.live.committed()
+
+    def forget(self) -> None:
+        """The last `apply` did not commit, or partitions changed hands."""
+        if self.live is not None:
+            self.live.forget()
 
     async def _fold_shipments(
         self, connection: Connection, records: list[Delivered], effect: BatchEffect
@@ -140,8 +154,11 @@ class TrackingProjection:
             key = key_of(envelope)
             before = states.get(key)
             after, points = tracking.fold_gps(before, envelope)
-            for point in points:
-                history.append((key[0], key[1], envelope.event_id, point))
+            if points:
+                added = effect.new_points.setdefault(key, [])
+                for point in points:
+                    history.append((key[0], key[1], envelope.event_id, point))
+                    added.append((envelope.event_id, point))
             if after is not before:
                 states[key] = after
                 changed[key] = after

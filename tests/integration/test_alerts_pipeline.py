@@ -152,12 +152,14 @@ class Pipeline:
 
 
 @contextlib.asynccontextmanager
-async def projection_only(settings: Settings, group: str) -> AsyncIterator[ProjectionRunner]:
+async def projection_only(
+    settings: Settings, group: str, tracker: LiveTracker | None = None
+) -> AsyncIterator[ProjectionRunner]:
     """A projection runner (own consumer group) into settings' schema."""
     pool = await create_pool(settings.database)
     async with producer_for(settings) as producer:
         runner = ProjectionRunner(
-            TrackingProjection(settings.topics, LiveTracker(settings.alerts)),
+            TrackingProjection(settings.topics, tracker or LiveTracker(settings.alerts)),
             pool,
             settings.kafka,
             settings.topics.dead_letters,
@@ -424,3 +426,85 @@ async def test_relays_running_at_once_keep_a_shipments_alerts_in_order(
         assert [c.envelope.alert.kind for c in history] == kinds
     finally:
         await pool.close()
+
+
+def late_upload(vehicle_id: str) -> envelope_pb2.Envelope:
+    """A second device's batch of veh's minutes 3-6, uploaded late: its fixes fall
+    between fixes already in the vehicle's track (7.5 s after each of them)."""
+    x0 = 3.0 * 15 * 12  # where the vehicle was at minute 3 (3 m/s)
+    points = [
+        (
+            GPS_START + timedelta(seconds=180 + 15 * i + 7.5),
+            LAT,
+            -2.99 + (x0 + 3.0 * (15 * i + 7.5)) / METRES_PER_DEGREE_LON,
+        )
+        for i in range(12)
+    ]
+    return gps_envelope(TENANT, vehicle_id, "phone-late", 1, points)
+
+
+async def derived_state(
+    settings: Settings, group: str, envelopes: list[envelope_pb2.Envelope]
+) -> tuple[list[tuple[object, ...]], LiveTracker]:
+    """Apply the log one record per batch; return every row live tracking derived."""
+    tracker = LiveTracker(settings.alerts)
+    async with (
+        projection_only(settings, group, tracker) as runner,
+        producer_for(settings) as producer,
+    ):
+        for envelope in envelopes:
+            await send_all(producer, settings, [envelope])
+            offsets = await end_offsets(settings, runner.projection.topics)
+            await wait_caught_up(runner.pool, runner.projection.name, offsets, timeout_s=60)
+        tracking = await runner.pool.fetch(
+            "SELECT shipment_id, vehicle_id, position, progress, eta, conditions"
+            " FROM shipment_tracking ORDER BY shipment_id"
+        )
+        etas = await runner.pool.fetch(
+            "SELECT shipment_id, position_at, computed_at, estimated_arrival, remaining_m,"
+            " method FROM eta_history ORDER BY shipment_id, position_at"
+        )
+        outbox = await runner.pool.fetch(
+            "SELECT alert_id, shipment_id, payload FROM alert_outbox ORDER BY alert_id"
+        )
+    rows = [tuple(r) for r in tracking] + [tuple(r) for r in etas] + [tuple(r) for r in outbox]
+    return rows, tracker
+
+
+async def test_tracks_kept_in_memory_derive_exactly_what_reading_them_back_derives(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """The projector's in-memory tracks (CARGOTRACK_TRACK_CACHE_FIXES) change nothing:
+    record by record, with a late upload that lands inside a cached track, the
+    progress, ETAs, ETA history and alerts equal those of a projector that reads
+    every track back from PostgreSQL."""
+    gps_1 = late_then_catching_up("veh-1")
+    gps_2 = late_then_catching_up("veh-2", "phone-2")
+    interleaved = [e for pair in zip(gps_1, gps_2, strict=True) for e in pair]
+    log = (
+        shipment_log("shp-1", "veh-1")
+        + shipment_log("shp-2", "veh-2")
+        + interleaved[:24]
+        + [late_upload("veh-1")]
+        + interleaved[24:]
+    )
+    cached_settings = settings_for(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(cached_settings)
+    cached, tracker = await derived_state(cached_settings, "cached", log)
+    assert tracker.tracks.hits > len(interleaved) // 2  # the cache was really used
+    assert len(tracker.tracks) == 2
+    async with fresh_schema(database_url) as schema:
+        uncached_settings = settings_for(
+            kafka_bootstrap,
+            database_url,
+            f"{topic_prefix}nc.",
+            schema,
+            CARGOTRACK_TRACK_CACHE_FIXES="0",
+        )
+        await prepare(uncached_settings)
+        uncached, no_cache = await derived_state(uncached_settings, "uncached", log)
+    assert no_cache.tracks.hits == 0
+    assert len(no_cache.tracks) == 0
+    assert any(row[0] == "shp-1" for row in cached)
+    assert len([row for row in cached if len(row) == 3]) == 4  # LATE + RECOVERED each
+    assert cached == uncached

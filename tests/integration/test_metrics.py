@@ -388,6 +388,12 @@ class GatedProjection:
             await self.gate.wait()
         await self.inner.apply(connection, records)
 
+    def committed(self) -> None:
+        self.inner.committed()
+
+    def forget(self) -> None:
+        self.inner.forget()
+
 
 async def test_lag_counts_records_fetched_but_not_applied(
     kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str

@@ -1,0 +1,137 @@
+"""The projector's in-memory recent tracks (services/projector/live.py), without I/O.
+
+A cached track must answer exactly what the history query would: the rows after
+an instant, in (recorded_at, latitude, longitude) order, with each GPS record's
+newest fix as its instant. The integration test in test_alerts_pipeline.py checks
+the whole projector against reading tracks back from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.projector.live import CachedTrack, TrackCache
+from shared.domain.geo import Fix
+from shared.domain.tracking import Position
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+
+
+def position(second: float, lat: float = 53.4, speed: float = 5.0) -> Position:
+    return Position(
+        lat=lat,
+        lon=-2.9 + second / 10_000,
+        recorded_at=T0 + timedelta(seconds=second),
+        speed_mps=speed,
+    )
+
+
+def history_order(rows: list[tuple[str, Position]]) -> list[tuple[datetime, float, float, str]]:
+    """What `ORDER BY recorded_at, latitude, longitude` returns for these rows."""
+    return sorted((p.recorded_at, p.lat, p.lon, e) for e, p in rows)
+
+
+def empty(covered_from: datetime = T0 - timedelta(hours=1)) -> CachedTrack:
+    return CachedTrack(covered_from, (), ())
+
+
+uploads = st.lists(
+    st.lists(st.integers(min_value=0, max_value=3_600), min_size=1, max_size=20),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(uploads)
+def test_a_track_holds_every_upload_in_history_order(batches: list[list[int]]) -> None:
+    track = empty()
+    rows: list[tuple[str, Position]] = []
+    for n, seconds in enumerate(batches):
+        batch = [(f"rec-{n}", position(s)) for s in seconds]
+        rows.extend(batch)
+        track = track.with_points(batch)
+    assert [(f.at, f.lat, f.lon, e) for f, e in zip(track.fixes, track.events, strict=True)] == (
+        history_order(rows)
+    )
+
+
+@given(uploads, st.integers(min_value=0, max_value=3_600))
+def test_a_view_is_what_the_history_query_returns_after_an_instant(
+    batches: list[list[int]], after_s: int
+) -> None:
+    track = empty()
+    rows: list[tuple[str, Position]] = []
+    for n, seconds in enumerate(batches):
+        batch = [(f"rec-{n}", position(s)) for s in seconds]
+        rows.extend(batch)
+        track = track.with_points(batch)
+    after = T0 + timedelta(seconds=after_s)
+    view = track.view(after)
+    expected = [row for row in history_order(rows) if row[0] > after]
+    assert [(f.at, f.lat, f.lon) for f in view.fixes] == [row[:3] for row in expected]
+    assert view.times == [row[0] for row in expected]
+    newest: dict[str, datetime] = {}
+    for at, _, _, event_id in expected:
+        newest[event_id] = max(newest.get(event_id, at), at)
+    assert view.records == sorted(set(newest.values()))
+
+
+def test_trimming_moves_the_covered_instant_forward_only() -> None:
+    track = empty(T0).with_points([("r", position(s)) for s in range(0, 100, 10)])
+    trimmed = track.after(T0 + timedelta(seconds=35))
+    assert trimmed.covered_from == T0 + timedelta(seconds=35)
+    assert [f.at for f in trimmed.fixes] == [T0 + timedelta(seconds=s) for s in range(40, 100, 10)]
+    assert trimmed.covers(T0 + timedelta(seconds=35))
+    assert not trimmed.covers(T0 + timedelta(seconds=34))
+    assert trimmed.after(T0) is trimmed  # never widens what it claims to hold
+
+
+def test_a_fix_is_what_reading_the_row_back_gives() -> None:
+    track = empty().with_points([("r1", position(5, speed=0.0))])
+    assert track.fixes == (Fix(T0 + timedelta(seconds=5), 53.4, -2.9 + 5 / 10_000, None),)
+    assert track.events == ("r1",)  # speed 0 (unknown) reads back as None
+
+
+def test_the_cache_evicts_least_recently_used_vehicles_beyond_its_fix_budget() -> None:
+    cache = TrackCache(max_fixes=25)
+
+    def track(n: int) -> CachedTrack:
+        return empty().with_points([("r", position(s)) for s in range(n)])
+
+    cache.apply({("t", "v1"): track(10), ("t", "v2"): track(10)})
+    assert cache.fixes == 20
+    cache.apply({("t", "v1"): track(10)})  # v1 used again: v2 is now the oldest
+    cache.apply({("t", "v3"): track(10)})
+    assert cache.get(("t", "v2")) is None
+    assert cache.get(("t", "v1")) is not None
+    assert cache.get(("t", "v3")) is not None
+    assert cache.fixes == 20
+    cache.apply({("t", "v1"): None})
+    assert cache.get(("t", "v1")) is None
+    assert cache.fixes == 10
+    cache.clear()
+    assert len(cache) == 0
+    assert cache.fixes == 0
+
+
+def test_a_cache_without_budget_keeps_nothing() -> None:
+    cache = TrackCache(max_fixes=0)
+    cache.apply({("t", "v1"): empty().with_points([("r", position(1))])})
+    assert len(cache) == 0
+    assert cache.fixes == 0
+
+
+def test_out_of_order_uploads_keep_bisection_valid() -> None:
+    rng = random.Random(7)
+    seconds = list(range(0, 600, 3))
+    rng.shuffle(seconds)
+    track = empty()
+    for k in range(0, len(seconds), 17):
+        track = track.with_points([(f"r{k}", position(s)) for s in seconds[k : k + 17]])
+    times = [f.at for f in track.fixes]
+    assert times == sorted(times)
+    assert len(track.after(T0 + timedelta(seconds=300)).fixes) == len(range(303, 600, 3))
