@@ -11,8 +11,13 @@ each record's effect is applied once, whatever crashes or rebalances happen:
   (optimistic fencing): if another instance, or a rebuild, moved it meanwhile,
   the transaction rolls back and the runner re-seeks. A zombie instance can
   therefore never apply a batch twice;
-- records that cannot be decoded go to the dead-letter topic with the reason,
-  and their offsets are committed like any other;
+- records that cannot be decoded, or whose payload does not belong on their
+  topic, go to the dead-letter topic with the reason, and their offsets are
+  committed like any other;
+- a batch the database refuses for its data (a NUL in a text, a key over the
+  index row limit: SQLSTATE classes 22 and 54) is retried in halves; the prefix
+  that applies is committed and the record that cannot be stored alone goes to
+  the dead-letter topic, so one bad record never stops its partition;
 - partitions are assigned with the range assignor, so partition N of every
   subscribed topic goes to the same member: shipment events and delivery
   confirmations, co-partitioned by shipment id, are folded by one instance;
@@ -32,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +84,11 @@ class Projection(Protocol):
     def topics(self) -> Sequence[str]:
         """The topics it consumes."""
 
+    @property
+    def payloads(self) -> Mapping[str, Collection[str]]:
+        """Per topic, the envelope payload kinds it carries; the runner dead-letters
+        any other kind found there (a topic not listed accepts every kind)."""
+
     async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
         """Apply records (in partition order) inside the runner's open transaction.
 
@@ -92,6 +102,11 @@ class Projection(Protocol):
     def forget(self) -> None:
         """Drop anything cached: the last `apply` did not commit, or partitions
         changed hands (another instance may have written meanwhile)."""
+
+
+#: Errors that say the database cannot store this data, whatever is retried:
+#: SQLSTATE class 22 (data exception) and 54 (program limit exceeded).
+UNSTORABLE = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
 
 
 class OffsetConflict(Exception):
@@ -296,10 +311,15 @@ class ProjectionRunner:
                         envelope = decode(record.value, list(record.headers or ()))
                     except PoisonRecord as error:
                         poison.append((record, str(error)))
-                    else:
-                        delivered.append(
-                            Delivered(tp.topic, tp.partition, record.offset, record.key, envelope)
-                        )
+                        continue
+                    kind = envelope.WhichOneof("payload")
+                    allowed = self.projection.payloads.get(tp.topic)
+                    if allowed is not None and kind not in allowed:
+                        poison.append((record, f"a {kind} payload does not belong on {tp.topic}"))
+                        continue
+                    delivered.append(
+                        Delivered(tp.topic, tp.partition, record.offset, record.key, envelope)
+                    )
                 advanced[tp] = records[-1].offset
             with tracing.span(
                 f"{self.projection.name} apply",
@@ -316,35 +336,91 @@ class ProjectionRunner:
                 # replay (at least once), but the records are never lost.
                 for record, reason in poison:
                     await self._dead_letter(record, reason)
-                started = time.perf_counter()
                 try:
-                    async with self.pool.acquire() as connection, connection.transaction():
-                        await self.projection.apply(connection, delivered)
-                        folded = time.perf_counter()
-                        await save_offsets(
-                            connection, self.projection.name, advanced, self.expected
-                        )
+                    await self._transact(delivered, advanced)
                 except OffsetConflict as conflict:
-                    self.projection.forget()
-                    self.stats.conflicts += 1
-                    metrics.PROJECTOR_OFFSET_CONFLICTS.inc()
-                    log.warning("%s; re-seeking to stored offsets", conflict)
+                    self._conflicted(conflict)
                     await self.seek_to_stored(list(owned))
                     return
-                except BaseException:
-                    self.projection.forget()
-                    raise
-                self.projection.committed()
-                committed = time.perf_counter()
-            self.expected.update(advanced)
-            self.stats.batches += 1
-            self.stats.records += len(delivered)
+                except UNSTORABLE as error:
+                    raw = {
+                        (r.topic, r.partition, r.offset): r for rs in batches.values() for r in rs
+                    }
+                    await self._isolate_unstorable(delivered, raw, error)
+                    await self.seek_to_stored(list(owned))  # the rest is fetched again
+                    return
             self.stats.dead_letters += len(poison)
-            self.stats.positions.update(advanced)
-            _record_batch(delivered, started, folded, committed)
         # Outside the lock: a commit waits for a rebalance in progress, and the
         # rebalance listener waits for this lock.
         await self._commit_for_monitoring(advanced)
+
+    async def _transact(
+        self, records: list[Delivered], advanced: dict[TopicPartition, int], *, apply: bool = True
+    ) -> None:
+        """Apply records and save the advanced offsets in one transaction, or neither."""
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire() as connection, connection.transaction():
+                if apply:
+                    await self.projection.apply(connection, records)
+                folded = time.perf_counter()
+                await save_offsets(connection, self.projection.name, advanced, self.expected)
+        except BaseException:
+            self.projection.forget()
+            raise
+        self.projection.committed()
+        committed = time.perf_counter()
+        self.expected.update(advanced)
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        self.stats.positions.update(advanced)
+        _record_batch(records, started, folded, committed)
+
+    def _conflicted(self, conflict: OffsetConflict) -> None:
+        self.stats.conflicts += 1
+        metrics.PROJECTOR_OFFSET_CONFLICTS.inc()
+        log.warning("%s; re-seeking to stored offsets", conflict)
+
+    async def _isolate_unstorable(
+        self,
+        records: list[Delivered],
+        raw: dict[tuple[str, int, int], ConsumerRecord[Any, Any]],
+        error: Exception,
+    ) -> None:
+        """The batch `records` failed for its data: commit the longest prefix half
+        that applies, or, when a record fails alone, dead-letter it and move past it.
+
+        The caller re-seeks afterwards, so what follows is fetched and applied in
+        ordinary batches; a bad record deep in a batch takes a few halvings, each
+        committing progress.
+        """
+        log.warning(
+            "%s: a batch of %d records failed for its data (%s); isolating the record",
+            self.group_id,
+            len(records),
+            error,
+        )
+        prefix = records
+        while len(prefix) > 1:
+            prefix = prefix[: len(prefix) // 2]
+            try:
+                await self._transact(prefix, _last_offsets(prefix))
+            except UNSTORABLE as again:
+                error = again
+                continue
+            except OffsetConflict as conflict:
+                self._conflicted(conflict)
+            return
+        [bad] = prefix
+        await self._dead_letter(
+            raw[(bad.topic, bad.partition, bad.offset)], f"PostgreSQL cannot store it: {error}"
+        )
+        try:
+            await self._transact([], _last_offsets(prefix), apply=False)
+        except OffsetConflict as conflict:
+            self._conflicted(conflict)
+            return
+        self.stats.dead_letters += 1
 
     async def _commit_for_monitoring(self, advanced: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
@@ -379,6 +455,11 @@ class ProjectionRunner:
                 record.offset,
                 reason,
             )
+
+
+def _last_offsets(records: Sequence[Delivered]) -> dict[TopicPartition, int]:
+    """The offset of the last of `records` in each partition (records in log order)."""
+    return {TopicPartition(r.topic, r.partition): r.offset for r in records}
 
 
 def _header(record: ConsumerRecord[Any, Any], name: str) -> str:

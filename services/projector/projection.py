@@ -84,6 +84,12 @@ class TrackingProjection:
 
     def __init__(self, topics: TopicSettings, live: LiveTracker | None = None) -> None:
         self.topics = (topics.shipment_events, topics.delivery_confirmations, topics.gps_points)
+        #: What each topic carries: anything else there was written by mistake.
+        self.payloads = {
+            topics.shipment_events: ("shipment_event",),
+            topics.delivery_confirmations: ("delivery_confirmation",),
+            topics.gps_points: ("gps_batch",),
+        }
         self.live = live
         self.last_effect = BatchEffect()
 
@@ -98,7 +104,7 @@ class TrackingProjection:
             elif payload == "gps_batch":
                 gps_records.append(record)
             else:
-                # A valid envelope on the wrong topic (e.g. an alert): not ours to fold.
+                # Not ours to fold (the runner dead-letters these when it checks payloads).
                 effect.ignored += 1
         if shipment_records:
             await self._fold_shipments(connection, merge_by_recorded_time(shipment_records), effect)

@@ -14,7 +14,7 @@ import contextlib
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -380,6 +380,10 @@ class GatedProjection:
     @property
     def topics(self) -> Sequence[str]:
         return self.inner.topics
+
+    @property
+    def payloads(self) -> Mapping[str, Collection[str]]:
+        return self.inner.payloads
 
     async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
         self.calls += 1
