@@ -228,9 +228,8 @@ class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
                     violations=violations,
                 )
             )
-        newest = max(
-            verdict.valid_points, key=lambda p: (p.recorded_at.seconds, p.recorded_at.nanos)
-        )
+        newest = verdict.newest  # the valid point recorded last
+        assert newest is not None, "an accepted batch has a valid point"
         event_id = gps_batch_event_id(principal.tenant_id, batch.device_id, batch.sequence)
         # A child of the stream's span (this task inherited the call's context).
         span = tracing.start_span(

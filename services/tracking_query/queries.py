@@ -49,7 +49,12 @@ class Scope:
 
 @dataclass(frozen=True)
 class ShipmentView:
-    """One stored shipment: its folded state and its live tracking row (None if none)."""
+    """One stored shipment: its folded state and its live tracking row (None if none).
+
+    Read with ``whole_state=False``, `state` lacks what `message()` does not show
+    (`_NOT_IN_MESSAGE`: the timeline and the applied event ids, which were half of
+    decoding a state): use such a view for `message()` and `cursor` only.
+    """
 
     state: ShipmentState
     tracking: dict[str, Any] | None
@@ -97,8 +102,16 @@ _SELECT = (
 )
 
 
-def _view(row: asyncpg.Record) -> ShipmentView:
-    state = statecodec.decode_as(ShipmentState, json.loads(row["state"]))
+#: State fields a Shipment message does not show (the timeline has its own RPC).
+_NOT_IN_MESSAGE = ("timeline", "applied_event_ids")
+
+
+def _view(row: asyncpg.Record, whole_state: bool = True) -> ShipmentView:
+    data = json.loads(row["state"])
+    if not whole_state:
+        for name in _NOT_IN_MESSAGE:
+            data.pop(name, None)
+    state = statecodec.decode_as(ShipmentState, data)
     tracking = None
     if row["position"] is not None or row["progress"] is not None or row["eta"] is not None:
         tracking = {
@@ -109,9 +122,10 @@ def _view(row: asyncpg.Record) -> ShipmentView:
 
 
 async def get_shipment(
-    connection: Connection, scope: Scope, shipment_id: str
+    connection: Connection, scope: Scope, shipment_id: str, *, whole_state: bool = True
 ) -> ShipmentView | None:
-    """The shipment with its live tracking; None if absent or outside the scope."""
+    """The shipment with its live tracking; None if absent or outside the scope.
+    `whole_state=False`: a view for `message()` only (see ShipmentView)."""
     if scope.customer_id is None:
         row = await connection.fetchrow(
             _SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2",
@@ -125,7 +139,7 @@ async def get_shipment(
             shipment_id,
             scope.customer_id,
         )
-    return _view(row) if row is not None else None
+    return _view(row, whole_state) if row is not None else None
 
 
 async def by_tracking_token(connection: Connection, token: str) -> ShipmentView | None:
@@ -135,10 +149,16 @@ async def by_tracking_token(connection: Connection, token: str) -> ShipmentView 
 
 
 async def list_shipments(
-    connection: Connection, filters: ListFilter, after: Cursor | None, limit: int
+    connection: Connection,
+    filters: ListFilter,
+    after: Cursor | None,
+    limit: int,
+    *,
+    whole_state: bool = True,
 ) -> list[ShipmentView]:
     """Up to `limit` shipments matching `filters`, newest change first
     (updated_at DESC, shipment_id DESC), starting strictly after `after`.
+    `whole_state=False`: views for `message()` and `cursor` only (see ShipmentView).
 
     Served by the index shipments_by_update (tenant_id, updated_at DESC,
     shipment_id DESC): the cursor is a row comparison on its columns, so a page
@@ -168,4 +188,4 @@ async def list_shipments(
         f" ORDER BY s.updated_at DESC, s.shipment_id DESC LIMIT {arg(limit)}"
     )
     rows: Sequence[asyncpg.Record] = await connection.fetch(sql, *args)
-    return [_view(row) for row in rows]
+    return [_view(row, whole_state) for row in rows]

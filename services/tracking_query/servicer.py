@@ -128,9 +128,14 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         structlog.contextvars.bind_contextvars(shipment_id=value)
         return value
 
-    async def _read(self, scope: Scope, shipment_id: str, context: Context) -> ShipmentView | None:
+    async def _read(
+        self, scope: Scope, shipment_id: str, context: Context, *, whole_state: bool = False
+    ) -> ShipmentView | None:
+        """The shipment in scope, None if none; only for `message()` unless `whole_state`."""
         async with self._connection(context) as connection:
-            return await queries.get_shipment(connection, scope, shipment_id)
+            return await queries.get_shipment(
+                connection, scope, shipment_id, whole_state=whole_state
+            )
 
     async def GetShipment(
         self, request: tracking_pb2.GetShipmentRequest, context: Context
@@ -149,7 +154,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         included (marked)."""
         scope = Scope.of(current_principal())
         shipment_id = await self._shipment_id(request.shipment_id, context)
-        view = await self._read(scope, shipment_id, context)
+        view = await self._read(scope, shipment_id, context, whole_state=True)
         if view is None:
             await self._not_found(context)
         return tracking_pb2.GetTimelineResponse(entries=store.timeline_messages(view.state))
@@ -196,7 +201,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 )
         async with self._connection(context) as connection:
             # One row more than the page tells whether another page follows.
-            views = await queries.list_shipments(connection, filters, after, page_size + 1)
+            views = await queries.list_shipments(
+                connection, filters, after, page_size + 1, whole_state=False
+            )
         response = tracking_pb2.ListShipmentsResponse(
             shipments=[view.message() for view in views[:page_size]]
         )

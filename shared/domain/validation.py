@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.descriptor import EnumDescriptor
@@ -81,11 +81,14 @@ class GpsBatchVerdict:
     points or too many). ``point_violations`` maps the index of each bad point to its
     violations. ``valid_points`` are the batch's own point messages (not copies) that
     passed, in batch order; it is empty whenever the batch as a whole is refused.
+    ``newest`` is the valid point recorded last (the first of equals), None when
+    ``valid_points`` is empty; not compared (it follows from ``valid_points``).
     """
 
     batch_violations: list[Violation]
     point_violations: dict[int, list[Violation]]
     valid_points: list[gps_pb2.GpsPoint]
+    newest: gps_pb2.GpsPoint | None = field(default=None, compare=False)
 
     @property
     def accepted(self) -> bool:
@@ -316,16 +319,48 @@ def validate_gps_batch(
         return GpsBatchVerdict(batch_violations, {}, [])
     point_violations: dict[int, list[Violation]] = {}
     valid_points: list[gps_pb2.GpsPoint] = []
+    # The common case, a valid point, is decided by plain comparisons (NaN fails
+    # every one of them, and an unset timestamp is before EARLIEST_TIME); only a
+    # point that fails one is examined by _check_gps_point, which names its fields
+    # and says why. A point the fast test refuses but the full check passes is
+    # still valid: the fast test may be stricter, never more lenient.
+    latest_ns = min(clock.happened_limit_ns, _LATEST_NS - 1)
+    newest: gps_pb2.GpsPoint | None = None
+    newest_ns = -1  # every valid instant is later (EARLIEST_TIME)
     for index, point in enumerate(batch.points):
+        recorded_at = point.recorded_at
+        nanos = recorded_at.nanos
+        instant = recorded_at.seconds * _NS_PER_S + nanos
+        lat = point.latitude
+        lon = point.longitude
+        if (
+            0 <= nanos < _NS_PER_S
+            and _EARLIEST_NS <= instant <= latest_ns
+            and -90.0 <= lat <= 90.0
+            and -180.0 <= lon <= 180.0
+            and not (
+                -NULL_ISLAND_TOLERANCE_DEG < lat < NULL_ISLAND_TOLERANCE_DEG
+                and -NULL_ISLAND_TOLERANCE_DEG < lon < NULL_ISLAND_TOLERANCE_DEG
+            )
+            and 0.0 <= point.accuracy_m < math.inf
+            and 0.0 <= point.speed_mps < math.inf
+            and 0.0 <= point.heading_deg < 360.0
+        ):
+            valid_points.append(point)
+            if instant > newest_ns:
+                newest, newest_ns = point, instant
+            continue
         found: list[Violation] = []
         _check_gps_point(found, f"{root}.points[{index}]", point, clock)
         if found:
             point_violations[index] = found
         else:
             valid_points.append(point)
-    return GpsBatchVerdict(
-        batch_violations, point_violations, [] if batch_violations else valid_points
-    )
+            if instant > newest_ns:
+                newest, newest_ns = point, instant
+    if batch_violations:
+        return GpsBatchVerdict(batch_violations, point_violations, [])
+    return GpsBatchVerdict(batch_violations, point_violations, valid_points, newest)
 
 
 # --- shipment events ------------------------------------------------------------------

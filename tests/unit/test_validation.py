@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from google.protobuf.descriptor import Descriptor
@@ -18,6 +18,7 @@ from shared.domain.polyline import encode
 from shared.domain.validation import (
     MAX_ID_LENGTH,
     MAX_POINTS_PER_BATCH,
+    GpsBatchVerdict,
     Violation,
     as_field_violations,
     validate_delivery_confirmation,
@@ -135,6 +136,23 @@ def test_bad_point_is_refused_alone(overrides: dict[str, object], field: str) ->
     assert fields_of(verdict.point_violations[0]) == [field]
     assert list(verdict.valid_points) == [good]
     assert verdict.outcome == gps_pb2.BATCH_OUTCOME_PARTIALLY_ACCEPTED
+
+
+def test_newest_is_the_first_valid_point_recorded_last() -> None:
+    late = NOW - timedelta(seconds=5)
+    points = [
+        point(recorded_at=ts(NOW - timedelta(seconds=50))),
+        point(recorded_at=ts(late), speed_mps=1.0),
+        point(recorded_at=ts(NOW - timedelta(seconds=1)), latitude=math.nan),  # refused
+        point(recorded_at=ts(late), speed_mps=2.0),
+        point(recorded_at=ts(NOW - timedelta(seconds=40))),
+    ]
+    verdict = validate_gps_batch(batch(*points), NOW)
+    assert verdict.newest is verdict.valid_points[1]
+    assert verdict.newest is not None
+    assert verdict.newest.speed_mps == 1.0
+    assert validate_gps_batch(batch(point(latitude=math.nan)), NOW).newest is None
+    assert validate_gps_batch(batch(point(), sequence=0), NOW).newest is None
 
 
 def test_future_within_skew_is_accepted_and_skew_is_configurable() -> None:
@@ -436,7 +454,106 @@ def test_garbage_batches_never_raise_and_name_real_fields(message: gps_pb2.GpsBa
         assert verdict.valid_points == []
     else:
         assert len(verdict.valid_points) + len(verdict.point_violations) == len(message.points)
+    assert_newest(verdict)
     assert verdict.outcome in gps_pb2.BatchOutcome.DESCRIPTOR.values_by_number
+
+
+#: Values at and around each edge of the point rules.
+_EDGE_DEGREES = [
+    *(0.0, -0.0, 1e-6, -1e-6, 9.9e-7, -9.9e-7, 1e-7, 90.0, -90.0, 90.000001, -90.000001),
+    *(180.0, -180.0, 180.00001, -180.00001, 52.5, 13.4, math.nan, math.inf, -math.inf),
+]
+_EDGE_NON_NEGATIVE = [
+    *(0.0, -0.0, -1e-30, 1e-30, 359.99, 360.0, 360.01, 1e38, math.nan, math.inf, -math.inf),
+]
+_edge_degrees = st.sampled_from(_EDGE_DEGREES)
+_edge_non_negative = st.sampled_from(_EDGE_NON_NEGATIVE)
+_LATE_NOW = datetime(2099, 12, 31, 23, 58, tzinfo=UTC)  # its skew limit is after 2100
+
+
+def _edge_instants() -> list[Timestamp]:
+    stamps = [Timestamp(), Timestamp(seconds=0, nanos=1), Timestamp(seconds=-1, nanos=0)]
+    for moment in (
+        datetime(2000, 1, 1, tzinfo=UTC),
+        datetime(2100, 1, 1, tzinfo=UTC),
+        NOW + timedelta(minutes=5),
+        _LATE_NOW + timedelta(minutes=5),
+    ):
+        base = ts(moment)
+        for delta_ns in (-1, 0, 1):
+            seconds, nanos = divmod(base.seconds * 10**9 + base.nanos + delta_ns, 10**9)
+            stamps.append(Timestamp(seconds=seconds, nanos=nanos))
+    stamps.append(Timestamp(seconds=1_700_000_000, nanos=10**9))
+    stamps.append(Timestamp(seconds=1_700_000_000, nanos=-1))
+    return stamps
+
+
+edge_points = st.builds(
+    gps_pb2.GpsPoint,
+    recorded_at=st.one_of(st.sampled_from(_edge_instants()), timestamps()),
+    latitude=st.one_of(_edge_degrees, doubles),
+    longitude=st.one_of(_edge_degrees, doubles),
+    accuracy_m=st.one_of(_edge_non_negative, floats32),
+    speed_mps=st.one_of(_edge_non_negative, floats32),
+    heading_deg=st.one_of(_edge_non_negative, floats32),
+)
+
+
+def _full_check_agrees(message: gps_pb2.GpsBatch, now: datetime) -> None:
+    """validate_gps_batch decides each point exactly as the full per-point check does."""
+    from shared.domain.validation import _check_gps_point, _clock
+
+    verdict = validate_gps_batch(message, now)
+    clock = _clock(now, timedelta(minutes=5))
+    expected_valid = []
+    for index, stored in enumerate(message.points):
+        found: list[Violation] = []
+        _check_gps_point(found, f"batch.points[{index}]", stored, clock)
+        assert verdict.point_violations.get(index, []) == found, stored
+        if not found:
+            expected_valid.append(stored)
+    assert list(verdict.valid_points) == expected_valid
+    assert_newest(verdict)
+
+
+def assert_newest(verdict: GpsBatchVerdict) -> None:
+    """`newest` is the first valid point with the latest recorded_at, or None."""
+    if not verdict.valid_points:
+        assert verdict.newest is None
+        return
+    latest = max(verdict.valid_points, key=lambda p: (p.recorded_at.seconds, p.recorded_at.nanos))
+    assert verdict.newest is latest
+
+
+def test_each_edge_value_gets_the_full_checks_verdict() -> None:
+    """Every edge of every point rule, one field at a time, around a valid point."""
+    edges: dict[str, list[Any]] = {
+        "recorded_at": list(_edge_instants()),
+        "latitude": _EDGE_DEGREES,
+        "longitude": _EDGE_DEGREES,
+        "accuracy_m": _EDGE_NON_NEGATIVE,
+        "speed_mps": _EDGE_NON_NEGATIVE,
+        "heading_deg": _EDGE_NON_NEGATIVE,
+    }
+    for now in (NOW, _LATE_NOW):
+        base = {"recorded_at": ts(now - timedelta(seconds=30))}
+        points = [
+            point(**{**base, name: value}) for name, values in edges.items() for value in values
+        ]
+        points += [
+            point(latitude=lat, longitude=lon) for lat in _EDGE_DEGREES for lon in _EDGE_DEGREES
+        ]
+        assert len(points) <= MAX_POINTS_PER_BATCH
+        _full_check_agrees(batch(*points), now)
+
+
+@settings(max_examples=300)
+@given(st.lists(edge_points, min_size=1, max_size=10), st.sampled_from([NOW, _LATE_NOW]))
+def test_each_point_gets_the_full_checks_verdict(
+    points: list[gps_pb2.GpsPoint], now: datetime
+) -> None:
+    """Random mixtures of edge values and garbage: as the full per-point check decides."""
+    _full_check_agrees(batch(*points), now)
 
 
 members = {
