@@ -106,6 +106,7 @@ async def run_bench(
     bootstrap_servers: str | None = None,
     database_url: str | None = None,
     fsync: bool = True,
+    service_environ: dict[str, str] | None = None,
 ) -> Report:
     """Start a stack, run every phase, stop everything; return the finished report."""
     report = Report(machine=machine_info())
@@ -118,6 +119,7 @@ async def run_bench(
             bootstrap_servers=bootstrap_servers,
             database_url=database_url,
             fsync=fsync,
+            environ=dict(service_environ or {}),
         )
     )
     started = time.time()
@@ -167,10 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kafka", help="use this Kafka (bootstrap servers), start none")
     parser.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
     parser.add_argument("--no-fsync", action="store_true", help="PostgreSQL fsync=off")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        type=service_setting,
+        help="a CARGOTRACK_ setting for every service (repeatable), e.g. to compare a"
+        " setting's two values in two runs",
+    )
     parser.add_argument("--run-dir", type=Path, help="keep logs and state here")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return parser
+
+
+def service_setting(text: str) -> tuple[str, str]:
+    """NAME=VALUE with a CARGOTRACK_ name (argparse type)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("CARGOTRACK_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CARGOTRACK_NAME=VALUE")
+    return name, value
 
 
 def options_from(args: argparse.Namespace) -> BenchOptions:
@@ -209,8 +228,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             bootstrap_servers=args.kafka,
             database_url=args.database_url,
             fsync=not args.no_fsync,
+            service_environ=dict(args.service_env),
         )
     )
+    if args.service_env:
+        report.machine["service_env"] = " ".join(f"{k}={v}" for k, v in args.service_env)
     print(report.table(markdown=args.markdown))
     if args.json is not None:
         args.json.write_text(report.to_json())

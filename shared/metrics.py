@@ -177,8 +177,17 @@ PROJECTOR_COMMIT_LATENCY = Histogram(
 )
 PROJECTOR_DEAD_LETTERS = Counter(
     "cargotrack_projector_dead_letters",
-    "Records that could not be decoded and went to the dead-letter topic, by source topic.",
+    "Records dead-lettered (undecodable, wrong topic, unstorable), by source topic.",
     ["topic"],
+)
+PROJECTOR_TRACK_CACHE = Counter(
+    "cargotrack_projector_track_cache_lookups",
+    "Vehicle tracks live tracking needed, by where they came from (memory or database).",
+    ["source"],
+)
+PROJECTOR_TRACK_CACHE_FIXES = Gauge(
+    "cargotrack_projector_track_cache_fixes",
+    "GPS fixes held in the projector's in-memory recent tracks.",
 )
 PROJECTOR_OFFSET_CONFLICTS = Counter(
     "cargotrack_projector_offset_conflicts",

@@ -47,14 +47,15 @@ import asyncio
 import bisect
 import json
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from shared import statecodec
+from shared import metrics, statecodec
 from shared import tracking_store as store
 from shared.config import AlertSettings
 from shared.db import Connection
@@ -227,13 +228,28 @@ def _fix_of(point: Position) -> Fix:
 class TrackCache:
     """Recent tracks of the vehicles this projector tracks, bounded by fixes held.
 
-    Least recently used vehicles are dropped first; a dropped vehicle's track is
-    read from PostgreSQL again when it is next needed.
+    Live tracking visits the moving vehicles over and over in much the same
+    order, and plain LRU eviction fails on such a cycle once the budget is below
+    the working set (every vehicle is evicted just before it is needed again).
+    So a vehicle already held always keeps its place; a new one is admitted into
+    free room, or into room made by evicting vehicles idle for `idle_s`, and is
+    otherwise read from PostgreSQL each time: the hit rate then degrades to
+    budget / working set instead of to zero. The budget is a hard bound: growth
+    of held tracks evicts the least recently used.
     """
 
-    def __init__(self, max_fixes: int) -> None:
+    def __init__(
+        self,
+        max_fixes: int,
+        *,
+        idle_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_fixes = max_fixes
-        self._tracks: OrderedDict[store.VehicleKey, CachedTrack] = OrderedDict()
+        self.idle_s = idle_s
+        self._clock = clock
+        #: Least recently used first; with the time of each vehicle's last use.
+        self._tracks: OrderedDict[store.VehicleKey, tuple[CachedTrack, float]] = OrderedDict()
         self._fixes = 0
         self.hits = 0
         self.misses = 0
@@ -246,24 +262,59 @@ class TrackCache:
         return self._fixes
 
     def get(self, key: store.VehicleKey) -> CachedTrack | None:
-        return self._tracks.get(key)
+        held = self._tracks.get(key)
+        return held[0] if held is not None else None
+
+    def lookup(
+        self, key: store.VehicleKey, since: datetime, staged: CachedTrack | None = None
+    ) -> CachedTrack | None:
+        """`staged` (this batch's version of the track), else the held track of `key`,
+        if it covers `since`; counted as a hit or a miss."""
+        track = staged if staged is not None else self.get(key)
+        if track is not None and track.covers(since):
+            self.hits += 1
+            metrics.PROJECTOR_TRACK_CACHE.labels("memory").inc()
+            return track
+        self.misses += 1
+        metrics.PROJECTOR_TRACK_CACHE.labels("database").inc()
+        return None
 
     def apply(self, changes: Mapping[store.VehicleKey, CachedTrack | None]) -> None:
-        """Store a committed batch's tracks (None: forget that vehicle), then evict."""
+        """Store a committed batch's tracks (None: forget that vehicle)."""
+        now = self._clock()
+        newcomers = []
         for key, track in changes.items():
-            old = self._tracks.pop(key, None)
-            if old is not None:
-                self._fixes -= len(old.fixes)
-            if track is not None and self.max_fixes:
-                self._tracks[key] = track  # newest use last
+            if key not in self._tracks:
+                if track is not None:
+                    newcomers.append((key, track))
+                continue
+            old, _ = self._tracks.pop(key)
+            self._fixes -= len(old.fixes)
+            if track is not None:
+                self._tracks[key] = (track, now)
                 self._fixes += len(track.fixes)
         while self._fixes > self.max_fixes and self._tracks:
-            _, evicted = self._tracks.popitem(last=False)
-            self._fixes -= len(evicted.fixes)
+            self._evict_oldest()
+        for key, track in newcomers:
+            size = len(track.fixes)
+            while self._fixes + size > self.max_fixes and self._tracks:
+                _, (_, used) = next(iter(self._tracks.items()))
+                if now - used < self.idle_s:
+                    break
+                self._evict_oldest()
+            if self._fixes + size <= self.max_fixes:
+                self._tracks[key] = (track, now)
+                self._fixes += size
+        metrics.PROJECTOR_TRACK_CACHE_FIXES.set(self._fixes)
+
+    def _evict_oldest(self) -> None:
+        _, (evicted, _) = self._tracks.popitem(last=False)
+        self._fixes -= len(evicted.fixes)
 
     def clear(self) -> None:
         self._tracks.clear()
         self._fixes = 0
+        metrics.PROJECTOR_TRACK_CACHE_FIXES.set(0)
 
 
 class LiveTracker:
@@ -612,15 +663,13 @@ class LiveTracker:
         missing: dict[store.VehicleKey, datetime] = {}
         for key, moment in since.items():
             after = moment - window
-            cached = self._staged.get(key) or self.tracks.get(key)
-            if cached is not None and cached.covers(after):
-                self.tracks.hits += 1
+            cached = self.tracks.lookup(key, after, self._staged.get(key))
+            if cached is not None:
                 self._staged[key] = cached
                 view = cached.view(after)
                 if view.fixes:
                     tracks[key] = view
             else:
-                self.tracks.misses += 1
                 missing[key] = after
         if not missing:
             return tracks

@@ -231,6 +231,7 @@ async def test_request_counts_by_method_and_code(kafka_bootstrap: str, topic_pre
     assert delta(before, after, "cargotrack_grpc_server_handling_seconds_count", **latency) == 5
     # Every sample's labels are from the small, fixed set: never an id.
     allowed = {"service", "method", "code", "topic", "partition", "outcome", "kind", "horizon"}
+    allowed |= {"source"}
     allowed |= {"version", "implementation", "major", "minor", "patchlevel", "generation", "le"}
     for name, labels, _ in after.samples:
         assert set(labels) <= allowed, (name, labels)

@@ -96,26 +96,73 @@ def test_a_fix_is_what_reading_the_row_back_gives() -> None:
     assert track.events == ("r1",)  # speed 0 (unknown) reads back as None
 
 
-def test_the_cache_evicts_least_recently_used_vehicles_beyond_its_fix_budget() -> None:
-    cache = TrackCache(max_fixes=25)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    def track(n: int) -> CachedTrack:
-        return empty().with_points([("r", position(s)) for s in range(n)])
+    def __call__(self) -> float:
+        return self.now
 
-    cache.apply({("t", "v1"): track(10), ("t", "v2"): track(10)})
+
+def track_of(n: int) -> CachedTrack:
+    return empty().with_points([("r", position(s)) for s in range(n)])
+
+
+def test_a_full_cache_keeps_its_busy_vehicles_and_refuses_newcomers() -> None:
+    """A cycle over more vehicles than fit must not evict each one just before its
+    next turn (plain LRU would miss every time): the held ones stay."""
+    clock = Clock()
+    cache = TrackCache(max_fixes=25, idle_s=60, clock=clock)
+    cache.apply({("t", "v1"): track_of(10), ("t", "v2"): track_of(10)})
     assert cache.fixes == 20
-    cache.apply({("t", "v1"): track(10)})  # v1 used again: v2 is now the oldest
-    cache.apply({("t", "v3"): track(10)})
-    assert cache.get(("t", "v2")) is None
+    clock.now = 30
+    cache.apply({("t", "v3"): track_of(10)})  # no room, nobody idle: not admitted
+    assert cache.get(("t", "v3")) is None
     assert cache.get(("t", "v1")) is not None
+    assert cache.get(("t", "v2")) is not None
+    assert cache.fixes == 20
+
+
+def test_vehicles_idle_for_a_while_make_room_for_newcomers() -> None:
+    clock = Clock()
+    cache = TrackCache(max_fixes=25, idle_s=60, clock=clock)
+    cache.apply({("t", "v1"): track_of(10), ("t", "v2"): track_of(10)})
+    clock.now = 50
+    cache.apply({("t", "v1"): track_of(10)})  # v1 busy, v2 idle from t=0
+    clock.now = 70
+    cache.apply({("t", "v3"): track_of(10)})
+    assert cache.get(("t", "v2")) is None  # idle 70 s: evicted
+    assert cache.get(("t", "v1")) is not None  # used 20 s ago: kept
     assert cache.get(("t", "v3")) is not None
     assert cache.fixes == 20
+
+
+def test_held_tracks_that_grow_past_the_budget_evict_the_least_recently_used() -> None:
+    clock = Clock()
+    cache = TrackCache(max_fixes=25, clock=clock)
+    cache.apply({("t", "v1"): track_of(10), ("t", "v2"): track_of(10)})
+    cache.apply({("t", "v2"): track_of(13), ("t", "v1"): track_of(13)})  # v2 used first
+    assert cache.get(("t", "v2")) is None
+    assert cache.fixes == 13
     cache.apply({("t", "v1"): None})
     assert cache.get(("t", "v1")) is None
-    assert cache.fixes == 10
+    assert cache.fixes == 0
+    cache.apply({("t", "v1"): track_of(3)})
     cache.clear()
     assert len(cache) == 0
     assert cache.fixes == 0
+
+
+def test_lookups_count_hits_and_misses_by_coverage() -> None:
+    cache = TrackCache(max_fixes=100)
+    held = CachedTrack(T0, (), ())
+    cache.apply({("t", "v1"): held})
+    assert cache.lookup(("t", "v1"), T0 + timedelta(seconds=1)) is held
+    assert cache.lookup(("t", "v1"), T0 - timedelta(seconds=1)) is None  # not that far back
+    assert cache.lookup(("t", "v2"), T0) is None
+    staged = CachedTrack(T0 - timedelta(hours=1), (), ())
+    assert cache.lookup(("t", "v1"), T0 - timedelta(seconds=1), staged) is staged
+    assert (cache.hits, cache.misses) == (2, 2)
 
 
 def test_a_cache_without_budget_keeps_nothing() -> None:
