@@ -25,27 +25,30 @@ accuracy. In short:
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from operator import attrgetter
 from weakref import WeakKeyDictionary
 
 import numpy as np
+import numpy.typing as npt
 
 from shared.domain.geo import (
     Fix,
+    FloatArray,
     LatLon,
     Route,
     RoutePosition,
-    RouteSamples,
     bearing_deg,
     check_lat_lon,
     clean_track,
     haversine_m,
 )
-from shared.domain.speeds import CellKey, HistoricalSpeeds, hour_of_week
+from shared.domain.speeds import HistoricalSpeeds, PiecePaces, hour_of_week
 
 
 class EtaMethod(StrEnum):
@@ -137,6 +140,9 @@ class EtaEstimate:
     offset_m: float | None
 
 
+_T: Callable[[Fix], float] = attrgetter("t")
+
+
 def _utc(t: float) -> datetime:
     return datetime.fromtimestamp(t, UTC)
 
@@ -170,8 +176,17 @@ class _Ratio:
 class EtaModel:
     """Computes :class:`EtaEstimate` values; holds learned speeds and parameters.
 
-    ``estimate`` is a pure function of its arguments (a per-route cache of grid-cell
-    keys is the only internal state and never changes a result).
+    ``estimate`` is a pure function of its arguments. Memos never change a result:
+
+    * per route, with learned per-cell speeds, the route pieces' paces
+      (:class:`~shared.domain.speeds.PiecePaces`: at most 56 bytes a ``step_m``
+      piece, 56 KB for a 100 km route in 100 m pieces), held weakly: dropped with the
+      route (``route_from_polyline`` keeps at most 4096). Without per-cell speeds (the
+      default, as the projector runs) nothing is kept per route;
+    * on each fix, its projection onto the last route it was projected onto, and
+      whether the next fix of its track was checked plausible (see
+      :class:`~shared.domain.geo.Fix`): one entry per fix, dropped with the fix;
+    * on each route, the projections of the last 16 destinations.
     """
 
     def __init__(
@@ -180,7 +195,7 @@ class EtaModel:
         self.speeds = speeds or HistoricalSpeeds.empty()
         self.params = params or EtaParams()
         self._informative = self.speeds.observed_m > 0
-        self._route_keys: WeakKeyDictionary[Route, list[tuple[CellKey, int]]] = WeakKeyDictionary()
+        self._route_paces: WeakKeyDictionary[Route, PiecePaces] = WeakKeyDictionary()
 
     # -- public ---------------------------------------------------------------------
 
@@ -208,12 +223,17 @@ class EtaModel:
         p = self.params
         t_now = _check_aware("now", now)
         check_lat_lon(*destination)
-        usable = [f for f in positions if f.t <= t_now + p.future_tolerance_s]
+        limit = t_now + p.future_tolerance_s
+        if positions and max(map(_T, positions)) <= limit:
+            usable = list(positions)  # the usual case: nothing from the future
+        else:
+            usable = [f for f in positions if f.t <= limit]
         track = clean_track(usable, p.max_jump_mps)
         if not track:
             return None
         newest = track[-1]
-        window = [f for f in track if f.t >= newest.t - p.window_s]
+        # The track is in time order: the window is its tail.
+        window = track[bisect.bisect_left(track, newest.t - p.window_s, key=_T) :]
         anchor = min(newest.t, t_now)
         if route is not None:
             return self._along_route(t_now, anchor, destination, window, route, stops, previous)
@@ -234,46 +254,43 @@ class EtaModel:
         p = self.params
         newest = window[-1]
         hint = previous.distance_along_m if previous is not None else None
-        positions = route.project_track(
-            [f.lat for f in window], [f.lon for f in window], near_m=hint
-        )
-        projected: list[tuple[Fix, RoutePosition]] = list(zip(window, positions, strict=True))
+        alongs, offsets = route.project_fixes(window, near_m=hint)
         off = previous.off_route if previous is not None else False
         streak = 0
-        for _, rp in projected:
-            if off:
-                if rp.offset_m <= p.back_on_route_m:
-                    off, streak = False, 0
-            elif rp.offset_m > p.off_route_m:
-                streak += 1
-                if streak >= p.off_route_confirm:
-                    off = True
-            else:
-                streak = 0
-        if previous is None and streak == len(projected):
+        if off or max(offsets) > p.off_route_m:
+            for o in offsets:
+                if off:
+                    if o <= p.back_on_route_m:
+                        off, streak = False, 0
+                elif o > p.off_route_m:
+                    streak += 1
+                    if streak >= p.off_route_confirm:
+                        off = True
+                else:
+                    streak = 0
+        # else: on route all along; the loop would only reset the streak to 0.
+        if previous is None and streak == len(offsets):
             off = True  # every fix we have is far from the route
-        rp_n = projected[-1][1]
+        rp_n = RoutePosition(alongs[-1], offsets[-1], offsets[-1] <= route.on_route_threshold_m)
         dest_rp = route.project(*dest)
         dest_along = dest_rp.distance_along_m
         if off:
-            dwell = self._stops_ahead(stops, rp_n.distance_along_m, dest_along, projected)
+            dwell = self._stops_ahead(stops, rp_n.distance_along_m, dest_along, window, alongs)
             return self._great_circle(t_now, anchor, dest, window, rp_n, dwell)
 
         along_n = rp_n.distance_along_m
-        samples = route.samples(p.step_m)
-        keys = self._keys_for(route)
         off_s = self.speeds.utc_offset_s(anchor)
 
         # Observed progress: earliest on-route fix of the window to the newest.
         ln_r, v_obs, observed = 0.0, None, False
-        first = next(((f, rp) for f, rp in projected if rp.offset_m <= p.off_route_m), None)
-        if first is not None and newest.t - first[0].t >= p.min_span_s:
-            f0, along0 = first[0], first[1].distance_along_m
+        first = next((i for i, o in enumerate(offsets) if o <= p.off_route_m), None)
+        if first is not None and newest.t - window[first].t >= p.min_span_s:
+            f0, along0 = window[first], alongs[first]
             span = newest.t - f0.t
             progress = max(0.0, along_n - along0)
             if progress / span <= p.max_jump_mps:
                 v_obs = progress / span
-                hist = self._route_time(samples, keys, along0, along_n, f0.t, off_s, _Ratio())
+                hist = self._route_time(route, along0, along_n, f0.t, off_s, _Ratio())
                 ln_r = self._blend(hist / span if progress > 0 else 0.0, span)
                 observed = True
         if not observed:
@@ -287,57 +304,146 @@ class EtaModel:
         if remaining <= p.arrive_radius_m:
             travel = 0.0
         else:
-            travel = self._route_time(samples, keys, along_n, dest_along, anchor, off_s, ratio)
+            travel = self._route_time(route, along_n, dest_along, anchor, off_s, ratio)
             travel += dest_rp.offset_m * self.speeds.global_pace
-        dwell = self._stops_ahead(stops, along_n, dest_along, projected)
+        dwell = self._stops_ahead(stops, along_n, dest_along, window, alongs)
         return self._finish(
             t_now, anchor, newest, EtaMethod.ROUTE, remaining, travel, dwell,
             v_obs, ln_r, observed, False, rp_n,
         )  # fmt: skip
 
-    def _keys_for(self, route: Route) -> list[tuple[CellKey, int]]:
-        keys = self._route_keys.get(route)
-        if keys is None:
-            s = route.samples(self.params.step_m)
-            keys = self.speeds.piece_keys(s.lat, s.lon, s.heading_deg)
-            self._route_keys[route] = keys
-        return keys
+    def _paces_for(self, route: Route) -> PiecePaces:
+        paces = self._route_paces.get(route)
+        if paces is None:
+            s = route.cut(self.params.step_m)  # not cached on the route: only this is kept
+            paces = self.speeds.piece_paces(s.lat, s.lon, s.heading_deg)
+            self._route_paces[route] = paces
+        return paces
 
     def _route_time(
+        self, route: Route, a: float, b: float, t0: float, off_s: float, ratio: _Ratio
+    ) -> float:
+        """Seconds to travel the route from ``a`` to ``b`` (metres along) from ``t0``.
+
+        Each ``step_m`` piece of the route (clipped to ``[a, b]``) takes its length ×
+        its pace, looked up for the hour of week at which it is reached. Computed like
+        a loop over the pieces would, with the same floating-point operations in the
+        same order (see `_travel`), so to the last bit.
+        """
+        if b <= a:
+            return 0.0
+        step = self.params.step_m
+        length = route.length_m
+        n = max(1, math.ceil(length / step))
+        i0 = min(int(a // step), n - 1)
+        i1 = min(int(b // step), n - 1)
+        # The pieces' bounds as `Route.samples` computes them (start, then length as
+        # end - start, then end as start + length), elementwise: the same values.
+        starts = np.arange(i0, i1 + 1, dtype=np.float64) * step
+        ends = starts + (np.minimum(starts + step, length) - starts)
+        s = np.maximum(starts, a)
+        e = np.minimum(ends, b)
+        used = e > s  # a piece ending where `a` starts or starting where `b` ends
+        pieces: slice | npt.NDArray[np.intp] = slice(i0, i1 + 1)
+        if not used.all():
+            s, e = s[used], e[used]
+            pieces = np.flatnonzero(used) + i0
+        x = ((s + e) / 2 - a) if ratio.fade and not ratio.neutral else None
+        if self.speeds.uniform:
+            return self._travel(e - s, x, None, t0, off_s, ratio)
+        table = self._paces_for(route)
+
+        def paces(how: int) -> FloatArray:
+            return table.at_hour(how)[pieces]
+
+        return self._travel(e - s, x, paces, t0, off_s, ratio)
+
+    def _travel(
         self,
-        samples: RouteSamples,
-        keys: list[tuple[CellKey, int]],
-        a: float,
-        b: float,
+        lengths: FloatArray,
+        x: FloatArray | None,
+        paces: Callable[[int], FloatArray] | None,
         t0: float,
         off_s: float,
         ratio: _Ratio,
     ) -> float:
-        """Seconds to travel the route from ``a`` to ``b`` (metres along) from ``t0``."""
-        if b <= a:
-            return 0.0
-        step = samples.step_m
-        n = len(keys)
-        i0 = min(int(a // step), n - 1)
-        i1 = min(int(b // step), n - 1)
+        """Seconds to travel pieces of ``lengths`` metres in turn from ``t0``: the
+        closed form of ``for i: t += lengths[i] * pace_i(hour_of_week(t)) * factor_i``.
+
+        ``paces(how)`` gives the pieces' paces in an hour (``None``: the uniform
+        :meth:`HistoricalSpeeds.hour_pace`); ``x`` is each piece's midpoint ahead of the
+        vehicle, for a fading ratio. Exactly the loop's result, not an approximation:
+
+        * the running time is a cumulative sum, which numpy evaluates strictly left to
+          right (``np.cumsum`` is ``np.add.accumulate``, no pairwise summation), so each
+          partial sum is the loop's ``t`` to the bit; elementwise products are IEEE
+          operations, the same in numpy as in Python;
+        * the hour of week changes only where the running time crosses an hour
+          boundary of local time: the first piece reached at or after it is found by a
+          binary search on the partial sums (non-decreasing, as every term is >= 0),
+          and the sum restarts there with that hour's paces;
+        * the ratio's factor uses ``math.exp`` (numpy's ``exp`` may differ in the last
+          bit), piece by piece only where it is not exactly 1.
+        """
+        speeds = self.speeds
+        if ratio.neutral:
+            factor: FloatArray | float | None = None
+        elif not ratio.fade:
+            factor = math.exp(-ratio.log)
+        else:
+            assert x is not None
+            factor = self._fade_factors(ratio, x)
+        hour_free = paces is None and not speeds.how_factor
         t = t0
-        # The pieces' bounds as Python floats in one conversion (indexing numpy arrays
-        # one scalar at a time cost more than the arithmetic); same values, same order.
-        starts = samples.start_m[i0 : i1 + 1]
-        ends = (starts + samples.length_m[i0 : i1 + 1]).tolist()
-        pace_of = self.speeds.pace
-        neutral = ratio.neutral
-        for i, start, end in zip(range(i0, i1 + 1), starts.tolist(), ends, strict=True):
-            s = max(a, start)
-            e = min(b, end)
-            if e <= s:
-                continue
-            cell, sector = keys[i]
-            pace = pace_of(cell, sector, hour_of_week(t, off_s))
-            if not neutral:
-                pace *= ratio.pace_factor((s + e) / 2 - a)
-            t += (e - s) * pace
-        return t - t0
+        done = 0
+        total = len(lengths)
+        while True:
+            how = hour_of_week(t, off_s)
+            rest = lengths[done:] if done else lengths
+            if paces is None:
+                pace = speeds.hour_pace(how)
+                if isinstance(factor, float):
+                    terms = rest * (pace * factor)
+                elif factor is not None:
+                    terms = rest * (pace * factor[done:])
+                else:
+                    terms = rest * pace
+            else:
+                piece_paces = paces(how)[done:]
+                if isinstance(factor, float):
+                    terms = rest * (piece_paces * factor)
+                elif factor is not None:
+                    terms = rest * (piece_paces * factor[done:])
+                else:
+                    terms = rest * piece_paces
+            running = np.cumsum(np.concatenate([[t], terms]))
+            if hour_free:
+                return float(running[-1]) - t0
+            # `hour_of_week` floors (t + off_s) / 3600: the hour changes at the first
+            # partial sum with t + off_s >= the next multiple of 3600 (exact in floats).
+            boundary = ((t + off_s) // 3600 + 1) * 3600
+            k = int(np.searchsorted(running[:-1] + off_s, boundary, side="left"))
+            if k >= len(terms):
+                return float(running[-1]) - t0
+            t = float(running[k])
+            done += k
+            assert done < total
+
+    @staticmethod
+    def _fade_factors(ratio: _Ratio, x: FloatArray) -> FloatArray:
+        """`_Ratio.pace_factor` of each ``x``, with ``math.exp`` as it does.
+
+        Past ``x_one`` the inner term ``log * exp(-x/persist)`` is below 2**-54 in
+        magnitude, where ``exp`` returns exactly 1.0 (its result rounds to 1), so only
+        the pieces before it are computed one by one (``x`` is increasing).
+        """
+        out = np.ones(len(x))
+        x_one = ratio.persist_m * (math.log(abs(ratio.log)) + 54 * math.log(2) + 1)
+        count = int(np.searchsorted(x, x_one, side="right"))
+        if count:
+            exp, lg, pm = math.exp, ratio.log, ratio.persist_m
+            out[:count] = [exp(-lg * exp(-xi / pm)) for xi in x[:count].tolist()]
+        return out
 
     def _blend(self, ratio: float, span: float) -> float:
         """Log of an observed/historical speed ratio, clamped and shrunk toward 1.
@@ -369,11 +475,12 @@ class EtaModel:
         stops: Sequence[Stop],
         along: float,
         dest_along: float,
-        projected: list[tuple[Fix, RoutePosition]],
+        window: list[Fix],
+        alongs: list[float],
     ) -> float:
         radius = self.params.stop_radius_m
         total = 0.0
-        newest_t = projected[-1][0].t
+        newest_t = window[-1].t
         for s in stops:
             if s.distance_along_m >= dest_along - radius:
                 continue
@@ -382,8 +489,8 @@ class EtaModel:
             elif abs(s.distance_along_m - along) <= radius:
                 # At the stop now: only what is left of its dwell.
                 since = newest_t
-                for f, rp in reversed(projected):
-                    if abs(rp.distance_along_m - s.distance_along_m) > radius:
+                for f, f_along in zip(reversed(window), reversed(alongs), strict=True):
+                    if abs(f_along - s.distance_along_m) > radius:
                         break
                     since = f.t
                 total += max(0.0, s.dwell_s - (newest_t - since))
@@ -440,19 +547,17 @@ class EtaModel:
             return 0.0
         step = self.params.step_m
         n = max(1, math.ceil(length / step))
+        piece = length / n
+        x = (np.arange(n, dtype=np.float64) + 0.5) * piece if ratio.fade else None
+        lengths = np.full(n, piece)
+        if self.speeds.uniform:
+            return self._travel(lengths, x, None, t0, off_s, ratio)
         f = (np.arange(n, dtype=np.float64) + 0.5) / n
         lats = start.lat + (dest[0] - start.lat) * f
         lons = start.lon + (dest[1] - start.lon) * f
         heading = bearing_deg(start.lat, start.lon, *dest)
-        keys = self.speeds.piece_keys(lats, lons, np.full(n, heading))
-        piece = length / n
-        t = t0
-        for i, (cell, sector) in enumerate(keys):
-            pace = self.speeds.pace(cell, sector, hour_of_week(t, off_s))
-            if not ratio.neutral:
-                pace *= ratio.pace_factor((i + 0.5) * piece)
-            t += piece * pace
-        return t - t0
+        table = self.speeds.piece_paces(lats, lons, np.full(n, heading))
+        return self._travel(lengths, x, table.at_hour, t0, off_s, ratio)
 
     # -- common ---------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from itertools import pairwise
+from itertools import compress, islice, pairwise, repeat
+from operator import attrgetter, gt, is_not, or_
 
 import numpy as np
 import numpy.typing as npt
@@ -80,8 +81,33 @@ def bearing_deg(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return math.degrees(math.atan2(y, x)) % 360.0
 
 
+class _FixMemos:
+    """Slots for what a :class:`Fix` memoises: not dataclass fields, so never part of
+    its value (equality, hash, repr, ``dataclasses.fields``/``asdict``, pickling).
+
+    The projector passes the same Fix objects to the ETA model call after call (a
+    vehicle's window slides by a few dozen fixes), so what depends only on a fix is
+    worked out once and kept on it. Each memo is one entry per fix, freed with it: the
+    bound is the number of fixes the caller keeps (the projector's track cache), at
+    32 bytes of slots per fix plus 32 bytes once its projection is set.
+    """
+
+    __slots__ = ("_next", "_next_mps", "_route_pos", "_route_token")
+
+    #: The token of the route `_route_pos` was computed on (see `Route.project_fixes`).
+    _route_token: object
+    #: This fix's global projection onto that route: distance along + offset * 1j. A
+    #: complex holds the two floats exactly in one 32-byte object (a tuple of two
+    #: floats takes 112 bytes).
+    _route_pos: complex
+    #: The next fix of a track, checked later in time and plausible from this one at
+    #: `_next_mps` (see `clean_track`).
+    _next: Fix | None
+    _next_mps: float
+
+
 @dataclass(frozen=True, slots=True)
-class Fix:
+class Fix(_FixMemos):
     """One GPS position of a vehicle.
 
     ``at`` must be timezone-aware (any zone; compared as instants). ``speed_mps`` is the
@@ -92,8 +118,9 @@ class Fix:
     lat: float
     lon: float
     speed_mps: float | None = None
-    #: ``at`` as epoch seconds, computed once: the ETA model reads it many times per fix.
-    _t: float = field(init=False, repr=False, compare=False)
+    #: ``at`` as epoch seconds (UTC), computed once: the ETA model reads it many times per
+    #: fix. A plain slot, not a property: reading it is then about twice as fast.
+    t: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.at.tzinfo is None or self.at.utcoffset() is None:
@@ -103,12 +130,15 @@ class Fix:
             math.isfinite(self.speed_mps) and self.speed_mps >= 0.0
         ):
             raise ValueError(f"speed_mps must be finite and >= 0, got {self.speed_mps!r}")
-        object.__setattr__(self, "_t", self.at.timestamp())
+        object.__setattr__(self, "t", self.at.timestamp())
+        object.__setattr__(self, "_route_token", None)
+        object.__setattr__(self, "_route_pos", 0j)
+        object.__setattr__(self, "_next", None)
+        object.__setattr__(self, "_next_mps", math.inf)
 
-    @property
-    def t(self) -> float:
-        """Epoch seconds (UTC)."""
-        return self._t
+    def __reduce__(self) -> tuple[type[Fix], tuple[datetime, float, float, float | None]]:
+        # Pickle and copy through the constructor: the value only, with fresh memos.
+        return Fix, (self.at, self.lat, self.lon, self.speed_mps)
 
 
 def fix_sort_key(f: Fix) -> tuple[float, float, float, float]:
@@ -127,14 +157,19 @@ def clean_track(fixes: Iterable[Fix], max_speed_mps: float = 60.0) -> list[Fix]:
     Fixes with equal times count as one second apart.
     """
     given = list(fixes)
-    if all(a.t < b.t for a, b in pairwise(given)):
-        pts = given  # already in time order, hence distinct: what sorting would give
-    else:
-        pts = sorted(set(given), key=fix_sort_key)
 
     def plausible(a: Fix, b: Fix) -> bool:
         dt = max(b.t - a.t, 1.0)
         return haversine_m(a.lat, a.lon, b.lat, b.lon) <= max_speed_mps * dt
+
+    if _ordered_and_plausible(given, max_speed_mps):
+        # Strictly in time order and every step plausible: the loop below would keep
+        # every fix, in this order.
+        return given
+    if all(a.t < b.t for a, b in pairwise(given)):
+        pts = given  # already in time order, hence distinct: what sorting would give
+    else:
+        pts = sorted(set(given), key=fix_sort_key)
 
     kept: list[Fix] = []
     for i, p in enumerate(pts):
@@ -147,6 +182,89 @@ def clean_track(fixes: Iterable[Fix], max_speed_mps: float = 60.0) -> list[Fix]:
                 kept.clear()
             kept.append(p)
     return kept
+
+
+_SET = object.__setattr__
+_NEXT = attrgetter("_next")
+_NEXT_MPS = attrgetter("_next_mps")
+#: The highest speed any pair of fixes was checked at (see `_ordered_and_plausible`).
+_max_checked_mps = 0.0
+
+
+def _ordered_and_plausible(given: list[Fix], max_speed_mps: float) -> bool:
+    """Whether every fix is strictly later than the one before and plausible from it at
+    ``max_speed_mps`` (what `clean_track` checks), remembering checked pairs on the
+    fixes (``Fix._next``) so that a track passed again only checks its new pairs.
+
+    A pair checked at some speed stays plausible at any higher one (``d <= v * dt`` is
+    monotone in ``v``, also in floating point), hence ``_next_mps <= max_speed_mps``.
+    """
+    global _max_checked_mps
+    if len(given) < 2:
+        return True
+    # The pairs not checked before, found by a C-level scan (a sliding window's are
+    # its newest few): the next fix is another one, or was checked at a higher speed
+    # (which no pair was if no pair was ever checked at a higher speed: the usual case,
+    # as every caller uses the same speed, and then a cheaper scan).
+    unchecked = map(is_not, map(_NEXT, given), islice(given, 1, None))
+    if _max_checked_mps > max_speed_mps:
+        unchecked = map(or_, unchecked, map(gt, map(_NEXT_MPS, given), repeat(max_speed_mps)))
+    todo = list(compress(range(len(given) - 1), unchecked))
+    if not todo:
+        return True
+    _max_checked_mps = max(_max_checked_mps, max_speed_mps)
+    if len(todo) >= _VECTORISE_FROM:
+        undecided = _screen_pairs(given, todo, max_speed_mps)
+        if undecided is None:
+            return False
+        todo = undecided
+    for i in todo:
+        a, b = given[i], given[i + 1]
+        ta, tb = a.t, b.t
+        if not ta < tb:
+            return False
+        if haversine_m(a.lat, a.lon, b.lat, b.lon) > max_speed_mps * max(tb - ta, 1.0):
+            return False
+        _SET(a, "_next", b)
+        _SET(a, "_next_mps", max_speed_mps)
+    return True
+
+
+#: From how many unchecked pairs `_screen_pairs` (numpy) beats the scalar loop.
+_VECTORISE_FROM = 12
+#: Relative band around the speed limit where numpy's haversine cannot decide for
+#: `haversine_m`: the two evaluate the same formula with sin, cos and asin from
+#: different libraries, a few ulps (1e-15) apart, up to ~1e-8 for nearly antipodal
+#: points where asin is ill-conditioned. 1e-7 is well outside either.
+_SCREEN_BAND = 1e-7
+
+
+def _screen_pairs(given: list[Fix], todo: list[int], max_speed_mps: float) -> list[int] | None:
+    """`_ordered_and_plausible`'s check of pairs ``(given[i], given[i + 1])`` for
+    ``i`` in ``todo``, vectorised: ``None`` if one certainly fails, else the pairs it
+    could not decide (distance within `_SCREEN_BAND` of the limit), for the exact
+    scalar check. Pairs certainly plausible are remembered as checked."""
+    a = [given[i] for i in todo]
+    b = [given[i + 1] for i in todo]
+    ta = np.array([f.t for f in a])
+    tb = np.array([f.t for f in b])
+    if not bool(np.all(ta < tb)):
+        return None
+    d = haversine_many(
+        np.array([f.lat for f in a]),
+        np.array([f.lon for f in a]),
+        np.array([f.lat for f in b]),
+        np.array([f.lon for f in b]),
+    )
+    limit = max_speed_mps * np.maximum(tb - ta, 1.0)
+    if bool(np.any(d > limit * (1.0 + _SCREEN_BAND))):
+        return None
+    sure = (d <= limit * (1.0 - _SCREEN_BAND)).tolist()
+    for f, g, ok in zip(a, b, sure, strict=True):
+        if ok:
+            _SET(f, "_next", g)
+            _SET(f, "_next_mps", max_speed_mps)
+    return [i for i, ok in zip(todo, sure, strict=True) if not ok]
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,12 +376,15 @@ class Route:
 
     __slots__ = (
         "__weakref__",
+        "_coords",
+        "_length",
         "_line",
-        "_points",
+        "_point_memo",
         "_proj",
         "_samples",
         "_simple",
         "_threshold",
+        "_token",
     )
 
     def __init__(
@@ -291,7 +412,9 @@ class Route:
                 keep.append(i)
         if len(keep) < 2:
             raise ValueError("a route needs at least two distinct points")
-        self._points: tuple[LatLon, ...] = tuple((float(lats[i]), float(lons[i])) for i in keep)
+        # The vertices as one (n, 2) array: 16 bytes a vertex instead of ~100 for a
+        # tuple of float pairs; `points` builds the tuples when asked (rarely).
+        self._coords = np.column_stack([lats[keep], lons[keep]])
         self._proj = proj
         self._line = LineString(np.column_stack([xs[keep], ys[keep]]))
         shapely.prepare(self._line)
@@ -299,12 +422,21 @@ class Route:
         # on different legs; `project` relies on that for its fast path.
         self._simple = bool(shapely.is_simple(self._line))
         self._threshold = float(on_route_threshold_m)
+        self._length = float(self._line.length)
         self._samples: dict[float, RouteSamples] = {}
+        #: Global projections of single points (`project` without ``near_m``): the ETA
+        #: model projects each shipment's destination on every call. At most
+        #: `_POINT_MEMO_SIZE` entries (oldest dropped first).
+        self._point_memo: dict[LatLon, RoutePosition] = {}
+        #: Identifies this route in the fixes' projection memo (`Fix._route_token`).
+        #: A fresh object, not `id(self)`: a memo holding it keeps it alive, so no
+        #: other route can ever have the same token.
+        self._token = object()
 
     @property
     def points(self) -> tuple[LatLon, ...]:
         """The route's vertices (degrees), after merging near-duplicates."""
-        return self._points
+        return tuple((lat, lon) for lat, lon in self._coords.tolist())
 
     @property
     def projection(self) -> LocalProjection:
@@ -314,7 +446,7 @@ class Route:
     @property
     def length_m(self) -> float:
         """Length along the route, metres."""
-        return float(self._line.length)
+        return self._length
 
     @property
     def on_route_threshold_m(self) -> float:
@@ -345,8 +477,19 @@ class Route:
         this keeps progress on the leg the vehicle is actually on.
         """
         check_lat_lon(lat, lon)
+        memo = self._point_memo
+        key = (lat, lon)
+        best = memo.get(key)
+        if best is None:
+            x, y = self._proj.to_xy(lat, lon)
+            best = self._position(x, y, self._line, 0.0)
+            if len(memo) >= _POINT_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[key] = best
+            return self._near(x, y, best, near_m, back_m, ahead_m, slack_m)
+        if near_m is None:
+            return best
         x, y = self._proj.to_xy(lat, lon)
-        best = self._position(x, y, self._line, 0.0)
         return self._near(x, y, best, near_m, back_m, ahead_m, slack_m)
 
     def _near(
@@ -372,8 +515,41 @@ class Route:
             # point too (on a simple line the nearest point is unique): skip cutting the
             # line, which costs more than everything else here together.
             return best
+        if self._farther_than(x, y, lo, hi, best.offset_m + slack_m):
+            # The window's nearest point is certainly worse than `best` by more than the
+            # slack, so `best` wins: skip cutting the line. The usual case when the hint
+            # comes from the newest fix of the previous call and this fix is the oldest
+            # of the window, kilometres behind it.
+            return best
         local = self._position(x, y, substring(self._line, lo, hi), lo)
         return local if local.offset_m <= best.offset_m + slack_m else best
+
+    def _farther_than(self, x: float, y: float, lo: float, hi: float, limit: float) -> bool:
+        """True only if every point of the route between ``lo`` and ``hi`` metres along
+        is farther than ``limit`` from ``(x, y)``, by a margin.
+
+        A lower bound on what ``substring(line, lo, hi).distance(point)`` returns: the
+        distance to the segments overlapping ``[lo - 1 m, hi + 1 m]`` (the cut line's
+        segments are parts of them). Computed here with numpy rather than GEOS, so it
+        may differ from GEOS's figures in the last bits: the 1 m and 1 mm margins are
+        many orders of magnitude wider than that, and when in doubt it says False and
+        the caller does the exact computation.
+        """
+        xy = shapely.get_coordinates(self._line)
+        ax, ay = xy[:-1, 0], xy[:-1, 1]
+        dx, dy = xy[1:, 0] - ax, xy[1:, 1] - ay
+        seg = np.hypot(dx, dy)
+        end = np.cumsum(seg)
+        start = np.concatenate([[0.0], end[:-1]])
+        first = int(np.searchsorted(end, lo - 1.0, side="left"))
+        last = int(np.searchsorted(start, hi + 1.0, side="right"))
+        if last <= first:
+            return False
+        ax, ay, dx, dy = ax[first:last], ay[first:last], dx[first:last], dy[first:last]
+        len2 = dx * dx + dy * dy
+        r = np.clip(((x - ax) * dx + (y - ay) * dy) / np.where(len2 > 0, len2, 1.0), 0.0, 1.0)
+        nearest = float(np.min(np.hypot(ax + r * dx - x, ay + r * dy - y)))
+        return nearest - 1e-3 > limit
 
     def project_track(
         self,
@@ -445,6 +621,108 @@ class Route:
         keep &= degenerate | inside
         return bool(ok.all())
 
+    def project_fixes(
+        self,
+        fixes: Sequence[Fix],
+        *,
+        near_m: float | None = None,
+        back_m: float = 500.0,
+        ahead_m: float = 5000.0,
+        slack_m: float = 30.0,
+    ) -> tuple[list[float], list[float]]:
+        """:meth:`project_track` of the fixes' positions, as two lists: each fix's
+        ``distance_along_m`` and ``offset_m`` (the same values, without building a
+        :class:`RoutePosition` per fix).
+
+        The global projection of each fix (which depends only on its position) is
+        memoised on the fix (``Fix._route_pos``, one route per fix: the last one it
+        was projected onto), so a fix passed again is not projected again. The choice
+        between it and the nearest point around the previous position (``near_m``) is
+        redone every call, vectorised, with :meth:`project`'s rule.
+        """
+        if not fixes:
+            return [], []
+        token = self._token
+        # The fixes without this route's projection, found by a C-level scan.
+        missing = list(
+            compress(range(len(fixes)), map(is_not, map(_ROUTE_TOKEN, fixes), repeat(token)))
+        )
+        if missing:
+            # Elementwise numpy and per-point GEOS results do not depend on which other
+            # points are in the batch, so projecting only the new fixes gives exactly
+            # what projecting the whole window does.
+            lats = np.array([fixes[i].lat for i in missing])
+            lons = np.array([fixes[i].lon for i in missing])
+            xs, ys = self._proj.to_xy_many(lats, lons)
+            pts = shapely.points(xs, ys)
+            raw = shapely.line_locate_point(self._line, pts).tolist()
+            offsets = shapely.distance(self._line, pts).tolist()
+            length = self._length
+            for i, along, off in zip(missing, raw, offsets, strict=True):
+                f = fixes[i]
+                _SET(f, "_route_pos", complex(min(max(along, 0.0), length), off))
+                _SET(f, "_route_token", token)
+        pos = list(map(_ROUTE_POS, fixes))
+        alongs: list[float] = list(map(_REAL, pos))
+        offs: list[float] = list(map(_IMAG, pos))
+        self._apply_hints(fixes, alongs, offs, near_m, back_m, ahead_m, slack_m)
+        return alongs, offs
+
+    def _apply_hints(
+        self,
+        fixes: Sequence[Fix],
+        alongs: list[float],
+        offs: list[float],
+        near_m: float | None,
+        back_m: float,
+        ahead_m: float,
+        slack_m: float,
+    ) -> None:
+        """Turn global projections into `project_track`'s results, in place: fix ``i``
+        is projected with the previous result's distance along as ``near_m``.
+
+        `_near` keeps the global nearest point whenever the window around the hint is
+        degenerate or (on a simple line) holds it; that is checked for all fixes at
+        once, assuming each hint is the previous global projection. Only the fixes
+        failing it go through `_near`; when one of them is moved off its global
+        projection, the next fix's hint differs from what was assumed, so it is checked
+        again on its own.
+        """
+        length = self._length
+        along = np.array(alongs)
+        previous = np.concatenate([[math.nan if near_m is None else near_m], along[:-1]])
+        lo = np.maximum(previous - back_m, 0.0)
+        hi = np.minimum(previous + ahead_m, length)
+        keep = (hi - lo < 1.0) | ((lo <= 0.0) & (hi >= length))
+        if self._simple:
+            keep |= (lo <= along) & (along <= hi)
+        if near_m is None:
+            keep[0] = True  # no hint: the global nearest point
+        if keep.all():
+            return
+        threshold = self._threshold
+        pending = np.flatnonzero(~keep).tolist()
+        moved = -1  # the last fix `_near` moved off its global projection
+        i = pending[0]
+        k = 0
+        while True:
+            hint = alongs[i - 1] if i else near_m
+            assert hint is not None
+            best = RoutePosition(alongs[i], offs[i], offs[i] <= threshold)
+            x, y = self._proj.to_xy(fixes[i].lat, fixes[i].lon)
+            found = self._near(x, y, best, hint, back_m, ahead_m, slack_m)
+            if found is not best:
+                alongs[i], offs[i] = found.distance_along_m, found.offset_m
+                moved = i
+            while k < len(pending) and pending[k] <= i:
+                k += 1
+            if moved == i and i + 1 < len(alongs):
+                i += 1  # its hint changed: check it whatever the vectorised check said
+            elif k < len(pending):
+                i = pending[k]
+            else:
+                return
+
     def project_many(self, lats: FloatArray, lons: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Vectorised global projection: ``(distance_along_m, offset_m)`` arrays."""
         xs, ys = self._proj.to_xy_many(lats, lons)
@@ -465,8 +743,13 @@ class Route:
     def samples(self, step_m: float = 100.0) -> RouteSamples:
         """The route cut into ``step_m`` pieces (cached per step)."""
         cached = self._samples.get(step_m)
-        if cached is not None:
-            return cached
+        if cached is None:
+            cached = self._samples[step_m] = self.cut(step_m)
+        return cached
+
+    def cut(self, step_m: float = 100.0) -> RouteSamples:
+        """:meth:`samples`, computed afresh and not cached (for callers that keep only
+        what they derive from the pieces)."""
         if not (math.isfinite(step_m) and step_m > 0):
             raise ValueError("step_m must be a positive number")
         length = self.length_m
@@ -479,9 +762,14 @@ class Route:
         x1, y1 = coords[n:, 0], coords[n:, 1]
         lat, lon = self._proj.to_latlon_many((x0 + x1) / 2, (y0 + y1) / 2)
         heading = np.degrees(np.arctan2(x1 - x0, y1 - y0)) % 360.0
-        result = RouteSamples(step_m, starts, ends - starts, lat, lon, heading)
-        self._samples[step_m] = result
-        return result
+        return RouteSamples(step_m, starts, ends - starts, lat, lon, heading)
+
+
+_ROUTE_TOKEN = attrgetter("_route_token")
+_ROUTE_POS = attrgetter("_route_pos")
+_REAL = attrgetter("real")
+_IMAG = attrgetter("imag")
+_POINT_MEMO_SIZE = 16
 
 
 @lru_cache(maxsize=4096)

@@ -30,6 +30,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import numpy.typing as npt
 
 from shared.domain.geo import (
     EARTH_RADIUS_M,
@@ -44,6 +45,7 @@ _M_PER_DEG_LAT = math.pi * EARTH_RADIUS_M / 180.0
 _EPOCH_HOW_OFFSET = 72  # 1970-01-01 was a Thursday: hour 72 of a Monday-based week
 
 CellKey = tuple[int, int]
+IntArray = npt.NDArray[np.int32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +139,25 @@ class HistoricalSpeeds:
     observed_m: float = 0.0
     observed_s: float = 0.0
     _zone: ZoneInfo = field(init=False, repr=False, compare=False)
+    #: The (row, col, sector) keys that have an hour-of-week pace, built when first
+    #: needed (see `piece_paces`).
+    _hourly_keys: frozenset[tuple[int, int, int]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_zone", ZoneInfo(self.params.timezone))
+
+    @property
+    def uniform(self) -> bool:
+        """True when nothing was learned per cell: every piece then has the same pace
+        in a given hour (:meth:`hour_pace`)."""
+        return not (self.cell_pace or self.cell_dir_pace or self.cell_dir_how_pace)
+
+    def hour_pace(self, how: int) -> float:
+        """The pace of every piece during ``how`` when :attr:`uniform`: what
+        :meth:`pace` returns then, for any cell and sector."""
+        return self._clamp(self.global_pace * self.how_factor.get(how, 1.0))
 
     @classmethod
     def empty(cls, params: SpeedParams | None = None) -> HistoricalSpeeds:
@@ -188,6 +206,30 @@ class HistoricalSpeeds:
         secs = (((np.asarray(headings) % 360.0) + width / 2) // width).astype(np.int64) % n
         return list(zip(cells, secs.tolist(), strict=True))
 
+    def piece_paces(self, lats: FloatArray, lons: FloatArray, headings: FloatArray) -> PiecePaces:
+        """A compact table giving :meth:`pace` of many pieces (midpoints and headings)
+        for any hour of week: ``piece_paces(...).at_hour(how)[i]`` equals
+        ``pace(cell_i, sector_i, how)``."""
+        keys = self.piece_keys(lats, lons, headings)
+        cdp, cp, g = self.cell_dir_pace, self.cell_pace, self.global_pace
+        base = np.array(
+            [
+                v if (v := cdp.get((c[0], c[1], sec))) is not None else cp.get(c, g)
+                for c, sec in keys
+            ],
+            dtype=np.float64,
+        )
+        hourly = self._hourly_keys
+        if hourly is None:
+            hourly = frozenset((k[0], k[1], k[2]) for k in self.cell_dir_how_pace)
+            object.__setattr__(self, "_hourly_keys", hourly)
+        special = [
+            (i, c[0], c[1], sec) for i, (c, sec) in enumerate(keys) if (c[0], c[1], sec) in hourly
+        ]
+        # int32: a cell row or column index is below 2**31 for any cell of 1 cm or more.
+        table = np.array(special, dtype=np.int32).reshape(len(special), 4)
+        return PiecePaces(self, base, table)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form; :meth:`from_dict` restores an equal object."""
         p = self.params
@@ -218,6 +260,57 @@ class HistoricalSpeeds:
             float(data["observed_m"]),
             float(data["observed_s"]),
         )
+
+
+class PiecePaces:
+    """The paces of a fixed sequence of pieces, by hour of week (see
+    :meth:`HistoricalSpeeds.piece_paces`).
+
+    Holds 8 bytes a piece (the hour-independent pace: cell and sector, else cell, else
+    global), 16 bytes for each piece whose cell and sector also have hour-of-week paces,
+    and the arrays of the last :data:`HOURS_KEPT` hours asked for (8 bytes a piece
+    each): every vehicle on a route asks for the same few hours (one estimate spans as
+    many hours as the trip takes). At most 56 bytes a piece: 56 KB for a 100 km route
+    in 100 m pieces.
+    """
+
+    __slots__ = ("_base", "_hours", "_special", "_speeds")
+
+    #: How many hours' arrays are kept (least recently computed dropped first).
+    HOURS_KEPT = 4
+
+    def __init__(self, speeds: HistoricalSpeeds, base: FloatArray, special: IntArray) -> None:
+        self._speeds = speeds
+        self._base = base
+        self._special = special
+        self._hours: dict[int, FloatArray] = {}
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def at_hour(self, how: int) -> FloatArray:
+        """Seconds per metre of every piece during hour-of-week ``how`` (read-only)."""
+        found = self._hours.get(how)
+        if found is not None:
+            return found
+        sp = self._speeds
+        p = sp.params
+        # What `HistoricalSpeeds.pace` does per piece, elementwise: the same IEEE
+        # operations (a product, then max and min), hence the same values.
+        paces = np.minimum(
+            np.maximum(self._base * sp.how_factor.get(how, 1.0), 1.0 / p.max_speed_mps),
+            1.0 / p.min_speed_mps,
+        )
+        hourly = sp.cell_dir_how_pace
+        for i, row, col, sector in self._special.tolist():
+            v = hourly.get((row, col, sector, how))
+            if v is not None:
+                paces[i] = v
+        paces.flags.writeable = False
+        if len(self._hours) >= self.HOURS_KEPT:
+            del self._hours[next(iter(self._hours))]
+        self._hours[how] = paces
+        return paces
 
 
 class SpeedLearner:

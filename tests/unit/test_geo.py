@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import pickle
+import random
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -21,6 +25,7 @@ from shared.domain.geo import (
     route_from_polyline,
 )
 from shared.domain.polyline import PolylineError, decode, encode
+from tests.unit.eta_reference.geo import clean_track as reference_clean_track
 
 PROJ = LocalProjection(53.4, -2.9)
 T0 = datetime(2026, 1, 26, 12, 0, tzinfo=UTC)
@@ -162,6 +167,77 @@ def test_clean_track_accepts_a_confirmed_relocation() -> None:
 @given(st.permutations([fix(20 * i, 150 * i, (i % 3) * 10) for i in range(8)]))
 def test_clean_track_ignores_input_order(fixes: list[Fix]) -> None:
     assert clean_track(fixes) == sorted(set(fixes), key=lambda f: f.t)
+
+
+def test_clean_track_rechecks_pairs_checked_at_a_higher_speed() -> None:
+    track = [fix(10 * i, 300 * i, 0) for i in range(5)]  # 30 m/s
+    assert clean_track(track, 60.0) == track  # remembers the pairs as plausible at 60
+    fresh = [fix(10 * i, 300 * i, 0) for i in range(5)]
+    assert clean_track(track, 20.0) == clean_track(fresh, 20.0) != track
+
+
+def test_clean_track_decides_borderline_speeds_exactly() -> None:
+    # Steps within a few ulps of 60 m/s, northwards: numpy's haversine cannot tell
+    # which side they fall on, so the exact scalar check must.
+    rng = random.Random(4)
+    for _ in range(20):
+        lat, fixes = 10.0, [Fix(T0, 10.0, 20.0)]
+        for i in range(1, 40):
+            eps = rng.choice([0.0, 1e-15, -1e-15, 3e-15, -3e-15, 1e-12, -1e-12, -1e-6])
+            lat += math.degrees(60.0 * 10.0 / EARTH_RADIUS_M * (1 + eps))
+            fixes.append(Fix(T0 + timedelta(seconds=10 * i), lat, 20.0))
+        fresh = [Fix(f.at, f.lat, f.lon) for f in fixes]
+        assert clean_track(fixes) == reference_clean_track(fresh)
+        assert clean_track(fixes) == reference_clean_track(fresh)  # memoised
+
+
+# -- memos -----------------------------------------------------------------------------------
+
+
+def test_memos_are_not_part_of_a_fix() -> None:
+    f, g = fix(0, 100, 20), fix(0, 100, 20)
+    STRAIGHT.project_fixes([f])
+    clean_track([f, fix(10, 150, 20)])
+    assert f == g
+    assert hash(f) == hash(g)
+    assert repr(f) == repr(g)
+    assert dataclasses.replace(f, lat=f.lat)._route_token is None  # not carried over
+
+
+def test_pickling_or_copying_a_fix_leaves_the_memos_behind() -> None:
+    track = [fix(i, 10 * i, 0) for i in range(5000)]
+    assert clean_track(track) == track  # links each fix to the next
+    STRAIGHT.project_fixes(track)
+    for clone in (pickle.loads(pickle.dumps(track[0])), copy.deepcopy(track[0])):
+        assert clone == track[0]
+        assert clone.t == track[0].t
+        assert clone._next is None
+        assert clone._route_token is None
+
+
+def test_project_fixes_follows_the_route_asked_for() -> None:
+    fixes = [fix(i, 100 * i, 30) for i in range(10)]
+    other = Route([at(0, 500), at(2000, 500)])
+    for route in (STRAIGHT, other, STRAIGHT):
+        alongs, offsets = route.project_fixes(fixes)
+        fresh = route.project_track([f.lat for f in fixes], [f.lon for f in fixes])
+        assert alongs == [p.distance_along_m for p in fresh]
+        assert offsets == [p.offset_m for p in fresh]
+
+
+def test_single_point_projections_are_memoised_boundedly() -> None:
+    route = Route([at(0, 0), at(5000, 0)])
+    first = route.project(*at(100, 10))
+    for x in range(100):
+        route.project(*at(10 * x, 50))
+    assert len(route._point_memo) == 16
+    assert route.project(*at(100, 10)) == first
+
+
+def test_route_points_are_the_merged_vertices() -> None:
+    pts = [at(0, 0), at(0.2, 0), at(1000, 0)]
+    assert Route(pts).points == (pts[0], pts[2])
+    assert all(type(v) is float for p in Route(pts).points for v in p)
 
 
 def test_fix_requires_aware_time() -> None:

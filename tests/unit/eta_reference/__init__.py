@@ -1,0 +1,10 @@
+"""Reference implementation of the ETA model, kept to pin behaviour.
+
+A frozen copy of ``shared/domain/{geo,speeds,eta}.py`` as of commit b0a0e4d, before
+their hot path was optimised (projection memo, prefix-sum integration, compact
+per-route tables). Only imports were rewired, and what the ETA path does not use was
+cut (``Fix`` is the production class, so both implementations see the same objects;
+the speed learner and delay conditions were dropped). Do not "fix" or modernise this
+code: ``test_eta_reference.py`` asserts that the production model gives the same
+estimates as this one, and ``bench/micro_eta.py`` measures one against the other.
+"""
