@@ -107,6 +107,7 @@ async def run_bench(
     database_url: str | None = None,
     fsync: bool = True,
     service_environ: dict[str, str] | None = None,
+    projectors: int = 1,
 ) -> Report:
     """Start a stack, run every phase, stop everything; return the finished report."""
     report = Report(machine=machine_info())
@@ -120,6 +121,7 @@ async def run_bench(
             database_url=database_url,
             fsync=fsync,
             environ=dict(service_environ or {}),
+            projectors=projectors,
         )
     )
     started = time.time()
@@ -178,10 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="a CARGOTRACK_ setting for every service (repeatable), e.g. to compare a"
         " setting's two values in two runs",
     )
+    parser.add_argument(
+        "--projectors",
+        type=at_least_one,
+        default=1,
+        help="projector processes in one consumer group (1); partitions are split among them",
+    )
     parser.add_argument("--run-dir", type=Path, help="keep logs and state here")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return parser
+
+
+def at_least_one(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
 
 
 def service_setting(text: str) -> tuple[str, str]:
@@ -229,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             database_url=args.database_url,
             fsync=not args.no_fsync,
             service_environ=dict(args.service_env),
+            projectors=args.projectors,
         )
     )
     if args.service_env:

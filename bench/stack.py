@@ -67,6 +67,15 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def _service_of(process_name: str) -> str:
+    """The service a bench process runs: `projector-2` is a second projector."""
+    if process_name == "gps-ingest-only":
+        return "gps-ingest"
+    if process_name.startswith("projector-"):
+        return "projector"
+    return process_name
+
+
 @dataclass
 class StackOptions:
     run_dir: Path
@@ -74,6 +83,8 @@ class StackOptions:
     database_url: str | None = None
     fsync: bool = True
     with_dispatch: bool = True
+    #: Projector processes, one consumer group (the scale-out of docs/operations.md).
+    projectors: int = 1
     #: Extra environment for every service.
     environ: dict[str, str] = field(default_factory=dict)
 
@@ -143,7 +154,8 @@ class BenchStack:
         await self._clean_schemas()
         # The projector migrates and creates topics; start it first, then the rest.
         await self._spawn(["projector"])
-        rest = ["gps-ingest", "shipment-events", "tracking-query"]
+        rest = [f"projector-{n}" for n in range(2, self.options.projectors + 1)]
+        rest += ["gps-ingest", "shipment-events", "tracking-query"]
         if self.options.with_dispatch and self._has_dispatch():
             rest.append("dispatch")
         await self._spawn(rest)
@@ -169,7 +181,7 @@ class BenchStack:
         ports = free_ports(len(names))
         started = []
         for name, port in zip(names, ports, strict=True):
-            kind = "gps-ingest" if name == "gps-ingest-only" else name
+            kind = _service_of(name)
             prefix = self.ingest_prefix if name == "gps-ingest-only" else self.prefix
             process = ChildProcess.spawn(
                 [sys.executable, "-c", "from services.cli import main; main()", "serve", kind],

@@ -9,12 +9,12 @@ owns the transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from shared import statecodec
-from shared.db import Connection
+from shared.db import Connection, as_columns
 from shared.domain.tracking import Position, ShipmentState, VehicleState
 from shared.envelopes import timestamp
 from shared.pb import common_pb2, delivery_pb2, tracking_pb2
@@ -54,30 +54,34 @@ async def load_shipments(
 
 async def save_shipments(connection: Connection, states: Sequence[ShipmentState]) -> None:
     """Upsert shipment states (one row each), in key order to avoid lock-order deadlocks."""
+    if not states:
+        return
     ordered = sorted(states, key=lambda s: (s.tenant_id, s.shipment_id))
-    await connection.executemany(
+    rows = [
+        (
+            s.tenant_id,
+            s.shipment_id,
+            s.customer_id,
+            s.status,
+            s.vehicle_id,
+            s.tracking_token or None,
+            s.created_at,
+            s.updated_at or s.created_at or datetime.fromtimestamp(0).astimezone(),
+            json.dumps(statecodec.encode(s)),
+        )
+        for s in ordered
+    ]
+    await connection.execute(
         "INSERT INTO shipments (tenant_id, shipment_id, customer_id, status, vehicle_id,"
         " tracking_token, created_at, updated_at, state)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::text[],"
+        " $6::text[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[])"
         " ON CONFLICT (tenant_id, shipment_id) DO UPDATE SET"
         " customer_id = EXCLUDED.customer_id, status = EXCLUDED.status,"
         " vehicle_id = EXCLUDED.vehicle_id, tracking_token = EXCLUDED.tracking_token,"
         " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,"
         " state = EXCLUDED.state",
-        [
-            (
-                s.tenant_id,
-                s.shipment_id,
-                s.customer_id,
-                s.status,
-                s.vehicle_id,
-                s.tracking_token or None,
-                s.created_at,
-                s.updated_at or s.created_at or datetime.fromtimestamp(0).astimezone(),
-                json.dumps(statecodec.encode(s)),
-            )
-            for s in ordered
-        ],
+        *as_columns(rows, 9),
     )
 
 
@@ -91,24 +95,28 @@ async def load_vehicles(
 
 
 async def save_vehicles(connection: Connection, states: Sequence[VehicleState]) -> None:
+    if not states:
+        return
     ordered = sorted(states, key=lambda s: (s.tenant_id, s.vehicle_id))
-    await connection.executemany(
+    rows = [
+        (
+            s.tenant_id,
+            s.vehicle_id,
+            s.last_position.lat if s.last_position else None,
+            s.last_position.lon if s.last_position else None,
+            s.last_position.recorded_at if s.last_position else None,
+            json.dumps(statecodec.encode(s)),
+        )
+        for s in ordered
+    ]
+    await connection.execute(
         "INSERT INTO vehicles (tenant_id, vehicle_id, latitude, longitude, recorded_at, state)"
-        " VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[],"
+        " $5::timestamptz[], $6::jsonb[])"
         " ON CONFLICT (tenant_id, vehicle_id) DO UPDATE SET"
         " latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude,"
         " recorded_at = EXCLUDED.recorded_at, state = EXCLUDED.state, updated_at = now()",
-        [
-            (
-                s.tenant_id,
-                s.vehicle_id,
-                s.last_position.lat if s.last_position else None,
-                s.last_position.lon if s.last_position else None,
-                s.last_position.recorded_at if s.last_position else None,
-                json.dumps(statecodec.encode(s)),
-            )
-            for s in ordered
-        ],
+        *as_columns(rows, 6),
     )
 
 
@@ -126,29 +134,30 @@ HISTORY_COLUMNS = (
 
 
 async def append_history(
-    connection: Connection, rows: Sequence[tuple[str, str, str, Position]]
-) -> None:
-    """COPY positions (tenant, vehicle, event id, position) into the history table."""
-    if not rows:
-        return
-    await connection.copy_records_to_table(
-        "vehicle_positions",
-        columns=HISTORY_COLUMNS,
-        records=[
-            (
-                tenant,
-                vehicle,
-                p.recorded_at,
-                p.lat,
-                p.lon,
-                p.speed_mps,
-                p.heading_deg,
-                p.accuracy_m,
-                event_id,
-            )
-            for tenant, vehicle, event_id, p in rows
-        ],
-    )
+    connection: Connection, points: Mapping[VehicleKey, Sequence[tuple[str, Position]]]
+) -> int:
+    """COPY positions into the history table: per (tenant, vehicle), (event id, position)
+    pairs. Returns how many rows it wrote."""
+    records = [
+        (
+            tenant,
+            vehicle,
+            p.recorded_at,
+            p.lat,
+            p.lon,
+            p.speed_mps,
+            p.heading_deg,
+            p.accuracy_m,
+            event_id,
+        )
+        for (tenant, vehicle), pairs in points.items()
+        for event_id, p in pairs
+    ]
+    if records:
+        await connection.copy_records_to_table(
+            "vehicle_positions", columns=HISTORY_COLUMNS, records=records
+        )
+    return len(records)
 
 
 async def active_shipments_of(

@@ -58,7 +58,7 @@ from typing import Any
 from shared import metrics, statecodec
 from shared import tracking_store as store
 from shared.config import AlertSettings
-from shared.db import Connection
+from shared.db import Connection, as_columns
 from shared.domain import alerts
 from shared.domain.alerts import AlertConditions, AlertDecision
 from shared.domain.eta import DelayMargins, EtaEstimate, EtaMethod, EtaModel, classify_delay
@@ -222,7 +222,8 @@ class CachedTrack:
 def _fix_of(point: Position) -> Fix:
     # Exactly what reading the row back gives: speeds are float32 on the wire and
     # `real` in the table, so the value survives the round trip unchanged.
-    return Fix(point.recorded_at, point.lat, point.lon, point.speed_mps or None)
+    # The fold validated the point (tracking.gps_positions): no need to check it again.
+    return Fix.trusted(point.recorded_at, point.lat, point.lon, point.speed_mps or None)
 
 
 class TrackCache:
@@ -553,24 +554,33 @@ class LiveTracker:
                     json.dumps(statecodec.encode(conditions)),
                 )
             )
-        await connection.executemany(
+        # One statement each (see db.as_columns). A shipment has one row per batch; an
+        # ETA history key could only repeat if two estimates shared a position time:
+        # keep the last, as row-by-row upserts would.
+        await connection.execute(
             "INSERT INTO shipment_tracking (tenant_id, shipment_id, vehicle_id, position,"
-            " progress, eta, conditions) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb,"
-            " $7::jsonb) ON CONFLICT (tenant_id, shipment_id) DO UPDATE SET"
+            " progress, eta, conditions) SELECT * FROM unnest($1::text[], $2::text[],"
+            " $3::text[], $4::jsonb[], $5::jsonb[], $6::jsonb[], $7::jsonb[])"
+            " ON CONFLICT (tenant_id, shipment_id) DO UPDATE SET"
             " vehicle_id = EXCLUDED.vehicle_id, position = EXCLUDED.position,"
             " progress = coalesce(EXCLUDED.progress, shipment_tracking.progress),"
             " eta = coalesce(EXCLUDED.eta, shipment_tracking.eta),"
             " conditions = EXCLUDED.conditions, updated_at = now()",
-            rows,
+            *as_columns(rows, 7),
         )
-        await connection.executemany(
-            "INSERT INTO eta_history (tenant_id, shipment_id, position_at, computed_at,"
-            " estimated_arrival, remaining_m, method) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-            " ON CONFLICT (tenant_id, shipment_id, position_at) DO UPDATE SET"
-            " computed_at = EXCLUDED.computed_at, estimated_arrival = EXCLUDED.estimated_arrival,"
-            " remaining_m = EXCLUDED.remaining_m, method = EXCLUDED.method",
-            history,
-        )
+        if history:
+            latest = {row[:3]: row for row in history}
+            await connection.execute(
+                "INSERT INTO eta_history (tenant_id, shipment_id, position_at, computed_at,"
+                " estimated_arrival, remaining_m, method) SELECT * FROM unnest($1::text[],"
+                " $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[],"
+                " $6::float8[], $7::smallint[])"
+                " ON CONFLICT (tenant_id, shipment_id, position_at) DO UPDATE SET"
+                " computed_at = EXCLUDED.computed_at,"
+                " estimated_arrival = EXCLUDED.estimated_arrival,"
+                " remaining_m = EXCLUDED.remaining_m, method = EXCLUDED.method",
+                *as_columns(list(latest.values()), 7),
+            )
         return pending
 
     @staticmethod

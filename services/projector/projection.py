@@ -14,6 +14,7 @@ import heapq
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from services.projector.live import LiveTracker
 from shared import tracking_store as store
@@ -152,7 +153,7 @@ class TrackingProjection:
         )
         loaded_positions = {k: s.last_position for k, s in states.items()}
         changed: dict[store.VehicleKey, VehicleState] = {}
-        history: list[tuple[str, str, str, Position]] = []
+        history = effect.new_points
         for n, record in enumerate(records):
             if n and n % FOLD_YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # heartbeats: a poll batch can hold 10^5+ points
@@ -161,16 +162,15 @@ class TrackingProjection:
             before = states.get(key)
             after, points = tracking.fold_gps(before, envelope)
             if points:
-                added = effect.new_points.setdefault(key, [])
-                for point in points:
-                    history.append((key[0], key[1], envelope.event_id, point))
-                    added.append((envelope.event_id, point))
+                added = history.get(key)
+                if added is None:
+                    added = history[key] = []
+                added.extend(zip(repeat(envelope.event_id), points))
             if after is not before:
                 states[key] = after
                 changed[key] = after
         await store.save_vehicles(connection, list(changed.values()))
-        await store.append_history(connection, history)
-        effect.history_points = len(history)
+        effect.history_points = await store.append_history(connection, history)
         effect.vehicles_moved = {
             key: state
             for key, state in changed.items()

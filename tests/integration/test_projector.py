@@ -201,7 +201,8 @@ async def test_a_day_partition_is_created_even_when_default_holds_its_rows(
     now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
     try:
-        await store.append_history(connection, [("acme", "v1", "e1", Position(53.4, -2.99, now))])
+        point = Position(53.4, -2.99, now)
+        await store.append_history(connection, {("acme", "v1"): [("e1", point)]})
         created, _ = await store.maintain_position_partitions(connection, now, 2)
         in_default = await connection.fetchval("SELECT count(*) FROM vehicle_positions_default")
         in_day = await connection.fetchval("SELECT count(*) FROM vehicle_positions_20261125")

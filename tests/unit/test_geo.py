@@ -294,3 +294,24 @@ def test_polyline_rejects_bad_arguments() -> None:
         encode([(0.0, 0.0)], precision=9)
     with pytest.raises(ValueError, match="latitude"):
         encode([(95.0, 0.0)])
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1970, 1, 2),
+        max_value=datetime(2100, 1, 1),
+        timezones=st.just(UTC),
+    ),
+    st.floats(-90, 90),
+    st.floats(-180, 180),
+    st.one_of(st.none(), st.floats(0, 100)),
+)
+def test_a_trusted_fix_is_the_checked_fix(
+    at: datetime, lat: float, lon: float, speed: float | None
+) -> None:
+    trusted = Fix.trusted(at, lat, lon, speed)
+    checked = Fix(at, lat, lon, speed)
+    assert trusted == checked
+    assert trusted.t == checked.t
+    assert repr(trusted) == repr(checked)
+    assert copy.copy(trusted) == checked
