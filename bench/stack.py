@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import asyncpg
 
@@ -33,6 +31,7 @@ from shared.config import Settings, load_settings
 from shared.devstack import LocalStack
 from shared.devstack.ports import free_ports
 from shared.devstack.process import ChildProcess
+from shared.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class StackOptions:
     environ: dict[str, str] = field(default_factory=dict)
 
 
-class BenchStack:
+class BenchStack(Lifecycle):
     """Kafka + PostgreSQL + services for one benchmark run (see module docstring)."""
 
     def __init__(self, options: StackOptions) -> None:
@@ -206,22 +205,6 @@ class BenchStack:
             with contextlib.suppress(Exception):
                 await self._clean_schemas()
         await self.local.stop()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # --- helpers --------------------------------------------------------------------
 

@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Self
 
 import asyncpg
 import grpc
@@ -44,6 +42,7 @@ from shared.auth import Role, mint_token
 from shared.config import Settings
 from shared.db import connect
 from shared.envelopes import to_datetime
+from shared.lifecycle import Lifecycle
 from shared.pb import (
     alerts_pb2,
     dispatch_pb2,
@@ -99,7 +98,7 @@ class AlertSeen:
         )
 
 
-class AlertFeed:
+class AlertFeed(Lifecycle):
     """A dispatcher's subscription to SubscribeDelays, from now on, kept alive.
 
     `subscribed` is set once dispatch confirmed the subscription (its initial
@@ -141,18 +140,6 @@ class AlertFeed:
         if task is not None:
             task.cancel()
             await asyncio.wait({task})
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def _run(self) -> None:
         async with grpc.aio.insecure_channel(self.target) as channel:
@@ -253,7 +240,7 @@ class Snapshot:
         return None if self.statuses is None else sum(self.statuses.values())
 
 
-class DevMonitor:
+class DevMonitor(Lifecycle):
     """Reads the sources of the view (module docstring). `start()`, `stop()` (idempotent),
     `async with`; `snapshot()` never raises for an unreachable source."""
 
@@ -299,18 +286,6 @@ class DevMonitor:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             await channel.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _rate(self, name: str, value: int | None) -> float | None:
         """Per-second change of a counter over the last RATE_WINDOW_S (uploads come in

@@ -22,8 +22,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -49,6 +47,7 @@ from shared.kafka import (
     produce_many,
     topic_specs,
 )
+from shared.lifecycle import Lifecycle
 from shared.pb import envelope_pb2
 from shared.rpc import Context, GrpcApp, Registrar
 from shared.runtime import Supervisor
@@ -123,7 +122,7 @@ def envelope_for(
     )
 
 
-class KafkaLink:
+class KafkaLink(Lifecycle):
     """The service's connection to Kafka: topics, one idempotent acks=all producer.
 
     Lifecycle: `start()` returns at once and connects in the background (ensure the
@@ -354,18 +353,6 @@ class KafkaLink:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
 
 def _retrieve(future: asyncio.Future[object]) -> None:
     """Mark a batch future's outcome as seen (nobody awaits it after a timeout)."""
@@ -413,7 +400,7 @@ class IngestService:
 ServiceBuilder = Callable[[Settings, KafkaLink], IngestService]
 
 
-class IngestServer:
+class IngestServer(Lifecycle):
     """One ingest service, running: Kafka link, gRPC server, readiness.
 
     `start()` starts the Kafka link (in the background), builds the service, starts
@@ -510,18 +497,6 @@ class IngestServer:
 
     async def stop(self) -> None:
         await self._stack.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def serve(settings: Settings, builder: ServiceBuilder, label: str) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
-from typing import Self
 
 from services.dispatch.hub import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CATCHUPS, AlertHub
 from services.dispatch.servicer import DispatchServicer
@@ -14,6 +12,7 @@ from shared import metrics, readiness
 from shared.auth import Role
 from shared.config import Settings
 from shared.kafka import topic_specs
+from shared.lifecycle import Lifecycle
 from shared.pb import dispatch_pb2, dispatch_pb2_grpc
 from shared.rpc import GrpcApp
 from shared.runtime import Supervisor
@@ -27,7 +26,7 @@ SERVICE_NAME: str = dispatch_pb2.DESCRIPTOR.services_by_name["DispatchService"].
 ROLES = {f"/{SERVICE_NAME}/SubscribeDelays": frozenset({Role.DISPATCHER, Role.OPS})}
 
 
-class DispatchServer:
+class DispatchServer(Lifecycle):
     """The dispatch service, running: alert hub, gRPC server, readiness.
 
     `start()` starts the hub (it connects to Kafka in the background), then the gRPC
@@ -130,18 +129,6 @@ class DispatchServer:
 
     async def stop(self) -> None:
         await self._stack.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def server(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
-from typing import Self
 
 import grpc
 
@@ -18,6 +16,7 @@ from services.fleet_simulator.uplink import GpsUplink
 from services.fleet_simulator.vehicle import OpenShipments, Vehicle
 from shared.auth import Role
 from shared.envelopes import timestamp, utc_now
+from shared.lifecycle import Lifecycle
 from shared.pb import shipment_pb2
 
 __all__ = ["FleetSimulator", "run"]
@@ -29,7 +28,7 @@ FLUSH_S = 2.0
 CANCEL_S = 3.0
 
 
-class FleetSimulator:
+class FleetSimulator(Lifecycle):
     """Runs `config.vehicles` vehicles against the ingest services at `targets`.
 
     Lifecycle: `start()` (once) loads the trips, opens one channel per target and
@@ -168,22 +167,6 @@ class FleetSimulator:
         else:
             log.info("cancelled %d shipment(s) not delivered before the stop", len(events))
         self.open.clear()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def run(

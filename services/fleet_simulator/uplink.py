@@ -29,12 +29,11 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Self
 
 import grpc
 
 from services.fleet_simulator.stats import SimulatorStats
+from shared.lifecycle import Lifecycle
 from shared.pb import gps_pb2, gps_pb2_grpc
 
 __all__ = ["GpsUplink", "Metadata"]
@@ -60,7 +59,7 @@ class _OutOfOrder(Exception):
     """An answer that does not match the oldest unanswered batch."""
 
 
-class GpsUplink:
+class GpsUplink(Lifecycle):
     """One device's GPS stream to gps-ingest (see the module docstring)."""
 
     def __init__(
@@ -180,18 +179,6 @@ class GpsUplink:
         await asyncio.wait({self._task})
         if not self._task.cancelled():
             self._task.result()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- the connection --------------------------------------------------------------
 

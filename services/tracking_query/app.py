@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
-from typing import Self
 
 from services.tracking_query.servicer import TrackingServicer
 from services.tracking_query.watch import ChangeFeed
@@ -19,6 +17,7 @@ from shared import metrics, readiness
 from shared.auth import Role
 from shared.config import Settings
 from shared.db import create_pool, migrate
+from shared.lifecycle import Lifecycle
 from shared.pb import tracking_pb2, tracking_pb2_grpc
 from shared.rpc import GrpcApp
 from shared.runtime import Supervisor
@@ -39,7 +38,7 @@ ROLES = {
 PUBLIC_METHODS = (f"/{SERVICE_NAME}/TrackByToken",)
 
 
-class QueryServer:
+class QueryServer(Lifecycle):
     """One tracking-query service, running.
 
     `start()` migrates the schema (idempotent), opens the pool, starts the gRPC server
@@ -133,18 +132,6 @@ class QueryServer:
 
     async def stop(self) -> None:
         await self._stack.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def server(settings: Settings) -> QueryServer:

@@ -20,10 +20,9 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from shared.devstack.errors import DevStackError
+from shared.lifecycle import Lifecycle
 
 __all__ = [
     "ChildProcess",
@@ -344,7 +343,7 @@ async def run_command(
         await child.kill()
 
 
-class ServerProcess:
+class ServerProcess(Lifecycle):
     """The lifecycle every local server shares: start, stop, kill, restart, ``async with``.
 
     Subclasses set ``_stop_signal`` (the server's graceful-shutdown signal) and
@@ -404,18 +403,6 @@ class ServerProcess:
         """Stop gracefully, then start again on the same ports keeping the data."""
         await self.stop()
         await self.start(keep_data=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def __del__(self) -> None:
         proc = getattr(self, "_proc", None)

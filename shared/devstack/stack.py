@@ -12,8 +12,6 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from shared.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker
 from shared.devstack.ports import (
@@ -26,6 +24,7 @@ from shared.devstack.ports import (
     port_from_env,
 )
 from shared.devstack.postgres import PostgresServer
+from shared.lifecycle import Lifecycle
 
 __all__ = ["DATABASE_URL_ENV", "KAFKA_BOOTSTRAP_SERVERS_ENV", "LocalStack"]
 
@@ -35,7 +34,7 @@ KAFKA_BOOTSTRAP_SERVERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "DATABASE_URL"
 
 
-class LocalStack:
+class LocalStack(Lifecycle):
     """A Kafka broker and a PostgreSQL server, started together, stopped together.
 
     Guarantees:
@@ -218,15 +217,3 @@ class LocalStack:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
