@@ -18,6 +18,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: How long a cancelled task may take to finish before it is cancelled again.
+CANCEL_AGAIN_AFTER_S = 5.0
+
 
 class Supervisor:
     """Runs named tasks until the first failure or a stop request."""
@@ -75,8 +78,16 @@ class Supervisor:
             raise first_error
 
     async def _cancel_all(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
+        tasks = set(self._tasks.values())
+        while True:
+            for task in tasks:
+                task.cancel()
+            _, tasks = await asyncio.wait(tasks, timeout=CANCEL_AGAIN_AFTER_S)
+            if not tasks:
+                break
+            # Library code can swallow a cancellation that races with its own
+            # completion (asyncio.wait_for on 3.11, for one): cancel again, never hang.
+            log.warning("tasks still running after cancel: %s", sorted(t.get_name() for t in tasks))
         results = await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         for task, result in zip(self._tasks.values(), results, strict=True):
             if isinstance(result, Exception):

@@ -191,7 +191,11 @@ class ChangeFeed:
         failures = 0
         while True:
             try:
-                connection = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for returns the result when
+                # it completes as the task is being cancelled, losing the cancellation
+                # (and then this loop never ends at shutdown).
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    connection = await self._connect()
             except CONNECTION_ERRORS as error:
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
@@ -223,7 +227,8 @@ class ChangeFeed:
         self._wake_all()
         while True:
             try:
-                await asyncio.wait_for(lost.wait(), self._ping_interval_s)
+                async with asyncio.timeout(self._ping_interval_s):
+                    await lost.wait()
             except TimeoutError:
                 await connection.fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
             else:
@@ -234,6 +239,7 @@ async def _close_quietly(connection: asyncpg.Connection[Any]) -> None:
     if connection.is_closed():
         return
     try:
-        await asyncio.wait_for(connection.close(), PING_TIMEOUT_S)
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            await connection.close()
     except CONNECTION_ERRORS:
         connection.terminate()
