@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -37,7 +38,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shared import metrics, tracing
 from shared.auth import Principal, Role
 from shared.config import KafkaSettings, Settings
-from shared.envelopes import HEADER_TRACEPARENT, EncodedRecord
+from shared.envelopes import HEADER_TRACEPARENT, EncodedRecord, utc_now
 from shared.kafka import (
     KafkaUnavailable,
     TopicSpec,
@@ -398,6 +399,35 @@ class IngestService:
 
 #: Builds a service's servicer around the shared Kafka link.
 ServiceBuilder = Callable[[Settings, KafkaLink], IngestService]
+
+
+class TopicWriter:
+    """What an ingest servicer needs to put a client's records on its topic: the
+    service's Kafka link, the topic, the most a write may wait for Kafka's
+    acknowledgement (less when the client's deadline is nearer), and the clock that
+    stamps `recorded_at` (injectable in tests)."""
+
+    def __init__(
+        self,
+        kafka: KafkaLink,
+        topic: str,
+        kafka_timeout_s: float,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._kafka = kafka
+        self._topic = topic
+        self._timeout_s = kafka_timeout_s
+        self._clock = clock
+
+    async def _write(self, context: Context, records: Sequence[EncodedRecord]) -> None:
+        """Write records in order; returns once Kafka acknowledged every one (raises
+        KafkaUnavailable when it did not within the budget)."""
+        budget = deadline_budget(context, self._timeout_s)
+        if len(records) == 1:
+            await self._kafka.write(self._topic, records[0], budget)
+        else:
+            await self._kafka.write_many(self._topic, list(records), budget)
 
 
 class IngestServer(Lifecycle):

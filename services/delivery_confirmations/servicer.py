@@ -13,34 +13,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
-
 import grpc
 import structlog
 
 from shared.auth import Role, current_principal
 from shared.domain.validation import Violation, validate_delivery_confirmation
-from shared.envelopes import encode, timestamp, utc_now
-from shared.ingest import KafkaLink, deadline_budget, envelope_for, traceparent
+from shared.envelopes import encode, timestamp
+from shared.ingest import TopicWriter, envelope_for, traceparent
 from shared.pb import delivery_pb2, delivery_pb2_grpc
 from shared.rpc import Context, abort_invalid
 
 
-class DeliveryConfirmationsServicer(delivery_pb2_grpc.DeliveryConfirmationsServiceServicer):
-    def __init__(
-        self,
-        kafka: KafkaLink,
-        topic: str,
-        kafka_timeout_s: float,
-        *,
-        clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        self._kafka = kafka
-        self._topic = topic
-        self._timeout_s = kafka_timeout_s
-        self._clock = clock
-
+class DeliveryConfirmationsServicer(
+    TopicWriter, delivery_pb2_grpc.DeliveryConfirmationsServiceServicer
+):
     async def ConfirmDelivery(
         self, request: delivery_pb2.ConfirmDeliveryRequest, context: Context
     ) -> delivery_pb2.ConfirmDeliveryResponse:
@@ -75,11 +61,7 @@ class DeliveryConfirmationsServicer(delivery_pb2_grpc.DeliveryConfirmationsServi
             traceparent=traceparent(context),
         )
         envelope.delivery_confirmation.CopyFrom(confirmation)
-        await self._kafka.write(
-            self._topic,
-            encode(envelope, confirmation.shipment_id),
-            deadline_budget(context, self._timeout_s),
-        )
+        await self._write(context, [encode(envelope, confirmation.shipment_id)])
         return delivery_pb2.ConfirmDeliveryResponse(
             confirmation_id=confirmation.confirmation_id, recorded_at=envelope.recorded_at
         )

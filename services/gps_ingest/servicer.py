@@ -30,9 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import grpc
 import structlog
@@ -41,8 +40,8 @@ from shared import metrics, tracing
 from shared.auth import Principal, Role, current_principal
 from shared.domain.ids import gps_batch_event_id
 from shared.domain.validation import as_field_violations, validate_gps_batch
-from shared.envelopes import EncodedRecord, encode, timestamp, utc_now
-from shared.ingest import KafkaLink, deadline_budget, envelope_for, traceparent
+from shared.envelopes import EncodedRecord, encode, timestamp
+from shared.ingest import TopicWriter, deadline_budget, envelope_for, traceparent
 from shared.kafka import KafkaUnavailable
 from shared.pb import gps_pb2, gps_pb2_grpc
 from shared.rpc import Context
@@ -93,21 +92,8 @@ class _End:
 _Item = _Write | _Answer | _Deny | _End
 
 
-class GpsIngestServicer(gps_pb2_grpc.GpsIngestServiceServicer):
+class GpsIngestServicer(TopicWriter, gps_pb2_grpc.GpsIngestServiceServicer):
     """Writes each accepted batch to `topic` through `kafka` (see the module docstring)."""
-
-    def __init__(
-        self,
-        kafka: KafkaLink,
-        topic: str,
-        kafka_timeout_s: float,
-        *,
-        clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        self._kafka = kafka
-        self._topic = topic
-        self._timeout_s = kafka_timeout_s
-        self._clock = clock
 
     async def StreamPoints(
         self,

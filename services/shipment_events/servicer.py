@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from datetime import datetime
 
 import structlog
@@ -29,8 +28,8 @@ import structlog
 from shared.auth import Principal, current_principal
 from shared.domain.ids import uuid7
 from shared.domain.validation import Violation, validate_shipment_event
-from shared.envelopes import EncodedRecord, encode, timestamp, utc_now
-from shared.ingest import KafkaLink, deadline_budget, envelope_for, traceparent
+from shared.envelopes import EncodedRecord, encode, timestamp
+from shared.ingest import TopicWriter, envelope_for, traceparent
 from shared.pb import shipment_pb2, shipment_pb2_grpc
 from shared.rpc import Context, abort_invalid
 
@@ -42,20 +41,7 @@ def mint_tracking_token() -> str:
     return secrets.token_urlsafe(16)
 
 
-class ShipmentEventsServicer(shipment_pb2_grpc.ShipmentEventsServiceServicer):
-    def __init__(
-        self,
-        kafka: KafkaLink,
-        topic: str,
-        kafka_timeout_s: float,
-        *,
-        clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        self._kafka = kafka
-        self._topic = topic
-        self._timeout_s = kafka_timeout_s
-        self._clock = clock
-
+class ShipmentEventsServicer(TopicWriter, shipment_pb2_grpc.ShipmentEventsServiceServicer):
     async def RecordEvent(
         self, request: shipment_pb2.RecordEventRequest, context: Context
     ) -> shipment_pb2.RecordEventResponse:
@@ -69,7 +55,7 @@ class ShipmentEventsServicer(shipment_pb2_grpc.ShipmentEventsServiceServicer):
         if violations:
             await abort_invalid(context, violations, "invalid shipment event")
         record, result = self._record(request.event, principal, now, traceparent(context))
-        await self._kafka.write(self._topic, record, deadline_budget(context, self._timeout_s))
+        await self._write(context, [record])
         return result
 
     async def RecordEvents(
@@ -100,9 +86,7 @@ class ShipmentEventsServicer(shipment_pb2_grpc.ShipmentEventsServiceServicer):
             record, result = self._record(event, principal, now, trace)
             records.append(record)
             response.results.append(result)
-        await self._kafka.write_many(
-            self._topic, records, deadline_budget(context, self._timeout_s)
-        )
+        await self._write(context, records)
         return response
 
     @staticmethod
