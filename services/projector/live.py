@@ -701,8 +701,11 @@ class LiveTracker:
             if n and n % (YIELD_EVERY * 1000) == 0:
                 await asyncio.sleep(0)  # a replay's batch can read back 10^5+ fixes
             key = (row["tenant_id"], row["vehicle_id"])
+            # Rows are this projection's own COPY of points the fold validated.
             fixes[key].append(
-                Fix(row["recorded_at"], row["latitude"], row["longitude"], row["speed_mps"] or None)
+                Fix.trusted(
+                    row["recorded_at"], row["latitude"], row["longitude"], row["speed_mps"] or None
+                )
             )
             events[key].append(row["event_id"])
         for key in keys:
