@@ -338,6 +338,18 @@ class Rig:
         ends = await end_offsets(self.settings, self.topics)
         return stored is None or any(stored.get(tp, -1) < end - 1 for tp, end in ends.items())
 
+    async def wait_lagging(self, within_s: float = 2.0) -> bool:
+        """Whether the projection is behind the log, waiting up to `within_s` (while the
+        workload runs) for a moment when it is. A projector that keeps up is behind
+        only between a write and its next commit: one random instant can miss that."""
+        deadline = time.monotonic() + within_s
+        while True:
+            if await self.lagging():
+                return True
+            if not self.workload_running or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+
     async def wait_running(self, process: ServiceProcess, timeout_s: float = 30.0) -> None:
         """Until the keeper has (re)started the process."""
         async with asyncio.timeout(timeout_s):

@@ -82,7 +82,7 @@ async def test_projector_sigkill_mid_batch_repeatedly(
             await rig.wait_running(projector)
             await rig.wait_commit()
             await asyncio.sleep(rng.uniform(0.0, 0.3))
-            mid_stream += await rig.lagging()
+            mid_stream += await rig.wait_lagging()
             await projector.kill()  # the keeper starts a new one
             rig.faults += 1
         rig.notes["kills mid-stream"] = mid_stream
