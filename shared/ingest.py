@@ -48,7 +48,7 @@ from shared.kafka import (
     produce_many,
     topic_specs,
 )
-from shared.lifecycle import Lifecycle
+from shared.lifecycle import Lifecycle, StackedServer, cancel_and_wait
 from shared.pb import envelope_pb2
 from shared.rpc import Context, GrpcApp, Registrar
 from shared.runtime import Supervisor
@@ -430,7 +430,7 @@ class TopicWriter:
             await self._kafka.write_many(self._topic, list(records), budget)
 
 
-class IngestServer(Lifecycle):
+class IngestServer(StackedServer):
     """One ingest service, running: Kafka link, gRPC server, readiness.
 
     `start()` starts the Kafka link (in the background), builds the service, starts
@@ -444,30 +444,15 @@ class IngestServer(Lifecycle):
     """
 
     def __init__(self, settings: Settings, builder: ServiceBuilder, label: str) -> None:
+        super().__init__()
         self.settings = settings
         self.label = label
         self._builder = builder
-        self._stack = contextlib.AsyncExitStack()
         self._readiness: asyncio.Task[None] | None = None
         self.kafka = KafkaLink(settings.kafka, topic_specs(settings.topics))
         self.app: GrpcApp | None = None
-        self.port: int | None = None
-        self._started = False
 
-    async def start(self) -> int:
-        """Start everything; return the gRPC port."""
-        if self._started:
-            raise RuntimeError("IngestServer.start() called twice")
-        self._started = True
-        try:
-            await self._kafka_and_server()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        assert self.port is not None
-        return self.port
-
-    async def _kafka_and_server(self) -> None:
+    async def _start(self) -> None:
         # Exit callbacks run in reverse: readiness, then the server, then Kafka, then
         # metrics and tracing (so they cover the whole shutdown).
         await self._stack.enter_async_context(metrics.service_telemetry(self.settings, self.label))
@@ -511,10 +496,7 @@ class IngestServer(Lifecycle):
                 await self.kafka.wait_connected(READINESS_INTERVAL_S)
 
     async def _stop_readiness(self) -> None:
-        if self._readiness is not None:
-            self._readiness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness
+        await cancel_and_wait(self._readiness)
 
     async def wait(self) -> None:
         """Run until cancelled; raise the readiness task's error if it fails.
@@ -524,9 +506,6 @@ class IngestServer(Lifecycle):
         """
         assert self._readiness is not None, "start() first"
         await asyncio.shield(self._readiness)
-
-    async def stop(self) -> None:
-        await self._stack.aclose()
 
 
 async def serve(settings: Settings, builder: ServiceBuilder, label: str) -> None:

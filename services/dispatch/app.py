@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from services.dispatch.hub import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CATCHUPS, AlertHub
@@ -12,7 +11,7 @@ from shared import metrics, readiness
 from shared.auth import Role
 from shared.config import Settings
 from shared.kafka import topic_specs
-from shared.lifecycle import Lifecycle
+from shared.lifecycle import StackedServer, cancel_and_wait
 from shared.pb import dispatch_pb2, dispatch_pb2_grpc
 from shared.rpc import GrpcApp
 from shared.runtime import Supervisor
@@ -26,7 +25,7 @@ SERVICE_NAME: str = dispatch_pb2.DESCRIPTOR.services_by_name["DispatchService"].
 ROLES = {f"/{SERVICE_NAME}/SubscribeDelays": frozenset({Role.DISPATCHER, Role.OPS})}
 
 
-class DispatchServer(Lifecycle):
+class DispatchServer(StackedServer):
     """The dispatch service, running: alert hub, gRPC server, readiness.
 
     `start()` starts the hub (it connects to Kafka in the background), then the gRPC
@@ -49,6 +48,7 @@ class DispatchServer(Lifecycle):
         max_catchups: int = DEFAULT_MAX_CATCHUPS,
         readiness_interval_s: float = 2.0,
     ) -> None:
+        super().__init__()
         self.settings = settings
         alerts = settings.topics.shipment_alerts
         alerts_topic = next(spec for spec in topic_specs(settings.topics) if spec.name == alerts)
@@ -68,40 +68,26 @@ class DispatchServer(Lifecycle):
             ],
             ROLES,
         )
-        self.port: int | None = None
         self._readiness_interval_s = readiness_interval_s
         self._readiness: asyncio.Task[None] | None = None
-        self._stack = contextlib.AsyncExitStack()
-        self._started = False
 
-    async def start(self) -> int:
-        """Start everything; return the gRPC port."""
-        if self._started:
-            raise RuntimeError("DispatchServer.start() called twice")
-        self._started = True
-        try:
-            # Telemetry first, so it covers the whole shutdown.
-            await self._stack.enter_async_context(
-                metrics.service_telemetry(self.settings, "dispatch")
-            )
-            # Exit callbacks run in reverse: drain the server, then readiness, then the hub.
-            await self.hub.start()
-            self._stack.push_async_callback(self.hub.stop)
-            self.port = await self.app.start()
-            await self.app.set_serving(False)
-            self._readiness = asyncio.create_task(
-                readiness.monitor(
-                    {"kafka": self.hub.probe}, self.app.set_serving, self._readiness_interval_s
-                ),
-                name="dispatch-readiness",
-            )
-            self._stack.push_async_callback(self._stop_readiness)
-            self._stack.push_async_callback(self._drain)
-        except BaseException:
-            await self._stack.aclose()
-            raise
+    async def _start(self) -> None:
+        # Telemetry first, so it covers the whole shutdown.
+        await self._stack.enter_async_context(metrics.service_telemetry(self.settings, "dispatch"))
+        # Exit callbacks run in reverse: drain the server, then readiness, then the hub.
+        await self.hub.start()
+        self._stack.push_async_callback(self.hub.stop)
+        self.port = await self.app.start()
+        await self.app.set_serving(False)
+        self._readiness = asyncio.create_task(
+            readiness.monitor(
+                {"kafka": self.hub.probe}, self.app.set_serving, self._readiness_interval_s
+            ),
+            name="dispatch-readiness",
+        )
+        self._stack.push_async_callback(self._stop_readiness)
+        self._stack.push_async_callback(self._drain)
         log.info("%s listening on %s:%d", LABEL, self.settings.grpc.host, self.port)
-        return self.port
 
     async def _drain(self) -> None:
         await self.app.set_serving(False)
@@ -109,10 +95,7 @@ class DispatchServer(Lifecycle):
         await self.app.stop()
 
     async def _stop_readiness(self) -> None:
-        if self._readiness is not None:
-            self._readiness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness
+        await cancel_and_wait(self._readiness)
 
     async def wait(self) -> None:
         """Run until cancelled; raise if the hub's reader or the readiness task fails."""
@@ -126,9 +109,6 @@ class DispatchServer(Lifecycle):
         finally:
             hub.cancel()
             ready.cancel()
-
-    async def stop(self) -> None:
-        await self._stack.aclose()
 
 
 def server(

@@ -17,7 +17,7 @@ from shared import metrics, readiness
 from shared.auth import Role
 from shared.config import Settings
 from shared.db import create_pool, migrate
-from shared.lifecycle import Lifecycle
+from shared.lifecycle import StackedServer
 from shared.pb import tracking_pb2, tracking_pb2_grpc
 from shared.rpc import GrpcApp
 from shared.runtime import Supervisor
@@ -38,7 +38,7 @@ ROLES = {
 PUBLIC_METHODS = (f"/{SERVICE_NAME}/TrackByToken",)
 
 
-class QueryServer(Lifecycle):
+class QueryServer(StackedServer):
     """One tracking-query service, running.
 
     `start()` migrates the schema (idempotent), opens the pool, starts the gRPC server
@@ -53,27 +53,12 @@ class QueryServer(Lifecycle):
     """
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
-        self.port: int | None = None
         self.app: GrpcApp | None = None
         self.feed = ChangeFeed(settings.database)
-        self._stack = contextlib.AsyncExitStack()
         self._supervisor = Supervisor(LABEL)
         self._supervised: asyncio.Task[None] | None = None
-        self._started = False
-
-    async def start(self) -> int:
-        """Start everything; return the gRPC port."""
-        if self._started:
-            raise RuntimeError("QueryServer.start() called twice")
-        self._started = True
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        assert self.port is not None
-        return self.port
 
     async def _start(self) -> None:
         # Exit callbacks run in reverse order of registration: metrics and tracing last.
@@ -129,9 +114,6 @@ class QueryServer(Lifecycle):
         # A task failure was logged by the supervisor and is raised by wait().
         with contextlib.suppress(Exception):
             await self._supervised
-
-    async def stop(self) -> None:
-        await self._stack.aclose()
 
 
 def server(settings: Settings) -> QueryServer:
