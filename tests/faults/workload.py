@@ -62,6 +62,18 @@ RETRYABLE = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+#: What grpc-core itself reports, client side, when a stream breaks under a call it
+#: is writing to (the server process killed mid-stream: grpc/grpc#36066). No
+#: cargotrack server sends it (their INTERNAL says "internal error (<type>)").
+CORE_BROKEN_STREAM = "Internal error from Core"
+
+
+def retryable(code: grpc.StatusCode, details: str | None) -> bool:
+    """Whether a call that ended so failed in the service or the network (retry it),
+    rather than answered: a broken contract if a cargotrack server said it."""
+    return code in RETRYABLE or (code == grpc.StatusCode.INTERNAL and details == CORE_BROKEN_STREAM)
+
+
 #: Reconnect quickly after a server restart (the default back-off grows to minutes).
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -466,8 +478,8 @@ class GpsDriver:
             code = await call.code()
             if code != grpc.StatusCode.OK:
                 self._failed(code.name)
-                if code not in RETRYABLE:
-                    details = await call.details()
+                details = await call.details()
+                if not retryable(code, details):
                     self.ledger.violations.append(
                         f"{self.vehicle.vehicle_id}: stream ended with {code.name}: {details}"
                     )
@@ -480,7 +492,7 @@ class GpsDriver:
             return True
         except grpc.aio.AioRpcError as error:
             self._failed(_code_name(error))
-            if error.code() not in RETRYABLE:
+            if not retryable(error.code(), error.details()):
                 self.ledger.violations.append(
                     f"{self.vehicle.vehicle_id}: stream ended with {error.code().name}: "
                     f"{error.details()}"
@@ -649,7 +661,7 @@ class EventsClient:
                 await send(items)
             except grpc.aio.AioRpcError as error:
                 self.ledger.failed(items, _code_name(error))
-                if error.code() not in RETRYABLE:
+                if not retryable(error.code(), error.details()):
                     self.ledger.violations.append(
                         f"{items[0].key}: {error.code().name} {error.details()}"
                     )
