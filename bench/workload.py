@@ -104,7 +104,8 @@ def _varint5(values: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
     return out
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf base-128 varint."""
     out = bytearray()
     while True:
         low = value & 0x7F
@@ -147,7 +148,7 @@ def encode_points(
 
 
 def _field_bytes(number: int, value: bytes) -> bytes:
-    return bytes([number << 3 | 2]) + _varint(len(value)) + value
+    return bytes([number << 3 | 2]) + varint(len(value)) + value
 
 
 def encode_request(vehicle: str, device: str, sequence: int, points: bytes) -> bytes:
@@ -156,7 +157,7 @@ def encode_request(vehicle: str, device: str, sequence: int, points: bytes) -> b
         _field_bytes(1, vehicle.encode())
         + _field_bytes(2, device.encode())
         + bytes([3 << 3])
-        + _varint(sequence)
+        + varint(sequence)
         + points
     )
     return _field_bytes(1, batch)

@@ -20,6 +20,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
+from bench.workload import varint
 from shared.envelopes import utc_now
 
 #: Hypothesis examples per fuzzed endpoint: CARGOTRACK_FUZZ_EXAMPLES, else 300 for the
@@ -183,15 +184,3 @@ def nested(levels: int) -> bytes:
     for _ in range(levels):
         raw = b"\x0a" + varint(len(raw)) + raw
     return raw
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)

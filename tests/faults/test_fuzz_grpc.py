@@ -42,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.workload import varint
 from shared import tracking_store as store
 from shared.auth import Role
 from shared.db import connect
@@ -58,7 +59,7 @@ from shared.pb import (
     tracking_pb2,
     tracking_pb2_grpc,
 )
-from tests.faults.inputs import FUZZ_EXAMPLES, messages, nested, varint
+from tests.faults.inputs import FUZZ_EXAMPLES, messages, nested
 from tests.ingest_helpers import (
     Metadata,
     bearer,
