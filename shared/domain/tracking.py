@@ -31,15 +31,24 @@ Shipment lifecycle (the arrows of ``shipment.proto``), as decided here:
   a later lifecycle event is an anomaly, with two exceptions that are facts about the
   delivery itself: a delivery confirmation or ``delivered`` after DELIVERED (the driver's
   proof and the TMS's ``delivered`` come from different producers, on different topics,
-  in either order) only adds to the timeline (a confirmation also attaches its proof).
+  in either order) only adds to the timeline (a confirmation also attaches its proof,
+  if the shipment has none yet).
+* **Who may confirm** (issue 12, finding 1): a delivery confirmation that names a vehicle
+  is applied only when that vehicle is the shipment's assigned vehicle at that point of
+  the log; otherwise it is an anomaly and changes neither the status nor the proof.
+  Once a shipment is final and holds a proof, that proof is never replaced: a further
+  confirmation is an anomaly. The fold is the authority for both rules because it is
+  the one place that knows the assignment exactly as of each record, identically on
+  every replay and rebuild (the ingest service sees only the request).
 * ``exception`` never changes the status and is accepted in every status once created
   (damage can be reported after delivery).
 * **Before ``created``** (no state yet, or state None): events from other producers may
   overtake the TMS's ``created``. Such an event makes a placeholder state with status
   UNSPECIFIED, recording the event as an anomaly without applying its status. When
   ``created`` arrives it fills in the details and sets CREATED; the earlier anomalies
-  stay, so operations can see what was not applied. A delivery confirmation still
-  attaches its proof, and its distance to the destination is checked once known.
+  stay, so operations can see what was not applied. A back-office confirmation (no
+  vehicle) still attaches its proof, and its distance to the destination is checked
+  once known; a driver's confirmation cannot match an assignment yet and is refused.
 * An **anomaly** never raises: it adds an :class:`Anomaly` and a timeline entry with
   ``anomaly=True``, and leaves the status unchanged.
 * **Duplicates** (an envelope whose ``event_id`` was applied) return the given state
@@ -461,6 +470,31 @@ def _shipment_event(state: ShipmentState, fact: _Fact, event: shipment_pb2.Shipm
     return handler(state, fact, event)
 
 
+#: Anomaly reasons of the confirmations the fold refuses to apply (see _unauthorised_confirmation).
+NOT_ASSIGNED_VEHICLE = "delivery confirmed by a vehicle the shipment is not assigned to"
+PROOF_ALREADY_SETTLED = "delivery confirmed again; the proof already recorded stands"
+
+
+def _unauthorised_confirmation(
+    state: ShipmentState, confirmation: delivery_pb2.DeliveryConfirmation
+) -> str | None:
+    """Why a confirmation must not touch the state, or None when it may.
+
+    * It names a vehicle that is not the shipment's assigned vehicle at this point of
+      the log (including: no vehicle assigned yet, or the shipment not created yet).
+      A confirmation without a vehicle comes from the back office: the
+      delivery-confirmations service refuses a driver's confirmation that names no
+      vehicle or another vehicle than its token's, so only ops can write one.
+    * The shipment is final (delivered or cancelled) and already holds a proof: the
+      first proof stands, a later one never replaces it.
+    """
+    if confirmation.vehicle_id and confirmation.vehicle_id != state.vehicle_id:
+        return NOT_ASSIGNED_VEHICLE
+    if state.status in FINAL and state.proof is not None:
+        return PROOF_ALREADY_SETTLED
+    return None
+
+
 def _confirmation(
     state: ShipmentState, fact: _Fact, confirmation: delivery_pb2.DeliveryConfirmation
 ) -> _Step:
@@ -482,6 +516,10 @@ def _confirmation(
         delivery_pb2.ConfirmationMethod.DESCRIPTOR, confirmation.method, "CONFIRMATION_METHOD_"
     )
     detail = f"delivery confirmed: {method}" if method else "delivery confirmed"
+    refused = _unauthorised_confirmation(state, confirmation)
+    if refused is not None:
+        # Not the assigned vehicle, or the proof is already settled: recorded, not applied.
+        return _Step(state, kind, detail, reasons=(refused,))
     reasons: list[str] = []
     # The proof is evidence, so it is attached even when the transition is refused.
     new = replace(state, proof=proof)

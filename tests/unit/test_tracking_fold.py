@@ -20,9 +20,12 @@ from shared.domain.ids import alert_id, gps_batch_event_id, uuid7, uuid7_unix_ms
 from shared.domain.tracking import (
     ALLOWED_FROM,
     DEFAULT_NOISE_FILTER,
+    FINAL,
     HANDLERS,
     MAX_CONFIRMATION_DISTANCE_M,
     NO_NOISE_FILTER,
+    NOT_ASSIGNED_VEHICLE,
+    PROOF_ALREADY_SETTLED,
     TRACKING_TOKEN_LENGTH,
     NoiseFilter,
     Position,
@@ -133,11 +136,13 @@ def confirmation(
     where: tuple[float, float] | None = DESTINATION,
     *,
     shipment: str = SHIPMENT,
+    vehicle: str = "VAN-7",
 ) -> envelope_pb2.Envelope:
+    """A driver's confirmation from `vehicle` (the default assignee); "" is the back office."""
     proof = delivery_pb2.DeliveryConfirmation(
         confirmation_id=f"c-{event_id}",
         shipment_id=shipment,
-        vehicle_id="VAN-7",
+        vehicle_id=vehicle,
         recipient_name="R. Cipient",
         confirmed_at=ts(at(minutes)),
         method=delivery_pb2.CONFIRMATION_METHOD_SIGNATURE,
@@ -301,6 +306,7 @@ def test_events_after_delivery() -> None:
     state = fold(
         [
             created("e1", 0),
+            assigned("e1b", 0.5),
             picked_up("e2", 1),
             confirmation("e3", 2),  # the driver's proof first
             delivered("e4", 3),  # then the TMS: corroboration, not an anomaly
@@ -336,7 +342,8 @@ def test_events_before_created_make_a_placeholder() -> None:
 
 def test_confirmation_before_created_is_checked_once_the_destination_is_known() -> None:
     far = (52.5200, 13.4250)  # ~1.35 km east of the destination
-    state = fold([confirmation("e1", 100, far), created("e2", 0)])
+    # A back-office confirmation (no vehicle): a driver's could not match an assignment yet.
+    state = fold([confirmation("e1", 100, far, vehicle=""), created("e2", 0)])
     assert state.status == S.SHIPMENT_STATUS_CREATED
     assert state.proof is not None
     assert state.proof.distance_to_destination_m is not None
@@ -350,7 +357,14 @@ def test_confirmation_before_created_is_checked_once_the_destination_is_known() 
 
 def test_confirmation_far_from_destination_is_flagged_but_delivers() -> None:
     far = (52.5300, 13.4050)  # ~1.1 km north
-    state = fold([created("e1", 0), out_for_delivery("e2", 10), confirmation("e3", 20, far)])
+    state = fold(
+        [
+            created("e1", 0),
+            assigned("e1b", 5),
+            out_for_delivery("e2", 10),
+            confirmation("e3", 20, far),
+        ]
+    )
     assert state.status == S.SHIPMENT_STATUS_DELIVERED
     assert state.delivered_at == at(20)
     assert len(state.anomalies) == 1
@@ -362,7 +376,14 @@ def test_confirmation_far_from_destination_is_flagged_but_delivers() -> None:
 def test_confirmation_near_destination_or_without_location_is_fine() -> None:
     near = (52.5230, 13.4050)  # ~330 m
     for where in (near, None):
-        state = fold([created("e1", 0), in_transit("e2", 10), confirmation("e3", 20, where)])
+        state = fold(
+            [
+                created("e1", 0),
+                assigned("e1b", 5),
+                in_transit("e2", 10),
+                confirmation("e3", 20, where),
+            ]
+        )
         assert state.status == S.SHIPMENT_STATUS_DELIVERED
         assert state.anomalies == ()
 
@@ -371,6 +392,7 @@ def test_retry_after_failed_delivery_counts_attempts() -> None:
     state = fold(
         [
             created("e1", 0),
+            assigned("e1b", 5),
             picked_up("e2", 10),
             out_for_delivery("e3", 20),
             failed("e4", 30),
@@ -384,8 +406,91 @@ def test_retry_after_failed_delivery_counts_attempts() -> None:
     assert state.anomalies == ()
     assert state.status == S.SHIPMENT_STATUS_DELIVERED
     assert state.delivery_attempts == 3
-    assert statuses(state)[3] == S.SHIPMENT_STATUS_DELIVERY_FAILED
-    assert state.timeline[3].detail == "delivery failed: recipient absent"
+    assert statuses(state)[4] == S.SHIPMENT_STATUS_DELIVERY_FAILED
+    assert state.timeline[4].detail == "delivery failed: recipient absent"
+
+
+# --- who may confirm a delivery (issue 12, finding 1) ------------------------------------
+
+
+def test_a_confirmation_from_a_vehicle_not_assigned_is_an_anomaly_and_changes_nothing() -> None:
+    before = fold([created("e1", 0), assigned("e2", 5), picked_up("e3", 10)])
+    state = fold([confirmation("e4", 20, vehicle="VAN-9")], before)
+    assert state.status == S.SHIPMENT_STATUS_PICKED_UP
+    assert state.proof is None
+    assert state.delivered_at is None
+    assert state.delivery_attempts == 0
+    assert reasons(state) == [NOT_ASSIGNED_VEHICLE]
+    assert state.timeline[-1].anomaly
+    assert state.timeline[-1].kind == "delivery_confirmed"
+    # The assigned vehicle's confirmation then delivers as usual.
+    state = fold([confirmation("e5", 25)], state)
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.proof is not None
+    assert state.proof.confirmation_id == "c-e5"
+
+
+def test_after_a_reassignment_only_the_new_vehicle_may_confirm() -> None:
+    state = fold(
+        [
+            created("e1", 0),
+            assigned("e2", 5),  # VAN-7
+            picked_up("e3", 10),
+            assigned("e4", 15, vehicle="TRUCK-1"),
+            confirmation("e5", 20),  # VAN-7, no longer assigned
+        ]
+    )
+    assert state.status == S.SHIPMENT_STATUS_PICKED_UP
+    assert state.proof is None
+    state = fold([confirmation("e6", 25, vehicle="TRUCK-1")], state)
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.proof is not None
+    assert state.proof.vehicle_id == "TRUCK-1"
+
+
+def test_a_drivers_confirmation_before_any_assignment_is_refused() -> None:
+    for log in (
+        [confirmation("e1", 5)],  # before `created`
+        [created("e1", 0), picked_up("e2", 5), confirmation("e3", 10)],  # never assigned
+    ):
+        state = fold(log)
+        assert state.proof is None
+        assert state.status != S.SHIPMENT_STATUS_DELIVERED
+        assert reasons(state)[-1] == NOT_ASSIGNED_VEHICLE
+
+
+def test_a_back_office_confirmation_names_no_vehicle_and_delivers() -> None:
+    state = fold([created("e1", 0), picked_up("e2", 5), confirmation("e3", 10, vehicle="")])
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.anomalies == ()
+
+
+@pytest.mark.parametrize("second_vehicle", ["VAN-7", "VAN-9", ""])
+def test_a_delivered_shipments_proof_is_never_overwritten(second_vehicle: str) -> None:
+    before = fold(
+        [created("e1", 0), assigned("e2", 5), picked_up("e3", 10), confirmation("e4", 20)]
+    )
+    assert before.proof is not None
+    assert before.proof.confirmation_id == "c-e4"
+    state = fold([confirmation("e5", 30, (52.0, 13.0), vehicle=second_vehicle)], before)
+    assert state.proof == before.proof
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.delivered_at == before.delivered_at
+    assert state.delivery_attempts == 1
+    assert reasons(state)[-1] in (NOT_ASSIGNED_VEHICLE, PROOF_ALREADY_SETTLED)
+    if second_vehicle in ("VAN-7", ""):
+        assert reasons(state)[-1] == PROOF_ALREADY_SETTLED
+
+
+def test_the_tms_delivered_event_first_still_takes_the_assigned_drivers_proof() -> None:
+    state = fold([created("e1", 0), assigned("e2", 5), picked_up("e3", 10), delivered("e4", 20)])
+    assert state.proof is None
+    state = fold([confirmation("e5", 19, vehicle="VAN-9")], state)
+    assert state.proof is None  # not the assigned vehicle
+    state = fold([confirmation("e6", 19)], state)
+    assert state.proof is not None
+    assert state.proof.confirmation_id == "c-e6"
+    assert reasons(state) == [NOT_ASSIGNED_VEHICLE]
 
 
 def test_exception_adds_to_timeline_without_status_change() -> None:
@@ -480,7 +585,8 @@ def shipment_logs(draw: st.DrawFn) -> list[envelope_pb2.Envelope]:
                     st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True)),
                 )
             )
-            envelope = confirmation(event_id, minutes, where)
+            vehicle = draw(st.sampled_from(["V1", "V2", ""]))
+            envelope = confirmation(event_id, minutes, where, vehicle=vehicle)
             envelope.tenant_id = tenant
         elif kind == "created":
             envelope = created(event_id, minutes, tenant=tenant)
@@ -550,6 +656,26 @@ def test_invariants_hold_for_any_log(log: list[envelope_pb2.Envelope]) -> None:
         assert state.delivery_attempts >= 1
     if state.is_created:
         assert len(state.tracking_token) == TRACKING_TOKEN_LENGTH
+
+
+@given(shipment_logs())
+def test_no_confirmation_applies_from_another_vehicle_or_over_a_settled_proof(
+    log: list[envelope_pb2.Envelope],
+) -> None:
+    state: ShipmentState | None = None
+    for envelope in log:
+        after = apply(state, envelope)
+        assert after is not None
+        if envelope.WhichOneof("payload") == "delivery_confirmation" and state is not None:
+            vehicle = envelope.delivery_confirmation.vehicle_id
+            settled = state.status in FINAL and state.proof is not None
+            if (vehicle and vehicle != state.vehicle_id) or settled:
+                assert (after.status, after.proof, after.delivered_at) == (
+                    state.status,
+                    state.proof,
+                    state.delivered_at,
+                )
+        state = after
 
 
 def parsed_envelopes() -> st.SearchStrategy[envelope_pb2.Envelope | None]:
