@@ -13,12 +13,13 @@ Roles:
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -44,6 +45,9 @@ class Principal:
     role: Role
     vehicle_id: str | None = None
     customer_id: str | None = None
+    #: The token's `exp` (Unix seconds); a stream ends when it passes (see
+    #: AuthInterceptor). Not part of the identity: two tokens of one caller are equal.
+    expires_at: float | None = field(default=None, compare=False)
 
 
 class AuthError(Exception):
@@ -114,6 +118,43 @@ class _Verified:
     issued_at: int | None
 
 
+#: Longest identifier claim accepted (as for ids in requests: validation.MAX_ID_LENGTH).
+MAX_CLAIM_LENGTH = 128
+
+
+def _text_claim(claims: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+    """The claim as an identifier string; AuthError unless it is one.
+
+    A correctly signed token can still carry a claim of the wrong JSON type (a number,
+    a list, an object) or an id no request could carry (NUL, a lone surrogate,
+    whitespace, over-long): it is refused here, as UNAUTHENTICATED, rather than
+    reaching a query as a value that fails there with INTERNAL (issue 12, finding 5).
+    Absent (or null) is None; required and absent is an error.
+    """
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise AuthError(f"invalid token: no {name} claim")
+        return None
+    if not isinstance(value, str):
+        raise AuthError(f"invalid token: the {name} claim must be a string")
+    if not value:
+        if required:
+            raise AuthError(f"invalid token: the {name} claim is empty")
+        return None
+    if (
+        len(value) > MAX_CLAIM_LENGTH
+        or not value.isprintable()
+        or any(ch.isspace() for ch in value)
+        or any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
+    ):
+        raise AuthError(
+            f"invalid token: the {name} claim must be 1 to {MAX_CLAIM_LENGTH} printable"
+            " characters without whitespace"
+        )
+    return value
+
+
 def _verify(token: str, settings: AuthSettings) -> _Verified:
     """Verify the signature and every claim of `token` (PyJWT); raises AuthError."""
     try:
@@ -128,19 +169,20 @@ def _verify(token: str, settings: AuthSettings) -> _Verified:
         )
     except jwt.PyJWTError as error:
         raise AuthError(f"invalid token: {error}") from None
+    raw_role = claims.get("role")
     try:
-        role = Role(str(claims.get("role")))
+        if not isinstance(raw_role, str):
+            raise ValueError(raw_role)
+        role = Role(raw_role)
     except ValueError:
         raise AuthError(f"invalid token: unknown role {claims.get('role')!r}") from None
-    tenant = claims.get("tenant")
-    if not isinstance(tenant, str) or not tenant:
-        raise AuthError("invalid token: no tenant claim")
     principal = Principal(
-        subject=str(claims["sub"]),
-        tenant_id=tenant,
+        subject=_text_claim(claims, "sub", required=True) or "",
+        tenant_id=_text_claim(claims, "tenant", required=True) or "",
         role=role,
-        vehicle_id=claims.get("vehicle_id"),
-        customer_id=claims.get("customer_id"),
+        vehicle_id=_text_claim(claims, "vehicle_id"),
+        customer_id=_text_claim(claims, "customer_id"),
+        expires_at=float(claims["exp"]),
     )
     if role is Role.DRIVER and not principal.vehicle_id:
         raise AuthError("invalid token: a driver token needs a vehicle_id claim")
@@ -280,6 +322,45 @@ def wrap_behaviour(
     )
 
 
+#: What a stream's status says when the caller's token expires while it runs.
+STREAM_TOKEN_EXPIRED = "the bearer token expired during the stream: renew it and resume"
+
+
+async def _until_expiry(
+    responses: AsyncIterator[Any], expires_at: float, context: Any
+) -> AsyncIterator[Any]:
+    """The responses of a stream until the caller's token expires, then UNAUTHENTICATED.
+
+    The wait for each next response is bounded by the expiry (a timeout, not a
+    task per message): at expiry the servicer's generator is cancelled where it
+    waits (its cleanup runs, as when a client cancels) and the stream ends with
+    UNAUTHENTICATED, STREAM_TOKEN_EXPIRED. Issue 12, finding 3: streams used to
+    outlive their token. The client renews its token and resumes (WatchShipment:
+    watch again, the first message is the current state; SubscribeDelays: the
+    resume token of the last alert received), so nothing is lost.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (expires_at - time.time())
+    try:
+        while loop.time() < deadline:
+            timeout = asyncio.timeout_at(deadline)
+            try:
+                async with timeout:
+                    response = await anext(responses)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if timeout.expired():
+                    break
+                raise
+            yield response
+    finally:
+        aclose = getattr(responses, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, STREAM_TOKEN_EXPIRED)
+
+
 def _with_principal(principal: Principal) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def wrap(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         import inspect
@@ -288,7 +369,10 @@ def _with_principal(principal: Principal) -> Callable[[Callable[..., Any]], Call
 
             async def stream(request: Any, context: Any) -> Any:
                 _current.set(principal)
-                async for response in behaviour(request, context):
+                responses = behaviour(request, context)
+                if principal.expires_at is not None:
+                    responses = _until_expiry(responses, principal.expires_at, context)
+                async for response in responses:
                     yield response
 
             return stream
@@ -312,7 +396,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     customer's own shipments) belong to the servicer, which reads
     `current_principal()`. Tokens are verified through `tokens` (by default a
     `VerifiedTokens` of `settings`): a client's repeated token is verified once and
-    its expiry checked on every call.
+    its expiry checked on every call. A streaming response ends with UNAUTHENTICATED
+    when the token expires while it runs (see `_until_expiry`).
     """
 
     def __init__(
