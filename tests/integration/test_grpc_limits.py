@@ -1,0 +1,225 @@
+"""The gRPC server limits against real servers (issue 12, finding 6).
+
+A `GrpcApp` (the server every cargotrack service runs) with a small probe service:
+`Hold` streams the connection's peer address, then holds the stream open until the
+test releases it; `Peer` answers the peer address (one per TCP connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import pytest
+
+from shared.auth import Role
+from shared.config import GrpcLimits, GrpcSettings, load_settings
+from shared.rpc import Context, GrpcApp, Registrar
+from tests.ingest_helpers import UNUSED_DATABASE_URL, Metadata, bearer
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVICE = "cargotrack.test.Probe"
+HOLD = f"/{SERVICE}/Hold"
+PEER = f"/{SERVICE}/Peer"
+
+
+class Probe:
+    """The probe service; `release` ends every held stream normally."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def hold(self, request: bytes, context: Context) -> AsyncIterator[bytes]:
+        yield context.peer().encode()
+        await self.release.wait()
+        yield b"done"
+
+    async def peer(self, request: bytes, context: Context) -> bytes:
+        return str(context.peer()).encode()
+
+    def registrar(self) -> Registrar:
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Hold": grpc.unary_stream_rpc_method_handler(self.hold),
+                "Peer": grpc.unary_unary_rpc_method_handler(self.peer),
+            },
+        )
+        return lambda server: server.add_generic_rpc_handlers([handler])
+
+
+def grpc_settings(**limits: Any) -> GrpcSettings:
+    base = load_settings(
+        {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "DATABASE_URL": UNUSED_DATABASE_URL}
+        | {"CARGOTRACK_DEV_MODE": "1", "CARGOTRACK_SHUTDOWN_GRACE_S": "1"}
+    )
+    return dataclasses.replace(base.grpc, limits=dataclasses.replace(GrpcLimits(), **limits))
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+async def serve(probe: Probe, settings: GrpcSettings) -> GrpcApp:
+    auth = load_settings(
+        {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "DATABASE_URL": UNUSED_DATABASE_URL}
+        | {"CARGOTRACK_DEV_MODE": "1"}
+    ).auth
+    app = GrpcApp(
+        settings, auth, [(SERVICE, probe.registrar())], {HOLD: {Role.OPS}, PEER: {Role.OPS}}
+    )
+    await app.start()
+    return app
+
+
+def ops(subject: str) -> Metadata:
+    return bearer(Role.OPS, subject=subject)
+
+
+def hold(channel: grpc.aio.Channel, metadata: Metadata) -> grpc.aio.UnaryStreamCall:
+    return channel.unary_stream(HOLD)(b"", metadata=metadata, timeout=30)
+
+
+async def opened(call: grpc.aio.UnaryStreamCall) -> bytes:
+    """The stream's first message: the server is serving it."""
+    first: bytes = await call.read()
+    return first
+
+
+async def wait_open_streams(app: GrpcApp, count: int) -> None:
+    async with asyncio.timeout(10):
+        while app.stream_limits.open_streams != count:  # noqa: ASYNC110 - polls server state
+            await asyncio.sleep(0.01)
+
+
+def cancel_all(calls: Sequence[grpc.aio.UnaryStreamCall]) -> None:
+    for call in calls:
+        call.cancel()
+
+
+async def test_streams_per_principal(probe: Probe) -> None:
+    app = await serve(probe, grpc_settings(max_streams_per_principal=2))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            mine = [hold(channel, ops("alice")) for _ in range(2)]
+            for call in mine:
+                await opened(call)
+            third = hold(channel, ops("alice"))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await opened(third)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "CARGOTRACK_GRPC_MAX_STREAMS_PER_PRINCIPAL" in (refused.value.details() or "")
+            # Another principal is not affected.
+            other = hold(channel, ops("bob"))
+            await opened(other)
+            # A slot frees when a stream ends.
+            mine[0].cancel()
+            await wait_open_streams(app, 2)
+            again = hold(channel, ops("alice"))
+            await opened(again)
+            cancel_all([*mine, other, again])
+    finally:
+        await app.stop()
+
+
+async def test_streams_per_process(probe: Probe) -> None:
+    app = await serve(probe, grpc_settings(max_streams_per_process=2))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            held = [hold(channel, ops(name)) for name in ("alice", "bob")]
+            for call in held:
+                await opened(call)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await opened(hold(channel, ops("carol")))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "CARGOTRACK_GRPC_MAX_STREAMS_PER_PROCESS" in (refused.value.details() or "")
+            # Unary calls are not counted.
+            await channel.unary_unary(PEER)(b"", metadata=ops("carol"), timeout=10)
+            cancel_all(held)
+    finally:
+        await app.stop()
+
+
+async def test_concurrent_streams_per_connection(probe: Probe) -> None:
+    """grpc.max_concurrent_streams: a third call on one connection waits (in the
+    client) until one of the two open ones ends; it is never served beside them."""
+    app = await serve(probe, grpc_settings(max_concurrent_streams=2))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            held = [hold(channel, ops(f"user-{i}")) for i in range(2)]
+            for call in held:
+                await opened(call)
+            third = hold(channel, ops("user-2"))
+            waiting = asyncio.create_task(opened(third))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiting), 1.0)
+            assert app.stream_limits.open_streams == 2
+            held[0].cancel()
+            await waiting
+            cancel_all([*held, third])
+    finally:
+        await app.stop()
+
+
+async def test_connection_is_replaced_after_max_age_and_its_streams_drain(probe: Probe) -> None:
+    app = await serve(
+        probe, grpc_settings(max_connection_age_s=0.5, max_connection_age_grace_s=30.0)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stream = hold(channel, ops("alice"))
+            first_peer = await opened(stream)
+            # After GOAWAY the channel opens a new connection (a new client port).
+            async with asyncio.timeout(20):
+                while True:
+                    peer = await channel.unary_unary(PEER)(b"", metadata=ops("alice"), timeout=5)
+                    if peer != first_peer:
+                        break
+                    await asyncio.sleep(0.1)
+            # The stream opened on the old connection is still served to its end.
+            probe.release.set()
+            assert await stream.read() == b"done"
+            assert await stream.code() == grpc.StatusCode.OK
+    finally:
+        await app.stop()
+
+
+async def test_stream_past_max_age_grace_is_ended(probe: Probe) -> None:
+    app = await serve(
+        probe, grpc_settings(max_connection_age_s=0.3, max_connection_age_grace_s=0.5)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stream = hold(channel, ops("alice"))
+            await opened(stream)
+            async with asyncio.timeout(20):
+                code = await stream.code()
+            assert code == grpc.StatusCode.UNAVAILABLE
+            await wait_open_streams(app, 0)
+    finally:
+        await app.stop()
+
+
+async def test_client_pinging_too_often_is_sent_away(probe: Probe) -> None:
+    """The keepalive policy: pings without data more often than min_ping_interval
+    are strikes, and after max_ping_strikes the server closes the connection."""
+    app = await serve(probe, grpc_settings(min_ping_interval_s=10.0))
+    options = [
+        ("grpc.keepalive_time_ms", 100),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+            stream = hold(channel, ops("alice"))
+            await opened(stream)
+            async with asyncio.timeout(20):
+                code = await stream.code()
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await app.stop()
