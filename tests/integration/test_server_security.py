@@ -1,4 +1,5 @@
-"""The gRPC server limits against real servers (issue 12, finding 6).
+"""The gRPC server's limits and key rotation against real servers (issue 12,
+findings 6 and 7).
 
 A `GrpcApp` (the server every cargotrack service runs) with a small probe service:
 `Hold` streams the connection's peer address, then holds the stream open until the
@@ -8,8 +9,11 @@ test releases it; `Peer` answers the peer address (one per TCP connection).
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -65,10 +69,10 @@ def probe() -> Probe:
     return Probe()
 
 
-async def serve(probe: Probe, settings: GrpcSettings) -> GrpcApp:
+async def serve(probe: Probe, settings: GrpcSettings, **auth_environ: str) -> GrpcApp:
     auth = load_settings(
         {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "DATABASE_URL": UNUSED_DATABASE_URL}
-        | {"CARGOTRACK_DEV_MODE": "1"}
+        | (auth_environ or {"CARGOTRACK_DEV_MODE": "1"})
     ).auth
     app = GrpcApp(
         settings, auth, [(SERVICE, probe.registrar())], {HOLD: {Role.OPS}, PEER: {Role.OPS}}
@@ -221,5 +225,55 @@ async def test_client_pinging_too_often_is_sent_away(probe: Probe) -> None:
             async with asyncio.timeout(20):
                 code = await stream.code()
             assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await app.stop()
+
+
+def write_jwks(path: Path, **keys: str) -> None:
+    def jwk(kid: str, secret: str) -> dict[str, str]:
+        encoded = base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode()
+        return {"kty": "oct", "kid": kid, "alg": "HS256", "k": encoded}
+
+    path.write_text(json.dumps({"keys": [jwk(kid, secret) for kid, secret in keys.items()]}))
+
+
+async def test_keys_rotate_without_a_restart(probe: Probe, tmp_path: Path) -> None:
+    """JWKS by kid, reloaded by the running server: during the overlap tokens of the
+    old and the new key both verify; once the old key is removed, its tokens are
+    refused with UNAUTHENTICATED."""
+    old_key, new_key = "old-key-" + "o" * 32, "new-key-" + "n" * 32
+    jwks = tmp_path / "jwks.json"
+    write_jwks(jwks, old=old_key)
+    app = await serve(
+        probe,
+        grpc_settings(),
+        CARGOTRACK_JWKS_FILE=str(jwks),
+        CARGOTRACK_JWKS_REFRESH_S="0.1",
+    )
+    old = bearer(Role.OPS, secret=old_key, kid="old")
+    new = bearer(Role.OPS, secret=new_key, kid="new")
+
+    async def code(metadata: Metadata) -> grpc.StatusCode:
+        try:
+            await channel.unary_unary(PEER)(b"", metadata=metadata, timeout=5)
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    async def until(metadata: Metadata, wanted: grpc.StatusCode) -> None:
+        async with asyncio.timeout(10):
+            while await code(metadata) != wanted:  # noqa: ASYNC110 - polls the server
+                await asyncio.sleep(0.05)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            assert await code(old) == grpc.StatusCode.OK
+            assert await code(new) == grpc.StatusCode.UNAUTHENTICATED
+            write_jwks(jwks, old=old_key, new=new_key)
+            await until(new, grpc.StatusCode.OK)
+            assert await code(old) == grpc.StatusCode.OK
+            write_jwks(jwks, new=new_key)
+            await until(old, grpc.StatusCode.UNAUTHENTICATED)
+            assert await code(new) == grpc.StatusCode.OK
     finally:
         await app.stop()
