@@ -75,7 +75,13 @@ def test_kid_selects_the_key_and_its_algorithm(tmp_path: Path) -> None:
     with pytest.raises(AuthError, match="Signature verification failed"):
         verify_token(token(OLD_KEY, "new"), settings)
     # The key's algorithm only: an HS512 token under an HS256 key is refused.
-    claims = {"sub": "x", "tenant": "t", "role": "ops", "iss": "cargotrack", "aud": "cargotrack"}
+    claims: dict[str, object] = {
+        "sub": "x",
+        "tenant": "t",
+        "role": "ops",
+        "iss": "cargotrack",
+        "aud": "cargotrack",
+    }
     claims["exp"] = int(time.time()) + 60
     hs512 = jwt.encode(claims, OLD_KEY, algorithm="HS512", headers={"kid": "old"})
     with pytest.raises(AuthError, match="alg value is not allowed"):
@@ -110,7 +116,13 @@ def test_token_lifetime_is_bounded() -> None:
     with pytest.raises(AuthError, match="CARGOTRACK_JWT_MAX_LIFETIME_S"):
         verify_token(token(OLD_KEY, None, ttl_s=3601), settings)
     # Without iat, the lifetime counts from now.
-    claims = {"sub": "x", "tenant": "t", "role": "ops", "iss": "cargotrack", "aud": "cargotrack"}
+    claims: dict[str, object] = {
+        "sub": "x",
+        "tenant": "t",
+        "role": "ops",
+        "iss": "cargotrack",
+        "aud": "cargotrack",
+    }
     claims["exp"] = int(time.time()) + 7200
     with pytest.raises(AuthError, match="more than the 3600s"):
         verify_token(jwt.encode(claims, OLD_KEY, algorithm="HS256"), settings)
