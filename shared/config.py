@@ -169,6 +169,11 @@ class GrpcSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    #: With TLS: clients must present a certificate signed by this CA (mutual TLS).
+    tls_client_ca_file: str | None = None
+    #: A second, plaintext port serving only grpc.health.v1 (for kubelet probes,
+    #: which cannot speak TLS); None: no such port.
+    health_port: int | None = None
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 10.0
     limits: GrpcLimits = field(default_factory=GrpcLimits)
@@ -370,6 +375,12 @@ def load_settings(
         max_message_bytes=env.integer("CARGOTRACK_GRPC_MAX_MESSAGE_BYTES", 4 << 20, minimum=1024),
         tls_cert_file=env.optional("CARGOTRACK_TLS_CERT_FILE"),
         tls_key_file=env.optional("CARGOTRACK_TLS_KEY_FILE"),
+        tls_client_ca_file=env.optional("CARGOTRACK_TLS_CLIENT_CA_FILE"),
+        health_port=(
+            env.integer("CARGOTRACK_GRPC_HEALTH_PORT", 0, minimum=1)
+            if env.raw("CARGOTRACK_GRPC_HEALTH_PORT") is not None
+            else None
+        ),
         shutdown_grace_s=env.number("CARGOTRACK_SHUTDOWN_GRACE_S", 10.0),
         limits=GrpcLimits(
             max_concurrent_streams=env.integer(
@@ -399,6 +410,11 @@ def load_settings(
     )
     if bool(grpc_settings.tls_cert_file) != bool(grpc_settings.tls_key_file):
         env.errors.append("CARGOTRACK_TLS_CERT_FILE and CARGOTRACK_TLS_KEY_FILE go together")
+    if grpc_settings.tls_client_ca_file and not grpc_settings.tls_cert_file:
+        env.errors.append(
+            "CARGOTRACK_TLS_CLIENT_CA_FILE (mutual TLS) needs CARGOTRACK_TLS_CERT_FILE "
+            "and CARGOTRACK_TLS_KEY_FILE"
+        )
     alerts = AlertSettings(
         late_margin_min=env.number("CARGOTRACK_LATE_MARGIN_MIN", 15.0),
         at_risk_margin_min=env.number("CARGOTRACK_AT_RISK_MARGIN_MIN", 5.0),

@@ -527,11 +527,19 @@ class GrpcApp:
         self.port: int | None = None
         # Read now, at construction: a missing file fails before anything starts.
         self._tls_pair: tuple[bytes, bytes] | None = None
+        self._client_ca: bytes | None = None
         if settings.tls_cert_file and settings.tls_key_file:
             self._tls_pair = (
                 Path(settings.tls_key_file).read_bytes(),
                 Path(settings.tls_cert_file).read_bytes(),
             )
+            if settings.tls_client_ca_file:
+                self._client_ca = Path(settings.tls_client_ca_file).read_bytes()
+        # Kubelet gRPC probes cannot speak TLS: health alone, in plaintext, on its own port.
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if settings.health_port is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self._stopped = False
 
     @property
@@ -558,12 +566,23 @@ class GrpcApp:
         )
         address = f"{self._settings.host}:{self._settings.port}"
         if self._tls_pair is not None:
-            credentials = grpc.ssl_server_credentials([self._tls_pair])
+            credentials = grpc.ssl_server_credentials(
+                [self._tls_pair],
+                root_certificates=self._client_ca,
+                require_client_auth=self._client_ca is not None,
+            )
             self.port = self.server.add_secure_port(address, credentials)
         else:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the port is taken or the address invalid")
+        if self._health_server is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            health_address = f"{self._settings.host}:{self._settings.health_port}"
+            self.health_port = self._health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {health_address} (CARGOTRACK_GRPC_HEALTH_PORT)")
+            await self._health_server.start()
         await self.server.start()
         await self.keys.start()
         return self.port
@@ -579,11 +598,16 @@ class GrpcApp:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """Health NOT_SERVING, then let in-flight RPCs finish within the grace. Idempotent."""
+        """Health NOT_SERVING, then let in-flight RPCs finish within the grace (the
+        health port answers NOT_SERVING meanwhile), then stop. Idempotent."""
         if self._stopped or self.port is None:
             self._stopped = True
+            if self._health_server is not None:
+                await self._health_server.stop(None)
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self._settings.shutdown_grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         await self.keys.stop()

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import subprocess
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 from shared.auth import Role
 from shared.config import GrpcLimits, GrpcSettings, load_settings
 from shared.rpc import Context, GrpcApp, Registrar
-from tests.ingest_helpers import UNUSED_DATABASE_URL, Metadata, bearer
+from tests.ingest_helpers import UNUSED_DATABASE_URL, Metadata, bearer, wait_health
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -275,5 +276,93 @@ async def test_keys_rotate_without_a_restart(probe: Probe, tmp_path: Path) -> No
             write_jwks(jwks, new=new_key)
             await until(old, grpc.StatusCode.UNAUTHENTICATED)
             assert await code(new) == grpc.StatusCode.OK
+    finally:
+        await app.stop()
+
+
+def openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed."""
+    directory = tmp_path_factory.mktemp("tls")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        directory / "ca.key",
+        "-out",
+        directory / "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=cargotrack-test-ca",
+    )
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        (directory / f"{name}.ext").write_text(extension + "\n" if extension else "\n")
+        openssl(
+            "req",
+            *ec,
+            "-keyout",
+            directory / f"{name}.key",
+            "-out",
+            directory / f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            directory / f"{name}.csr",
+            "-CA",
+            directory / "ca.crt",
+            "-CAkey",
+            directory / "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            directory / f"{name}.crt",
+            "-extfile",
+            directory / f"{name}.ext",
+        )
+    return directory
+
+
+async def test_mutual_tls_and_the_plaintext_health_port(probe: Probe, certificates: Path) -> None:
+    """With a client CA the server requires a client certificate; the health port
+    answers kubelet-style plaintext probes and serves nothing but health."""
+    settings = dataclasses.replace(
+        grpc_settings(),
+        tls_cert_file=str(certificates / "server.crt"),
+        tls_key_file=str(certificates / "server.key"),
+        tls_client_ca_file=str(certificates / "ca.crt"),
+        health_port=0,
+    )
+    app = await serve(probe, settings)
+    ca = (certificates / "ca.crt").read_bytes()
+    with_client_cert = grpc.ssl_channel_credentials(
+        ca, (certificates / "client.key").read_bytes(), (certificates / "client.crt").read_bytes()
+    )
+    try:
+        target = f"127.0.0.1:{app.port}"
+        async with grpc.aio.secure_channel(target, with_client_cert) as channel:
+            peer = await channel.unary_unary(PEER)(b"", metadata=ops("alice"), timeout=10)
+            assert peer
+        async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca)) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(PEER)(b"", metadata=ops("alice"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.health_port}") as channel:
+            await app.set_serving(True)
+            await wait_health(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await channel.unary_unary(PEER)(b"", metadata=ops("alice"), timeout=10)
+            assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await app.stop()
