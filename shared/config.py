@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -273,6 +274,20 @@ class _Reader:
         return value
 
 
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` for its user (percent-encoded), so that the URL itself
+    can be non-secret configuration (user, host, sslmode) and the password come
+    from a Secret. ValueError if the URL has no user or already has a password."""
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or not user:
+        raise ValueError("DATABASE_URL names no user to give the password to")
+    if ":" in user:
+        raise ValueError("DATABASE_URL already carries a password")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _opentelemetry_installed() -> bool:
     try:
         return importlib.util.find_spec("opentelemetry.sdk.trace") is not None
@@ -311,6 +326,12 @@ def load_settings(
     )
     if database.url and not database.url.startswith(("postgres://", "postgresql://")):
         env.errors.append("DATABASE_URL: expected a postgresql:// URL")
+    password = env.optional("CARGOTRACK_DB_PASSWORD")
+    if password is not None and database.url:
+        try:
+            database = replace(database, url=with_password(database.url, password))
+        except ValueError as error:
+            env.errors.append(f"CARGOTRACK_DB_PASSWORD: {error}")
     if not database.schema.isidentifier():
         env.errors.append(f"CARGOTRACK_DB_SCHEMA={database.schema!r}: expected an identifier")
     topics = TopicSettings(

@@ -520,7 +520,9 @@ class TopicWriter:
 class IngestServer(StackedServer):
     """One ingest service, running: Kafka link, gRPC server, readiness.
 
-    `start()` starts the Kafka link (in the background), builds the service, starts
+    `topic` is the one topic the service writes: the Kafka link creates (if need
+    be), describes and probes that topic only. `start()` starts the Kafka link (in
+    the background), builds the service, starts
     the gRPC server on settings.grpc (port 0 picks a free one: see `port`) with
     health NOT_SERVING, and starts the readiness task, which probes Kafka every
     READINESS_INTERVAL_S and sets health SERVING or NOT_SERVING.
@@ -530,13 +532,18 @@ class IngestServer(StackedServer):
     closed. Idempotent and safe after a failed start; `async with` does both.
     """
 
-    def __init__(self, settings: Settings, builder: ServiceBuilder, label: str) -> None:
+    def __init__(
+        self, settings: Settings, builder: ServiceBuilder, label: str, topic: str | None = None
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.label = label
         self._builder = builder
         self._readiness: asyncio.Task[None] | None = None
-        self.kafka = KafkaLink(settings.kafka, topic_specs(settings.topics))
+        # Only the topic the service writes (all of them when None): with one Kafka
+        # user per service, its ACLs let it see and write that topic and no other.
+        specs = [spec for spec in topic_specs(settings.topics) if topic in (None, spec.name)]
+        self.kafka = KafkaLink(settings.kafka, specs)
         self.app: GrpcApp | None = None
 
     async def _start(self) -> None:
@@ -595,13 +602,15 @@ class IngestServer(StackedServer):
         await asyncio.shield(self._readiness)
 
 
-async def serve(settings: Settings, builder: ServiceBuilder, label: str) -> None:
+async def serve(
+    settings: Settings, builder: ServiceBuilder, label: str, topic: str | None = None
+) -> None:
     """Run one ingest service until SIGTERM/SIGINT, then shut down in order.
 
     Prints "<label> listening on host:port" to stdout once serving, so a launcher
     that asked for port 0 can find the port.
     """
-    async with IngestServer(settings, builder, label) as server:
+    async with IngestServer(settings, builder, label, topic) as server:
         print(f"{label} listening on {settings.grpc.host}:{server.port}", flush=True)
         supervisor = Supervisor(label)
         supervisor.install_signal_handlers()

@@ -177,3 +177,28 @@ def test_limit_settings() -> None:
             BASE
             | {"CARGOTRACK_JWT_SECRET": OLD_KEY, "CARGOTRACK_GRPC_MAX_STREAMS_PER_PROCESS": "0"}
         )
+
+
+def test_database_password_comes_apart_from_the_url() -> None:
+    url = "postgresql://cargotrack_query@db:5432/cargotrack?sslmode=verify-full&sslrootcert=/ca.crt"
+    settings = load_settings(
+        BASE
+        | {
+            "DATABASE_URL": url,
+            "CARGOTRACK_DB_PASSWORD": "p@ss/w:rd",
+            "CARGOTRACK_JWT_SECRET": OLD_KEY,
+        }
+    )
+    assert settings.database.url == (
+        "postgresql://cargotrack_query:p%40ss%2Fw%3Ard@db:5432/cargotrack"
+        "?sslmode=verify-full&sslrootcert=/ca.crt"
+    )
+    with pytest.raises(ConfigError, match="CARGOTRACK_DB_PASSWORD: DATABASE_URL already"):
+        load_settings(
+            BASE
+            | {
+                "DATABASE_URL": "postgresql://u:p@db/x",
+                "CARGOTRACK_DB_PASSWORD": "x",
+                "CARGOTRACK_JWT_SECRET": OLD_KEY,
+            }
+        )
