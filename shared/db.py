@@ -56,10 +56,37 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
     return pool
 
 
+#: The read-only role of tracking-query (k8s/base/postgres/cluster.yaml creates it as
+#: a CloudNativePG managed role). `migrate` grants it reading the schema, present
+#: and future tables. The projector's role is a member of the owner role instead
+#: (it creates and drops the daily position partitions); the ingest services and
+#: dispatch have no database role at all.
+READ_ONLY_ROLE = "cargotrack_query"
+
+
+async def grant_read_only(connection: asyncpg.Connection[Any], schema: str) -> bool:
+    """Let READ_ONLY_ROLE read every table of `schema`, now and later (tables the
+    migrating role creates); nothing else. False (and nothing done) when the role
+    does not exist, as in the local stack. Idempotent."""
+    exists = await connection.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", READ_ONLY_ROLE
+    )
+    if not exists:
+        return False
+    role, quoted = f'"{READ_ONLY_ROLE}"', f'"{schema}"'
+    await connection.execute(f"GRANT USAGE ON SCHEMA {quoted} TO {role}")
+    await connection.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {quoted} TO {role}")
+    await connection.execute(
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA {quoted} GRANT SELECT ON TABLES TO {role}"
+    )
+    return True
+
+
 async def migrate(settings: DatabaseSettings) -> list[str]:
     """Create the schema if needed and apply pending migrations; return the files applied.
 
-    Idempotent and safe to run from several processes at once.
+    Then grants the read-only role (READ_ONLY_ROLE) reading the schema, if that role
+    exists. Idempotent and safe to run from several processes at once.
     """
     connection = await asyncpg.connect(settings.url)
     try:
@@ -90,6 +117,7 @@ async def migrate(settings: DatabaseSettings) -> list[str]:
                         name,
                     )
                 applied.append(name)
+            await grant_read_only(connection, schema)
             return applied
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)

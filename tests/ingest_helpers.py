@@ -128,8 +128,10 @@ def bearer(
     subject: str | None = None,
     ttl_s: int = 3600,
     secret: str = DEV_JWT_SECRET,
+    kid: str | None = None,
 ) -> Metadata:
-    """Call metadata carrying a development bearer token for `role`."""
+    """Call metadata carrying a development bearer token for `role` (signed with
+    `secret`, naming key `kid` in its header when given)."""
     token = mint_token(
         secret,
         role=role,
@@ -138,6 +140,7 @@ def bearer(
         vehicle_id=vehicle_id,
         customer_id=customer_id,
         ttl_s=ttl_s,
+        kid=kid,
     )
     return (("authorization", f"Bearer {token}"),)
 

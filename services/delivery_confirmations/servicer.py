@@ -61,7 +61,7 @@ class DeliveryConfirmationsServicer(
             traceparent=traceparent(context),
         )
         envelope.delivery_confirmation.CopyFrom(confirmation)
-        await self._write(context, [encode(envelope, confirmation.shipment_id)])
+        await self._write(context, [encode(envelope, confirmation.shipment_id)], ["confirmation"])
         return delivery_pb2.ConfirmDeliveryResponse(
             confirmation_id=confirmation.confirmation_id, recorded_at=envelope.recorded_at
         )

@@ -210,9 +210,9 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = auth._verify
 
-    def spy(token: str, settings: AuthSettings) -> Any:
+    def spy(token: str, settings: AuthSettings, keys: Any = None) -> Any:
         seen.append(token)
-        return real(token, settings)
+        return real(token, settings, keys)
 
     monkeypatch.setattr(auth, "_verify", spy)
     return seen

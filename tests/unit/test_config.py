@@ -9,7 +9,7 @@ from shared.config import DEV_JWT_SECRET, ConfigError, load_settings
 BASE = {
     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
     "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
-    "CARGOTRACK_JWT_SECRET": "s3cret",
+    "CARGOTRACK_JWT_SECRET": "unit-test-hs256-secret-0123456789abcdef",
 }
 
 
