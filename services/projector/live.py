@@ -61,7 +61,14 @@ from shared.config import AlertSettings
 from shared.db import Connection, as_columns
 from shared.domain import alerts
 from shared.domain.alerts import AlertConditions, AlertDecision
-from shared.domain.eta import DelayMargins, EtaEstimate, EtaMethod, EtaModel, classify_delay
+from shared.domain.eta import (
+    DelayMargins,
+    EtaEstimate,
+    EtaMethod,
+    EtaModel,
+    classify_delay,
+    late_probability,
+)
 from shared.domain.geo import Fix, Route, route_from_polyline
 from shared.domain.tracking import DELIVERY_FAILED, Position, ShipmentState, VehicleState
 from shared.envelopes import timestamp
@@ -340,6 +347,8 @@ class LiveTracker:
         self.margins = DelayMargins(
             late_after_s=settings.late_margin_min * 60,
             at_risk_within_s=settings.at_risk_margin_min * 60,
+            late_probability=settings.late_probability,
+            at_risk_probability=settings.at_risk_probability,
         )
         self.tracks = TrackCache(settings.track_cache_fixes)
         #: The tracks of the batch in flight, applied to the cache on commit.
@@ -603,9 +612,14 @@ class LiveTracker:
         fired: list[AlertDecision] = []
         tenant_id, shipment_id = shipment.tenant_id, shipment.shipment_id
         if shipment.promised_window is not None:
-            condition = classify_delay(estimate, shipment.promised_window[1], self.margins)
-            late_by = (estimate.arrival - shipment.promised_window[1]).total_seconds() / 60
-            detail = f"ETA {estimate.arrival:%H:%M} UTC, {late_by:+.0f} min vs window end"
+            end = shipment.promised_window[1]
+            condition = classify_delay(estimate, end, self.margins)
+            late_by = (estimate.arrival - end).total_seconds() / 60
+            chance = late_probability(estimate, end, self.margins.interval_coverage)
+            detail = (
+                f"ETA {estimate.arrival:%H:%M} UTC, {late_by:+.0f} min vs window end,"
+                f" {chance:.0%} chance of arriving after it"
+            )
             conditions, decided = alerts.observe_delay(
                 conditions, condition, tenant_id=tenant_id, shipment_id=shipment_id, detail=detail
             )
