@@ -8,6 +8,7 @@
     cargotrack token --role ROLE   mint a development bearer token
     cargotrack rebuild             rebuild the projection from the log, switch atomically
     cargotrack eta-eval            score the ETA model on recorded trajectories
+    cargotrack eta-report          live ETA accuracy on real arrivals, per tenant and horizon
 
 Expected failures (bad configuration, a port taken, no Java) print one line and
 exit with status 2; tracebacks are kept for bugs.
@@ -248,6 +249,14 @@ def cmd_eta_eval(args: argparse.Namespace) -> None:
         sys.exit(code)
 
 
+def cmd_eta_report(args: argparse.Namespace) -> None:
+    from shared.eta_report import main as report
+
+    code = report(args.rest)
+    if code:
+        sys.exit(code)
+
+
 def _simulator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="same seed, same plan (default 1)")
     parser.add_argument(
@@ -362,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("rest", nargs=argparse.REMAINDER)
     evaluate.set_defaults(handler=cmd_eta_eval)
+
+    accuracy = commands.add_parser(
+        "eta-report",
+        help="live ETA accuracy on real arrivals, per tenant and horizon (see docs/eta.md)",
+        add_help=False,
+    )
+    accuracy.add_argument("rest", nargs=argparse.REMAINDER)
+    accuracy.set_defaults(handler=cmd_eta_report)
     return parser
 
 
@@ -370,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["eta-eval"]:
         # The evaluation parses its own options.
         cmd_eta_eval(argparse.Namespace(rest=argv[1:]))
+        return
+    if argv[:1] == ["eta-report"]:
+        cmd_eta_report(argparse.Namespace(rest=argv[1:]))
         return
     args = build_parser().parse_args(argv)
     try:

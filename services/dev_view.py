@@ -10,6 +10,8 @@ Read-only, from outside the services, the way an operator would look:
   interruption; without a dispatch service the view works without alerts;
 - **ingest rate**: GPS points per second the simulator had acknowledged, and GPS
   records per second appended to Kafka;
+- **ETA accuracy**: one line from the scores of real arrivals (`eta_scores.recent_line`):
+  MAE at 50 % of the trip and 5 minutes out over the last 7 days, and the week before;
 - **consumer lag**: Kafka's end offsets of the projection's topics minus the offsets
   the projection stored in PostgreSQL (`projection_offsets`: the offsets that matter,
   written in the same transaction as the state).
@@ -51,6 +53,7 @@ from shared.pb import (
     tracking_pb2,
     tracking_pb2_grpc,
 )
+from shared.readmodel import eta_scores
 
 __all__ = ["AlertFeed", "DevMonitor", "Snapshot", "render", "summary_line"]
 
@@ -234,6 +237,8 @@ class Snapshot:
     lag: int | None
     simulator: SimulatorStats | None
     problems: list[str] = field(default_factory=list)
+    #: One line on live ETA accuracy on real arrivals ("" unknown; eta_scores.recent_line).
+    eta_accuracy: str = ""
 
     @property
     def shipments(self) -> int | None:
@@ -265,6 +270,7 @@ class DevMonitor(Lifecycle):
         self._ops = _metadata(settings.auth.verification_key, Role.OPS, tenant)
         self._rates: dict[str, collections.deque[tuple[float, int]]] = {}
         self._partitions: list[TopicPartition] = []
+        self._eta_accuracy = ""
         self._started = False
 
     async def start(self) -> None:
@@ -331,6 +337,7 @@ class DevMonitor(Lifecycle):
             lag=lag,
             simulator=self.simulator,
             problems=problems,
+            eta_accuracy=self._eta_accuracy,
         )
 
     async def _database(
@@ -363,6 +370,9 @@ class DevMonitor(Lifecycle):
             name = shipment_pb2.ShipmentStatus.Name(row["status"])
             statuses[name.removeprefix("SHIPMENT_STATUS_").lower()] = int(row["n"])
         stored = {TopicPartition(r["topic"], r["partition"]): r["last_offset"] for r in offsets}
+        self._eta_accuracy = await eta_scores.recent_line(
+            self._connection, self.tenant, datetime.now(UTC)
+        )
         return statuses, stored
 
     async def _end_offsets(self, problems: list[str]) -> dict[TopicPartition, int] | None:
@@ -552,6 +562,8 @@ def render(snapshot: Snapshot, width: int = WIDE) -> RenderableType:
     footer.append("records/s on gps-points · consumer lag ")
     footer.append(_unknown(snapshot.lag), style="bold")
     footer.append(" records")
+    if snapshot.eta_accuracy:
+        footer.append(f"\n{snapshot.eta_accuracy}")
     sim = snapshot.simulator
     if sim is not None:
         footer.append(

@@ -184,6 +184,10 @@ class GrpcSettings:
 class AlertSettings:
     late_margin_min: float = 15.0
     at_risk_margin_min: float = 5.0
+    #: LATE / AT_RISK from this probability of arriving after the promised window on
+    #: (shared.domain.eta.classify_delay; docs/alerts.md).
+    late_probability: float = 0.8
+    at_risk_probability: float = 0.3
     stale_after_min: float = 10.0
     #: Most GPS fixes the projector keeps in memory (each vehicle's recent track, so
     #: live tracking need not read it back from PostgreSQL); about 250 bytes each.
@@ -439,9 +443,17 @@ def load_settings(
     alerts = AlertSettings(
         late_margin_min=env.number("CARGOTRACK_LATE_MARGIN_MIN", 15.0),
         at_risk_margin_min=env.number("CARGOTRACK_AT_RISK_MARGIN_MIN", 5.0),
+        late_probability=env.number("CARGOTRACK_LATE_PROBABILITY", 0.8),
+        at_risk_probability=env.number("CARGOTRACK_AT_RISK_PROBABILITY", 0.3),
         stale_after_min=env.number("CARGOTRACK_STALE_AFTER_MIN", 10.0, minimum=0.1),
         track_cache_fixes=env.integer("CARGOTRACK_TRACK_CACHE_FIXES", 1_000_000, minimum=0),
     )
+    if not 0 < alerts.at_risk_probability <= alerts.late_probability <= 1:
+        env.errors.append(
+            "CARGOTRACK_AT_RISK_PROBABILITY and CARGOTRACK_LATE_PROBABILITY: need"
+            f" 0 < at-risk ({alerts.at_risk_probability}) <= late"
+            f" ({alerts.late_probability}) <= 1"
+        )
     settings = Settings(
         kafka=kafka,
         database=database,

@@ -3,7 +3,8 @@
 For each dataset (see data/trajectories/README.md):
 
 1. Trips are cut from the file (Liverpool: vehicle + trip id of route 14 outbound;
-   Austin: vehicle + trip id, grouped by route id + headsign), cleaned
+   Austin: vehicle + trip id, grouped by route id + headsign; Porto taxis: one row per
+   trip, a fix every 15 s from the trip's start), cleaned
    (:func:`~shared.domain.geo.clean_track`) and trimmed of terminal dwell: a trip runs
    from its *departure* (the last fix still within 50 m of the first one) to its
    *arrival* (the first fix already within 50 m of the last one). The last fix is the
@@ -12,10 +13,14 @@ For each dataset (see data/trajectories/README.md):
    trips; the rest are scored. Speeds are learned only from learning-trip fixes taken
    *before the first scored trip starts*, so no scored trip is learned from and no
    future traffic leaks in.
-3. The planned route of a scored trip is the geometry of a *different* trip (a
-   learning trip of the same route and direction) — the one passing closest to the
-   scored trip's origin and destination, both of which a shipment knows in advance.
-   A scored trip's own geometry is never used.
+3. Buses (``planned_route="other trip"``): the planned route of a scored trip is the
+   geometry of a *different* trip (a learning trip of the same route and direction) —
+   the one passing closest to the scored trip's origin and destination, both of which
+   a shipment knows in advance; the scored trip's own geometry is never used. Taxis
+   (``planned_route="own path"``) follow no timetable route another trip could lend, so
+   the planned route is the scored trip's own path, positions only (as a navigation
+   system plans it before departure; the usual setting of path-based travel-time
+   estimation). Its timing is never used: every method gets the same geometry.
 4. At 25 / 50 / 75 % of each scored trip's duration, every method sees only the fixes
    taken so far and predicts the arrival; the error is ``|predicted - actual|``.
 
@@ -42,8 +47,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 from shared.domain.eta import EtaModel, EtaParams
 from shared.domain.geo import Fix, Route, clean_track, haversine_m
@@ -81,11 +87,15 @@ class Trip:
 
 @dataclass(frozen=True, slots=True)
 class Dataset:
+    """One dataset: its files under the data folder, local time zone, loader, and where
+    a scored trip's planned route comes from (see the module docstring, step 3)."""
+
     name: str
     full: str
     slice: str
     timezone: str
     loader: Callable[[Path], list[Trip]]
+    planned_route: Literal["other trip", "own path"] = "other trip"
 
 
 def _liverpool(path: Path) -> list[Trip]:
@@ -116,6 +126,28 @@ def _austin(path: Path) -> list[Trip]:
     return [Trip(k[0], f"{k[1]}/{k[2]}", tuple(clean_track(v))) for k, v in groups.items()]
 
 
+PORTO_FIX_INTERVAL_S = 15.0
+
+
+def _porto(path: Path) -> list[Trip]:
+    """ECML/PKDD 2015 Porto taxi rows: one trip per row; ``POLYLINE`` is a JSON list of
+    ``[lon, lat]`` taken every 15 s from ``TIMESTAMP`` (epoch seconds). Rows flagged
+    ``MISSING_DATA`` (fixes lost, so the 15 s clock no longer holds) are skipped."""
+    trips: list[Trip] = []
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["MISSING_DATA"] != "False":
+                continue
+            start = datetime.fromtimestamp(int(row["TIMESTAMP"]), UTC)
+            fixes = [
+                Fix(start + timedelta(seconds=i * PORTO_FIX_INTERVAL_S), float(lat), float(lon))
+                for i, (lon, lat) in enumerate(json.loads(row["POLYLINE"]))
+            ]
+            trip_id = f"{row['TAXI_ID']}/{row['TRIP_ID']}"
+            trips.append(Trip("taxi", trip_id, tuple(clean_track(fixes))))
+    return trips
+
+
 DATASETS: dict[str, Dataset] = {
     "liverpool": Dataset(
         "liverpool",
@@ -130,6 +162,14 @@ DATASETS: dict[str, Dataset] = {
         "austin_capmetro/vehicle_positions_2016-11-24_slice.csv",
         "America/Chicago",
         _austin,
+    ),
+    "porto": Dataset(
+        "porto",
+        "porto_taxi/train_2013-07-01_11-17min.csv",
+        "porto_taxi/train_2013-07-01_11-17min_slice.csv",
+        "Europe/Lisbon",
+        _porto,
+        planned_route="own path",
     ),
 }
 
@@ -239,6 +279,14 @@ def _route_for(trip: Trip, candidates: list[tuple[Trip, Route]]) -> Route | None
     return None if best is None else best[1]
 
 
+def _own_path(trip: Trip) -> Route | None:
+    """The trip's own path as its planned route: positions only, never their times."""
+    try:
+        return Route([(f.lat, f.lon) for f in trip.fixes])
+    except ValueError:
+        return None
+
+
 def _eligible(trip: Trip, data_end: float) -> str | None:
     f = trip.fixes
     if len(f) < MIN_FIXES:
@@ -308,7 +356,11 @@ def evaluate_dataset(
         if reason is None and sum(1 for f in fixes if f.t <= trip.start + CHECKPOINTS[0] * dur) < 2:
             reason = "fewer than two fixes by 25 %"
         route = None
-        if reason is None:
+        if reason is None and ds.planned_route == "own path":
+            route = _own_path(trip)
+            if route is None:
+                reason = "no route through its own path"
+        elif reason is None:
             route = _route_for(trip, candidates[trip.route_key])
             if route is None:
                 reason = "no planned route from another trip"

@@ -207,14 +207,13 @@ ALERTS_PUBLISHED = Counter(
     "Alerts the outbox relay published to the alerts topic, by kind.",
     ["kind"],
 )
-#: Defined here so its name and buckets are settled; fed by services/projector/live.py
-#: when a shipment is delivered (see docs/operations.md).
 ETA_ERROR = Histogram(
     "cargotrack_eta_error_seconds",
-    "Absolute difference between a shipment's actual arrival and the ETA shown, by how"
-    " far ahead the ETA was computed (horizon: 15m, 1h, 4h).",
-    ["horizon"],
-    buckets=(60, 120, 300, 600, 900, 1800, 3600, 7200, 14400),
+    "Absolute difference between a shipment's actual arrival and the ETA it was shown,"
+    " per tenant and horizon (60m/30m/15m/5m before arrival, 25%/50%/75% of the trip);"
+    " observed once per arrival, when its transaction commits.",
+    ["tenant", "horizon"],
+    buckets=(30, 60, 120, 300, 600, 900, 1800, 3600, 7200),
 )
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from operator import attrgetter
+from statistics import NormalDist
 from weakref import WeakKeyDictionary
 
 import numpy as np
@@ -617,18 +618,61 @@ class DelayCondition(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DelayMargins:
-    """``LATE`` when the ETA is more than ``late_after_s`` past the window end;
-    ``AT_RISK`` when the ETA is later than ``at_risk_within_s`` before the window end,
-    or (``latest_bound_at_risk``) when the interval's latest bound passes it."""
+    """The delay rule's knobs; see :func:`classify_delay` and docs/alerts.md.
+
+    ``late_probability`` / ``at_risk_probability``: the chance of arriving after the
+    window end (:func:`late_probability`) from which a shipment is LATE / AT_RISK.
+    ``late_after_s`` / ``at_risk_within_s``: point-estimate backstops (LATE when the
+    ETA is more than ``late_after_s`` past the window end, AT_RISK when it is later
+    than ``at_risk_within_s`` before it), whatever the spread. ``interval_coverage``:
+    the probability the estimate's [earliest, latest] interval is taken to hold.
+    """
 
     late_after_s: float = 600.0
     at_risk_within_s: float = 300.0
-    latest_bound_at_risk: bool = True
+    late_probability: float = 0.8
+    at_risk_probability: float = 0.3
+    interval_coverage: float = 0.8
 
     def __post_init__(self) -> None:
         for v in (self.late_after_s, self.at_risk_within_s):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError("DelayMargins values must be finite and >= 0")
+        if not 0 < self.at_risk_probability <= self.late_probability <= 1:
+            raise ValueError("need 0 < at_risk_probability <= late_probability <= 1")
+        if not 0 < self.interval_coverage < 1:
+            raise ValueError("interval_coverage must be between 0 and 1")
+
+
+_STANDARD_NORMAL = NormalDist()
+
+
+def late_probability(estimate: EtaEstimate, window_end: datetime, coverage: float = 0.8) -> float:
+    """The probability that the arrival comes after ``window_end``, in [0, 1].
+
+    The arrival time is modelled as a two-piece normal: its median is the point
+    estimate, and each side has the spread that puts ``earliest`` / ``latest`` at the
+    central ``coverage`` interval's ends (``coverage`` 0.8: the 10th and 90th
+    percentiles). The model's interval is asymmetric (it widens more toward late), and
+    so is this. Non-decreasing as the whole estimate moves later; a wider spread moves
+    it toward 0.5 (less sure either way). A side without spread is a step: 0 when the
+    point estimate is at or before the end, 1 when after it. Raises ``ValueError`` for
+    a naive ``window_end`` or a ``coverage`` outside (0, 1).
+    """
+    if not 0 < coverage < 1:
+        raise ValueError("coverage must be between 0 and 1")
+    end = _check_aware("window_end", window_end)
+    arrival = estimate.arrival.timestamp()
+    z = _STANDARD_NORMAL.inv_cdf(0.5 + coverage / 2)
+    if end >= arrival:
+        sigma_late = (estimate.latest.timestamp() - arrival) / z
+        if sigma_late <= 0:
+            return 0.0
+        return 1.0 - _STANDARD_NORMAL.cdf((end - arrival) / sigma_late)
+    sigma_early = (arrival - estimate.earliest.timestamp()) / z
+    if sigma_early <= 0:
+        return 1.0
+    return _STANDARD_NORMAL.cdf((arrival - end) / sigma_early)
 
 
 def classify_delay(
@@ -636,16 +680,22 @@ def classify_delay(
 ) -> DelayCondition:
     """The delay condition of one estimate against the promised window's end.
 
+    With ``p`` = :func:`late_probability`: LATE when ``p >= late_probability`` or the
+    point estimate is more than ``late_after_s`` past the end; else AT_RISK when
+    ``p >= at_risk_probability`` or the point estimate is later than
+    ``at_risk_within_s`` before the end; else ON_TIME. Moving the estimate later never
+    lowers the condition; a wider spread never lowers it while the point estimate is
+    on time, and never raises it while the point estimate is past the end.
+
     Pure and stateless: debouncing (one alert per change) belongs to the caller.
     Raises ``ValueError`` for a naive ``window_end``.
     """
     m = margins or DelayMargins()
     end = _check_aware("window_end", window_end)
     eta = estimate.arrival.timestamp()
-    if eta > end + m.late_after_s:
+    p = late_probability(estimate, window_end, m.interval_coverage)
+    if p >= m.late_probability or eta > end + m.late_after_s:
         return DelayCondition.LATE
-    if eta > end - m.at_risk_within_s:
-        return DelayCondition.AT_RISK
-    if m.latest_bound_at_risk and estimate.latest.timestamp() > end:
+    if p >= m.at_risk_probability or eta > end - m.at_risk_within_s:
         return DelayCondition.AT_RISK
     return DelayCondition.ON_TIME

@@ -386,9 +386,11 @@ def _estimate(arrival: datetime, spread_s: float = 0.0) -> EtaEstimate:
     ("eta_minus_end_s", "spread_s", "expected"),
     [
         (-3600, 60, DelayCondition.ON_TIME),
-        (-3600, 3700, DelayCondition.AT_RISK),  # the latest bound passes the window end
+        # The latest bound passes the window end, but only ~11 % chance of being late.
+        (-3600, 3700, DelayCondition.ON_TIME),
+        (-600, 1800, DelayCondition.AT_RISK),  # ~33 % chance of arriving after the end
         (-200, 0, DelayCondition.AT_RISK),  # within the at-risk margin
-        (300, 0, DelayCondition.AT_RISK),  # past the end, within the late margin
+        (300, 0, DelayCondition.LATE),  # past the end and sure of it
         (601, 0, DelayCondition.LATE),
     ],
 )
@@ -402,11 +404,11 @@ def test_classify_delay_margins_are_configurable() -> None:
     end = T0
     est = _estimate(end + timedelta(seconds=120))
     assert classify_delay(est, end, DelayMargins(late_after_s=60)) is DelayCondition.LATE
-    assert (
-        classify_delay(
-            _estimate(end - timedelta(hours=1), 7200), end, DelayMargins(latest_bound_at_risk=False)
-        )
-        is DelayCondition.ON_TIME
-    )
+    uncertain = _estimate(end - timedelta(minutes=10), 1800)
+    assert classify_delay(uncertain, end) is DelayCondition.AT_RISK
+    relaxed = DelayMargins(at_risk_probability=0.5, late_probability=0.9)
+    assert classify_delay(uncertain, end, relaxed) is DelayCondition.ON_TIME
+    with pytest.raises(ValueError, match="at_risk_probability"):
+        DelayMargins(at_risk_probability=0.9, late_probability=0.8)
     with pytest.raises(ValueError, match="timezone"):
         classify_delay(est, datetime(2026, 1, 1))
