@@ -4,10 +4,12 @@ loop driven by fake processes (no process is started)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from services.dev_supervisor import (
     Event,
@@ -18,9 +20,12 @@ from services.dev_supervisor import (
     Restarted,
     RestartPolicy,
     Supervisor,
+    UnitStatus,
     describe_exit,
 )
+from services.dev_view import STATUSES, Snapshot, render, summary_line
 from shared.devstack import DevStackError
+from tests.dev_helpers import summary_fields
 
 POLICY = RestartPolicy(max_failures=5, window_s=60.0, first_delay_s=0.5, max_delay_s=4.0)
 
@@ -219,3 +224,56 @@ async def test_stopping_cancels_a_restart_in_progress(tmp_path: Path) -> None:
     await supervisor.stop()  # idempotent
     assert unit.restarts == 0
     assert not supervisor.failed.is_set()
+
+
+# -- what the view and the headless line show of it -------------------------------------
+
+
+def _snapshot(processes: list[UnitStatus], events: list[str]) -> Snapshot:
+    return Snapshot(
+        elapsed_s=61,
+        tenant="demo",
+        statuses=dict.fromkeys(STATUSES, 0),
+        etas=[],
+        dispatch="subscribed",
+        alerts_total=0,
+        alerts_by_kind={},
+        latest_alerts=[],
+        points_per_s=1.0,
+        records_per_s=1.0,
+        lag=3,
+        simulator=None,
+        processes=processes,
+        process_events=events,
+    )
+
+
+def test_the_summary_line_counts_running_processes_and_restarts() -> None:
+    healthy = _snapshot([UnitStatus("kafka"), UnitStatus("projector", restarts=2)], [])
+    fields = summary_fields(summary_line(healthy))
+    assert fields["running"] == "2/2"
+    assert fields["restarts"] == "projector:2"
+    assert "down" not in fields
+    down = _snapshot(
+        [UnitStatus("kafka", state="starting"), UnitStatus("projector", state="restarting")], []
+    )
+    fields = summary_fields(summary_line(down))
+    assert fields["running"] == "0/2"
+    assert fields["restarts"] == "0"
+    assert fields["down"] == "kafka,projector"
+    assert "running" not in summary_fields(summary_line(_snapshot([], [])))
+
+
+def test_the_view_names_processes_their_restarts_and_the_latest_exit() -> None:
+    snapshot = _snapshot(
+        [
+            UnitStatus("gps-ingest"),
+            UnitStatus("projector", state="restarting (signal SIGKILL)", restarts=1),
+        ],
+        ["12:00:01 projector exited (signal SIGKILL); restarting in 0.5s"],
+    )
+    out = io.StringIO()
+    Console(file=out, width=120, color_system=None).print(render(snapshot, 120))
+    text = " ".join(out.getvalue().split())
+    assert "processes: gps-ingest · projector restarting (signal SIGKILL) (1 restart)" in text
+    assert "12:00:01 projector exited (signal SIGKILL)" in text
