@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: How many log lines an exit report quotes.
 LOG_LINES = 3
+#: At most this much of the log's tail goes into the report.
+TAIL_CHARS = 400
 #: How many reports the view keeps.
 RECENT_EVENTS = 3
 
@@ -326,6 +329,22 @@ class Supervisor(Lifecycle):
 
 
 def _tail(path: Path) -> str:
+    """The last LOG_LINES lines of a log, JSON lines shortened to `level: event`."""
     with contextlib.suppress(Exception):
-        return log_tail(path, lines=LOG_LINES)
+        lines = log_tail(path, lines=LOG_LINES, max_chars=1_000_000).split(" | ")
+        text = " | ".join(_readable(line) for line in lines if line)
+        return text if len(text) <= TAIL_CHARS else "…" + text[-TAIL_CHARS:]
     return ""
+
+
+def _readable(line: str) -> str:
+    """A service's JSON log line (CARGOTRACK_LOG_FORMAT=json) as `level: event`."""
+    if not line.startswith("{"):
+        return line
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or "event" not in record:
+        return line
+    return f"{record.get('level', '?')}: {record['event']}"

@@ -134,7 +134,10 @@ FAST = RestartPolicy(max_failures=3, window_s=60.0, first_delay_s=0.0, max_delay
 @pytest.mark.timeout(10)
 async def test_an_exit_is_reported_with_its_log_and_the_process_restarted(tmp_path: Path) -> None:
     log = tmp_path / "projector.log"
-    log.write_text("starting\nbatch applied\nlast words\n")
+    log.write_text(
+        "starting\nbatch applied\n"
+        '{"event": "last words", "level": "error", "timestamp": "2026-12-02T23:53:13Z"}\n'
+    )
     unit = FakeUnit("projector", log)
     other = FakeUnit("dispatch", tmp_path / "dispatch.log")
     seen = Recorder()
@@ -146,7 +149,7 @@ async def test_an_exit_is_reported_with_its_log_and_the_process_restarted(tmp_pa
         assert exited.name == "projector"
         assert exited.how == "signal SIGKILL"
         assert exited.restart_in_s == 0.0
-        assert "last words" in exited.last_log
+        assert exited.last_log == "starting | batch applied | error: last words"
         assert "projector exited (signal SIGKILL)" in exited.line()
         assert restarted == Restarted("projector", 1, 1001)
         statuses = {s.name: s for s in supervisor.statuses()}
