@@ -225,6 +225,8 @@ class Supervisor(Lifecycle):
     idempotent, `async with`. Stop the supervisor *before* stopping the processes,
     or their orderly exits would be taken for failures. `on_event` is called for
     every `Exited`, `Restarted` and `GaveUp`; `failure` holds the `GaveUp`.
+    `failed` (the caller's event, e.g. its stop event, or a new one) is set on
+    giving up, and when a watcher fails unexpectedly (a bug: `stop()` re-raises it).
     """
 
     def __init__(
@@ -233,11 +235,12 @@ class Supervisor(Lifecycle):
         policy: RestartPolicy,
         on_event: Callable[[Event], None],
         clock: Callable[[], float] = time.monotonic,
+        failed: asyncio.Event | None = None,
     ) -> None:
         self.units = list(units)
         self.policy = policy
         self.on_event = on_event
-        self.failed = asyncio.Event()
+        self.failed = failed or asyncio.Event()
         self.failure: GaveUp | None = None
         self._clock = clock
         self._status = {unit.name: UnitStatus(unit.name) for unit in self.units}
@@ -288,6 +291,14 @@ class Supervisor(Lifecycle):
             self._infrastructure_up.set()
 
     async def _watch(self, unit: Supervised) -> None:
+        try:
+            await self._supervise(unit)
+        except Exception:
+            log.exception("supervising %s failed", unit.name)
+            self.failed.set()
+            raise
+
+    async def _supervise(self, unit: Supervised) -> None:
         status = self._status[unit.name]
         while True:
             how = describe_exit(await unit.wait_exit())

@@ -468,15 +468,13 @@ async def _live(
         if headless:
             elapsed = asyncio.get_running_loop().time() - started
             print(f"[dev +{int(elapsed)}s] {event.line()}", flush=True)
-        if isinstance(event, GaveUp):
-            stop.set()
 
     policy = RestartPolicy(
         max_failures=getattr(args, "give_up_after", 5),
         window_s=getattr(args, "give_up_window", 60.0),
     )
     units: list[Supervised] = [*stack_servers(stack), *services]
-    supervisor = Supervisor(units, policy, supervision_event)
+    supervisor = Supervisor(units, policy, supervision_event, failed=stop)
 
     feed = None
     if "dispatch" in where:

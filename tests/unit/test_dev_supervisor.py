@@ -229,6 +229,26 @@ async def test_stopping_cancels_a_restart_in_progress(tmp_path: Path) -> None:
     assert not supervisor.failed.is_set()
 
 
+@pytest.mark.timeout(10)
+async def test_a_bug_in_a_watcher_sets_the_callers_event_and_is_raised_on_stop(
+    tmp_path: Path,
+) -> None:
+    class Broken(FakeUnit):
+        async def restart(self) -> None:
+            raise RuntimeError("bug")
+
+    unit = Broken("projector", tmp_path / "projector.log")
+    stop = asyncio.Event()
+    supervisor = Supervisor([unit], FAST, Recorder(), failed=stop)
+    await supervisor.start()
+    unit.exit(1)
+    async with asyncio.timeout(5):
+        await stop.wait()
+    assert supervisor.failure is None
+    with pytest.raises(RuntimeError, match="bug"):
+        await supervisor.stop()
+
+
 # -- what the view and the headless line show of it -------------------------------------
 
 
