@@ -14,7 +14,9 @@ Read-only, from outside the services, the way an operator would look:
   MAE at 50 % of the trip and 5 minutes out over the last 7 days, and the week before;
 - **consumer lag**: Kafka's end offsets of the projection's topics minus the offsets
   the projection stored in PostgreSQL (`projection_offsets`: the offsets that matter,
-  written in the same transaction as the state).
+  written in the same transaction as the state);
+- **processes**: each supervised process (services/dev_supervisor.py) with its state
+  and restart count, and the latest exits the supervisor reported.
 
 A source that cannot be read is shown as unknown (and named), never fatal.
 """
@@ -39,6 +41,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from services.dev_supervisor import Supervisor, UnitStatus
 from services.fleet_simulator.stats import SimulatorStats
 from shared.auth import Role, mint_token
 from shared.config import Settings
@@ -239,6 +242,9 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
     #: One line on live ETA accuracy on real arrivals ("" unknown; eta_scores.recent_line).
     eta_accuracy: str = ""
+    #: Supervised processes (empty without a supervisor) and its latest reports.
+    processes: list[UnitStatus] = field(default_factory=list)
+    process_events: list[str] = field(default_factory=list)
 
     @property
     def shipments(self) -> int | None:
@@ -257,8 +263,10 @@ class DevMonitor(Lifecycle):
         tracking_target: str | None,
         feed: AlertFeed | None,
         simulator: SimulatorStats | None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.supervisor = supervisor
         self.tenant = tenant
         self.tracking_target = tracking_target
         self.feed = feed
@@ -338,6 +346,8 @@ class DevMonitor(Lifecycle):
             simulator=self.simulator,
             problems=problems,
             eta_accuracy=self._eta_accuracy,
+            processes=self.supervisor.statuses() if self.supervisor else [],
+            process_events=list(self.supervisor.recent) if self.supervisor else [],
         )
 
     async def _database(
@@ -469,7 +479,9 @@ def summary_line(snapshot: Snapshot) -> str:
     `shipments` and each status count, `alerts` (received by the dispatch subscriber)
     and one count per alert kind, `points/s` acknowledged to the simulator,
     `gps_records/s` appended to the GPS topic, `lag` of the projection in records
-    (`?` when unknown).
+    (`?` when unknown); with supervision, `running=N/M` processes, `restarts` per
+    process (`projector:1,dispatch:2`, or `0`) and, while any is not running,
+    `down=NAME[,NAME]`.
     """
     statuses = snapshot.statuses
     parts = [f"[dev +{int(snapshot.elapsed_s)}s]", f"shipments={_unknown(snapshot.shipments)}"]
@@ -483,6 +495,14 @@ def summary_line(snapshot: Snapshot) -> str:
     parts.append(f"points/s={'?' if pps is None else f'{pps:.1f}'}")
     parts.append(f"gps_records/s={'?' if rps is None else f'{rps:.1f}'}")
     parts.append(f"lag={_unknown(snapshot.lag)}")
+    if snapshot.processes:
+        running = sum(1 for p in snapshot.processes if p.state == "running")
+        restarted = [f"{p.name}:{p.restarts}" for p in snapshot.processes if p.restarts]
+        parts.append(f"running={running}/{len(snapshot.processes)}")
+        parts.append(f"restarts={','.join(restarted) or 0}")
+        down = [p.name for p in snapshot.processes if p.state != "running"]
+        if down:
+            parts.append(f"down={','.join(down)}")
     sim = snapshot.simulator
     if sim is not None:
         parts += [
@@ -576,6 +596,18 @@ def render(snapshot: Snapshot, width: int = WIDE) -> RenderableType:
             footer.append(f"\nsimulator failed: {sim.failure}", style="red")
     for problem in snapshot.problems:
         footer.append(f"\n{problem}", style="yellow")
+    if snapshot.processes:
+        footer.append("\nprocesses: ")
+        for index, process in enumerate(snapshot.processes):
+            footer.append(" · " if index else "")
+            footer.append(process.name)
+            if process.state != "running":
+                footer.append(f" {process.state}", style="red")
+            if process.restarts:
+                plural = "s" if process.restarts > 1 else ""
+                footer.append(f" ({process.restarts} restart{plural})", style="yellow")
+    for event in snapshot.process_events:
+        footer.append(f"\n{event}", style="red")
     top = Table.grid(expand=True, padding=(0, 1))
     if width < WIDE:
         top.add_column()
