@@ -31,13 +31,19 @@ from shared.devstack import DevStackError, LocalStack
 # Shared machines are noisy: no per-example deadline. The explain phase is left out
 # because on Python 3.11 it can take longer than the test timeout after a failure,
 # hiding the failing example behind a timeout.
+# Every failure prints its reproduction blob (`@reproduce_failure(...)`): a rare
+# counterexample found in CI can be replayed locally.
 settings.register_profile(
     "cargotrack",
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
 )
-settings.load_profile("cargotrack")
+# CI (`.ci/run` sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run, so a
+# red build is red again when re-run, and no example database is needed.
+settings.register_profile("ci", parent=settings.get_profile("cargotrack"), derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cargotrack"))
 
 
 @contextlib.contextmanager
