@@ -521,6 +521,52 @@ def quoted_commands(path: Path) -> Iterator[tuple[int, list[str]]]:
                 yield number, rest
 
 
+WORD = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def argument_problems(
+    where: str, command: str, parser: argparse.ArgumentParser, arguments: list[str]
+) -> list[str]:
+    """What is wrong with `cargotrack COMMAND ARGUMENTS` as quoted at `where`.
+
+    Checks each --option, the value of an option with choices, and the first
+    positional when it has choices (descending into nested subcommands).
+    """
+    problems: list[str] = []
+    options = {option: action for action in parser._actions for option in action.option_strings}
+    positionals = [a for a in parser._actions if not a.option_strings and a.choices]
+    for position, word in enumerate(arguments):
+        if word.startswith("--"):
+            flag = word.split("=", 1)[0]
+            if flag not in options:
+                problems.append(
+                    f"{where}: `cargotrack {command} {flag}`: no such option"
+                    f" (options: {', '.join(sorted(options))})"
+                )
+                continue
+            choices = options[flag].choices
+            value = arguments[position + 1] if position + 1 < len(arguments) else ""
+            if choices and WORD.fullmatch(value) and value not in choices:
+                problems.append(
+                    f"{where}: `cargotrack {command} {flag} {value}`: {value!r} is not"
+                    f" one of {', '.join(map(str, choices))}"
+                )
+        elif position == 0 and positionals and WORD.fullmatch(word):
+            choices = positionals[0].choices
+            assert choices is not None
+            if word not in choices:
+                problems.append(
+                    f"{where}: `cargotrack {command} {word}`: {word!r} is not one of"
+                    f" {', '.join(map(str, choices))}"
+                )
+            elif isinstance(positionals[0], argparse._SubParsersAction):
+                nested = positionals[0].choices[word]
+                return problems + argument_problems(
+                    where, f"{command} {word}", nested, arguments[1:]
+                )
+    return problems
+
+
 def test_every_cargotrack_command_and_flag_in_the_docs_exists() -> None:
     commands = subparsers(build_parser())
     assert commands, "services/cli.py: build_parser() has no subcommands"
@@ -535,38 +581,7 @@ def test_every_cargotrack_command_and_flag_in_the_docs_exists() -> None:
                 )
                 continue
             parser = command_parser(name, commands[name])
-            options = {
-                option: action for action in parser._actions for option in action.option_strings
-            }
-            positionals = [a for a in parser._actions if not a.option_strings and a.choices]
-            for position, word in enumerate(arguments):
-                if word.startswith("--"):
-                    flag = word.split("=", 1)[0]
-                    if flag not in options:
-                        problems.append(
-                            f"{where}: `cargotrack {name} {flag}`: no such option"
-                            f" (options: {', '.join(sorted(options))})"
-                        )
-                        continue
-                    choices = options[flag].choices
-                    value = arguments[position + 1] if position + 1 < len(arguments) else ""
-                    if (
-                        choices
-                        and re.fullmatch(r"[a-z][a-z0-9_-]*", value)
-                        and value not in choices
-                    ):
-                        problems.append(
-                            f"{where}: `cargotrack {name} {flag} {value}`: {value!r} is not"
-                            f" one of {', '.join(map(str, choices))}"
-                        )
-                elif position == 0 and positionals and re.fullmatch(r"[a-z][a-z0-9_-]*", word):
-                    choices = positionals[0].choices
-                    assert choices is not None
-                    if word not in choices:
-                        problems.append(
-                            f"{where}: `cargotrack {name} {word}`: {word!r} is not one of"
-                            f" {', '.join(map(str, choices))}"
-                        )
+            problems += argument_problems(where, name, parser, arguments)
     report(problems, "cargotrack commands quoted in the docs that do not exist")
 
 
