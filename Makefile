@@ -1,6 +1,7 @@
 # The two commands of the README: `make up` runs the suite, `make test` the tests.
 # Both set up everything they need on a fresh machine (virtualenv, pinned
-# packages, Kafka jars, buf, grpcurl); tools are cached outside the repository.
+# packages, Kafka jars; `make test` also buf, grpcurl and kcat); tools are cached
+# outside the repository.
 
 PYTHON ?= python3
 VENV := .venv

@@ -166,11 +166,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     asyncio.run(run(settings))
 
 
-def cmd_migrate(_args: argparse.Namespace) -> None:
-    from shared.db import migrate
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from shared.db import DatabaseUnavailable, migrate
 
+    if args.wait < 0:
+        raise UsageError("--wait must be 0 or a positive number of seconds")
     settings = _operator_settings()
-    applied = asyncio.run(migrate(settings.database))
+    _configure_logging(settings)
+    try:
+        applied = asyncio.run(migrate(settings.database, wait_s=args.wait))
+    except DatabaseUnavailable as error:
+        raise UsageError(str(error)) from None
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
 
 
@@ -419,9 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("name", choices=sorted(SERVICES))
     serve.set_defaults(handler=cmd_serve)
 
-    commands.add_parser("migrate", help="apply database migrations").set_defaults(
-        handler=cmd_migrate
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="retry for up to S seconds while PostgreSQL does not answer (default 60; 0: once)",
     )
+    migrate.set_defaults(handler=cmd_migrate)
     commands.add_parser("create-topics", help="create the Kafka topics").set_defaults(
         handler=cmd_create_topics
     )

@@ -1,9 +1,11 @@
-"""Every environment variable cargotrack reads, parsed once into typed settings.
+"""Every setting of the services, parsed once into typed settings.
 
 `load_settings()` reads the environment at start-up and either returns a
 `Settings` or raises `ConfigError` naming every bad variable, so a service never
-starts half-configured. Nothing else in the code base reads `os.environ` for
-configuration.
+starts half-configured. No service reads `os.environ` for configuration anywhere
+else; the local stack (shared/devstack), the launcher, `cargotrack token` /
+`simulate`, the benchmark and the tests read a few variables of their own where
+they use them. docs/operations.md lists them all (tests/contracts/test_docs.py).
 """
 
 from __future__ import annotations

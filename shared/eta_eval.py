@@ -456,8 +456,8 @@ def evaluate(
     return reports
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cargotrack eta-eval``: print the accuracy table. Exit 0, or 2 for missing data."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``cargotrack eta-eval``."""
     ap = argparse.ArgumentParser(
         prog="cargotrack eta-eval",
         description="ETA accuracy (MAE at 25/50/75 %% of each trip) on real trajectories.",
@@ -474,6 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="score within the learning trips only (for tuning; never sees the test trips)",
     )
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``cargotrack eta-eval``: print the accuracy table. Exit 0, or 2 for missing data."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not 0.0 < args.learn_fraction < 1.0:
         ap.error("--learn-fraction must be between 0 and 1")

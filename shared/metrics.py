@@ -3,8 +3,8 @@
 Every series is named `cargotrack_*` and lives in prometheus_client's default
 registry, next to its process and platform collectors (`process_resident_memory_bytes`,
 `process_cpu_seconds_total`, `python_gc_*`). Labels are low-cardinality by rule:
-service, method, code, topic, partition, outcome, kind. Never an id of a shipment,
-vehicle, tenant or event: those belong in logs and traces.
+service, method, code, topic, partition, outcome, kind, source, horizon, version.
+Never an id of a shipment, vehicle, tenant or event: those belong in logs and traces.
 
 Who records what:
 

@@ -257,7 +257,11 @@ def test_every_resource_carries_the_common_labels(overlay: list[Resource]) -> No
 
 def test_migration_job_runs_migrate(overlay: list[Resource]) -> None:
     (job,) = of_kind(overlay, "Job").values()
-    assert container(job)["args"] == ["migrate"]
+    args = container(job)["args"]
+    assert args[0] == "migrate"
+    # It waits for PostgreSQL, within the Job's own deadline.
+    wait_s = float(args[args.index("--wait") + 1])
+    assert 0 < wait_s < job["spec"]["activeDeadlineSeconds"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
