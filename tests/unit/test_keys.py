@@ -202,3 +202,11 @@ def test_database_password_comes_apart_from_the_url() -> None:
                 "CARGOTRACK_JWT_SECRET": OLD_KEY,
             }
         )
+
+
+def test_a_jwks_without_a_usable_key_is_refused(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    key = jwk("weird", OLD_KEY) | {"alg": "HS1"}
+    jwks.write_text(json.dumps({"keys": [key]}))
+    with pytest.raises(ValueError, match="unusable JWKS"):
+        KeyRing(AuthSettings(jwks_file=str(jwks)))
