@@ -116,6 +116,10 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm="HS256", headers=headers)
 
 
+#: Signature algorithms a JWKS key may have ("none" and anything unknown are refused).
+JWKS_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+
+
 class KeyRing:
     """The keys that verify bearer tokens, and how a token's key is chosen.
 
@@ -127,10 +131,12 @@ class KeyRing:
       not in the set is refused. Several keys may be present at once, which is how
       keys rotate (docs/guarantees.md, "Keys and rotation").
 
-    The set is loaded once at construction (an unreadable or unusable set, or an
-    HMAC key shorter than MIN_HS256_SECRET_BYTES, raises ValueError: the service
-    does not start) and, after `start()`, reloaded every `jwks_refresh_s` in a
-    worker thread. A reload that fails keeps the previous set and logs why.
+    The set is loaded once at construction (an unreadable file or URL raises
+    OSError or PyJWT's error; an unusable set, a key without kid, an algorithm not
+    in JWKS_ALGORITHMS or an HMAC key shorter than MIN_HS256_SECRET_BYTES raises
+    ValueError: either way the service does not start) and, after `start()`,
+    reloaded every `jwks_refresh_s` in a worker thread. A reload that fails keeps
+    the previous set and logs why.
     `version` grows with every load that changed the set, so caches of verified
     tokens (VerifiedTokens) forget tokens verified with a key since removed.
     `stop()` ends the refresh task; idempotent, safe before `start()`.
@@ -171,6 +177,11 @@ class KeyRing:
         for key in jwks:
             if not key.key_id:
                 raise ValueError("every key of the JWKS needs a kid")
+            if key.algorithm_name not in JWKS_ALGORITHMS:
+                raise ValueError(
+                    f"JWKS key {key.key_id!r}: algorithm {key.algorithm_name!r} is not one of "
+                    f"{', '.join(JWKS_ALGORITHMS)}"
+                )
             if key.algorithm_name.startswith("HS") and len(key.key) < MIN_HS256_SECRET_BYTES:
                 raise ValueError(
                     f"JWKS key {key.key_id!r} is {len(key.key)} bytes; "
@@ -340,7 +351,10 @@ def _check_lifetime(claims: Mapping[str, Any], max_lifetime_s: int) -> None:
 
 
 def verify_token(token: str, settings: AuthSettings) -> Principal:
-    """The principal of a valid token; raises AuthError (with a reason) otherwise."""
+    """The principal of a valid token; raises AuthError (with a reason) otherwise.
+
+    In JWKS mode this loads the key set on every call: servers verify through one
+    VerifiedTokens (and its KeyRing) instead."""
     return _verify(token, settings).principal
 
 

@@ -194,6 +194,42 @@ async def migrate(settings: DatabaseSettings, *, wait_s: float = 0.0) -> list[st
         await connection.close()
 
 
+class SchemaBehind(Exception):
+    """The schema lacks migrations and this role may not apply them."""
+
+
+async def migrate_or_check(settings: DatabaseSettings) -> list[str]:
+    """`migrate`, or, for a role that may not (READ_ONLY_ROLE: tracking-query in
+    Kubernetes), check that no migration is pending.
+
+    Returns the files applied (empty when only checked). Raises SchemaBehind naming
+    the pending migrations when the role may not migrate and the schema is behind:
+    run `cargotrack migrate` (the migration Job) first.
+    """
+    try:
+        return await migrate(settings)
+    except asyncpg.InsufficientPrivilegeError as error:
+        refused = error
+    connection = await asyncpg.connect(settings.url)
+    try:
+        try:
+            rows = await connection.fetch(
+                f'SELECT version FROM "{settings.schema}".schema_migrations'
+            )
+        except asyncpg.PostgresError:
+            rows = []
+    finally:
+        await connection.close()
+    done = {row["version"] for row in rows}
+    pending = [name for version, name, _sql in migrations() if version not in done]
+    if pending:
+        raise SchemaBehind(
+            f"schema {settings.schema!r} lacks migrations {', '.join(pending)} and this "
+            f"role may not apply them ({refused}); run `cargotrack migrate` first"
+        ) from refused
+    return []
+
+
 def as_columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows transposed into one list per column.
 

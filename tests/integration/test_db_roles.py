@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from shared.config import DatabaseSettings, with_password
-from shared.db import READ_ONLY_ROLE, migrate
+from shared.db import READ_ONLY_ROLE, SchemaBehind, migrate, migrate_or_check
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,10 +22,12 @@ def as_role(database_url: str, role: str) -> str:
     return with_password(urlunsplit(parts._replace(netloc=f"{role}@{host}")), PASSWORD)
 
 
-async def test_query_role_reads_and_cannot_write(database_url: str, pg_schema: str) -> None:
+@pytest.fixture
+async def query_role(database_url: str) -> str:
+    """The read-only role, created as CloudNativePG's managed roles would create it
+    (k8s/base/postgres/cluster.yaml); roles are cluster-wide, so it may exist."""
     owner = await asyncpg.connect(database_url)
     try:
-        # As CloudNativePG's managed roles would (k8s/base/postgres/cluster.yaml).
         await owner.execute(
             f"""DO $$ BEGIN
                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{READ_ONLY_ROLE}') THEN
@@ -35,6 +37,12 @@ async def test_query_role_reads_and_cannot_write(database_url: str, pg_schema: s
         )
     finally:
         await owner.close()
+    return READ_ONLY_ROLE
+
+
+async def test_query_role_reads_and_cannot_write(
+    database_url: str, pg_schema: str, query_role: str
+) -> None:
     await migrate(DatabaseSettings(url=database_url, schema=pg_schema))
 
     reader = await asyncpg.connect(
@@ -51,3 +59,20 @@ async def test_query_role_reads_and_cannot_write(database_url: str, pg_schema: s
             await reader.execute("CREATE TABLE intruder (id int)")
     finally:
         await reader.close()
+
+    # tracking-query starts as this role: it only checks the schema is up to date.
+    as_query = DatabaseSettings(url=as_role(database_url, READ_ONLY_ROLE), schema=pg_schema)
+    assert await migrate_or_check(as_query) == []
+
+
+async def test_query_role_refuses_a_schema_behind(
+    database_url: str, pg_schema: str, query_role: str
+) -> None:
+    owner = await asyncpg.connect(database_url)
+    try:
+        await owner.execute(f'GRANT USAGE ON SCHEMA "{pg_schema}" TO {READ_ONLY_ROLE}')
+    finally:
+        await owner.close()
+    as_query = DatabaseSettings(url=as_role(database_url, READ_ONLY_ROLE), schema=pg_schema)
+    with pytest.raises(SchemaBehind, match="run `cargotrack migrate` first"):
+        await migrate_or_check(as_query)

@@ -13,6 +13,7 @@ import pytest
 
 from shared.auth import AuthError, KeyRing, Role, VerifiedTokens, mint_token, verify_token
 from shared.config import DEV_JWT_SECRET, AuthSettings, ConfigError, load_settings
+from shared.rpc import server_options
 
 OLD_KEY = "old-signing-key-" + "a" * 32
 NEW_KEY = "new-signing-key-" + "b" * 32
@@ -202,3 +203,34 @@ def test_database_password_comes_apart_from_the_url() -> None:
                 "CARGOTRACK_JWT_SECRET": OLD_KEY,
             }
         )
+
+
+def test_a_jwks_without_a_usable_key_is_refused(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    key = jwk("weird", OLD_KEY) | {"alg": "HS1"}
+    jwks.write_text(json.dumps({"keys": [key]}))
+    with pytest.raises(ValueError, match="unusable JWKS"):
+        KeyRing(AuthSettings(jwks_file=str(jwks)))
+
+
+def test_server_options_carry_every_limit() -> None:
+    settings = load_settings(
+        BASE
+        | {
+            "CARGOTRACK_JWT_SECRET": OLD_KEY,
+            "CARGOTRACK_GRPC_MAX_CONCURRENT_STREAMS": "7",
+            "CARGOTRACK_GRPC_KEEPALIVE_TIME_S": "30",
+            "CARGOTRACK_GRPC_KEEPALIVE_TIMEOUT_S": "5",
+            "CARGOTRACK_GRPC_MIN_PING_INTERVAL_S": "15",
+            "CARGOTRACK_GRPC_MAX_CONNECTION_AGE_S": "600",
+            "CARGOTRACK_GRPC_MAX_CONNECTION_AGE_GRACE_S": "45",
+        }
+    )
+    options = dict(server_options(settings.grpc))
+    assert options["grpc.max_concurrent_streams"] == 7
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    assert options["grpc.keepalive_timeout_ms"] == 5_000
+    assert options["grpc.keepalive_permit_without_calls"] == 1
+    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == 15_000
+    assert options["grpc.max_connection_age_ms"] == 600_000
+    assert options["grpc.max_connection_age_grace_ms"] == 45_000
