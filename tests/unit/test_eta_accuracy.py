@@ -145,3 +145,38 @@ def test_geofence_arrival_is_the_entry_of_a_confirmed_stay() -> None:
     assert geofence_arrival(destination, approach) is None
     drive_by = [at(90, 80), at(100, -400), at(110, -900)]
     assert geofence_arrival(destination, approach + drive_by) is None
+
+
+def test_eta_report_options_and_configuration(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.eta_report import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--since", "2026-12-02", "--until", "2026-12-01"])
+    assert stop.value.code == 2
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert main([]) == 2
+    assert "DATABASE_URL is not set" in capsys.readouterr().err
+
+
+def test_eta_report_rows_and_trend() -> None:
+    from shared.eta_report import build_report, format_report
+    from shared.readmodel.eta_scores import StoredError
+
+    until = T0 + timedelta(days=30)
+    errors = [
+        StoredError("acme", "5m", until - timedelta(days=1), 60.0),
+        StoredError("acme", "5m", until - timedelta(days=2), -180.0),
+        StoredError("acme", "5m", until - timedelta(days=10), 600.0),
+        StoredError("beta", "50%", until - timedelta(days=3), 30.0),
+    ]
+    rows = build_report(errors, until - timedelta(days=7), until)
+    assert [(r.tenant_id, r.horizon) for r in rows] == [("acme", "5m"), ("beta", "50%")]
+    acme = rows[0]
+    assert acme.summary is not None
+    assert (acme.summary.count, acme.summary.mae_s, acme.summary.bias_s) == (2, 120.0, -60.0)
+    assert (acme.mae_this_week_s, acme.mae_week_before_s) == (120.0, 600.0)
+    text = format_report(rows, until - timedelta(days=7), until)
+    assert text.splitlines()[2].endswith("better (-8.00)")
+    assert text.splitlines()[3].endswith("-")  # beta has no week before
