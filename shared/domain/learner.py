@@ -9,10 +9,15 @@ Determinism (a rebuild from the log gives the same model, to the bit):
 
 * Points wait in a *pending* buffer until the tenant's clock (the newest event time
   seen) has passed them by ``settle_s``; then they are learned in one canonical order:
-  by (time, vehicle, lat, lon), duplicates dropped. A point that arrives after the
-  tenant's clock has already passed it by ``settle_s`` is *late*: it is counted and
-  not learned. So the state depends only on the set of points folded, never on how
-  they were cut into batches or ordered within them, provided no point is late.
+  by (time, vehicle, lat, lon), duplicates dropped. A point older than the last fix
+  its vehicle already learned is *late*: it is counted and not learned. So the state
+  depends only on the set of points folded, never on how they were cut into batches
+  or ordered within them, provided every point arrives before its tenant's clock has
+  passed it by ``settle_s``. A point that arrives later (say a partition that lags
+  the others during a replay) is still learned, in its vehicle's time order, but
+  after points of other vehicles that are newer: the sums then differ from the
+  canonical order's in their rounding (relative 1e-15 per addition), and a version
+  cut meanwhile may miss it.
 * Decay is by event time, never the wall clock: a pair learned at time ``t`` has
   weight ``2 ** ((t - T) / half_life_s)`` when the model is built at time ``T``. The
   sums are kept relative to an anchor that moves by whole half-lives, so rescaling
@@ -172,12 +177,13 @@ def fold(
     if not fresh and not state.pending:
         return state, None
     clock = state.clock
-    watermark = -math.inf if clock is None else clock - params.settle_s
     late = 0
     pending = list(state.pending)
+    trails = state.trails
     for vehicle, fix in fresh:
-        if fix.t <= watermark:
-            late += 1
+        trail = trails.get(vehicle)
+        if trail is not None and fix.t <= trail.t:
+            late += 1  # older than what its vehicle already learned
             continue
         pending.append((fix.t, vehicle, fix.lat, fix.lon))
         if clock is None or fix.t > clock:
@@ -248,7 +254,8 @@ class _Work:
         if self.learned_from is None:
             self.learned_from = t
             self.anchor = math.floor(t / self.params.half_life_s) * self.params.half_life_s
-        self.learned_until = t
+        if self.learned_until is None or t > self.learned_until:
+            self.learned_until = t
         self.points += 1
         trail = self.trails.get(vehicle)
         if trail is None:
