@@ -209,8 +209,9 @@ LEARNER_POINTS = Counter(
 )
 LEARNER_MODEL_VERSION = Gauge(
     "cargotrack_learner_model_version",
-    "Newest model version the learner stored (or the projector loaded), per tenant",
-    ["tenant", "role"],
+    "Newest model version (event time, epoch s) the learner stored or the projector"
+    " loaded, over all tenants",
+    ["role"],
 )
 ALERTS_PUBLISHED = Counter(
     "cargotrack_alerts_published",

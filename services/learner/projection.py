@@ -96,8 +96,9 @@ class LearnerProjection:
         self.states.update(self._staged)
         self.versions.update(self._staged_versions)
         for tenant, version in self._staged_versions.items():
-            metrics.LEARNER_MODEL_VERSION.labels(tenant, "learner").set(version)
             log.info("tenant %s: model version %d stored", tenant, version)
+        if self.versions:
+            metrics.LEARNER_MODEL_VERSION.labels("learner").set(max(self.versions.values()))
         self._staged, self._staged_versions = {}, {}
 
     def forget(self) -> None:

@@ -100,7 +100,6 @@ class ModelStore:
                     continue  # deleted meanwhile: the next poll finds the newer one
                 speeds = await asyncio.to_thread(decode_speeds, stored.payload)
                 tenants[tenant] = LoadedModel(version, EtaModel(speeds, self.params))
-                metrics.LEARNER_MODEL_VERSION.labels(tenant, "projector").set(version)
                 log.info("tenant %s: model version %d loaded", tenant, version)
             if loop.time() - self._fallback_at >= FALLBACK_EVERY_S:
                 self._fallback_at = loop.time()
@@ -114,5 +113,8 @@ class ModelStore:
             if tenant not in tenants or tenants[tenant].version == 0:
                 tenants[tenant] = fallback
         self.current = ModelSet(self.current.default, MappingProxyType(tenants))
+        if tenants:
+            newest_loaded = max(m.version for m in tenants.values())
+            metrics.LEARNER_MODEL_VERSION.labels("projector").set(newest_loaded)
         self.loaded_event.set()
         return self.current
