@@ -74,6 +74,7 @@ SERVICES: dict[str, ServiceSpec] = {
         ServiceSpec("tracking-query", "services.tracking_query.app", 50054, "shipment queries"),
         ServiceSpec("dispatch", "services.dispatch.app", 50055, "delay alert subscriptions"),
         ServiceSpec("projector", "services.projector.app", 50056, "folds the streams into state"),
+        ServiceSpec("learner", "services.learner.app", 50057, "learns speeds, publishes models"),
     )
 }
 

@@ -57,6 +57,7 @@ from shared.pb import (
     tracking_pb2_grpc,
 )
 from shared.readmodel import eta_scores
+from shared.readmodel import model_snapshots
 
 __all__ = ["AlertFeed", "DevMonitor", "Snapshot", "render", "summary_line"]
 
@@ -245,6 +246,10 @@ class Snapshot:
     #: Supervised processes (empty without a supervisor) and its latest reports.
     processes: list[UnitStatus] = field(default_factory=list)
     process_events: list[str] = field(default_factory=list)
+    #: The speed learner: records of gps-points it has not learned yet, and the
+    #: tenant's newest model version (event time, epoch s; 0: none yet).
+    learner_lag: int | None = None
+    model_version: int | None = None
 
     @property
     def shipments(self) -> int | None:
@@ -328,6 +333,7 @@ class DevMonitor(Lifecycle):
             gps_records = sum(
                 end for tp, end in ends.items() if tp.topic == self.settings.topics.gps_points
             )
+        learner_lag, model_version = await self._learner(problems, ends)
         feed = self.feed
         return Snapshot(
             elapsed_s=time.monotonic() - self.started_at,
@@ -348,7 +354,36 @@ class DevMonitor(Lifecycle):
             eta_accuracy=self._eta_accuracy,
             processes=self.supervisor.statuses() if self.supervisor else [],
             process_events=list(self.supervisor.recent) if self.supervisor else [],
+            learner_lag=learner_lag,
+            model_version=model_version,
         )
+
+    async def _learner(
+        self, problems: list[str], ends: dict[TopicPartition, int] | None
+    ) -> tuple[int | None, int | None]:
+        """The learner's lag on gps-points and the tenant's newest model version."""
+        if self._connection is None or self._connection.is_closed():
+            return None, None
+        try:
+            async with asyncio.timeout(5):
+                rows = await self._connection.fetch(
+                    "SELECT topic, partition, last_offset FROM projection_offsets"
+                    " WHERE projection = 'learner'"
+                )
+                versions = await model_snapshots.latest_versions(self._connection)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            problems.append(f"learner: {error!r}")
+            return None, None
+        stored = {TopicPartition(r["topic"], r["partition"]): r["last_offset"] for r in rows}
+        lag = None
+        if ends is not None:
+            gps = self.settings.topics.gps_points
+            lag = sum(
+                max(0, end - (stored.get(tp, -1) + 1))
+                for tp, end in ends.items()
+                if tp.topic == gps
+            )
+        return lag, versions.get(self.tenant, 0)
 
     async def _database(
         self, problems: list[str]
@@ -503,6 +538,8 @@ def summary_line(snapshot: Snapshot) -> str:
         down = [p.name for p in snapshot.processes if p.state != "running"]
         if down:
             parts.append(f"down={','.join(down)}")
+    parts.append(f"learner_lag={_unknown(snapshot.learner_lag)}")
+    parts.append(f"model_version={_unknown(snapshot.model_version)}")
     sim = snapshot.simulator
     if sim is not None:
         parts += [
@@ -584,6 +621,16 @@ def render(snapshot: Snapshot, width: int = WIDE) -> RenderableType:
     footer.append(" records")
     if snapshot.eta_accuracy:
         footer.append(f"\n{snapshot.eta_accuracy}")
+    footer.append("\nlearner: lag ")
+    footer.append(_unknown(snapshot.learner_lag), style="bold")
+    footer.append(" records · ETA model version ")
+    version = snapshot.model_version
+    footer.append(
+        "?" if version is None
+        else "none yet (fleet average)" if version == 0
+        else f"{version} (learned up to {datetime.fromtimestamp(version, UTC):%H:%M:%S} UTC)",
+        style="bold",
+    )  # fmt: skip
     sim = snapshot.simulator
     if sim is not None:
         footer.append(

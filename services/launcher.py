@@ -30,7 +30,7 @@ the taken port (or the locked directory), and never touches the first one's stat
 Ports: Kafka, its controller and PostgreSQL move with CARGOTRACK_KAFKA_PORT,
 CARGOTRACK_KAFKA_CONTROLLER_PORT and CARGOTRACK_POSTGRES_PORT
 (shared/devstack/ports.py); the services listen on CARGOTRACK_DEV_PORT_BASE (default
-50051) and the five ports after it, in the order of services.cli.SERVICES.
+50051) and the six ports after it, in the order of services.cli.SERVICES.
 
 State (Kafka log, PostgreSQL data, service logs) lives in CARGOTRACK_STATE_DIR
 (default ./.cargotrack) and is reused by the next run; `--reset` starts afresh.
@@ -315,6 +315,10 @@ def service_env(stack: LocalStack, base: Mapping[str, str], port: int) -> dict[s
         "CARGOTRACK_TOPIC_PARTITIONS": base.get("CARGOTRACK_TOPIC_PARTITIONS", "3"),
         "CARGOTRACK_LOG_FORMAT": "json",
         "CARGOTRACK_SHUTDOWN_GRACE_S": "5",
+        # A new model version every simulated minute, so the view shows it advance.
+        "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": base.get(
+            "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", "60"
+        ),
     }
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 T = TypeVar("T")
 
@@ -198,6 +199,24 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class LearnerSettings:
+    """The speed learner (services/learner) and how the projector picks up its models."""
+
+    #: Event time after which a learned pair's weight has halved.
+    half_life_days: float = 14.0
+    #: Most grid cells learned per tenant (see shared/domain/learner.py for eviction).
+    max_cells: int = 50_000
+    #: Event time between two model versions.
+    snapshot_every_s: float = 600.0
+    #: Model versions kept per tenant (older ones are deleted when a new one is stored).
+    keep_versions: int = 10
+    #: The time zone hours of week are counted in.
+    timezone: str = "UTC"
+    #: How often the projector looks for new model versions.
+    model_poll_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings
     database: DatabaseSettings
@@ -205,6 +224,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    learner: LearnerSettings = field(default_factory=LearnerSettings)
     metrics_port: int = 0
     log_format: str = "json"
     log_level: str = "INFO"
@@ -456,6 +476,20 @@ def load_settings(
             f" 0 < at-risk ({alerts.at_risk_probability}) <= late"
             f" ({alerts.late_probability}) <= 1"
         )
+    learner = LearnerSettings(
+        half_life_days=env.number("CARGOTRACK_LEARNER_HALF_LIFE_DAYS", 14.0, minimum=0.001),
+        max_cells=env.integer("CARGOTRACK_LEARNER_MAX_CELLS", 50_000, minimum=1),
+        snapshot_every_s=env.number("CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", 600.0, minimum=1.0),
+        keep_versions=env.integer("CARGOTRACK_LEARNER_KEEP_VERSIONS", 10, minimum=2),
+        timezone=env.text("CARGOTRACK_LEARNER_TIMEZONE", "UTC"),
+        model_poll_s=env.number("CARGOTRACK_MODEL_POLL_S", 5.0, minimum=0.1),
+    )
+    try:
+        ZoneInfo(learner.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        env.errors.append(
+            f"CARGOTRACK_LEARNER_TIMEZONE={learner.timezone!r}: expected an IANA time zone"
+        )
     settings = Settings(
         kafka=kafka,
         database=database,
@@ -463,6 +497,7 @@ def load_settings(
         auth=auth,
         grpc=grpc_settings,
         alerts=alerts,
+        learner=learner,
         metrics_port=env.integer("CARGOTRACK_METRICS_PORT", 0, minimum=0),
         log_format=env.choice("CARGOTRACK_LOG_FORMAT", "json", ("json", "console")),
         log_level=env.choice("CARGOTRACK_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -38,6 +38,7 @@ fewer than two fixes by the 25 % mark, or have no usable planned route.
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
 import json
 import math
@@ -51,12 +52,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
+from shared.domain import learner
 from shared.domain.eta import EtaModel, EtaParams
 from shared.domain.geo import Fix, Route, clean_track, haversine_m
-from shared.domain.speeds import SpeedParams, learn_speeds
+from shared.domain.learner import LearnerParams, LearnerState
+from shared.domain.speeds import SpeedParams
 
 CHECKPOINTS = (0.25, 0.50, 0.75)
-METHODS = ("model", "straight line", "route @ last speed")
+METHODS = (
+    "live",
+    "previous live",
+    "route @ fleet average",
+    "straight line",
+    "route @ current speed",
+)
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "trajectories"
 
 TERMINAL_RADIUS_M = 50.0
@@ -228,6 +237,8 @@ class DatasetReport:
     interval_hits: list[int]
     model_route_share: float
     seconds: float
+    #: Model versions the learner published while replaying the dataset.
+    versions: int = 0
 
     def table_rows(self) -> list[tuple[str, str, int, list[float]]]:
         return [(self.name, m, self.trips_scored, self.scores[m].mae()) for m in METHODS]
@@ -251,6 +262,7 @@ class DatasetReport:
                 zip(_labels(), [h / n for h in self.interval_hits], strict=True)
             ),
             "model_route_share": self.model_route_share,
+            "model_versions": self.versions,
             "seconds": self.seconds,
         }
 
@@ -305,6 +317,73 @@ def _split(trips: list[Trip], learn_fraction: float) -> tuple[list[Trip], list[T
     return trips[:n_learn], trips[n_learn:]
 
 
+#: Event time between two model versions in the evaluation. Production cuts one every
+#: 10 min (CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S); building each costs about a second on
+#: Austin, so the evaluation uses hourly versions: its models are up to an hour older
+#: than production's would be (a handicap, never a leak).
+EVAL_SNAPSHOT_EVERY_S = 3600.0
+
+
+def live_learner_params(timezone: str) -> LearnerParams:
+    """The learner parameters the evaluation uses for a dataset in ``timezone``: the
+    production defaults, with hourly versions."""
+    return LearnerParams(
+        speeds=SpeedParams(timezone=timezone), snapshot_every_s=EVAL_SNAPSHOT_EVERY_S
+    )
+
+
+@dataclass(slots=True)
+class OnlineModels:
+    """The models the projector would have had loaded at each instant.
+
+    Every record of the dataset (all trips' raw fixes, keyed by vehicle) is folded by
+    :func:`shared.domain.learner.fold` in event-time order, ``snapshot_every_s`` of
+    event time per fold, as the learner service would receive it. A snapshot cut by
+    the fold ending at ``T`` is available from ``T`` on (it learned only points before
+    its version, which is at most ``T``), and is read back through the same payload
+    codec the projector loads it with.
+    """
+
+    available_at: list[float]
+    models: list[tuple[int, EtaModel]]
+
+    def at(self, t: float) -> tuple[int, EtaModel] | None:
+        """The newest model published at or before ``t`` (None: none yet)."""
+        i = bisect.bisect_right(self.available_at, t)
+        return self.models[i - 1] if i else None
+
+
+def learn_online(
+    points: Sequence[tuple[str, Fix]],
+    params: LearnerParams,
+    eta_params: EtaParams | None = None,
+    until: float = math.inf,
+) -> OnlineModels:
+    """Fold ``points`` (vehicle id, fix) before ``until`` as the learner would."""
+    ordered = sorted((p for p in points if p[1].t < until), key=lambda p: p[1].t)
+    state = LearnerState()
+    every = params.snapshot_every_s
+    out = OnlineModels([], [])
+    i = 0
+    while i < len(ordered):
+        end = (math.floor(ordered[i][1].t / every) + 1) * every
+        j = bisect.bisect_left(ordered, end, lo=i, key=lambda p: p[1].t)
+        state, snapshot = learner.fold(state, ordered[i:j], params)
+        i = j
+        if snapshot is None and not any(v for v, _ in out.models):
+            # No version yet: the projector's fallback, the fleet's average speed.
+            fallback = learner.fleet_average(state, params)
+            if fallback is not None:
+                out.available_at.append(end)
+                out.models.append((0, EtaModel(fallback, eta_params)))
+        if snapshot is not None:
+            # What the projector loads: EtaModel(decode_speeds(payload)), where
+            # decode_speeds(encode_speeds(s)) == s (tests/unit/test_learner.py).
+            out.available_at.append(end)
+            out.models.append((snapshot.version, EtaModel(snapshot.speeds, eta_params)))
+    return out
+
+
 def evaluate_dataset(
     ds: Dataset,
     path: Path,
@@ -312,12 +391,14 @@ def evaluate_dataset(
     params: EtaParams | None = None,
     *,
     validate: bool = False,
+    learner_params: LearnerParams | None = None,
 ) -> DatasetReport:
     """Learn, replay and score one dataset file (see the module docstring).
 
     With ``validate`` the scored trips are dropped first and the learning trips are
     split again by ``learn_fraction``: a validation set for choosing parameters that
-    never looks at the trips the reported table is scored on.
+    never looks at the trips the reported table is scored on (nor at any fix taken
+    after the first of them started).
     """
     started = time.perf_counter()
     raw = [t for t in ds.loader(path) if t.fixes]
@@ -327,15 +408,15 @@ def evaluate_dataset(
         key=lambda t: (t.start, t.trip_id),
     )
     learning, scored = _split(trips, learn_fraction)
+    horizon = math.inf
     if validate:
+        horizon = scored[0].start if scored else math.inf
         trips = learning
         learning, scored = _split(trips, learn_fraction)
-    split_t = scored[0].start if scored else math.inf
-    speeds = learn_speeds(
-        ([f for f in t.fixes if f.t < split_t] for t in learning),
-        SpeedParams(timezone=ds.timezone),
-    )
-    eta = EtaModel(speeds, params)
+    lp = learner_params or live_learner_params(ds.timezone)
+    points = [(t.trip_id.split("/")[0], f) for t in raw for f in t.fixes]
+    online = learn_online(points, lp, params, until=horizon)
+    previous_model = EtaModel(None, params)
     candidates: dict[str, list[tuple[Trip, Route]]] = defaultdict(list)
     for t in learning:
         if len(t.fixes) >= MIN_FIXES:
@@ -348,7 +429,7 @@ def evaluate_dataset(
     scores = {m: MethodScore() for m in METHODS}
     hits = [0 for _ in CHECKPOINTS]
     route_used = total_estimates = n_scored = 0
-    v_global = speeds.global_speed_mps
+    fleet_speeds: list[float] = []
     for trip in scored:
         reason = _eligible(trip, data_end)
         fixes = trip.fixes
@@ -364,6 +445,8 @@ def evaluate_dataset(
             route = _route_for(trip, candidates[trip.route_key])
             if route is None:
                 reason = "no planned route from another trip"
+        if reason is None and online.at(trip.start) is None:
+            reason = "no model published yet"
         if reason is not None or route is None:
             skipped[reason or "?"] += 1
             continue
@@ -376,24 +459,33 @@ def evaluate_dataset(
             now = fixes[0].at + timedelta(seconds=frac * dur)
             seen = [f for f in fixes if f.t <= t_now]
             last = seen[-1]
-            est = eta.estimate(now=now, destination=dest, positions=seen, route=route)
+            loaded = online.at(t_now)
+            assert loaded is not None
+            _, live = loaded
+            est = live.estimate(now=now, destination=dest, positions=seen, route=route)
             assert est is not None
             total_estimates += 1
             route_used += est.method == "route"
-            predicted = est.arrival.timestamp()
             hits[k] += est.earliest.timestamp() <= actual <= est.latest.timestamp()
-            scores["model"].add(k, predicted, actual)
+            scores["live"].add(k, est.arrival.timestamp(), actual)
+
+            old = previous_model.estimate(now=now, destination=dest, positions=seen, route=route)
+            assert old is not None
+            scores["previous live"].add(k, old.arrival.timestamp(), actual)
+
+            # The fleet's average: the space-mean speed the same snapshot learned.
+            v_fleet = live.speeds.global_speed_mps
+            fleet_speeds.append(v_fleet)
+            rem = max(0.0, dest_along - route.project(last.lat, last.lon).distance_along_m)
+            scores["route @ fleet average"].add(k, max(t_now, last.t + rem / v_fleet), actual)
 
             gc = haversine_m(last.lat, last.lon, *dest)
-            p1 = max(t_now, last.t + gc / v_global)
-            scores["straight line"].add(k, p1, actual)
+            scores["straight line"].add(k, max(t_now, last.t + gc / v_fleet), actual)
 
             prev = seen[-2]
             v = haversine_m(prev.lat, prev.lon, last.lat, last.lon) / max(last.t - prev.t, 1.0)
             v = min(max(v, BASELINE_SPEED_RANGE[0]), BASELINE_SPEED_RANGE[1])
-            rem = max(0.0, dest_along - route.project(last.lat, last.lon).distance_along_m)
-            p2 = max(t_now, last.t + rem / v)
-            scores["route @ last speed"].add(k, p2, actual)
+            scores["route @ current speed"].add(k, max(t_now, last.t + rem / v), actual)
 
     return DatasetReport(
         name=ds.name,
@@ -401,11 +493,12 @@ def evaluate_dataset(
         trips_learning=len(learning),
         trips_scored=n_scored,
         skipped=dict(sorted(skipped.items())),
-        global_speed_mps=v_global,
+        global_speed_mps=statistics.fmean(fleet_speeds) if fleet_speeds else math.nan,
         scores=scores,
         interval_hits=hits,
         model_route_share=route_used / total_estimates if total_estimates else math.nan,
         seconds=time.perf_counter() - started,
+        versions=len(online.models),
     )
 
 
@@ -428,8 +521,8 @@ def format_table(reports: Sequence[DatasetReport]) -> str:
         skipped = ", ".join(f"{k}: {v}" for k, v in r.skipped.items()) or "none"
         lines.append(
             f"{r.name}: {r.trips_total} trips, {r.trips_learning} learning, "
-            f"{r.trips_scored} scored; straight line at the learned global mean "
-            f"{r.global_speed_mps:.2f} m/s; model used the route in "
+            f"{r.trips_scored} scored; {r.versions} model versions published; fleet average "
+            f"{r.global_speed_mps:.2f} m/s (mean over estimates); live model used the route in "
             f"{r.model_route_share:.0%} of estimates; model interval coverage {cov}; "
             f"skipped {skipped}; {r.seconds:.1f} s"
         )

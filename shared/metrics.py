@@ -202,6 +202,17 @@ PROJECTOR_LAG = Gauge(
 
 # --- alerts and ETA (services.projector) -------------------------------------------------
 
+LEARNER_POINTS = Counter(
+    "cargotrack_learner_points_total",
+    "GPS points the speed learner received, by outcome (learned, late)",
+    ["outcome"],
+)
+LEARNER_MODEL_VERSION = Gauge(
+    "cargotrack_learner_model_version",
+    "Newest model version (event time, epoch s) the learner stored or the projector"
+    " loaded, over all tenants",
+    ["role"],
+)
 ALERTS_PUBLISHED = Counter(
     "cargotrack_alerts_published",
     "Alerts the outbox relay published to the alerts topic, by kind.",

@@ -283,6 +283,7 @@ def eta_message(data: dict[str, Any]) -> common_pb2.Eta:
         confidence=data.get("confidence", 0.0),
         method=data.get("method", 0),
         remaining_m=data.get("remaining_m", 0.0),
+        model_version=data.get("model_version", 0),
     )
     for name in ("estimated_arrival", "earliest", "latest", "computed_at"):
         if data.get(name):

@@ -55,6 +55,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
+from services.projector.models import LoadedModel, ModelSet, ModelStore
 from shared import metrics, statecodec
 from shared import tracking_store as store
 from shared.config import AlertSettings
@@ -125,9 +126,11 @@ class PendingAlert:
     detected_at: datetime | None = None
 
 
-def eta_json(estimate: EtaEstimate, now: datetime) -> dict[str, Any]:
-    """The API-facing ETA (see tracking_store.eta_message) plus the model's full estimate."""
+def eta_json(estimate: EtaEstimate, now: datetime, model_version: int = 0) -> dict[str, Any]:
+    """The API-facing ETA (see tracking_store.eta_message) plus the model's full estimate
+    and the version of the speed model that produced it (0: no learned version)."""
     return {
+        "model_version": model_version,
         "estimated_arrival": estimate.arrival.isoformat(),
         "earliest": estimate.earliest.isoformat(),
         "latest": estimate.latest.isoformat(),
@@ -351,11 +354,16 @@ class LiveTracker:
         model: EtaModel | None = None,
         *,
         observe_every_s: float = OBSERVE_EVERY_S,
+        models: ModelStore | None = None,
     ) -> None:
         if observe_every_s < 0:
             raise ValueError("observe_every_s must be >= 0")
         self.settings = settings
         self.model = model or EtaModel()
+        #: Where learned models come from (None: always `model`, version 0).
+        self.models = models
+        #: The models of the batch in flight: taken once per batch (see `update`).
+        self.batch_models = ModelSet(LoadedModel(0, self.model))
         self.observe_every = timedelta(seconds=observe_every_s)
         self.margins = DelayMargins(
             late_after_s=settings.late_margin_min * 60,
@@ -402,6 +410,10 @@ class LiveTracker:
         self._staged = {}
         self._arrivals = []
         self._scored = []
+        # One model set per batch: a version loaded meanwhile applies from the next
+        # batch on, so no batch (and no estimate) mixes two versions of a tenant's model.
+        if self.models is not None:
+            self.batch_models = self.models.current
         if new_points is None:
             # Unknown additions: nothing cached can be trusted past this batch.
             self.forget()
@@ -521,6 +533,7 @@ class LiveTracker:
             observed_at = current.observed_at if current else None
             chain = current.observed if current else None
             route = _route_of(shipment)
+            loaded = self.batch_models.of(shipment.tenant_id)
 
             def estimate_at(
                 moment: datetime,
@@ -528,9 +541,10 @@ class LiveTracker:
                 fixes: list[Fix],
                 shipment: ShipmentState = shipment,
                 route: Route | None = route,
+                model: EtaModel = loaded.model,
             ) -> EtaEstimate | None:
                 assert shipment.destination is not None
-                return self.model.estimate(
+                return model.estimate(
                     now=moment,
                     destination=shipment.destination,
                     positions=fixes,
@@ -551,10 +565,10 @@ class LiveTracker:
                 if estimate is None:
                     continue
                 chain = estimate
-                history.append(self._history_row(shipment, estimate, moment))
+                history.append(self._history_row(shipment, estimate, moment, loaded.version))
                 conditions, fired = self._observe(shipment, conditions, estimate)
                 if fired:
-                    basis = eta_json(estimate, moment)
+                    basis = eta_json(estimate, moment, loaded.version)
                     pending.extend(
                         PendingAlert(shipment, d, basis, track.at(moment), moment) for d in fired
                     )
@@ -569,11 +583,11 @@ class LiveTracker:
                 fixes = track.up_to(now, window_s)
                 shown = estimate_at(now, previous, fixes) if fixes else None
                 if shown is not None:
-                    history.append(self._history_row(shipment, shown, now))
+                    history.append(self._history_row(shipment, shown, now, loaded.version))
             eta: dict[str, Any] | None = None
             progress = None
             if shown is not None:
-                eta = eta_json(shown, now)
+                eta = eta_json(shown, now, loaded.version)
                 progress = {
                     "route_length_m": route.length_m if route else 0.0,
                     "travelled_m": shown.distance_along_m or 0.0,
@@ -617,14 +631,15 @@ class LiveTracker:
             latest = {row[:3]: row for row in history}
             await connection.execute(
                 "INSERT INTO eta_history (tenant_id, shipment_id, position_at, computed_at,"
-                " estimated_arrival, remaining_m, method) SELECT * FROM unnest($1::text[],"
-                " $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[],"
-                " $6::float8[], $7::smallint[])"
+                " estimated_arrival, remaining_m, method, model_version) SELECT * FROM"
+                " unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],"
+                " $5::timestamptz[], $6::float8[], $7::smallint[], $8::bigint[])"
                 " ON CONFLICT (tenant_id, shipment_id, position_at) DO UPDATE SET"
                 " computed_at = EXCLUDED.computed_at,"
                 " estimated_arrival = EXCLUDED.estimated_arrival,"
-                " remaining_m = EXCLUDED.remaining_m, method = EXCLUDED.method",
-                *as_columns(list(latest.values()), 7),
+                " remaining_m = EXCLUDED.remaining_m, method = EXCLUDED.method,"
+                " model_version = EXCLUDED.model_version",
+                *as_columns(list(latest.values()), 8),
             )
         return pending
 
@@ -646,8 +661,8 @@ class LiveTracker:
 
     @staticmethod
     def _history_row(
-        shipment: ShipmentState, estimate: EtaEstimate, now: datetime
-    ) -> tuple[str, str, datetime, datetime, datetime, float, int]:
+        shipment: ShipmentState, estimate: EtaEstimate, now: datetime, model_version: int
+    ) -> tuple[str, str, datetime, datetime, datetime, float, int, int]:
         return (
             shipment.tenant_id,
             shipment.shipment_id,
@@ -656,6 +671,7 @@ class LiveTracker:
             estimate.arrival,
             estimate.remaining_m,
             ETA_METHODS[estimate.method],
+            model_version,
         )
 
     def _observe(

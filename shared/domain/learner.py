@@ -9,10 +9,15 @@ Determinism (a rebuild from the log gives the same model, to the bit):
 
 * Points wait in a *pending* buffer until the tenant's clock (the newest event time
   seen) has passed them by ``settle_s``; then they are learned in one canonical order:
-  by (time, vehicle, lat, lon), duplicates dropped. A point that arrives after the
-  tenant's clock has already passed it by ``settle_s`` is *late*: it is counted and
-  not learned. So the state depends only on the set of points folded, never on how
-  they were cut into batches or ordered within them, provided no point is late.
+  by (time, vehicle, lat, lon), duplicates dropped. A point older than the last fix
+  its vehicle already learned is *late*: it is counted and not learned. So the state
+  depends only on the set of points folded, never on how they were cut into batches
+  or ordered within them, provided every point arrives before its tenant's clock has
+  passed it by ``settle_s``. A point that arrives later (say a partition that lags
+  the others during a replay) is still learned, in its vehicle's time order, but
+  after points of other vehicles that are newer: the sums then differ from the
+  canonical order's in their rounding (relative 1e-15 per addition), and a version
+  cut meanwhile may miss it.
 * Decay is by event time, never the wall clock: a pair learned at time ``t`` has
   weight ``2 ** ((t - T) / half_life_s)`` when the model is built at time ``T``. The
   sums are kept relative to an anchor that moves by whole half-lives, so rescaling
@@ -34,7 +39,9 @@ can pair with nothing later.
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -72,9 +79,12 @@ class LearnerParams:
     evict_to: float = 0.9
     #: Event time between two snapshots (version boundaries).
     snapshot_every_s: float = 600.0
+    #: Stationary time learned per stop: a vehicle still for longer is parked or laying
+    #: over, not held up by traffic, and the rest of the stop is not learned.
+    max_stop_s: float = 180.0
 
     def __post_init__(self) -> None:
-        for name in ("half_life_s", "snapshot_every_s"):
+        for name in ("half_life_s", "snapshot_every_s", "max_stop_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"LearnerParams.{name} must be a positive number, got {v!r}")
@@ -111,6 +121,8 @@ class Trail:
     #: A fix implausibly far from the last one, kept until the next fix confirms or
     #: refutes it (the rule of :func:`~shared.domain.geo.clean_track`): (t, lat, lon).
     suspect: tuple[float, float, float] | None = None
+    #: How long the vehicle has been stationary up to ``t``.
+    still_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +177,13 @@ def fold(
     if not fresh and not state.pending:
         return state, None
     clock = state.clock
-    watermark = -math.inf if clock is None else clock - params.settle_s
     late = 0
     pending = list(state.pending)
+    trails = state.trails
     for vehicle, fix in fresh:
-        if fix.t <= watermark:
-            late += 1
+        trail = trails.get(vehicle)
+        if trail is not None and fix.t <= trail.t:
+            late += 1  # older than what its vehicle already learned
             continue
         pending.append((fix.t, vehicle, fix.lat, fix.lon))
         if clock is None or fix.t > clock:
@@ -241,7 +254,8 @@ class _Work:
         if self.learned_from is None:
             self.learned_from = t
             self.anchor = math.floor(t / self.params.half_life_s) * self.params.half_life_s
-        self.learned_until = t
+        if self.learned_until is None or t > self.learned_until:
+            self.learned_until = t
         self.points += 1
         trail = self.trails.get(vehicle)
         if trail is None:
@@ -273,7 +287,12 @@ class _Work:
         w = math.pow(2.0, (tm - self.anchor) / self.params.half_life_s)
         sector = trail.sector
         if d < sp.stationary_m:
-            self._add((trail.lat + lat) / 2, (trail.lon + lon) / 2, sector, how, d * w, dt * w)
+            still = min(dt, max(0.0, self.params.max_stop_s - trail.still_s))
+            if still > 0:
+                mid_lat, mid_lon = (trail.lat + lat) / 2, (trail.lon + lon) / 2
+                self._add(mid_lat, mid_lon, sector, how, d * w, still * w)
+            self.trails[vehicle] = Trail(t, lat, lon, sector, still_s=trail.still_s + dt)
+            return
         else:
             sector = _sector(bearing_deg(trail.lat, trail.lon, lat, lon), sp.sectors)
             n = max(1, math.ceil(d / (sp.cell_m / 2)))
@@ -482,7 +501,15 @@ def state_to_dict(state: LearnerState) -> dict[str, Any]:
             for key, c in sorted(state.cells.items())
         ],
         "trails": [
-            [v, tr.t, tr.lat, tr.lon, tr.sector, list(tr.suspect) if tr.suspect else None]
+            [
+                v,
+                tr.t,
+                tr.lat,
+                tr.lon,
+                tr.sector,
+                list(tr.suspect) if tr.suspect else None,
+                tr.still_s,
+            ]
             for v, tr in sorted(state.trails.items())
         ],
         "pending": [list(p) for p in state.pending],
@@ -522,8 +549,9 @@ def state_from_dict(data: Mapping[str, Any]) -> LearnerState:
                 float(lo),
                 None if s is None else int(s),
                 None if sus is None else (float(sus[0]), float(sus[1]), float(sus[2])),
+                float(still),
             )
-            for v, t, la, lo, s, sus in data["trails"]
+            for v, t, la, lo, s, sus, still in data["trails"]
         },
         pending=tuple((float(t), str(v), float(la), float(lo)) for t, v, la, lo in data["pending"]),
         learned_until=None if data["learned_until"] is None else float(data["learned_until"]),
@@ -532,4 +560,37 @@ def state_from_dict(data: Mapping[str, Any]) -> LearnerState:
         late_points=int(data["late_points"]),
         evicted_cells=int(data["evicted_cells"]),
         version=int(data["version"]),
+    )
+
+
+# -- the model a snapshot carries ----------------------------------------------------------
+
+
+def encode_speeds(speeds: HistoricalSpeeds) -> bytes:
+    """A snapshot's payload: the model's :meth:`HistoricalSpeeds.to_dict`, as compact
+    JSON, zlib-compressed. Deterministic: the same model gives the same bytes."""
+    text = json.dumps(speeds.to_dict(), separators=(",", ":"), sort_keys=True)
+    return zlib.compress(text.encode(), 6)
+
+
+def decode_speeds(payload: bytes) -> HistoricalSpeeds:
+    """Inverse of :func:`encode_speeds`: the very model every reader of a snapshot
+    uses (the projector and ``cargotrack eta-eval``). Raises ``ValueError`` for a
+    payload that is not one."""
+    try:
+        return HistoricalSpeeds.from_dict(json.loads(zlib.decompress(payload)))
+    except (zlib.error, KeyError, TypeError) as error:
+        raise ValueError(f"not a speed model payload: {error!r}") from error
+
+
+def fleet_average(state: LearnerState, params: LearnerParams) -> HistoricalSpeeds | None:
+    """The fallback before a first version: only the tenant's decayed space-mean speed
+    over everything learned (no cells, no hours), as of its clock; None before any pair
+    was learned."""
+    if state.total[0] <= 0 or state.clock is None:
+        return None
+    full = build_speeds(params.speeds, params.half_life_s, state.anchor, state.clock,
+                        state.total, {}, {})  # fmt: skip
+    return HistoricalSpeeds(
+        params.speeds, full.global_pace, {}, {}, {}, {}, full.observed_m, full.observed_s
     )

@@ -1,1 +1,1 @@
-"""Read models kept by the projector beside the tracking tables: one module per table."""
+"""One module per table: each table's SQL beside its typed row (DESIGN.md, read model)."""

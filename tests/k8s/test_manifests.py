@@ -32,8 +32,9 @@ SERVICES = {
     "tracking-query": 50054,
     "dispatch": 50055,
     "projector": 50056,
+    "learner": 50057,
 }
-GRPC_SERVICES = [name for name in SERVICES if name != "projector"]
+GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner")]
 METRICS_PORT = 9090
 TOPIC_RETENTION_MS = {
     "cargotrack.gps-points": 7 * 24 * 3600 * 1000,
@@ -352,7 +353,12 @@ def test_migration_job_runs_migrate(overlay: list[Resource]) -> None:
 
 def test_prod_is_highly_available(rendered: dict[str, list[Resource]]) -> None:
     prod = rendered["prod"]
-    assert {d["spec"]["replicas"] for d in of_kind(prod, "Deployment").values()} == {3}
+    deployments = of_kind(prod, "Deployment")
+    # The learner is a single writer of each tenant's state (k8s/base/services/learner.yaml).
+    learner = deployments.pop("learner")
+    assert learner["spec"]["replicas"] == 1
+    assert learner["spec"]["strategy"]["type"] == "Recreate"
+    assert {d["spec"]["replicas"] for d in deployments.values()} == {3}
     for pdb in of_kind(prod, "PodDisruptionBudget").values():
         assert pdb["spec"]["minAvailable"] == 2
         assert "maxUnavailable" not in pdb["spec"]

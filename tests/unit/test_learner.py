@@ -64,7 +64,7 @@ def _fold_all(
 
 def test_without_decay_it_learns_what_speed_learner_learns() -> None:
     points = _fleet(1)
-    params = LearnerParams(half_life_s=1e15, settle_s=0.0)
+    params = LearnerParams(half_life_s=1e15, settle_s=0.0, max_stop_s=1e9)
     state, _ = fold(LearnerState(), points, params)
     streamed = build(state, params)
     by_vehicle: dict[str, list[Fix]] = {}
