@@ -73,8 +73,9 @@ $(GRPCURL):
 # first time; afterwards the binary in the tools cache is reused.
 $(PROMTOOL):
 	mkdir -p $(TOOLS)/bin
-	cd "$$(go mod download -json github.com/prometheus/prometheus@$(PROMETHEUS_MODULE_VERSION) \
-	       | $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')" \
+	source=$$(go mod download -json github.com/prometheus/prometheus@$(PROMETHEUS_MODULE_VERSION) \
+	          | $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["Dir"])') \
+	  && cd "$$source" \
 	  && GOWORK=off GOFLAGS=-mod=readonly go build -trimpath -o $(PROMTOOL) ./cmd/promtool
 
 clean:
