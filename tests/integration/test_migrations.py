@@ -11,7 +11,8 @@ migrated schema. So, against the session's real PostgreSQL:
    query service's SQL), and today's code reads the same data.
 
 "The previous release" is the commit scripts/check-breaking compares the contracts
-with: the newest `v*` tag, else the merge base with main, else HEAD's first parent.
+with: CARGOTRACK_BUF_AGAINST if set, else the newest `v*` tag, else the merge base with
+main, else HEAD's first parent.
 Without one (a shallow clone, a first commit) the test fails, never skips.
 """
 
@@ -53,7 +54,7 @@ def previous_release(into: Path) -> tuple[str, str, Path]:
     """(commit, why, directory holding that commit's shared/ and services/)."""
     script = _check_breaking()
     try:
-        commit, why = script.choose_reference(os.environ.get("CARGOTRACK_PREVIOUS_RELEASE"))
+        commit, why = script.choose_reference(os.environ.get("CARGOTRACK_BUF_AGAINST"))
     except script.Impossible as error:
         pytest.fail(f"no previous release to test migrations against: {error}", pytrace=False)
     archive = subprocess.run(
