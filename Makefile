@@ -1,7 +1,7 @@
 # The two commands of the README: `make up` runs the suite, `make test` the tests.
 # Both set up everything they need on a fresh machine (virtualenv, pinned
-# packages, Kafka jars; `make test` also buf, grpcurl and kcat); tools are cached
-# outside the repository.
+# packages, Kafka jars; `make test` also buf, grpcurl, promtool and kcat); tools are
+# cached outside the repository.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,8 +10,11 @@ CACHE ?= $(or $(CARGOTRACK_CACHE_DIR),$(HOME)/.cache/cargotrack)
 TOOLS := $(CACHE)/tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 GRPCURL := $(TOOLS)/bin/grpcurl
+PROMTOOL := $(TOOLS)/bin/promtool
 BUF_VERSION := 1.75.0
 GRPCURL_VERSION := v1.9.3
+# The Prometheus Go module's version for Prometheus 3.15.1 (module tags are v0.3MM.P).
+PROMETHEUS_MODULE_VERSION := v0.315.1
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 PYTEST_ARGS ?=
 
@@ -31,6 +34,7 @@ lint: bootstrap tools
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && $(BUF) lint
+	$(BIN)/python scripts/check-breaking
 	$(BIN)/python protos/generate.py --check
 
 protos: bootstrap
@@ -43,7 +47,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,local]'
 	touch $@
 
-tools: $(BUF) $(GRPCURL) kcat
+tools: $(BUF) $(GRPCURL) $(PROMTOOL) kcat
 
 # kcat reads topics in the README's example (tests/e2e/test_readme.py runs it). It is
 # a system package: installed quietly with apt-get where that works (Debian, as
@@ -62,6 +66,18 @@ $(BUF):
 $(GRPCURL):
 	mkdir -p $(TOOLS)/bin
 	GOBIN=$(TOOLS)/bin go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+# promtool checks and unit-tests k8s/monitoring's alert rules (tests/k8s/test_monitoring.py).
+# `go install ...@version` refuses the Prometheus module (its go.mod has replace
+# directives), so: download the module source into Go's module cache and build
+# cmd/promtool inside it. About 6 minutes of downloads and compilation on 2 cores the
+# first time; afterwards the binary in the tools cache is reused.
+$(PROMTOOL):
+	mkdir -p $(TOOLS)/bin
+	source=$$(go mod download -json github.com/prometheus/prometheus@$(PROMETHEUS_MODULE_VERSION) \
+	          | $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["Dir"])') \
+	  && cd "$$source" \
+	  && GOWORK=off GOFLAGS=-mod=readonly go build -trimpath -o $(PROMTOOL) ./cmd/promtool
 
 clean:
 	rm -rf $(VENV) .cargotrack .pytest_cache .mypy_cache .ruff_cache

@@ -40,10 +40,9 @@ from google.rpc import (  # type: ignore[import-untyped]  # no stubs for googlea
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from shared import metrics, tracing
+from shared import metrics, reflection, tracing
 from shared.auth import (
     ALWAYS_PUBLIC_PREFIXES,
     AuthInterceptor,
@@ -557,11 +556,7 @@ class GrpcApp:
         # runs, so losing Kafka or PostgreSQL (readiness) never restarts a pod.
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
-            [
-                *self.service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
             self.server,
         )
         address = f"{self._settings.host}:{self._settings.port}"

@@ -77,7 +77,11 @@ def of_kind(resources: list[Resource], kind: str) -> dict[str, Resource]:
 
 
 def config(resources: list[Resource]) -> dict[str, str]:
-    (configmap,) = of_kind(resources, "ConfigMap").values()
+    (configmap,) = (
+        c
+        for name, c in of_kind(resources, "ConfigMap").items()
+        if name.startswith("cargotrack-config")
+    )
     data: dict[str, str] = configmap["data"]
     return data
 
@@ -336,6 +340,33 @@ def test_every_resource_carries_the_common_labels(overlay: list[Resource]) -> No
                 "Secret",
                 "ServiceAccount",
             ), resource["metadata"]
+
+
+def test_every_workload_is_scraped_by_a_pod_monitor(overlay: list[Resource]) -> None:
+    """A PodMonitor selects each Deployment's pods, on a port the pod has (metrics)."""
+    monitors = of_kind(overlay, "PodMonitor")
+    for name, deployment in of_kind(overlay, "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        scraped = [
+            endpoint["port"]
+            for monitor in monitors.values()
+            if all(
+                labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items()
+            )
+            for endpoint in monitor["spec"]["podMetricsEndpoints"]
+        ]
+        assert scraped == ["metrics"], name
+        assert ports["metrics"] == METRICS_PORT
+
+
+def test_the_alert_rules_and_the_dashboard_are_deployed(overlay: list[Resource]) -> None:
+    (rules,) = of_kind(overlay, "PrometheusRule").values()
+    alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {"CargotrackProjectorLagGrowing", "CargotrackDeadLetters"} <= alerts
+    dashboard = of_kind(overlay, "ConfigMap")["cargotrack-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["cargotrack.json"])["uid"] == "cargotrack"
 
 
 def test_migration_job_runs_migrate(overlay: list[Resource]) -> None:
