@@ -155,6 +155,19 @@ def _text_claim(claims: Mapping[str, Any], name: str, *, required: bool = False)
     return value
 
 
+#: Time claims beyond this (year 10000) are refused: no clock or datetime reaches them.
+MAX_TIME_CLAIM = 253_402_300_799
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> float:
+    """A time claim PyJWT accepted (an integer), within what clocks and datetimes can
+    represent; AuthError otherwise (10**400 passes PyJWT but overflows a float)."""
+    value = int(claims[name])
+    if not 0 <= value <= MAX_TIME_CLAIM:
+        raise AuthError(f"invalid token: the {name} claim is out of range")
+    return float(value)
+
+
 def _verify(token: str, settings: AuthSettings) -> _Verified:
     """Verify the signature and every claim of `token` (PyJWT); raises AuthError."""
     try:
@@ -182,7 +195,7 @@ def _verify(token: str, settings: AuthSettings) -> _Verified:
         role=role,
         vehicle_id=_text_claim(claims, "vehicle_id"),
         customer_id=_text_claim(claims, "customer_id"),
-        expires_at=float(claims["exp"]),
+        expires_at=_time_claim(claims, "exp"),
     )
     if role is Role.DRIVER and not principal.vehicle_id:
         raise AuthError("invalid token: a driver token needs a vehicle_id claim")
