@@ -120,16 +120,22 @@ class _Verified:
 
 #: Longest identifier claim accepted (as for ids in requests: validation.MAX_ID_LENGTH).
 MAX_CLAIM_LENGTH = 128
+#: Longest `sub` accepted: identity providers' subjects are opaque and may be longer.
+MAX_SUBJECT_LENGTH = 256
 
 
-def _text_claim(claims: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+def _text_claim(
+    claims: Mapping[str, Any], name: str, *, required: bool = False, subject: bool = False
+) -> str | None:
     """The claim as an identifier string; AuthError unless it is one.
 
     A correctly signed token can still carry a claim of the wrong JSON type (a number,
     a list, an object) or an id no request could carry (NUL, a lone surrogate,
     whitespace, over-long): it is refused here, as UNAUTHENTICATED, rather than
     reaching a query as a value that fails there with INTERNAL (issue 12, finding 5).
-    Absent (or null) is None; required and absent is an error.
+    Absent (or null) is None; required and absent is an error. The subject (only
+    logged and recorded as the envelope's principal) may hold spaces and be up to
+    MAX_SUBJECT_LENGTH characters.
     """
     value = claims.get(name)
     if value is None:
@@ -142,15 +148,15 @@ def _text_claim(claims: Mapping[str, Any], name: str, *, required: bool = False)
         if required:
             raise AuthError(f"invalid token: the {name} claim is empty")
         return None
+    longest = MAX_SUBJECT_LENGTH if subject else MAX_CLAIM_LENGTH
     if (
-        len(value) > MAX_CLAIM_LENGTH
-        or not value.isprintable()
-        or any(ch.isspace() for ch in value)
-        or any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
+        len(value) > longest
+        or not value.isprintable()  # NUL, control characters and lone surrogates too
+        or (not subject and any(ch.isspace() for ch in value))
     ):
         raise AuthError(
-            f"invalid token: the {name} claim must be 1 to {MAX_CLAIM_LENGTH} printable"
-            " characters without whitespace"
+            f"invalid token: the {name} claim must be 1 to {longest} printable characters"
+            + ("" if subject else " without whitespace")
         )
     return value
 
@@ -190,7 +196,7 @@ def _verify(token: str, settings: AuthSettings) -> _Verified:
     except ValueError:
         raise AuthError(f"invalid token: unknown role {claims.get('role')!r}") from None
     principal = Principal(
-        subject=_text_claim(claims, "sub", required=True) or "",
+        subject=_text_claim(claims, "sub", required=True, subject=True) or "",
         tenant_id=_text_claim(claims, "tenant", required=True) or "",
         role=role,
         vehicle_id=_text_claim(claims, "vehicle_id"),
