@@ -258,16 +258,22 @@ class _Verified:
 
 #: Longest identifier claim accepted (as for ids in requests: validation.MAX_ID_LENGTH).
 MAX_CLAIM_LENGTH = 128
+#: Longest `sub` accepted: identity providers' subjects are opaque and may be longer.
+MAX_SUBJECT_LENGTH = 256
 
 
-def _text_claim(claims: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+def _text_claim(
+    claims: Mapping[str, Any], name: str, *, required: bool = False, subject: bool = False
+) -> str | None:
     """The claim as an identifier string; AuthError unless it is one.
 
     A correctly signed token can still carry a claim of the wrong JSON type (a number,
     a list, an object) or an id no request could carry (NUL, a lone surrogate,
     whitespace, over-long): it is refused here, as UNAUTHENTICATED, rather than
     reaching a query as a value that fails there with INTERNAL (issue 12, finding 5).
-    Absent (or null) is None; required and absent is an error.
+    Absent (or null) is None; required and absent is an error. The subject (only
+    logged and recorded as the envelope's principal) may hold spaces and be up to
+    MAX_SUBJECT_LENGTH characters.
     """
     value = claims.get(name)
     if value is None:
@@ -280,17 +286,30 @@ def _text_claim(claims: Mapping[str, Any], name: str, *, required: bool = False)
         if required:
             raise AuthError(f"invalid token: the {name} claim is empty")
         return None
+    longest = MAX_SUBJECT_LENGTH if subject else MAX_CLAIM_LENGTH
     if (
-        len(value) > MAX_CLAIM_LENGTH
-        or not value.isprintable()
-        or any(ch.isspace() for ch in value)
-        or any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
+        len(value) > longest
+        or not value.isprintable()  # NUL, control characters and lone surrogates too
+        or (not subject and any(ch.isspace() for ch in value))
     ):
         raise AuthError(
-            f"invalid token: the {name} claim must be 1 to {MAX_CLAIM_LENGTH} printable"
-            " characters without whitespace"
+            f"invalid token: the {name} claim must be 1 to {longest} printable characters"
+            + ("" if subject else " without whitespace")
         )
     return value
+
+
+#: Time claims beyond this (year 10000) are refused: no clock or datetime reaches them.
+MAX_TIME_CLAIM = 253_402_300_799
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> float:
+    """A time claim PyJWT accepted (an integer), within what clocks and datetimes can
+    represent; AuthError otherwise (10**400 passes PyJWT but overflows a float)."""
+    value = int(claims[name])
+    if not 0 <= value <= MAX_TIME_CLAIM:
+        raise AuthError(f"invalid token: the {name} claim is out of range")
+    return float(value)
 
 
 def _verify(token: str, settings: AuthSettings, keys: KeyRing | None = None) -> _Verified:
@@ -318,12 +337,12 @@ def _verify(token: str, settings: AuthSettings, keys: KeyRing | None = None) -> 
     except ValueError:
         raise AuthError(f"invalid token: unknown role {claims.get('role')!r}") from None
     principal = Principal(
-        subject=_text_claim(claims, "sub", required=True) or "",
+        subject=_text_claim(claims, "sub", required=True, subject=True) or "",
         tenant_id=_text_claim(claims, "tenant", required=True) or "",
         role=role,
         vehicle_id=_text_claim(claims, "vehicle_id"),
         customer_id=_text_claim(claims, "customer_id"),
-        expires_at=float(claims["exp"]),
+        expires_at=_time_claim(claims, "exp"),
     )
     if role is Role.DRIVER and not principal.vehicle_id:
         raise AuthError("invalid token: a driver token needs a vehicle_id claim")
@@ -341,8 +360,8 @@ def _verify(token: str, settings: AuthSettings, keys: KeyRing | None = None) -> 
 def _check_lifetime(claims: Mapping[str, Any], max_lifetime_s: int) -> None:
     """Refuse a token valid for longer than max_lifetime_s: `exp - iat`, or
     `exp - now` when it has no `iat` (PyJWT checked both are numbers)."""
-    start = claims.get("iat", time.time())
-    lifetime = float(claims["exp"]) - float(start)
+    start = _time_claim(claims, "iat") if "iat" in claims else time.time()
+    lifetime = _time_claim(claims, "exp") - start
     if lifetime > max_lifetime_s + LEEWAY_S:
         raise AuthError(
             f"invalid token: valid for {lifetime:.0f}s, more than the "

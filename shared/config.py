@@ -10,6 +10,8 @@ they use them. docs/operations.md lists them all (tests/contracts/test_docs.py).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.util
 import os
 from collections.abc import Callable, Mapping
@@ -25,6 +27,8 @@ T = TypeVar("T")
 DEV_JWT_SECRET = "cargotrack-dev-signing-key-not-for-production"
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+#: Shortest CARGOTRACK_PAGE_TOKEN_KEY accepted (characters).
+MIN_PAGE_TOKEN_KEY = 32
 
 #: The shortest HS256 key accepted (RFC 7518 3.2: at least the hash size, 256 bits).
 MIN_HS256_SECRET_BYTES = 32
@@ -234,6 +238,21 @@ class Settings:
     position_retention_days: int = 30
     #: Most records the projector applies in one transaction.
     projector_max_records: int = 5000
+    #: Key of the MAC on ListShipments page tokens (tracking-query); None: derived from
+    #: the JWT secret, and required when there is none (see page_token_key_bytes()).
+    page_token_key: str | None = None
+
+    def page_token_key_bytes(self) -> bytes | None:
+        """The key that MACs page tokens: CARGOTRACK_PAGE_TOKEN_KEY, else one derived
+        from the HS256 JWT secret (HMAC-SHA256 under a purpose label, so a page-token
+        MAC is never a JWT signature and reveals nothing of the secret); None when
+        neither exists (a public-key-only deployment must set the key)."""
+        if self.page_token_key:
+            return self.page_token_key.encode()
+        if self.auth.jwt_secret:
+            label = b"cargotrack/page-token-key/v1"
+            return hmac.new(self.auth.jwt_secret.encode(), label, hashlib.sha256).digest()
+        return None
 
 
 class _Reader:
@@ -504,7 +523,12 @@ def load_settings(
         tracing=env.flag("CARGOTRACK_TRACING"),
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
+        page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
     )
+    if settings.page_token_key is not None and len(settings.page_token_key) < MIN_PAGE_TOKEN_KEY:
+        env.errors.append(
+            f"CARGOTRACK_PAGE_TOKEN_KEY: must be at least {MIN_PAGE_TOKEN_KEY} characters"
+        )
     if settings.tracing and not _opentelemetry_installed():
         env.errors.append(
             "CARGOTRACK_TRACING=1: OpenTelemetry is not installed"

@@ -15,7 +15,7 @@ from typing import Any
 
 from shared import statecodec
 from shared.db import Connection, as_columns
-from shared.domain.tracking import Position, ShipmentState, VehicleState
+from shared.domain.tracking import TIMELINE_HEAD, Position, ShipmentState, VehicleState
 from shared.envelopes import timestamp
 from shared.pb import common_pb2, delivery_pb2, tracking_pb2
 
@@ -200,9 +200,24 @@ def position_message(position: Position) -> common_pb2.Position:
     )
 
 
+#: Kind of the entry that stands for the entries the fold dropped at its bound.
+ENTRIES_OMITTED = "entries_omitted"
+
+
 def timeline_messages(state: ShipmentState) -> list[tracking_pb2.TimelineEntry]:
+    """The timeline as messages, in log order. When the fold dropped entries at its
+    bound (shared.domain.tracking.TIMELINE_HEAD / TIMELINE_TAIL), one entry of kind
+    ENTRIES_OMITTED, detail "N entries omitted", stands where they were."""
     entries = []
-    for entry in state.timeline:
+    for index, entry in enumerate(state.timeline):
+        if index == TIMELINE_HEAD and state.timeline_dropped:
+            entries.append(
+                tracking_pb2.TimelineEntry(
+                    kind=ENTRIES_OMITTED,
+                    status=state.timeline[index - 1].status_after,
+                    detail=f"{state.timeline_dropped} entries omitted",
+                )
+            )
         message = tracking_pb2.TimelineEntry(
             event_id=entry.event_id,
             kind=entry.kind,

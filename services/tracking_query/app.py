@@ -15,7 +15,7 @@ from services.tracking_query.servicer import TrackingServicer
 from services.tracking_query.watch import ChangeFeed
 from shared import metrics, readiness
 from shared.auth import Role
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 from shared.db import create_pool, migrate_or_check
 from shared.lifecycle import StackedServer
 from shared.pb import tracking_pb2, tracking_pb2_grpc
@@ -58,6 +58,13 @@ class QueryServer(StackedServer):
         self.settings = settings
         self.app: GrpcApp | None = None
         self.feed = ChangeFeed(settings.database)
+        key = settings.page_token_key_bytes()
+        if key is None:
+            raise ConfigError(
+                "CARGOTRACK_PAGE_TOKEN_KEY must be set for tracking-query when tokens are"
+                " verified with a public key (there is no JWT secret to derive it from)"
+            )
+        self._page_token_key = key
         self._supervisor = Supervisor(LABEL)
         self._supervised: asyncio.Task[None] | None = None
 
@@ -68,7 +75,7 @@ class QueryServer(StackedServer):
         await migrate_or_check(self.settings.database)
         pool = await create_pool(self.settings.database)
         self._stack.push_async_callback(pool.close)
-        servicer = TrackingServicer(pool, self.feed)
+        servicer = TrackingServicer(pool, self.feed, self._page_token_key)
         app = GrpcApp(
             self.settings.grpc,
             self.settings.auth,

@@ -89,9 +89,10 @@ def public_shipment(view: ShipmentView) -> tracking_pb2.PublicShipment:
 
 
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, feed: ChangeFeed) -> None:
+    def __init__(self, pool: asyncpg.Pool, feed: ChangeFeed, page_token_key: bytes) -> None:
         self._pool = pool
         self._feed = feed
+        self._page_token_key = page_token_key
 
     @contextlib.asynccontextmanager
     async def _connection(self, context: Context) -> AsyncIterator[Connection]:
@@ -183,7 +184,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         after = None
         if request.page_token:
             try:
-                after = decode_page_token(request.page_token, filters.fingerprint())
+                after = decode_page_token(
+                    request.page_token, filters.fingerprint(), self._page_token_key
+                )
             except PageTokenError as error:
                 await abort_invalid(
                     context, [Violation("page_token", str(error))], "invalid page token"
@@ -198,7 +201,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         )
         if len(views) > page_size:
             response.next_page_token = encode_page_token(
-                views[page_size - 1].cursor, filters.fingerprint()
+                views[page_size - 1].cursor, filters.fingerprint(), self._page_token_key
             )
         return response
 

@@ -99,6 +99,22 @@ TRACKING_TOKEN_LENGTH = 22
 #: Timeline kind of a delivery confirmation (the lifecycle events use their oneof name).
 DELIVERY_CONFIRMED = "delivery_confirmed"
 
+# Bounds on what one aggregate's state holds (issue 12, finding 6): a client that
+# records events without end for one shipment, or streams from ever new device ids for
+# one vehicle, must not grow a state (and the row the projector rewrites on every
+# change) without limit. What happens at each bound is documented where it applies.
+#: A timeline keeps its first TIMELINE_HEAD entries (how the shipment started) and its
+#: last TIMELINE_TAIL (what happens now); entries in between are dropped, oldest first,
+#: and counted in ShipmentState.timeline_dropped.
+TIMELINE_HEAD = 20
+TIMELINE_TAIL = 480
+#: The most recent MAX_ANOMALIES anomalies are kept; older ones are counted in
+#: ShipmentState.anomalies_dropped (each also has its timeline entry, within the bound).
+MAX_ANOMALIES = 100
+#: A vehicle remembers the batch sequence of at most this many devices, the most
+#: recently written ones; see VehicleState.device_sequences for what forgetting means.
+MAX_DEVICES_PER_VEHICLE = 16
+
 FINAL = frozenset({DELIVERED, CANCELLED})
 #: The goods are on board: a delivery outcome is possible.
 HOLDING = frozenset({PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY, DELIVERY_FAILED})
@@ -192,6 +208,10 @@ class ShipmentState:
     anomalies: tuple[Anomaly, ...] = ()
     timeline: tuple[TimelineEntry, ...] = ()
     applied_event_ids: frozenset[str] = frozenset()
+    #: Timeline entries dropped at the bound (TIMELINE_HEAD / TIMELINE_TAIL).
+    timeline_dropped: int = 0
+    #: Anomalies dropped at the bound (MAX_ANOMALIES), the oldest first.
+    anomalies_dropped: int = 0
 
     @property
     def is_created(self) -> bool:
@@ -557,12 +577,25 @@ def _record(step: _Step, fact: _Fact) -> ShipmentState:
     applied = state.applied_event_ids
     if fact.event_id:
         applied = applied | {fact.event_id}
+    timeline = (*state.timeline, entry)
+    timeline_dropped = state.timeline_dropped
+    excess = len(timeline) - (TIMELINE_HEAD + TIMELINE_TAIL)
+    if excess > 0:  # keep the head, drop the oldest entries after it
+        timeline = timeline[:TIMELINE_HEAD] + timeline[TIMELINE_HEAD + excess :]
+        timeline_dropped += excess
+    anomalies = state.anomalies + own + step.revealed
+    anomalies_dropped = state.anomalies_dropped
+    if len(anomalies) > MAX_ANOMALIES:
+        anomalies_dropped += len(anomalies) - MAX_ANOMALIES
+        anomalies = anomalies[-MAX_ANOMALIES:]
     return replace(
         state,
-        anomalies=state.anomalies + own + step.revealed,
-        timeline=(*state.timeline, entry),
+        anomalies=anomalies,
+        timeline=timeline,
         applied_event_ids=applied,
         updated_at=_latest(state.updated_at, fact.occurred_at),
+        timeline_dropped=timeline_dropped,
+        anomalies_dropped=anomalies_dropped,
     )
 
 
@@ -668,8 +701,14 @@ class VehicleState:
     tenant_id: str
     #: The newest accepted fix by event time; None before the first one.
     last_position: Position | None = None
-    #: (device id, highest batch sequence applied), sorted by device id.
+    #: (device id, highest batch sequence applied), least recently written first; at
+    #: most MAX_DEVICES_PER_VEHICLE. A batch from one device more evicts the least
+    #: recently written device: if that device ever streams again, its sequence starts
+    #: from 0 (a resend of one of its old batches would then add its points to the
+    #: history a second time; its motion is still filtered as any point's). The
+    #: latest position is unaffected. `evicted_devices` counts evictions.
     device_sequences: tuple[tuple[str, int], ...] = ()
+    evicted_devices: int = 0
     #: The newest point of a pending jump (see NoiseFilter) and how many confirm it.
     jump_candidate: Position | None = None
     jump_streak: int = 0
@@ -803,9 +842,16 @@ def fold_gps(
     if is_duplicate_gps(state, envelope):
         return current, []
     positions = gps_positions(batch)
-    sequences = dict(current.device_sequences)
-    sequences[batch.device_id] = batch.sequence
-    current = replace(current, device_sequences=tuple(sorted(sequences.items())))
+    # The device moves to the end (most recently written); the first ones beyond the
+    # bound are forgotten.
+    sequences = [entry for entry in current.device_sequences if entry[0] != batch.device_id]
+    sequences.append((batch.device_id, batch.sequence))
+    evicted = max(0, len(sequences) - MAX_DEVICES_PER_VEHICLE)
+    current = replace(
+        current,
+        device_sequences=tuple(sequences[evicted:]),
+        evicted_devices=current.evicted_devices + evicted,
+    )
     # Fold the points' motion as a plain tuple, then build the state once (not once
     # per point): the same result, without a dataclass copy per point.
     before: _Motion = (current.last_position, current.jump_candidate, current.jump_streak)

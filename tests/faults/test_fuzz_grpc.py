@@ -11,7 +11,13 @@ generic channel with identity serializers:
   types (wrong wire types); protobuf nested a thousand levels deep;
 - a message over the size limit;
 - each with a valid token for the method, no token, a forged token or a role
-  without access.
+  without access;
+- structurally valid but semantically absurd input (issue 12, finding 5): page
+  tokens that decode to JSON of the right shape, signed with the service's own key
+  or not, holding times out of range or with offsets, ids with NUL, lone surrogates
+  or over-long, wrong JSON types; and correctly signed bearer tokens whose claims
+  have the wrong JSON type or an impossible value. These must answer
+  INVALID_ARGUMENT (cursors) or UNAUTHENTICATED (claims), never INTERNAL.
 
 The answer must be one of the statuses a client can act on (OK, INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND), never UNKNOWN
@@ -26,14 +32,21 @@ full run, CARGOTRACK_FAULTS_FULL=1, see docs/guarantees.md).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import grpc
+import jwt
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
@@ -43,8 +56,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.workload import varint
+from services.tracking_query.paging import MAC_BYTES
+from services.tracking_query.queries import ListFilter, Scope
 from shared import tracking_store as store
 from shared.auth import Role
+from shared.config import DEV_JWT_SECRET
 from shared.db import connect
 from shared.envelopes import utc_now
 from shared.pb import (
@@ -156,6 +172,8 @@ class Fuzzed:
     channels: dict[str, grpc.aio.Channel]
     tracking_token: str
     shipment_id: str
+    #: tracking-query's page-token MAC key (so the fuzzer can sign absurd cursors).
+    page_token_key: bytes
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +201,9 @@ async def fuzzed(kafka_bootstrap: str, database_url: str) -> AsyncIterator[Fuzze
                 await store.save_shipments(connection, [state])
             finally:
                 await connection.close()
-            yield Fuzzed(channels, state.tracking_token, "shp-fuzz")
+            key = query.page_token_key_bytes()
+            assert key is not None
+            yield Fuzzed(channels, state.tracking_token, "shp-fuzz", key)
     finally:
         connection = await asyncpg.connect(database_url)
         try:
@@ -356,6 +376,144 @@ async def test_a_gps_stream_answers_valid_batches_before_a_garbage_one(fuzzed: F
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     await call.done_writing()
     assert await call.code() == grpc.StatusCode.OK
+
+
+# --- structurally valid, semantically absurd (issue 12, finding 5) ----------------------
+
+#: The fingerprint of an unfiltered staff listing of TENANT (what ListShipments checks).
+OPS_LISTING = ListFilter(Scope(TENANT)).fingerprint()
+_ODD_IDS = ["s\x00", "\ud800", "a\udfffb", "s" * 129, "", "shp-fuzz", " ", "\u2028"]
+_ODD_TIMES = [
+    "0001-01-01T00:00:00+00:00",
+    "0001-01-01T00:00:00+05:00",
+    "9999-12-31T23:59:59.999999+00:00",
+    "9999-12-31T23:59:59-23:59",
+    "10000-01-01T00:00:00+00:00",
+    "0000-01-01T00:00:00+00:00",
+    "2026-02-30T00:00:00+00:00",
+    "2026-01-01T00:00:00",
+    "",
+]
+
+
+@st.composite
+def absurd_page_tokens(draw: st.DrawFn, key: bytes) -> tuple[str, bool]:
+    """(a page token of the right JSON shape, whether the service must refuse it)."""
+    offsets = [timedelta(0), timedelta(hours=23, minutes=59), -timedelta(hours=23, minutes=59)]
+    moment = draw(
+        st.datetimes(
+            min_value=datetime(1, 1, 1),
+            max_value=datetime(9999, 12, 31, 23, 59, 59),
+            timezones=st.sampled_from([timezone(offset) for offset in offsets]),
+        )
+    )
+    updated_at: object = draw(st.one_of(st.just(moment.isoformat()), st.sampled_from(_ODD_TIMES)))
+    shipment_id: object = draw(st.one_of(st.text(max_size=140), st.sampled_from(_ODD_IDS)))
+    fingerprint: object = draw(st.one_of(st.just(OPS_LISTING), st.text(max_size=30)))
+    if draw(st.integers(0, 9)) == 0:
+        updated_at = draw(st.sampled_from([0, None, [moment.isoformat()], {"t": 1}]))
+    if draw(st.integers(0, 9)) == 0:
+        shipment_id = draw(st.sampled_from([7, None, ["s"], True]))
+    document = {"updated_at": updated_at, "shipment_id": shipment_id, "filter": fingerprint}
+    body = json.dumps(document).encode()
+    signed = draw(st.booleans())
+    mac = hmac.new(key, body, hashlib.sha256).digest()[:MAC_BYTES] if signed else b""
+    token = base64.urlsafe_b64encode(mac + body).decode().rstrip("=")
+    return token, not (signed and _representable(updated_at, shipment_id, fingerprint))
+
+
+def _representable(updated_at: object, shipment_id: object, fingerprint: object) -> bool:
+    """Whether a signed cursor names a position PostgreSQL can compare (the contract of
+    docs/query.md): a UTC time, an id of 1..128 characters without NUL or surrogate."""
+    if not (isinstance(updated_at, str) and isinstance(shipment_id, str)):
+        return False
+    try:
+        moment = datetime.fromisoformat(updated_at)
+    except ValueError:
+        return False
+    return (
+        fingerprint == OPS_LISTING
+        and moment.utcoffset() == timedelta(0)
+        and 0 < len(shipment_id) <= 128
+        and not any(ch == "\x00" or 0xD800 <= ord(ch) <= 0xDFFF for ch in shipment_id)
+    )
+
+
+@settings(max_examples=EXAMPLES * 4, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+async def test_absurd_page_tokens_are_invalid_argument_never_internal(
+    fuzzed: Fuzzed, data: st.DataObject
+) -> None:
+    token, refused = data.draw(absurd_page_tokens(fuzzed.page_token_key))
+    stub = tracking_pb2_grpc.TrackingServiceStub(fuzzed.channels["tracking-query"])
+    try:
+        await stub.ListShipments(
+            tracking_pb2.ListShipmentsRequest(page_token=token),
+            metadata=_SERVICES["tracking-query"][1],
+            timeout=UNARY_TIMEOUT_S,
+        )
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+    expected = grpc.StatusCode.INVALID_ARGUMENT if refused else grpc.StatusCode.OK
+    assert code == expected, token
+
+
+_ABSURD_CLAIM_VALUES = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    # Impossible for every claim: NUL, a lone surrogate, a control character, too long.
+    st.sampled_from(["a\x00b", "\ud800", "x" * 257, "tab\there", "line\u2028break"]),
+)
+
+
+@st.composite
+def absurd_bearers(draw: st.DrawFn) -> tuple[Metadata, str]:
+    """A bearer token signed with the development key whose claims are valid for its
+    role except one, which has the wrong JSON type or an impossible value."""
+    role = draw(st.sampled_from(list(Role)))
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": "fuzz",
+        "tenant": TENANT,
+        "role": role.value,
+        "iss": "cargotrack",
+        "aud": "cargotrack",
+        "iat": now,
+        "exp": now + 600,
+    }
+    if role is Role.DRIVER:
+        claims["vehicle_id"] = VEHICLE
+    if role is Role.CUSTOMER:
+        claims["customer_id"] = CUSTOMER
+    name = draw(st.sampled_from(["sub", "tenant", "role", "vehicle_id", "customer_id", "exp"]))
+    if name == "exp":
+        claims["exp"] = draw(st.sampled_from([10**400, 10**13, -(10**30)]))
+    else:
+        claims[name] = draw(_ABSURD_CLAIM_VALUES)
+    token = jwt.encode(claims, DEV_JWT_SECRET, algorithm="HS256")
+    return (("authorization", f"Bearer {token}"),), f"{name}={claims[name]!r}"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [e for e in ENDPOINTS if e.method.name != "TrackByToken"],  # public: no bearer token
+    ids=str,
+)
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+async def test_signed_tokens_with_absurd_claims_are_unauthenticated(
+    fuzzed: Fuzzed, endpoint: Endpoint, data: st.DataObject
+) -> None:
+    metadata, what = data.draw(absurd_bearers())
+    code, details = await call_raw(fuzzed.channels[endpoint.service], endpoint, [b""], metadata)
+    if code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_RACE:
+        assert endpoint.method.client_streaming, what
+        return
+    assert code == grpc.StatusCode.UNAUTHENTICATED, (what, code, details)
 
 
 def _valid_calls(fuzzed: Fuzzed) -> dict[str, Callable[[], Any]]:

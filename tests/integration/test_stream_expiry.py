@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from shared.auth import STREAM_TOKEN_EXPIRED, Role
-from shared.pb import shipment_pb2, tracking_pb2, tracking_pb2_grpc
-from tests.ingest_helpers import bearer, running_service, service_settings
+from shared.pb import gps_pb2, gps_pb2_grpc, shipment_pb2, tracking_pb2, tracking_pb2_grpc
+from tests.ingest_helpers import bearer, gps_batch, running_service, service_settings
 from tests.integration.test_dispatch import (
     LATE,
     alert_envelope,
@@ -55,7 +56,7 @@ async def query(
         yield Query(settings, service, tracking_pb2_grpc.TrackingServiceStub(service.channel))
 
 
-async def stream_error(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError:
+async def stream_error(call: Any) -> grpc.aio.AioRpcError:
     """Read the stream until it fails (bounded); its error."""
     async with asyncio.timeout(30):
         try:
@@ -135,3 +136,22 @@ async def test_a_subscription_ends_unauthenticated_at_expiry_and_resumes_without
             resumed.cancel()
         seen = subscriber.ids + resumed.ids
         assert len(seen) == len(set(seen)), "an alert was delivered twice"
+
+
+async def test_a_gps_stream_ends_unauthenticated_at_expiry_after_answering_its_batches(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The bound applies to every streaming response, GPS ingest's bidi stream too: the
+    driver's app reconnects with a new token and resends what was not answered."""
+    settings = service_settings(kafka_bootstrap, topic_prefix)
+    async with running_service("gps-ingest", settings) as service:
+        stub = gps_pb2_grpc.GpsIngestServiceStub(service.channel)
+        short = bearer(Role.DRIVER, tenant="tenant-a", vehicle_id="veh-1", ttl_s=SHORT_TTL_S)
+        call = stub.StreamPoints(metadata=short)
+        await call.write(gps_pb2.StreamPointsRequest(batch=gps_batch("veh-1", 1)))
+        async with asyncio.timeout(30):
+            first = await call.read()
+        assert first.outcome == gps_pb2.BATCH_OUTCOME_ACCEPTED
+        error = await stream_error(call)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error.details() == STREAM_TOKEN_EXPIRED

@@ -60,3 +60,31 @@ def test_dev_key_only_in_dev_mode() -> None:
 def test_tls_files_go_together() -> None:
     with pytest.raises(ConfigError, match="go together"):
         load_settings({**BASE, "CARGOTRACK_TLS_CERT_FILE": "/tmp/cert.pem"})
+
+
+def test_the_page_token_key_is_configured_or_derived_from_the_jwt_secret() -> None:
+    configured = load_settings({**BASE, "CARGOTRACK_PAGE_TOKEN_KEY": "p" * 32})
+    assert configured.page_token_key_bytes() == b"p" * 32
+    derived = load_settings(BASE).page_token_key_bytes()
+    assert derived is not None
+    assert len(derived) == 32
+    assert b"s3cret" not in derived
+    other = load_settings({**BASE, "CARGOTRACK_JWT_SECRET": "other"}).page_token_key_bytes()
+    assert derived != other
+    public_only = {k: v for k, v in BASE.items() if k != "CARGOTRACK_JWT_SECRET"}
+    public_only["CARGOTRACK_JWT_PUBLIC_KEY"] = "-----BEGIN PUBLIC KEY-----"
+    assert load_settings(public_only).page_token_key_bytes() is None
+
+
+def test_a_short_page_token_key_is_named() -> None:
+    with pytest.raises(ConfigError, match="CARGOTRACK_PAGE_TOKEN_KEY"):
+        load_settings({**BASE, "CARGOTRACK_PAGE_TOKEN_KEY": "short"})
+
+
+def test_tracking_query_refuses_to_start_without_a_page_token_key() -> None:
+    from services.tracking_query.app import QueryServer
+
+    public_only = {k: v for k, v in BASE.items() if k != "CARGOTRACK_JWT_SECRET"}
+    public_only["CARGOTRACK_JWT_PUBLIC_KEY"] = "-----BEGIN PUBLIC KEY-----"
+    with pytest.raises(ConfigError, match="CARGOTRACK_PAGE_TOKEN_KEY"):
+        QueryServer(load_settings(public_only))

@@ -16,16 +16,21 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared import tracking_store
 from shared.domain.ids import alert_id, gps_batch_event_id, uuid7, uuid7_unix_ms
 from shared.domain.tracking import (
     ALLOWED_FROM,
     DEFAULT_NOISE_FILTER,
     FINAL,
     HANDLERS,
+    MAX_ANOMALIES,
     MAX_CONFIRMATION_DISTANCE_M,
+    MAX_DEVICES_PER_VEHICLE,
     NO_NOISE_FILTER,
     NOT_ASSIGNED_VEHICLE,
     PROOF_ALREADY_SETTLED,
+    TIMELINE_HEAD,
+    TIMELINE_TAIL,
     TRACKING_TOKEN_LENGTH,
     NoiseFilter,
     Position,
@@ -959,3 +964,67 @@ def test_derived_ids_are_stable_and_unambiguous() -> None:
     assert alert_id("S-1", late, "e9") != alert_id("S-1", late + 1, "e9")
     assert alert_id("S-1", late, "e9") != alert_id("S-1", late, "e10")
     assert alert_id("S-1", late, 3, tenant_id="a") != alert_id("S-1", late, 3, tenant_id="b")
+
+
+# --- bounds (issue 12, finding 6) ------------------------------------------------------
+
+
+def test_the_timeline_keeps_its_head_and_tail_and_counts_what_it_dropped() -> None:
+    extra = 101
+    log = [created("e0", 0)]
+    log += [exception(f"x{i}", i + 1) for i in range(TIMELINE_HEAD + TIMELINE_TAIL + extra - 1)]
+    state = fold(log)
+    assert len(state.timeline) == TIMELINE_HEAD + TIMELINE_TAIL
+    assert state.timeline_dropped == extra
+    kept = [entry.event_id for entry in state.timeline]
+    every = [envelope.event_id for envelope in log]
+    assert kept == every[:TIMELINE_HEAD] + every[-TIMELINE_TAIL:]
+    # Dropping entries forgets nothing of the dedupe: a dropped event repeated is a no-op.
+    dropped_id = every[TIMELINE_HEAD]
+    assert dropped_id not in kept
+    assert apply(state, exception(dropped_id, 5)) is state
+    # The API shows one marker where the entries were.
+    messages = tracking_store.timeline_messages(state)
+    assert len(messages) == TIMELINE_HEAD + TIMELINE_TAIL + 1
+    marker = messages[TIMELINE_HEAD]
+    assert (marker.kind, marker.detail) == ("entries_omitted", f"{extra} entries omitted")
+
+
+def test_below_the_bound_nothing_is_dropped_or_marked() -> None:
+    state = fold([created("e0", 0), assigned("e1", 1), picked_up("e2", 2)])
+    assert state.timeline_dropped == 0
+    assert [m.kind for m in tracking_store.timeline_messages(state)] == [
+        "created",
+        "vehicle_assigned",
+        "picked_up",
+    ]
+
+
+def test_anomalies_keep_the_most_recent_and_count_the_rest() -> None:
+    log = [created("e0", 0), cancelled("e1", 1)]
+    log += [picked_up(f"p{i}", i + 2) for i in range(MAX_ANOMALIES + 50)]
+    state = fold(log)
+    assert len(state.anomalies) == MAX_ANOMALIES
+    assert state.anomalies_dropped == 50
+    assert state.anomalies[-1].event_id == log[-1].event_id
+    assert state.anomalies[0].event_id == log[-MAX_ANOMALIES].event_id
+    assert state.status == S.SHIPMENT_STATUS_CANCELLED
+
+
+def test_a_vehicle_remembers_its_most_recently_written_devices_only() -> None:
+    state: VehicleState | None = None
+    for n in range(MAX_DEVICES_PER_VEHICLE + 4):
+        state = apply_gps(state, gps_envelope(f"dev-{n:02d}", 1, [(n, *BASE)]))
+    assert state is not None
+    assert len(state.device_sequences) == MAX_DEVICES_PER_VEHICLE
+    assert state.evicted_devices == 4
+    assert state.sequence_of("dev-00") == 0  # forgotten: the four oldest
+    assert state.sequence_of("dev-04") == 1
+    # Writing again makes a device the most recent: the next newcomer evicts another.
+    state = apply_gps(state, gps_envelope("dev-04", 2, [(100, *BASE)]))
+    state = apply_gps(state, gps_envelope("dev-new", 1, [(101, *BASE)]))
+    assert state.sequence_of("dev-04") == 2
+    assert state.sequence_of("dev-05") == 0
+    assert state.device_sequences[-1] == ("dev-new", 1)
+    assert state.evicted_devices == 5
+    assert state.last_position is not None
