@@ -76,12 +76,15 @@ class Scrape:
             for suffix in suffixes
         )
 
-    def value(self, name: str, *, exposed: bool = True, **labels: str) -> float:
+    def value(self, name: str, **labels: str) -> float:
         """Sum of the samples `name` whose labels include `labels` (0 when none has
-        them). Unless `exposed` is False, the metric itself must be declared in the
-        scrape: a renamed or removed metric fails here instead of reading as 0."""
-        if exposed:
-            assert self.declares(name), f"no metric {name} in the scrape"
+        them). The metric itself must be declared in the scrape: a renamed or removed
+        metric fails here instead of reading as 0."""
+        assert self.declares(name), f"no metric {name} in the scrape"
+        return self.total(name, labels)
+
+    def total(self, name: str, labels: Mapping[str, str]) -> float:
+        """Sum of the samples `name` whose labels include `labels`; 0 when none."""
         return sum(
             value
             for sample, sample_labels, value in self.samples
@@ -115,7 +118,7 @@ async def scrape(port: int) -> Scrape:
 
 def delta(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
     # Before the traffic a labelled metric may have no series yet; after, it must.
-    return after.value(name, **labels) - before.value(name, exposed=False, **labels)
+    return after.value(name, **labels) - before.total(name, labels)
 
 
 async def assert_closed(port: int) -> None:
