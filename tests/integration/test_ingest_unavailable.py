@@ -38,6 +38,7 @@ from tests.ingest_helpers import (
     shipment_event,
     wait_health,
 )
+from tests.unit.test_kafka_producer import assert_idempotent_acks_all
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -233,6 +234,7 @@ async def test_a_producer_out_of_sync_after_an_outage_longer_than_the_timeout_is
     await link.start()
     try:
         assert await link.wait_connected(60)
+        assert_idempotent_acks_all(await link.producer(5))
         await link.write(topic, EncodedRecord(b"shp-1", b"before", []), 10)
 
         async def keep_writing() -> None:
