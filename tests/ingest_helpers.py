@@ -165,8 +165,11 @@ async def consume_envelopes(
     """Read `topic` from the start until `count` records arrived (or `until` holds for
     what arrived); decode each envelope.
 
-    Records come back in partition order, then offset order. Raises TimeoutError
-    naming how many arrived when the condition did not hold within timeout_s.
+    With `count`, the topic must then hold exactly `count` records (its end offsets
+    add up to it): a record written twice, or one too many, fails the test instead
+    of waiting unread behind the first `count`. Records come back in partition
+    order, then offset order. Raises TimeoutError naming how many arrived when the
+    condition did not hold within timeout_s.
     """
     if until is None:
         if count is None:
@@ -208,6 +211,10 @@ async def consume_envelopes(
                 f"{len(found)} records arrived on {topic} in {timeout_s:g}s, "
                 f"not what the test waited for ({count or 'see until'})"
             ) from None
+        if count is not None:
+            ends = await consumer.end_offsets(list(consumer.assignment()))
+            held = sum(ends.values())
+            assert held == count, f"{topic} holds {held} records, the test expected {count}"
     finally:
         await consumer.stop()
     return sorted(found, key=lambda c: (c.partition, c.offset))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.auth import Role
 from shared.devstack import KafkaBroker
 from shared.devstack.ports import free_ports
+from shared.envelopes import EncodedRecord
+from shared.ingest import KafkaLink
+from shared.kafka import KafkaUnavailable, topic_specs
 from shared.pb import (
     delivery_pb2,
     delivery_pb2_grpc,
@@ -34,6 +38,7 @@ from tests.ingest_helpers import (
     shipment_event,
     wait_health,
 )
+from tests.unit.test_kafka_producer import assert_idempotent_acks_all
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,13 +153,12 @@ async def test_a_deadline_shorter_than_the_kafka_timeout_still_gets_unavailable(
 
 
 async def test_broker_stopped_mid_stream_then_back_loses_nothing(
-    tmp_path: Path, topic_prefix: str
+    dedicated_broker: KafkaBroker, topic_prefix: str
 ) -> None:
     """A dedicated broker: ack, stop it, UNAVAILABLE within the deadline, NOT_SERVING;
     start it again, resend the unacknowledged batches: every sequence is stored once
     per copy with one event id, first copies in order."""
-    broker = KafkaBroker(tmp_path / "kafka")
-    await broker.start()
+    broker = dedicated_broker
     try:
         settings = service_settings(
             broker.bootstrap_servers, topic_prefix, CARGOTRACK_KAFKA_TIMEOUT_S=2
@@ -213,3 +217,55 @@ async def test_broker_stopped_mid_stream_then_back_loses_nothing(
         assert took < grace + 2 * kafka_timeout + 1
     finally:
         await broker.kill()
+
+
+async def test_a_producer_out_of_sync_after_an_outage_longer_than_the_timeout_is_replaced(
+    dedicated_broker: KafkaBroker, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker outage longer than the Kafka timeout leaves the idempotent producer
+    out of sync (a batch got a sequence number and failed unsent: aiokafka#1017); every
+    later write of that partition fails until KafkaLink replaces the producer. After
+    the broker is back, writes of the same key succeed again within a few attempts."""
+    settings = service_settings(
+        dedicated_broker.bootstrap_servers, topic_prefix, CARGOTRACK_KAFKA_TIMEOUT_S=1
+    )
+    topic = settings.topics.shipment_events
+    link = KafkaLink(settings.kafka, topic_specs(settings.topics))
+    await link.start()
+    try:
+        assert await link.wait_connected(60)
+        assert_idempotent_acks_all(await link.producer(5))
+        await link.write(topic, EncodedRecord(b"shp-1", b"before", []), 10)
+
+        async def keep_writing() -> None:
+            while True:
+                with contextlib.suppress(KafkaUnavailable):
+                    await link.write(topic, EncodedRecord(b"shp-1", b"during", []), 1)
+
+        # Writes go on through a stop longer than the Kafka timeout and the restart:
+        # while the restarted broker has no leader for the partition yet, a batch that
+        # waited longer than the timeout is failed with a sequence number spent.
+        writer = asyncio.create_task(keep_writing())
+        try:
+            await dedicated_broker.stop()
+            await asyncio.sleep(1.5)
+            await dedicated_broker.start(keep_data=True)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        failures = []
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await link.write(topic, EncodedRecord(b"shp-1", b"after", []), 2)
+                    break
+                except KafkaUnavailable as error:
+                    failures.append(repr(error.__cause__))
+                    await asyncio.sleep(0.2)
+    finally:
+        await link.stop()
+    # The fault this test is about happened, and the link recovered from it.
+    replaced = [r for r in caplog.records if "out of sync with the broker" in r.getMessage()]
+    assert replaced, f"the producer never went out of sync; failures after restart: {failures}"
+    assert len(failures) <= 5, failures
