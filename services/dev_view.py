@@ -56,8 +56,7 @@ from shared.pb import (
     tracking_pb2,
     tracking_pb2_grpc,
 )
-from shared.readmodel import eta_scores
-from shared.readmodel import model_snapshots
+from shared.readmodel import eta_scores, model_snapshots
 
 __all__ = ["AlertFeed", "DevMonitor", "Snapshot", "render", "summary_line"]
 
