@@ -11,7 +11,7 @@
     cargotrack eta-report          live ETA accuracy on real arrivals, per tenant and horizon
     cargotrack env                 the running `cargotrack dev` stack's settings as exports
 
-Operator commands (migrate, create-topics, token, rebuild, simulate) started beside a
+Operator commands (migrate, create-topics, token, rebuild, simulate, eta-report) beside a
 running `cargotrack dev` find its stack by themselves: whatever their environment
 does not set (Kafka, PostgreSQL, the signing key, ...) they take from the stack file
 of its state directory (CARGOTRACK_STATE_DIR, default ./.cargotrack), and say on
@@ -324,7 +324,7 @@ def cmd_eta_eval(args: argparse.Namespace) -> None:
 def cmd_eta_report(args: argparse.Namespace) -> None:
     from shared.eta_report import main as report
 
-    code = report(args.rest)
+    code = report(args.rest, environ=_operator_environ())
     if code:
         sys.exit(code)
 

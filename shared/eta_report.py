@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -125,9 +126,8 @@ def _instant(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def main(argv: Sequence[str] | None = None, *, now: datetime | None = None) -> int:
-    """``cargotrack eta-report``: print the report. Exit 0, or 2 for bad options or
-    configuration (the database comes from DATABASE_URL / CARGOTRACK_DB_SCHEMA)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``cargotrack eta-report``."""
     ap = argparse.ArgumentParser(
         prog="cargotrack eta-report",
         description="ETA accuracy on real arrivals (MAE, p50, p90 per tenant and horizon).",
@@ -136,13 +136,26 @@ def main(argv: Sequence[str] | None = None, *, now: datetime | None = None) -> i
     ap.add_argument("--until", type=_instant, help="arrivals before (ISO 8601; default now)")
     ap.add_argument("--tenant", help="one tenant (default: all)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return ap
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    now: datetime | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """``cargotrack eta-report``: print the report. Exit 0, or 2 for bad options or
+    configuration (the database comes from DATABASE_URL / CARGOTRACK_DB_SCHEMA of
+    `environ`, by default this process's environment)."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     until = args.until or now or datetime.now(UTC)
     since = args.since or until - WEEK
     if since >= until:
         ap.error("--since must be before --until")
     try:
-        settings = load_settings()
+        settings = load_settings(os.environ if environ is None else environ)
     except ConfigError as error:
         print(f"eta-report: {error}", file=sys.stderr)
         return 2

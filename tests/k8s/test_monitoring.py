@@ -1,8 +1,8 @@
 """The monitoring artifacts: alert rules that promtool accepts and whose unit tests pass,
 and rules and a dashboard that name only metrics cargotrack exports.
 
-promtool is a CI tool (the Makefile's `tools` target builds it from the Prometheus Go
-module into the tools cache); its absence fails these tests with the command that
+promtool is a CI tool (the Makefile's `tools` target installs Debian's prometheus
+package, which carries it); its absence fails these tests with the command that
 installs it, never skips them. PodMonitor coverage of every workload is checked on the
 rendered overlays in test_manifests.py.
 """
@@ -21,7 +21,6 @@ import yaml
 from prometheus_client import REGISTRY
 
 import shared.metrics  # noqa: F401  (registers every cargotrack series)
-from shared.devstack.kafka import default_cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "k8s" / "components" / "monitoring"
@@ -33,9 +32,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def promtool_path() -> str:
-    cached = default_cache_dir() / "tools" / "bin" / "promtool"
-    if cached.is_file():
-        return str(cached)
     on_path = shutil.which("promtool")
     if on_path:
         return on_path
