@@ -114,34 +114,35 @@ def signed_bearer(**claims: Any) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-@pytest.mark.parametrize(
-    "claims",
-    [
-        {"customer_id": 42},
-        {"customer_id": ["cust-1"]},
-        {"customer_id": {"id": "cust-1"}},
-        {"customer_id": True},
-        {"customer_id": "cust\x00-1"},
-        {"customer_id": "cust\ud800"},
-        {"customer_id": "c" * 129},
-        {"tenant": 7},
-        {"tenant": ["acme"]},
-        {"role": ["customer"]},
-        {"role": 3},
-        {"role": "driver", "vehicle_id": 12},
-        {"role": "ops", "vehicle_id": {"x": 1}},
-    ],
-    ids=repr,
-)
+#: One odd claim each, over valid defaults (one service for all: starting one per case
+#: cost 2 s each).
+ODD_CLAIMS: list[dict[str, Any]] = [
+    {"customer_id": 42},
+    {"customer_id": ["cust-1"]},
+    {"customer_id": {"id": "cust-1"}},
+    {"customer_id": True},
+    {"customer_id": "cust\x00-1"},
+    {"customer_id": "cust\ud800"},
+    {"customer_id": "c" * 129},
+    {"tenant": 7},
+    {"tenant": ["acme"]},
+    {"role": ["customer"]},
+    {"role": 3},
+    {"role": "driver", "vehicle_id": 12},
+    {"role": "ops", "vehicle_id": {"x": 1}},
+]
+
+
 async def test_signed_tokens_with_claims_of_the_wrong_type_are_unauthenticated(
-    query: Query, claims: dict[str, Any]
+    query: Query,
 ) -> None:
-    metadata = signed_bearer(**claims)
-    for call in (
-        query.stub.GetShipment(
-            tracking_pb2.GetShipmentRequest(shipment_id="s1"), metadata=metadata
-        ),
-        query.stub.ListShipments(tracking_pb2.ListShipmentsRequest(), metadata=metadata),
-    ):
-        error = await rpc_error(call)
-        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+    for claims in ODD_CLAIMS:
+        metadata = signed_bearer(**claims)
+        for call in (
+            query.stub.GetShipment(
+                tracking_pb2.GetShipmentRequest(shipment_id="s1"), metadata=metadata
+            ),
+            query.stub.ListShipments(tracking_pb2.ListShipmentsRequest(), metadata=metadata),
+        ):
+            error = await rpc_error(call)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (claims, error)
