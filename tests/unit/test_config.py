@@ -69,7 +69,9 @@ def test_the_page_token_key_is_configured_or_derived_from_the_jwt_secret() -> No
     assert derived is not None
     assert len(derived) == 32
     assert BASE["CARGOTRACK_JWT_SECRET"].encode() not in derived
-    other = load_settings({**BASE, "CARGOTRACK_JWT_SECRET": "another-secret-of-at-least-32-bytes"}).page_token_key_bytes()
+    other = load_settings(
+        {**BASE, "CARGOTRACK_JWT_SECRET": "another-secret-of-at-least-32-bytes"}
+    ).page_token_key_bytes()
     assert derived != other
     public_only = {k: v for k, v in BASE.items() if k != "CARGOTRACK_JWT_SECRET"}
     public_only["CARGOTRACK_JWT_PUBLIC_KEY"] = "-----BEGIN PUBLIC KEY-----"
