@@ -279,6 +279,9 @@ def test_each_workload_has_its_own_database_role_over_verified_tls(
             continue
         assert url.startswith(f"postgresql://{role}@cargotrack-pg-rw:5432/"), name
         assert "sslmode=verify-full" in url, name
+        # Members of the owner role act as it, so what they create stays the owner's.
+        member = "inRoles" in roles.get(role, {})
+        assert ("&role=cargotrack" in url) == member, name
         ca_file = url.partition("sslrootcert=")[2]
         mounts = {m["mountPath"]: m["name"] for m in container(workload)["volumeMounts"]}
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
