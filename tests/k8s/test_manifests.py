@@ -192,6 +192,19 @@ KAFKA_ACCESS = {
         "cargotrack.dead-letters": "Write",
     },
     "dispatch": {"cargotrack.shipment-alerts": "Read"},
+    # Dead letters: the same ProjectionRunner as the projector (shared/projection.py).
+    "learner": {"cargotrack.gps-points": "Read", "cargotrack.dead-letters": "Write"},
+}
+#: The consumer groups each Kafka user may join (pattern type, name): the runner's group
+#: is the topic prefix plus the projection's name; the projector's user also covers
+#: the one-off groups of `cargotrack rebuild`.
+KAFKA_GROUPS = {
+    "gps-ingest": set(),
+    "shipment-events": set(),
+    "delivery-confirmations": set(),
+    "projector": {("literal", "cargotrack.tracking"), ("prefix", "cargotrack-")},
+    "dispatch": set(),
+    "learner": {("literal", "cargotrack.learner")},
 }
 #: Each workload's database role (None: no database credentials at all).
 DATABASE_ROLE = {
@@ -201,6 +214,7 @@ DATABASE_ROLE = {
     "dispatch": None,
     "tracking-query": "cargotrack_query",
     "projector": "cargotrack_projector",
+    "learner": "cargotrack_learner",
 }
 
 
@@ -220,6 +234,7 @@ def test_each_workload_has_its_own_kafka_user_with_least_privilege(
         password = variables["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert password == {"name": user, "key": "password"}
         topics: dict[str, set[str]] = {}
+        groups: set[tuple[str, str]] = set()
         for acl in users[user]["spec"]["authorization"]["acls"]:
             resource = acl["resource"]
             assert resource["type"] in ("topic", "group"), f"{user}: no cluster rights"
@@ -227,7 +242,11 @@ def test_each_workload_has_its_own_kafka_user_with_least_privilege(
             if resource["type"] == "topic":
                 assert resource["patternType"] == "literal", f"{user}: no topic prefixes"
                 topics[resource["name"]] = set(acl["operations"]) - {"Describe", "DescribeConfigs"}
+            else:
+                assert set(acl["operations"]) <= {"Describe", "Read"}, user
+                groups.add((resource["patternType"], resource["name"]))
         assert topics == {topic: {op} for topic, op in KAFKA_ACCESS[name].items()}
+        assert groups == KAFKA_GROUPS[name], user
     for job in of_kind(overlay, "Job").values():
         assert "KAFKA_SASL_PASSWORD" not in env(job)
     assert "KAFKA_SASL_USERNAME" not in config(overlay)
@@ -244,7 +263,10 @@ def test_each_workload_has_its_own_database_role_over_verified_tls(
     (cluster,) = of_kind(overlay, "Cluster").values()
     roles = {role["name"]: role for role in cluster["spec"]["managed"]["roles"]}
     assert set(roles) == {role for role in DATABASE_ROLE.values() if role}
+    # Members of the owner role: both run `migrate` at start, the projector also
+    # creates and drops partitions.
     assert roles["cargotrack_projector"]["inRoles"] == ["cargotrack"]
+    assert roles["cargotrack_learner"]["inRoles"] == ["cargotrack"]
     assert "inRoles" not in roles["cargotrack_query"]
     workloads = {**of_kind(overlay, "Deployment"), **of_kind(overlay, "Job")}
     for name, workload in workloads.items():
@@ -257,6 +279,9 @@ def test_each_workload_has_its_own_database_role_over_verified_tls(
             continue
         assert url.startswith(f"postgresql://{role}@cargotrack-pg-rw:5432/"), name
         assert "sslmode=verify-full" in url, name
+        # Members of the owner role act as it, so what they create stays the owner's.
+        member = "inRoles" in roles.get(role, {})
+        assert ("&role=cargotrack" in url) == member, name
         ca_file = url.partition("sslrootcert=")[2]
         mounts = {m["mountPath"]: m["name"] for m in container(workload)["volumeMounts"]}
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
@@ -428,7 +453,7 @@ def test_dev_is_small(rendered: dict[str, list[Resource]]) -> None:
     (auth,) = [s for s in secrets if s["metadata"]["name"].startswith("cargotrack-auth")]
     assert set(auth["data"]) == {"CARGOTRACK_JWT_SECRET"}
     roles = {s["metadata"]["name"] for s in secrets if s["type"] == "kubernetes.io/basic-auth"}
-    assert roles == {"cargotrack-db-projector", "cargotrack-db-query"}
+    assert roles == {"cargotrack-db-projector", "cargotrack-db-learner", "cargotrack-db-query"}
     for deployment in of_kind(dev, "Deployment").values():
         prod_like = of_kind(rendered["prod"], "Deployment")[deployment["metadata"]["name"]]
         assert container(deployment)["resources"] != container(prod_like)["resources"]
