@@ -8,7 +8,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -182,3 +182,34 @@ async def test_projector_models_swap_whole_versions_between_batches(
     for version, model in seen.items():
         assert math.isfinite(model.speeds.global_pace)  # type: ignore[attr-defined]
         assert version == 0 or version % 60 == 0
+
+
+async def test_before_any_version_the_projector_uses_the_fleet_average(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(settings)
+    pool = await create_pool(settings.database)
+    try:
+        now = datetime.now(UTC)
+        async with pool.acquire() as connection:
+            # One vehicle, 500 m north every 50 s (10 m/s); one 20-minute gap (ignored).
+            await connection.executemany(
+                "INSERT INTO vehicle_positions (tenant_id, vehicle_id, recorded_at, latitude,"
+                " longitude, event_id) VALUES ('acme', 'v1', $1, $2, -2.99, 'e')",
+                [
+                    (
+                        now - timedelta(seconds=50 * (10 - k) + (1200 if k < 3 else 0)),
+                        53.40 + 0.0044966 * k,
+                    )
+                    for k in range(10)
+                ],
+            )
+        store = ModelStore(pool, 60.0)
+        models = await store.refresh()
+    finally:
+        await pool.close()
+    acme = models.of("acme")
+    assert acme.version == 0
+    assert acme.model.speeds.global_speed_mps == pytest.approx(10.0, rel=0.01)
+    assert models.of("nobody").model.speeds.global_speed_mps == 8.0  # the default
