@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +16,10 @@ import pytest
 
 from services.learner.app import build_runner
 from services.learner.projection import learner_params
+from services.projector.live import LiveTracker
 from services.projector.models import ModelStore
+from services.projector.projection import TrackingProjection
+from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool
 from shared.domain import learner
@@ -28,6 +32,7 @@ from tests.projection_helpers import (
     T0,
     end_offsets,
     gps_envelope,
+    lifecycle,
     prepare,
     producer_for,
     projector_settings,
@@ -213,3 +218,59 @@ async def test_before_any_version_the_projector_uses_the_fleet_average(
     assert acme.version == 0
     assert acme.model.speeds.global_speed_mps == pytest.approx(10.0, rel=0.01)
     assert models.of("nobody").model.speeds.global_speed_mps == 8.0  # the default
+
+
+async def test_every_stored_eta_records_the_model_version_it_came_from(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(settings)
+    # A stored version for acme: the model the learner would have published.
+    params = learner_params(settings.learner)
+    state, _ = learner.fold(LearnerState(), _points(_log(30))["acme"], params)
+    snapshot = learner.ModelSnapshot(1796256000, state.learned_from, 1796256000.0, 9,
+                                     learner.build(state, params))  # fmt: skip
+    pool = await create_pool(settings.database)
+    try:
+        async with pool.acquire() as connection:
+            await model_snapshots.insert_snapshot(connection, "acme", snapshot, keep=3)
+        models = ModelStore(pool, 60.0)
+        await models.refresh()
+        log = lifecycle("acme", "s1", "v1", T0) + lifecycle("globex", "s1", "v1", T0)
+        for tenant in ("acme", "globex"):
+            points = [(T0 + timedelta(seconds=30 * i), 53.40 + 0.001 * i, -2.99) for i in range(8)]
+            log.append(gps_envelope(tenant, "v1", "phone", 1, points))
+        async with producer_for(settings) as producer:
+            await send_all(producer, settings, log)
+            projection = TrackingProjection(
+                settings.topics, LiveTracker(settings.alerts, models=models)
+            )
+            runner = ProjectionRunner(
+                projection, pool, settings.kafka, settings.topics.dead_letters, producer,
+                group_id=f"{settings.topics.prefix}projector",
+            )  # fmt: skip
+            task = asyncio.create_task(runner.run())
+            try:
+                offsets = await end_offsets(settings, projection.topics)
+                await wait_caught_up(pool, projection.name, offsets, timeout_s=90)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        async with pool.acquire() as connection:
+            history = await connection.fetch(
+                "SELECT tenant_id, model_version FROM eta_history ORDER BY tenant_id"
+            )
+            tracked = {
+                row["tenant_id"]: json.loads(row["eta"])
+                for row in await connection.fetch("SELECT tenant_id, eta FROM shipment_tracking")
+            }
+    finally:
+        await pool.close()
+    assert {r["tenant_id"] for r in history} == {"acme", "globex"}
+    for row in history:
+        assert row["model_version"] == (1796256000 if row["tenant_id"] == "acme" else 0)
+    assert tracked["acme"]["model_version"] == 1796256000
+    assert tracked["globex"]["model_version"] == 0
+    # What the portal gets: the Eta message cites the version.
+    assert store.eta_message(tracked["acme"]).model_version == 1796256000
