@@ -108,3 +108,12 @@ async def fleet_average_mps(connection: Connection, since: datetime) -> dict[str
         since,
     )
     return {r["tenant_id"]: float(r["d"] / r["dt"]) for r in rows if r["dt"] and r["d"]}
+
+
+async def copy_to_schema(connection: Connection, source: str, target: str) -> None:
+    """Copy every row from schema ``source`` into the same (empty) table of schema
+    ``target``, in the caller's transaction (used by ``cargotrack rebuild``)."""
+    await connection.execute(
+        f'INSERT INTO "{target}".eta_models SELECT * FROM "{source}".eta_models'
+        " ON CONFLICT DO NOTHING"
+    )

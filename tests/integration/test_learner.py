@@ -19,6 +19,7 @@ from services.learner.projection import learner_params
 from services.projector.live import LiveTracker
 from services.projector.models import ModelStore
 from services.projector.projection import TrackingProjection
+from services.projector.rebuild import rebuild
 from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool
@@ -274,3 +275,28 @@ async def test_every_stored_eta_records_the_model_version_it_came_from(
     assert tracked["globex"]["model_version"] == 0
     # What the portal gets: the Eta message cites the version.
     assert store.eta_message(tracked["acme"]).model_version == 1796256000
+
+
+async def test_a_tracking_rebuild_keeps_the_learner_state_versions_and_offsets(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    extra = {"CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": "300"}
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema, **extra)
+    await prepare(settings)
+    log = _log(40)
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[:-6])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+    before, before_models = await _stored(settings)
+    await rebuild(settings, switch_lag=0, progress=lambda _line: None)
+    after, after_models = await _stored(settings)
+    assert after_models == before_models
+    assert {t: learner.state_to_dict(s) for t, s in after.items()} == {
+        t: learner.state_to_dict(s) for t, s in before.items()
+    }
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[-6:])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+        assert runner.stats.records == 6  # resumed from the carried-over offsets
