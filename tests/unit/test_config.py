@@ -60,3 +60,25 @@ def test_dev_key_only_in_dev_mode() -> None:
 def test_tls_files_go_together() -> None:
     with pytest.raises(ConfigError, match="go together"):
         load_settings({**BASE, "CARGOTRACK_TLS_CERT_FILE": "/tmp/cert.pem"})
+
+
+def test_learner_settings_are_parsed_and_checked() -> None:
+    settings = load_settings(
+        {
+            **BASE,
+            "CARGOTRACK_LEARNER_HALF_LIFE_DAYS": "3",
+            "CARGOTRACK_LEARNER_TIMEZONE": "Europe/London",
+        }
+    )
+    assert settings.learner.half_life_days == 3.0
+    assert settings.learner.timezone == "Europe/London"
+    with pytest.raises(ConfigError) as raised:
+        load_settings(
+            {
+                **BASE,
+                "CARGOTRACK_LEARNER_TIMEZONE": "Mars/Olympus",
+                "CARGOTRACK_LEARNER_KEEP_VERSIONS": "1",
+            }
+        )
+    assert "CARGOTRACK_LEARNER_TIMEZONE" in str(raised.value)
+    assert "CARGOTRACK_LEARNER_KEEP_VERSIONS" in str(raised.value)
