@@ -32,6 +32,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.projector.live import LiveTracker
+from services.projector.models import ModelStore
 from services.projector.projection import TrackingProjection
 from shared import tracking_store as store
 from shared.config import Settings
@@ -83,7 +84,15 @@ async def rebuild(
     new_schema = f"{live_schema}_rebuild_{stamp}"
     new_db = dataclasses.replace(settings.database, schema=new_schema)
     await migrate(new_db)
-    projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts))
+    # ETAs are recomputed with the live schema's current models (the learner's
+    # tables are carried over at the switch, not rebuilt): loaded once, kept.
+    live_pool = await create_pool(settings.database, min_size=0, max_size=1)
+    try:
+        models = ModelStore(live_pool, settings.learner.model_poll_s)
+        await models.refresh()
+    finally:
+        await live_pool.close()
+    projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts, models=models))
     topics = list(projection.topics)
     started = time.monotonic()
     pool = await create_pool(new_db)
