@@ -56,10 +56,11 @@ NOISE_M = 4.0
 
 
 def _fields(estimate: Any) -> tuple[Any, ...]:
-    """An estimate as plain values (the two models' classes differ)."""
+    """An estimate as plain values (the two models' classes differ), field by field
+    of the reference estimate (the production one adds `model_version`)."""
     return tuple(
         v.value if hasattr(v, "value") else v
-        for v in (getattr(estimate, f.name) for f in dataclasses.fields(estimate))
+        for v in (getattr(estimate, f.name) for f in dataclasses.fields(old_eta.EtaEstimate))
     )
 
 

@@ -380,7 +380,8 @@ def learn_online(
             # What the projector loads: EtaModel(decode_speeds(payload)), where
             # decode_speeds(encode_speeds(s)) == s (tests/unit/test_learner.py).
             out.available_at.append(end)
-            out.models.append((snapshot.version, EtaModel(snapshot.speeds, eta_params)))
+            model = EtaModel(snapshot.speeds, eta_params, version=snapshot.version)
+            out.models.append((snapshot.version, model))
     return out
 
 

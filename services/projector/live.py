@@ -126,11 +126,11 @@ class PendingAlert:
     detected_at: datetime | None = None
 
 
-def eta_json(estimate: EtaEstimate, now: datetime, model_version: int = 0) -> dict[str, Any]:
-    """The API-facing ETA (see tracking_store.eta_message) plus the model's full estimate
-    and the version of the speed model that produced it (0: no learned version)."""
+def eta_json(estimate: EtaEstimate, now: datetime) -> dict[str, Any]:
+    """The API-facing ETA (see tracking_store.eta_message) plus the model's full estimate,
+    with the version of the speed model that produced it (0: no learned version)."""
     return {
-        "model_version": model_version,
+        "model_version": estimate.model_version,
         "estimated_arrival": estimate.arrival.isoformat(),
         "earliest": estimate.earliest.isoformat(),
         "latest": estimate.latest.isoformat(),
@@ -565,10 +565,10 @@ class LiveTracker:
                 if estimate is None:
                     continue
                 chain = estimate
-                history.append(self._history_row(shipment, estimate, moment, loaded.version))
+                history.append(self._history_row(shipment, estimate, moment))
                 conditions, fired = self._observe(shipment, conditions, estimate)
                 if fired:
-                    basis = eta_json(estimate, moment, loaded.version)
+                    basis = eta_json(estimate, moment)
                     pending.extend(
                         PendingAlert(shipment, d, basis, track.at(moment), moment) for d in fired
                     )
@@ -583,11 +583,11 @@ class LiveTracker:
                 fixes = track.up_to(now, window_s)
                 shown = estimate_at(now, previous, fixes) if fixes else None
                 if shown is not None:
-                    history.append(self._history_row(shipment, shown, now, loaded.version))
+                    history.append(self._history_row(shipment, shown, now))
             eta: dict[str, Any] | None = None
             progress = None
             if shown is not None:
-                eta = eta_json(shown, now, loaded.version)
+                eta = eta_json(shown, now)
                 progress = {
                     "route_length_m": route.length_m if route else 0.0,
                     "travelled_m": shown.distance_along_m or 0.0,
@@ -661,7 +661,7 @@ class LiveTracker:
 
     @staticmethod
     def _history_row(
-        shipment: ShipmentState, estimate: EtaEstimate, now: datetime, model_version: int
+        shipment: ShipmentState, estimate: EtaEstimate, now: datetime
     ) -> tuple[str, str, datetime, datetime, datetime, float, int, int]:
         return (
             shipment.tenant_id,
@@ -671,7 +671,7 @@ class LiveTracker:
             estimate.arrival,
             estimate.remaining_m,
             ETA_METHODS[estimate.method],
-            model_version,
+            estimate.model_version,
         )
 
     def _observe(

@@ -99,7 +99,8 @@ class ModelStore:
                 if stored is None:
                     continue  # deleted meanwhile: the next poll finds the newer one
                 speeds = await asyncio.to_thread(decode_speeds, stored.payload)
-                tenants[tenant] = LoadedModel(version, EtaModel(speeds, self.params))
+                model = EtaModel(speeds, self.params, version=version)
+                tenants[tenant] = LoadedModel(version, model)
                 log.info("tenant %s: model version %d loaded", tenant, version)
             if loop.time() - self._fallback_at >= FALLBACK_EVERY_S:
                 self._fallback_at = loop.time()

@@ -139,6 +139,9 @@ class EtaEstimate:
     off_route: bool
     distance_along_m: float | None
     offset_m: float | None
+    #: The version of the learned speed model that produced it (0: no learned version:
+    #: the fleet average, or the default speed). See docs/eta.md, "The learner".
+    model_version: int = 0
 
 
 _T: Callable[[Fix], float] = attrgetter("t")
@@ -191,10 +194,16 @@ class EtaModel:
     """
 
     def __init__(
-        self, speeds: HistoricalSpeeds | None = None, params: EtaParams | None = None
+        self,
+        speeds: HistoricalSpeeds | None = None,
+        params: EtaParams | None = None,
+        *,
+        version: int = 0,
     ) -> None:
         self.speeds = speeds or HistoricalSpeeds.empty()
         self.params = params or EtaParams()
+        #: Copied into every estimate (`EtaEstimate.model_version`).
+        self.version = version
         self._informative = self.speeds.observed_m > 0
         self._route_paces: WeakKeyDictionary[Route, PiecePaces] = WeakKeyDictionary()
 
@@ -604,6 +613,7 @@ class EtaModel:
             off_route=off_route,
             distance_along_m=None if rp is None else rp.distance_along_m,
             offset_m=None if rp is None else rp.offset_m,
+            model_version=self.version,
         )
 
 

@@ -42,3 +42,12 @@ async def save_states(connection: Connection, states: Mapping[str, LearnerState]
         tenants,
         [encode_state(states[t]) for t in tenants],
     )
+
+
+async def copy_to_schema(connection: Connection, source: str, target: str) -> None:
+    """Copy every row from schema ``source`` into the same (empty) table of schema
+    ``target``, in the caller's transaction (used by ``cargotrack rebuild``)."""
+    await connection.execute(
+        f'INSERT INTO "{target}".learner_state SELECT * FROM "{source}".learner_state'
+        " ON CONFLICT DO NOTHING"
+    )

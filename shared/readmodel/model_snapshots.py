@@ -91,12 +91,12 @@ async def fleet_average_mps(connection: Connection, since: datetime) -> dict[str
     positions of each vehicle since ``since`` (pairs at most 10 min apart, at most
     40 m/s): the projector's fallback before a tenant has any model version."""
     rows = await connection.fetch(
-        "SELECT tenant_id, sum(d) AS d, sum(dt) AS dt FROM ("
+        "SELECT tenant_id, sum(d)::float8 AS d, sum(dt)::float8 AS dt FROM ("
         " SELECT tenant_id,"
         "  2 * 6371008.8 * asin(sqrt(power(sin(radians(latitude - plat) / 2), 2)"
         "   + cos(radians(plat)) * cos(radians(latitude))"
         "   * power(sin(radians(longitude - plon) / 2), 2))) AS d,"
-        "  extract(epoch FROM recorded_at - pat) AS dt"
+        "  extract(epoch FROM recorded_at - pat)::float8 AS dt"
         " FROM (SELECT tenant_id, latitude, longitude, recorded_at,"
         "  lag(latitude) OVER w AS plat, lag(longitude) OVER w AS plon,"
         "  lag(recorded_at) OVER w AS pat"
@@ -108,3 +108,12 @@ async def fleet_average_mps(connection: Connection, since: datetime) -> dict[str
         since,
     )
     return {r["tenant_id"]: float(r["d"] / r["dt"]) for r in rows if r["dt"] and r["d"]}
+
+
+async def copy_to_schema(connection: Connection, source: str, target: str) -> None:
+    """Copy every row from schema ``source`` into the same (empty) table of schema
+    ``target``, in the caller's transaction (used by ``cargotrack rebuild``)."""
+    await connection.execute(
+        f'INSERT INTO "{target}".eta_models SELECT * FROM "{source}".eta_models'
+        " ON CONFLICT DO NOTHING"
+    )

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from services.learner.app import build_runner
 from services.learner.projection import learner_params
+from services.projector.live import LiveTracker
 from services.projector.models import ModelStore
+from services.projector.projection import TrackingProjection
+from services.projector.rebuild import rebuild
+from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool
 from shared.domain import learner
@@ -28,6 +33,7 @@ from tests.projection_helpers import (
     T0,
     end_offsets,
     gps_envelope,
+    lifecycle,
     prepare,
     producer_for,
     projector_settings,
@@ -182,3 +188,115 @@ async def test_projector_models_swap_whole_versions_between_batches(
     for version, model in seen.items():
         assert math.isfinite(model.speeds.global_pace)  # type: ignore[attr-defined]
         assert version == 0 or version % 60 == 0
+
+
+async def test_before_any_version_the_projector_uses_the_fleet_average(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(settings)
+    pool = await create_pool(settings.database)
+    try:
+        now = datetime.now(UTC)
+        async with pool.acquire() as connection:
+            # One vehicle, 500 m north every 50 s (10 m/s); one 20-minute gap (ignored).
+            await connection.executemany(
+                "INSERT INTO vehicle_positions (tenant_id, vehicle_id, recorded_at, latitude,"
+                " longitude, event_id) VALUES ('acme', 'v1', $1, $2, -2.99, 'e')",
+                [
+                    (
+                        now - timedelta(seconds=50 * (10 - k) + (1200 if k < 3 else 0)),
+                        53.40 + 0.0044966 * k,
+                    )
+                    for k in range(10)
+                ],
+            )
+        store = ModelStore(pool, 60.0)
+        models = await store.refresh()
+    finally:
+        await pool.close()
+    acme = models.of("acme")
+    assert acme.version == 0
+    assert acme.model.speeds.global_speed_mps == pytest.approx(10.0, rel=0.01)
+    assert models.of("nobody").model.speeds.global_speed_mps == 8.0  # the default
+
+
+async def test_every_stored_eta_records_the_model_version_it_came_from(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(settings)
+    # A stored version for acme: the model the learner would have published.
+    params = learner_params(settings.learner)
+    state, _ = learner.fold(LearnerState(), _points(_log(30))["acme"], params)
+    snapshot = learner.ModelSnapshot(1796256000, state.learned_from, 1796256000.0, 9,
+                                     learner.build(state, params))  # fmt: skip
+    pool = await create_pool(settings.database)
+    try:
+        async with pool.acquire() as connection:
+            await model_snapshots.insert_snapshot(connection, "acme", snapshot, keep=3)
+        models = ModelStore(pool, 60.0)
+        await models.refresh()
+        log = lifecycle("acme", "s1", "v1", T0) + lifecycle("globex", "s1", "v1", T0)
+        for tenant in ("acme", "globex"):
+            points = [(T0 + timedelta(seconds=30 * i), 53.40 + 0.001 * i, -2.99) for i in range(8)]
+            log.append(gps_envelope(tenant, "v1", "phone", 1, points))
+        async with producer_for(settings) as producer:
+            await send_all(producer, settings, log)
+            projection = TrackingProjection(
+                settings.topics, LiveTracker(settings.alerts, models=models)
+            )
+            runner = ProjectionRunner(
+                projection, pool, settings.kafka, settings.topics.dead_letters, producer,
+                group_id=f"{settings.topics.prefix}projector",
+            )  # fmt: skip
+            task = asyncio.create_task(runner.run())
+            try:
+                offsets = await end_offsets(settings, projection.topics)
+                await wait_caught_up(pool, projection.name, offsets, timeout_s=90)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        async with pool.acquire() as connection:
+            history = await connection.fetch(
+                "SELECT tenant_id, model_version FROM eta_history ORDER BY tenant_id"
+            )
+            tracked = {
+                row["tenant_id"]: json.loads(row["eta"])
+                for row in await connection.fetch("SELECT tenant_id, eta FROM shipment_tracking")
+            }
+    finally:
+        await pool.close()
+    assert {r["tenant_id"] for r in history} == {"acme", "globex"}
+    for row in history:
+        assert row["model_version"] == (1796256000 if row["tenant_id"] == "acme" else 0)
+    assert tracked["acme"]["model_version"] == 1796256000
+    assert tracked["globex"]["model_version"] == 0
+    # What the portal gets: the Eta message cites the version.
+    assert store.eta_message(tracked["acme"]).model_version == 1796256000
+
+
+async def test_a_tracking_rebuild_keeps_the_learner_state_versions_and_offsets(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    extra = {"CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": "300"}
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema, **extra)
+    await prepare(settings)
+    log = _log(40)
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[:-6])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+    before, before_models = await _stored(settings)
+    await rebuild(settings, switch_lag=0, progress=lambda _line: None)
+    after, after_models = await _stored(settings)
+    assert after_models == before_models
+    assert {t: learner.state_to_dict(s) for t, s in after.items()} == {
+        t: learner.state_to_dict(s) for t, s in before.items()
+    }
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[-6:])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+        assert runner.stats.records == 6  # resumed from the carried-over offsets

@@ -90,3 +90,25 @@ def test_tracking_query_refuses_to_start_without_a_page_token_key() -> None:
     public_only["CARGOTRACK_JWT_PUBLIC_KEY"] = "-----BEGIN PUBLIC KEY-----"
     with pytest.raises(ConfigError, match="CARGOTRACK_PAGE_TOKEN_KEY"):
         QueryServer(load_settings(public_only))
+
+
+def test_learner_settings_are_parsed_and_checked() -> None:
+    settings = load_settings(
+        {
+            **BASE,
+            "CARGOTRACK_LEARNER_HALF_LIFE_DAYS": "3",
+            "CARGOTRACK_LEARNER_TIMEZONE": "Europe/London",
+        }
+    )
+    assert settings.learner.half_life_days == 3.0
+    assert settings.learner.timezone == "Europe/London"
+    with pytest.raises(ConfigError) as raised:
+        load_settings(
+            {
+                **BASE,
+                "CARGOTRACK_LEARNER_TIMEZONE": "Mars/Olympus",
+                "CARGOTRACK_LEARNER_KEEP_VERSIONS": "1",
+            }
+        )
+    assert "CARGOTRACK_LEARNER_TIMEZONE" in str(raised.value)
+    assert "CARGOTRACK_LEARNER_KEEP_VERSIONS" in str(raised.value)

@@ -33,13 +33,19 @@ PROJ = LocalProjection(51.5, -0.1)
 T0 = datetime(2026, 3, 6, 22, 17, 31, tzinfo=UTC)  # a Friday night: hours and days turn
 
 
+#: The reference estimate's fields: every one is compared. (The production estimate
+#: also says which model version produced it, `model_version`, which the reference
+#: predates; it is 0 here, as for any model built without a version.)
+_REFERENCE_FIELDS = tuple(f.name for f in dataclasses.fields(ref_eta.EtaEstimate))
+
+
 def _plain(estimate: Any) -> tuple[Any, ...] | None:
-    """An estimate's fields as plain values (the two models' classes differ)."""
+    """An estimate's reference fields as plain values (the two models' classes differ)."""
     if estimate is None:
         return None
     return tuple(
         v.value if hasattr(v, "value") else v
-        for v in (getattr(estimate, f.name) for f in dataclasses.fields(estimate))
+        for v in (getattr(estimate, name) for name in _REFERENCE_FIELDS)
     )
 
 
