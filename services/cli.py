@@ -54,6 +54,8 @@ class ServiceSpec:
     module: str
     default_port: int
     summary: str
+    #: It runs without PostgreSQL when DATABASE_URL is unset (see load_settings).
+    database_optional: bool = False
 
 
 SERVICES: dict[str, ServiceSpec] = {
@@ -70,6 +72,7 @@ SERVICES: dict[str, ServiceSpec] = {
             "services.delivery_confirmations.app",
             50053,
             "proofs of delivery",
+            database_optional=True,
         ),
         ServiceSpec("tracking-query", "services.tracking_query.app", 50054, "shipment queries"),
         ServiceSpec("dispatch", "services.dispatch.app", 50055, "delay alert subscriptions"),
@@ -97,9 +100,9 @@ class UsageError(Exception):
     """An expected failure: printed as one line, exit status 2."""
 
 
-def _settings(default_port: int = 0) -> Settings:
+def _settings(default_port: int = 0, *, database_optional: bool = False) -> Settings:
     try:
-        return load_settings(default_grpc_port=default_port)
+        return load_settings(default_grpc_port=default_port, database_optional=database_optional)
     except ConfigError as error:
         raise UsageError(str(error)) from None
 
@@ -160,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     spec = SERVICES.get(args.name)
     if spec is None:
         raise UsageError(f"unknown service {args.name!r}; one of: {', '.join(SERVICES)}")
-    settings = _settings(spec.default_port)
+    settings = _settings(spec.default_port, database_optional=spec.database_optional)
     _configure_logging(settings)
     module = importlib.import_module(spec.module)
     run: Callable[[Settings], Coroutine[Any, Any, None]] = module.run

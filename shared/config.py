@@ -341,12 +341,18 @@ def _opentelemetry_installed() -> bool:
 
 
 def load_settings(
-    environ: Mapping[str, str] | None = None, *, default_grpc_port: int = 0
+    environ: Mapping[str, str] | None = None,
+    *,
+    default_grpc_port: int = 0,
+    database_optional: bool = False,
 ) -> Settings:
     """Parse the environment into Settings, or raise ConfigError naming every bad variable.
 
     default_grpc_port is the service's conventional port, used when
-    CARGOTRACK_GRPC_PORT is unset (0 asks the OS for a free one).
+    CARGOTRACK_GRPC_PORT is unset (0 asks the OS for a free one). With
+    database_optional (a service that works without PostgreSQL, such as
+    delivery-confirmations), an unset DATABASE_URL is no error: settings.database.url
+    is then "" and the service uses no database.
     """
     env = _Reader(os.environ if environ is None else environ)
     kafka = KafkaSettings(
@@ -364,7 +370,11 @@ def load_settings(
         ),
     )
     database = DatabaseSettings(
-        url=env.required("DATABASE_URL", "postgresql://user:password@host:port/database"),
+        url=(
+            env.text("DATABASE_URL", "")
+            if database_optional
+            else env.required("DATABASE_URL", "postgresql://user:password@host:port/database")
+        ),
         schema=env.text("CARGOTRACK_DB_SCHEMA", "cargotrack"),
         pool_min=env.integer("CARGOTRACK_DB_POOL_MIN", 1, minimum=0),
         pool_max=env.integer("CARGOTRACK_DB_POOL_MAX", 10, minimum=1),

@@ -118,11 +118,12 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
     return pool
 
 
-#: The read-only role of tracking-query (k8s/base/postgres/cluster.yaml creates it as
-#: a CloudNativePG managed role). `migrate` grants it reading the schema, present
-#: and future tables. The projector's role is a member of the owner role instead
-#: (it creates and drops the daily position partitions); the ingest services and
-#: dispatch have no database role at all.
+#: The read-only role of tracking-query and of delivery-confirmations' read-model
+#: pre-check (k8s/base/postgres/cluster.yaml creates it as a CloudNativePG managed
+#: role). `migrate` grants it reading the schema, present and future tables. The
+#: projector's role is a member of the owner role instead (it creates and drops the
+#: daily position partitions); gps-ingest, shipment-events and dispatch have no
+#: database role at all.
 READ_ONLY_ROLE = "cargotrack_query"
 
 

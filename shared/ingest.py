@@ -455,12 +455,15 @@ class IngestService:
 
     `name` is the full gRPC service name; `register` adds the servicer to a server;
     `roles` maps each full method name to the roles that may call it (a method
-    missing from it is refused).
+    missing from it is refused); `resources` are what the servicer uses besides
+    Kafka (delivery-confirmations: its read-model pool), entered before the gRPC
+    server starts and exited after it stopped.
     """
 
     name: str
     register: Registrar
     roles: Mapping[str, Collection[Role]]
+    resources: Sequence[contextlib.AbstractAsyncContextManager[object]] = ()
 
 
 #: Builds a service's servicer around the shared Kafka link.
@@ -552,6 +555,8 @@ class IngestServer(StackedServer):
         await self._stack.enter_async_context(metrics.service_telemetry(self.settings, self.label))
         await self._stack.enter_async_context(self.kafka)
         service = self._builder(self.settings, self.kafka)
+        for resource in service.resources:
+            await self._stack.enter_async_context(resource)
         app = GrpcApp(
             self.settings.grpc,
             self.settings.auth,

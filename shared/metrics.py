@@ -126,6 +126,16 @@ PRODUCE_FAILURES = Counter(
     ["topic"],
 )
 
+# --- Delivery confirmations (services.delivery_confirmations.precheck) ----------------
+
+CONFIRMATION_PRECHECKS = Counter(
+    "cargotrack_confirmation_prechecks",
+    "Delivery confirmations checked against the read model, by outcome: passed;"
+    " not_assigned or settled (refused, nothing written); unknown, unassigned,"
+    " unavailable or skipped (accepted unchecked, the fold decides).",
+    ["outcome"],
+)
+
 # --- GPS ingest (services.gps_ingest.servicer) -----------------------------------------
 
 GPS_BATCHES = Counter(

@@ -101,6 +101,41 @@ async def abort_invalid(
     raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
 
 
+#: google.rpc.ErrorInfo.domain of cargotrack's own refusals.
+ERROR_DOMAIN = "cargotrack.io"
+
+
+async def abort_with_reason(
+    context: Context,
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: Mapping[str, str],
+) -> NoReturn:
+    """Abort with `code` and a google.rpc.ErrorInfo: `reason` (an UPPER_SNAKE_CASE
+    constant clients may branch on), domain ERROR_DOMAIN and `metadata` (e.g. the
+    request field the refusal is about, under "field")."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
+
+
+def error_infos(error: grpc.aio.AioRpcError) -> list[tuple[str, dict[str, str]]]:
+    """(reason, metadata) of every google.rpc.ErrorInfo in an error's trailers."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return []
+    found: list[tuple[str, dict[str, str]]] = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            found.append((info.reason, dict(info.metadata)))
+    return found
+
+
 def field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     """(field, description) pairs of a BadRequest in an error's trailers (for clients, tests)."""
     status = rpc_status.from_call(error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +51,33 @@ async def load_shipments(
     rows = await _load_states(connection, "shipments", "shipment_id", keys)
     states = (statecodec.decode_as(ShipmentState, row) for row in rows)
     return {(s.tenant_id, s.shipment_id): s for s in states}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the read model says about a shipment, for the delivery-confirmations pre-check:
+    its status, its assigned vehicle ('' for none) and the confirmation id of its proof
+    (None when it holds none)."""
+
+    status: int
+    vehicle_id: str
+    proof_confirmation_id: str | None
+
+
+async def load_assignment(
+    connection: Connection, tenant_id: str, shipment_id: str
+) -> Assignment | None:
+    """The shipment's status, vehicle and proof as last projected; None when the read
+    model does not know it (not created, or not projected yet). One indexed row read."""
+    row = await connection.fetchrow(
+        "SELECT status, vehicle_id, state->'proof'->>'confirmation_id' AS proof_confirmation_id"
+        " FROM shipments WHERE tenant_id = $1 AND shipment_id = $2",
+        tenant_id,
+        shipment_id,
+    )
+    if row is None:
+        return None
+    return Assignment(row["status"], row["vehicle_id"], row["proof_confirmation_id"])
 
 
 async def save_shipments(connection: Connection, states: Sequence[ShipmentState]) -> None:

@@ -45,7 +45,8 @@ def service_settings(
     """Settings for one test: its Kafka, its topic prefix, the development key, a free port.
 
     Keyword arguments are environment variables and win over the defaults, e.g.
-    `CARGOTRACK_KAFKA_TIMEOUT_S=2`.
+    `CARGOTRACK_KAFKA_TIMEOUT_S=2`; `DATABASE_URL=""` gives no database (for
+    delivery-confirmations: no read-model pre-check).
     """
     env: dict[str, str] = {
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
@@ -60,7 +61,7 @@ def service_settings(
         "CARGOTRACK_LOG_FORMAT": "console",
     }
     env.update({name: str(value) for name, value in environ.items()})
-    return load_settings(env)
+    return load_settings(env, database_optional=True)
 
 
 @dataclass

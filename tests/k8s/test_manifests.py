@@ -210,7 +210,7 @@ KAFKA_GROUPS = {
 DATABASE_ROLE = {
     "gps-ingest": None,
     "shipment-events": None,
-    "delivery-confirmations": None,
+    "delivery-confirmations": "cargotrack_query",  # the read-model pre-check
     "dispatch": None,
     "tracking-query": "cargotrack_query",
     "projector": "cargotrack_projector",
