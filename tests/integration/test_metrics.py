@@ -253,10 +253,12 @@ async def test_request_counts_by_method_and_code(kafka_bootstrap: str, topic_pre
     assert delta(before, after, "cargotrack_grpc_server_handling_seconds_count", **latency) == 5
     # Every sample's labels are from the small, fixed set: never an id.
     allowed = {"service", "method", "code", "topic", "partition", "outcome", "kind", "horizon"}
-    allowed |= {"source"}
+    allowed |= {"source", "role", "certificate"}
     allowed |= {"version", "implementation", "major", "minor", "patchlevel", "generation", "le"}
     for name, labels, _ in after.samples:
-        assert set(labels) <= allowed, (name, labels)
+        # Tenants are few: only the ETA-error histogram is per tenant (docs/operations.md).
+        per_tenant = {"tenant"} if name.startswith("cargotrack_eta_error_seconds") else set()
+        assert set(labels) <= allowed | per_tenant, (name, labels)
         assert "shp-" not in "".join(labels.values()), (name, labels)
     topic = {"topic": settings.topics.shipment_events}
     assert after.value("cargotrack_kafka_produced_records_total", **topic) == 4
