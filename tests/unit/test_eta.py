@@ -207,7 +207,9 @@ def test_permutations_of_the_same_points_give_the_same_estimate(fixes: list[Fix]
 
 
 def test_off_route_switches_to_great_circle_and_back_with_hysteresis() -> None:
-    model = history_model()
+    # The great circle whenever off route (route_eta_max_offset_m 0): the hysteresis
+    # shows in the method. The default keeps the route closer than 600 m (next test).
+    model = history_model(EtaParams(route_eta_max_offset_m=0.0))
     dest = at(20_000, 0)
     on = drive(300)
     t = on[-1].at
@@ -230,6 +232,45 @@ def test_off_route_switches_to_great_circle_and_back_with_hysteresis() -> None:
     # The same hysteresis holds within one window of fixes.
     assert eta(model, [*on, *detour, *near]).method is EtaMethod.GREAT_CIRCLE
     assert eta(model, [*on, *detour, *near, *back]).method is EtaMethod.ROUTE
+
+
+def test_off_route_near_the_route_keeps_the_route_method_but_flags_off_route() -> None:
+    model = history_model()
+    limit = model.params.route_eta_max_offset_m
+    on = drive(300)
+    t = on[-1].at
+
+    def detour_at(offset_m: float) -> list[Fix]:
+        return [
+            Fix(t + timedelta(seconds=30 * i), *at(3000 + 300 * i, offset_m)) for i in (1, 2, 3)
+        ]
+
+    near = eta(model, [*on, *detour_at(limit / 2)])
+    assert near.off_route
+    assert near.method is EtaMethod.ROUTE
+    # Along the route: the destination's distance along minus the vehicle's.
+    assert near.remaining_m == pytest.approx(20_000 - 3900, abs=1.0)
+    far = eta(model, [*on, *detour_at(limit + 200)])
+    assert far.off_route
+    assert far.method is EtaMethod.GREAT_CIRCLE
+    # With the limit at 0, the same near detour takes the great circle.
+    legacy = history_model(EtaParams(route_eta_max_offset_m=0.0))
+    assert eta(legacy, [*on, *detour_at(limit / 2)]).method is EtaMethod.GREAT_CIRCLE
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(min_value=160.0, max_value=3000.0))
+def test_an_off_route_estimate_follows_the_route_exactly_within_the_limit(
+    offset_m: float,
+) -> None:
+    model = history_model()
+    on = drive(300)
+    t = on[-1].at
+    detour = [Fix(t + timedelta(seconds=30 * i), *at(3000 + 300 * i, offset_m)) for i in (1, 2, 3)]
+    est = eta(model, [*on, *detour])
+    assert est.off_route
+    within = est.offset_m is not None and est.offset_m <= model.params.route_eta_max_offset_m
+    assert est.method is (EtaMethod.ROUTE if within else EtaMethod.GREAT_CIRCLE)
 
 
 def test_one_stray_fix_beyond_the_threshold_does_not_leave_the_route() -> None:
