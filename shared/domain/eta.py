@@ -53,6 +53,11 @@ from shared.domain.geo import (
 )
 from shared.domain.speeds import HistoricalSpeeds, PiecePaces, hour_of_week
 
+#: How far from the destination a vehicle past the destination's nearest point on the
+#: route must be before a later pass of the route is taken as the destination (see
+#: `EtaParams.destination_ahead`): the geofence's exit radius (`geofence.py`).
+LEFT_DESTINATION_M = 200.0
+
 
 class EtaMethod(StrEnum):
     ROUTE = "route"
@@ -85,6 +90,10 @@ class EtaParams:
     #: circle only beyond it. 0 (or anything up to back_on_route_m): the great circle
     #: whenever off route. Chosen on eta-eval's validation split (docs/eta.md).
     route_eta_max_offset_m: float = 600.0
+    #: When the vehicle is already past the destination's nearest point on the route
+    #: and the route passes the destination again ahead, aim for that pass (False:
+    #: always the nearest point, as before). Chosen on eta-eval's validation split.
+    destination_ahead: bool = True
     detour_factor: float = 1.3
     window_s: float = 600.0
     min_span_s: float = 60.0
@@ -296,6 +305,19 @@ class EtaModel:
             return self._great_circle(t_now, anchor, dest, window, rp_n, dwell)
 
         along_n = rp_n.distance_along_m
+        if (
+            p.destination_ahead
+            and along_n > dest_rp.distance_along_m + p.arrive_radius_m
+            and haversine_m(newest.lat, newest.lon, *dest) > LEFT_DESTINATION_M
+        ):
+            # Past the destination's nearest point and away from it: when the route
+            # passes the destination again ahead (a loop, a round trip), that pass is
+            # the one the vehicle is heading for (within `project`'s 30 m slack of the
+            # nearest). Closer, the vehicle may be at the destination, overshooting.
+            ahead = route.project(*dest, near_m=along_n, back_m=0.0, ahead_m=route.length_m)
+            if ahead.distance_along_m > along_n:
+                dest_rp = ahead
+        dest_along = dest_rp.distance_along_m
         off_s = self.speeds.utc_offset_s(anchor)
 
         # Observed progress: earliest on-route fix of the window to the newest.

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.domain.eta import (
+    LEFT_DESTINATION_M,
     DelayCondition,
     DelayMargins,
     EtaEstimate,
@@ -271,6 +272,40 @@ def test_an_off_route_estimate_follows_the_route_exactly_within_the_limit(
     assert est.off_route
     within = est.offset_m is not None and est.offset_m <= model.params.route_eta_max_offset_m
     assert est.method is (EtaMethod.ROUTE if within else EtaMethod.GREAT_CIRCLE)
+
+
+# Out along y = 0 to 5 km, then back along y = 20 m: it passes x = 1 km twice.
+OUT_AND_BACK = Route([at(0, 0), at(5000, 0), at(5000, 20), at(0, 20)])
+
+
+@pytest.mark.parametrize("destination_ahead", [True, False])
+def test_past_the_destinations_nearest_point_a_loop_aims_for_the_pass_ahead(
+    destination_ahead: bool,
+) -> None:
+    model = EtaModel(None, EtaParams(destination_ahead=destination_ahead))
+    fixes = drive(300)  # out to x = 3 km on y = 0
+    dest = at(1000, 5)  # nearest the outbound leg (5 m); the return leg passes 15 m away
+    est = eta(model, fixes, route=OUT_AND_BACK, destination=dest)
+    assert est.method is EtaMethod.ROUTE
+    last = fixes[-1]
+    if destination_ahead:
+        # Along the route to the return leg's pass: 9,020 m along, from 3,000 m, + 15 m.
+        assert est.remaining_m == pytest.approx(9020 - 3000 + 15, abs=1.0)
+    else:
+        # Behind the vehicle: the straight line, as before.
+        assert est.remaining_m == pytest.approx(haversine_m(last.lat, last.lon, *dest))
+
+
+@pytest.mark.parametrize("end_x", [1080.0, 1000.0 + LEFT_DESTINATION_M - 10])
+def test_near_the_destination_a_loop_does_not_send_the_vehicle_round_again(
+    end_x: float,
+) -> None:
+    fixes = drive(60, every=6, start=end_x - 600)  # ends at x = end_x on y = 0
+    est = eta(EtaModel(), fixes, route=OUT_AND_BACK, destination=at(1000, 5))
+    # Just past the outbound pass, within LEFT_DESTINATION_M: perhaps overshooting
+    # the stop, so the destination stays just behind rather than 8 km round the loop.
+    last = fixes[-1]
+    assert est.remaining_m == pytest.approx(haversine_m(last.lat, last.lon, *at(1000, 5)))
 
 
 def test_one_stray_fix_beyond_the_threshold_does_not_leave_the_route() -> None:

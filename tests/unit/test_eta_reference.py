@@ -126,8 +126,10 @@ def _params(rng: random.Random) -> EtaParams:
         window_s=rng.choice([300.0, 600.0]),
         off_route_confirm=rng.choice([1, 2, 3]),
         min_span_s=rng.choice([30.0, 60.0]),
-        # The reference predates route_eta_max_offset_m: the great circle whenever off route.
+        # The reference predates these two: the great circle whenever off route, and the
+        # destination's nearest point on the route whatever the vehicle's position.
         route_eta_max_offset_m=0.0,
+        destination_ahead=False,
     )
 
 
