@@ -16,8 +16,10 @@ accuracy. In short:
   and fades out over ``persist_m`` ahead (today's delay is local). Dwell of the stops
   still ahead is added.
 * **great_circle** method, without a route or when off route (``off_route_confirm``
-  fixes beyond ``off_route_m``; back on only within ``back_on_route_m``: hysteresis):
-  great-circle distance × ``detour_factor`` at the same blended speeds.
+  fixes beyond ``off_route_m``; back on only within ``back_on_route_m``: hysteresis)
+  and the newest fix is more than ``route_eta_max_offset_m`` from the route:
+  great-circle distance × ``detour_factor`` at the same blended speeds. Closer than
+  that, an off-route vehicle (``off_route`` is set) keeps the route method.
 * The arrival is anchored at the newest fix's time and never before ``now``; the
   interval widens with remaining travel time, with the position's age, for the
   great-circle method and when nothing was observed.
@@ -51,6 +53,11 @@ from shared.domain.geo import (
 )
 from shared.domain.speeds import HistoricalSpeeds, PiecePaces, hour_of_week
 
+#: How far from the destination a vehicle past the destination's nearest point on the
+#: route must be before a later pass of the route is taken as the destination (see
+#: `EtaParams.destination_ahead`): the geofence's exit radius (`geofence.py`).
+LEFT_DESTINATION_M = 200.0
+
 
 class EtaMethod(StrEnum):
     ROUTE = "route"
@@ -78,6 +85,15 @@ class EtaParams:
     off_route_m: float = 150.0
     back_on_route_m: float = 75.0
     off_route_confirm: int = 2
+    #: While off route, the ETA still follows the route as long as the newest fix is
+    #: within this distance of it (a parallel street, a route variant); the great
+    #: circle only beyond it. 0 (or anything up to back_on_route_m): the great circle
+    #: whenever off route. Chosen on eta-eval's validation split (docs/eta.md).
+    route_eta_max_offset_m: float = 600.0
+    #: When the vehicle is already past the destination's nearest point on the route
+    #: and the route passes the destination again ahead, aim for that pass (False:
+    #: always the nearest point, as before). Chosen on eta-eval's validation split.
+    destination_ahead: bool = True
     detour_factor: float = 1.3
     window_s: float = 600.0
     min_span_s: float = 60.0
@@ -284,11 +300,24 @@ class EtaModel:
         rp_n = RoutePosition(alongs[-1], offsets[-1], offsets[-1] <= route.on_route_threshold_m)
         dest_rp = route.project(*dest)
         dest_along = dest_rp.distance_along_m
-        if off:
+        if off and rp_n.offset_m > p.route_eta_max_offset_m:
             dwell = self._stops_ahead(stops, rp_n.distance_along_m, dest_along, window, alongs)
             return self._great_circle(t_now, anchor, dest, window, rp_n, dwell)
 
         along_n = rp_n.distance_along_m
+        if (
+            p.destination_ahead
+            and along_n > dest_rp.distance_along_m + p.arrive_radius_m
+            and haversine_m(newest.lat, newest.lon, *dest) > LEFT_DESTINATION_M
+        ):
+            # Past the destination's nearest point and away from it: when the route
+            # passes the destination again ahead (a loop, a round trip), that pass is
+            # the one the vehicle is heading for (within `project`'s 30 m slack of the
+            # nearest). Closer, the vehicle may be at the destination, overshooting.
+            ahead = route.project(*dest, near_m=along_n, back_m=0.0, ahead_m=route.length_m)
+            if ahead.distance_along_m > along_n:
+                dest_rp = ahead
+        dest_along = dest_rp.distance_along_m
         off_s = self.speeds.utc_offset_s(anchor)
 
         # Observed progress: earliest on-route fix of the window to the newest.
@@ -319,7 +348,7 @@ class EtaModel:
         dwell = self._stops_ahead(stops, along_n, dest_along, window, alongs)
         return self._finish(
             t_now, anchor, newest, EtaMethod.ROUTE, remaining, travel, dwell,
-            v_obs, ln_r, observed, False, rp_n,
+            v_obs, ln_r, observed, off, rp_n,
         )  # fmt: skip
 
     def _paces_for(self, route: Route) -> PiecePaces:

@@ -126,6 +126,10 @@ def _params(rng: random.Random) -> EtaParams:
         window_s=rng.choice([300.0, 600.0]),
         off_route_confirm=rng.choice([1, 2, 3]),
         min_span_s=rng.choice([30.0, 60.0]),
+        # The reference predates these two: the great circle whenever off route, and the
+        # destination's nearest point on the route whatever the vehicle's position.
+        route_eta_max_offset_m=0.0,
+        destination_ahead=False,
     )
 
 
@@ -140,7 +144,9 @@ def _scenario(seed: int) -> int:
     new_model = EtaModel(speeds, params)
     ref_model = ref_eta.EtaModel(
         ref_speeds.HistoricalSpeeds.from_dict(speeds.to_dict()),
-        ref_eta.EtaParams(**{f: getattr(params, f) for f in EtaParams.__dataclass_fields__}),
+        ref_eta.EtaParams(
+            **{f: getattr(params, f) for f in ref_eta.EtaParams.__dataclass_fields__}
+        ),
     )
     fixes = _trip(rng, new_routes[0], T0)
     dest_route = rng.randrange(2)
