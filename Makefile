@@ -1,6 +1,7 @@
 # The two commands of the README: `make up` runs the suite, `make test` the tests.
 # Both set up everything they need on a fresh machine (virtualenv, pinned
-# packages, Kafka jars, buf, grpcurl); tools are cached outside the repository.
+# packages, Kafka jars; `make test` also buf, grpcurl, promtool and kcat); tools are
+# cached outside the repository.
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 export CARGOTRACK_CACHE_DIR := $(CACHE)
 export PATH := $(TOOLS)/bin:$(TOOLS)/node_modules/.bin:$(PATH)
 
-.PHONY: up test lint protos bootstrap tools kcat clean
+.PHONY: up test lint protos bootstrap tools kcat promtool clean
 
 up: bootstrap
 	$(BIN)/cargotrack dev
@@ -30,6 +31,7 @@ lint: bootstrap tools
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && $(BUF) lint
+	$(BIN)/python scripts/check-breaking
 	$(BIN)/python protos/generate.py --check
 
 protos: bootstrap
@@ -42,7 +44,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,local]'
 	touch $@
 
-tools: $(BUF) $(GRPCURL) kcat
+tools: $(BUF) $(GRPCURL) promtool kcat
 
 # kcat reads topics in the README's example (tests/e2e/test_readme.py runs it). It is
 # a system package: installed quietly with apt-get where that works (Debian, as
@@ -61,6 +63,18 @@ $(BUF):
 $(GRPCURL):
 	mkdir -p $(TOOLS)/bin
 	GOBIN=$(TOOLS)/bin go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+# promtool checks and unit-tests the alert rules (tests/k8s/test_monitoring.py). It
+# comes from Debian's `prometheus` package (Debian 12: Prometheus 2.42, whose promtool
+# runs the same `check rules` / `test rules`): building it from the Prometheus Go
+# module instead costs 10+ CPU-minutes on a fresh machine. Installed with apt-get
+# where that works (Debian, as root: CI); elsewhere put any promtool on PATH.
+promtool:
+	@command -v promtool >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { $(APT_INSTALL) prometheus || { apt-get update -qq && $(APT_INSTALL) prometheus; }; } \
+	       >/dev/null 2>&1; } \
+	  || { echo "promtool not found: install Debian's prometheus package or put promtool on PATH"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .cargotrack .pytest_cache .mypy_cache .ruff_cache

@@ -41,7 +41,9 @@ import numpy as np
 from bench.workload import ROUTE_LENGTH_M, route_of
 from shared.domain import eta as new_eta
 from shared.domain import geo as new_geo
+from shared.domain import learner
 from shared.domain.geo import EARTH_RADIUS_M, Fix
+from shared.domain.learner import LearnerParams, LearnerState
 from shared.domain.speeds import HistoricalSpeeds, learn_speeds
 from tests.unit.eta_reference import eta as old_eta
 from tests.unit.eta_reference import geo as old_geo
@@ -54,10 +56,11 @@ NOISE_M = 4.0
 
 
 def _fields(estimate: Any) -> tuple[Any, ...]:
-    """An estimate as plain values (the two models' classes differ)."""
+    """An estimate as plain values (the two models' classes differ), field by field
+    of the reference estimate (the production one adds `model_version`)."""
     return tuple(
         v.value if hasattr(v, "value") else v
-        for v in (getattr(estimate, f.name) for f in dataclasses.fields(estimate))
+        for v in (getattr(estimate, f.name) for f in dataclasses.fields(old_eta.EtaEstimate))
     )
 
 
@@ -185,6 +188,23 @@ def learned_speeds(routes: range) -> HistoricalSpeeds:
     return learn_speeds(traces)
 
 
+def learner_speeds(routes: range) -> HistoricalSpeeds:
+    """The same trips learned the production way: the learner's fold (default
+    parameters) and the snapshot payload codec the projector loads models with."""
+    params = LearnerParams()
+    points: list[tuple[str, Fix]] = []
+    start = T0 - timedelta(days=1)
+    for index in routes:
+        metres = np.arange(0.0, ROUTE_LENGTH_M, 600.0)
+        lat, lon = route_of(index).at(metres)
+        points.extend(
+            (f"v{index}", Fix(start + timedelta(seconds=60.0 * k), float(a), float(b)))
+            for k, (a, b) in enumerate(zip(lat, lon, strict=True))
+        )
+    state, _ = learner.fold(LearnerState(), points, params)
+    return learner.decode_speeds(learner.encode_speeds(learner.build(state, params)))
+
+
 def models(speeds: HistoricalSpeeds) -> tuple[old_eta.EtaModel, new_eta.EtaModel]:
     """The reference and the new model with the same speeds."""
     old = old_eta.EtaModel(old_speeds.HistoricalSpeeds.from_dict(speeds.to_dict()))
@@ -281,18 +301,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--speeds",
-        choices=["empty", "learned"],
+        choices=["empty", "learned", "learner"],
         default="empty",
-        help="empty: no history, as the projector runs; learned: per-cell history on every route",
+        help="empty: no history; learned: per-cell history on every route (SpeedLearner);"
+        " learner: the same trips through the learner's fold and snapshot codec, the model"
+        " the projector hot-loads",
     )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    learned = args.speeds == "learned"
+    learned = args.speeds != "empty"
     route_memory(args.memory_routes, args.window, learned)
     gc.collect()
     print(f"building {args.vehicles} vehicles with {args.window} fixes each, {args.speeds} speeds")
     vehicles = [Vehicle(i, rng, args.window) for i in range(args.vehicles)]
-    speeds = learned_speeds(range(args.vehicles)) if learned else HistoricalSpeeds.empty()
+    if args.speeds == "learner":
+        speeds = learner_speeds(range(args.vehicles))
+    elif learned:
+        speeds = learned_speeds(range(args.vehicles))
+    else:
+        speeds = HistoricalSpeeds.empty()
     old, new = models(speeds)
     run_calls(vehicles, old, new, args.rounds, args.slide, args.window)
 

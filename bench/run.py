@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: make `bench` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.phases import Bench, BenchOptions
+from bench.profiling import py_spy
 from bench.report import Report
 from bench.stack import BenchStack, StackOptions
 
@@ -238,7 +239,15 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.profile is not None and py_spy() is None:
+        # Refused before anything starts: a run without the profiles asked for would
+        # take minutes and then lack them.
+        parser.error(
+            "--profile needs py-spy, which is not installed"
+            " (`make bootstrap` installs it with the dev extra; or pip install py-spy)"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = asyncio.run(
         run_bench(

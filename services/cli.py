@@ -8,6 +8,14 @@
     cargotrack token --role ROLE   mint a development bearer token
     cargotrack rebuild             rebuild the projection from the log, switch atomically
     cargotrack eta-eval            score the ETA model on recorded trajectories
+    cargotrack eta-report          live ETA accuracy on real arrivals, per tenant and horizon
+    cargotrack env                 the running `cargotrack dev` stack's settings as exports
+
+Operator commands (migrate, create-topics, token, rebuild, simulate, eta-report) beside a
+running `cargotrack dev` find its stack by themselves: whatever their environment
+does not set (Kafka, PostgreSQL, the signing key, ...) they take from the stack file
+of its state directory (CARGOTRACK_STATE_DIR, default ./.cargotrack), and say on
+stderr which stack they talk to.
 
 Expected failures (bad configuration, a port taken, no Java) print one line and
 exit with status 2; tracebacks are kept for bugs.
@@ -29,6 +37,7 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
@@ -45,6 +54,8 @@ class ServiceSpec:
     module: str
     default_port: int
     summary: str
+    #: It runs without PostgreSQL when DATABASE_URL is unset (see load_settings).
+    database_optional: bool = False
 
 
 SERVICES: dict[str, ServiceSpec] = {
@@ -61,10 +72,12 @@ SERVICES: dict[str, ServiceSpec] = {
             "services.delivery_confirmations.app",
             50053,
             "proofs of delivery",
+            database_optional=True,
         ),
         ServiceSpec("tracking-query", "services.tracking_query.app", 50054, "shipment queries"),
         ServiceSpec("dispatch", "services.dispatch.app", 50055, "delay alert subscriptions"),
         ServiceSpec("projector", "services.projector.app", 50056, "folds the streams into state"),
+        ServiceSpec("learner", "services.learner.app", 50057, "learns speeds, publishes models"),
     )
 }
 
@@ -87,11 +100,55 @@ class UsageError(Exception):
     """An expected failure: printed as one line, exit status 2."""
 
 
-def _settings(default_port: int = 0) -> Settings:
+def _settings(default_port: int = 0, *, database_optional: bool = False) -> Settings:
     try:
-        return load_settings(default_grpc_port=default_port)
+        return load_settings(default_grpc_port=default_port, database_optional=database_optional)
     except ConfigError as error:
         raise UsageError(str(error)) from None
+
+
+def _state_dir() -> Path:
+    from shared.devstack.running import state_dir_from_env
+
+    return state_dir_from_env(os.environ)
+
+
+def _operator_environ(*, talks_to_servers: bool = True) -> dict[str, str]:
+    """This process's environment, completed from a running `cargotrack dev` stack.
+
+    Prints to stderr which Kafka and PostgreSQL the command talks to and where those
+    settings came from (with `talks_to_servers=False`, only when the stack's were used).
+    """
+    from shared.devstack.running import redact_url, stack_environment
+
+    environ, stack, taken = stack_environment(os.environ, _state_dir())
+    if not talks_to_servers and not taken:
+        return environ
+    if stack is not None and taken:
+        mine = [name for name in stack.env if name not in taken]
+        origin = stack.origin() + (f"; {', '.join(mine)} from the environment" if mine else "")
+    elif stack is None and not environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        origin = f"no running cargotrack dev in {_state_dir()}, nothing in the environment"
+    else:
+        origin = "from the environment"
+    if talks_to_servers:
+        kafka = environ.get("KAFKA_BOOTSTRAP_SERVERS") or "?"
+        database = redact_url(environ.get("DATABASE_URL") or "?")
+        print(f"cargotrack: Kafka {kafka}, PostgreSQL {database} ({origin})", file=sys.stderr)
+    else:
+        print(f"cargotrack: settings of {origin}", file=sys.stderr)
+    return environ
+
+
+def _operator_settings() -> Settings:
+    """Settings of an operator command: the environment, completed from a running stack."""
+    try:
+        return load_settings(_operator_environ(), default_grpc_port=0)
+    except ConfigError as error:
+        raise UsageError(
+            f"{error} (or start `cargotrack dev` / `make up` in this directory: operator "
+            "commands use its stack)"
+        ) from None
 
 
 def _configure_logging(settings: Settings | None = None) -> None:
@@ -106,35 +163,40 @@ def cmd_serve(args: argparse.Namespace) -> None:
     spec = SERVICES.get(args.name)
     if spec is None:
         raise UsageError(f"unknown service {args.name!r}; one of: {', '.join(SERVICES)}")
-    settings = _settings(spec.default_port)
+    settings = _settings(spec.default_port, database_optional=spec.database_optional)
     _configure_logging(settings)
     module = importlib.import_module(spec.module)
     run: Callable[[Settings], Coroutine[Any, Any, None]] = module.run
     asyncio.run(run(settings))
 
 
-def cmd_migrate(_args: argparse.Namespace) -> None:
-    from shared.db import migrate
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from shared.db import DatabaseUnavailable, migrate
 
-    settings = _settings()
-    applied = asyncio.run(migrate(settings.database))
+    if args.wait < 0:
+        raise UsageError("--wait must be 0 or a positive number of seconds")
+    settings = _operator_settings()
+    _configure_logging(settings)
+    try:
+        applied = asyncio.run(migrate(settings.database, wait_s=args.wait))
+    except DatabaseUnavailable as error:
+        raise UsageError(str(error)) from None
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
 
 
 def cmd_create_topics(_args: argparse.Namespace) -> None:
     from shared.kafka import ensure_topics, topic_specs
 
-    settings = _settings()
+    settings = _operator_settings()
     created = asyncio.run(ensure_topics(settings.kafka, topic_specs(settings.topics)))
     print(f"created {len(created)} topic(s): {', '.join(created) or 'all existed'}")
 
 
 def cmd_token(args: argparse.Namespace) -> None:
-    import os
-
     from shared.auth import Role, mint_token
 
-    secret = os.environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET
+    environ = _operator_environ(talks_to_servers=False)
+    secret = environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET
     try:
         token = mint_token(
             secret,
@@ -155,6 +217,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     if args.status_every <= 0:
         raise UsageError("--status-every must be a positive number of seconds")
+    if args.give_up_after < 1 or args.give_up_window <= 0:
+        raise UsageError("--give-up-after must be at least 1 and --give-up-window positive")
     if not args.no_simulator:
         _simulator_config(args)  # a bad option fails before anything starts
     _configure_logging()
@@ -174,23 +238,22 @@ def _simulator_config(args: argparse.Namespace, **overrides: Any) -> SimulatorCo
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    import os
-
     from services.fleet_simulator import Targets
     from services.fleet_simulator import run as simulate
     from services.launcher import dev_service_ports
 
     if args.report_every <= 0:
         raise UsageError("--report-every must be a positive number of seconds")
+    environ = _operator_environ(talks_to_servers=False)
     config = _simulator_config(
         args,
         rate_hz=args.rate,
         datasets=tuple(args.dataset or ("liverpool",)),
         tenant=args.tenant,
         run_id=args.run_id,
-        jwt_secret=os.environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET,
+        jwt_secret=environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET,
     )
-    ports = dev_service_ports(os.environ)
+    ports = dev_service_ports(environ)
     targets = Targets(
         gps=args.gps or f"127.0.0.1:{ports['gps-ingest']}",
         events=args.events or f"127.0.0.1:{ports['shipment-events']}",
@@ -230,7 +293,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def cmd_rebuild(args: argparse.Namespace) -> None:
     from services.projector.rebuild import rebuild
 
-    settings = _settings()
+    settings = _operator_settings()
     _configure_logging(settings)
     report = asyncio.run(rebuild(settings, keep_old=args.keep_old))
     print(
@@ -240,10 +303,31 @@ def cmd_rebuild(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_env(_args: argparse.Namespace) -> None:
+    from shared.devstack.running import read_running_stack
+
+    stack = read_running_stack(_state_dir())
+    if stack is None:
+        raise UsageError(
+            f"no cargotrack dev is running with state directory {_state_dir()} "
+            "(start one with `make up`, or set CARGOTRACK_STATE_DIR to its directory)"
+        )
+    print(f"# {stack.origin()}")
+    print("\n".join(stack.export_lines()))
+
+
 def cmd_eta_eval(args: argparse.Namespace) -> None:
     from shared.eta_eval import main as evaluate
 
     code = evaluate(args.rest)
+    if code:
+        sys.exit(code)
+
+
+def cmd_eta_report(args: argparse.Namespace) -> None:
+    from shared.eta_report import main as report
+
+    code = report(args.rest, environ=_operator_environ())
     if code:
         sys.exit(code)
 
@@ -280,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="S",
         help="seconds between summary lines (--headless)",
+    )
+    dev.add_argument(
+        "--give-up-after",
+        type=int,
+        default=5,
+        metavar="N",
+        help="stop when one process exited N times within --give-up-window (default 5)",
+    )
+    dev.add_argument(
+        "--give-up-window",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds over which --give-up-after counts exits (default 60)",
     )
     _simulator_options(dev)
     dev.set_defaults(handler=cmd_dev)
@@ -331,9 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("name", choices=sorted(SERVICES))
     serve.set_defaults(handler=cmd_serve)
 
-    commands.add_parser("migrate", help="apply database migrations").set_defaults(
-        handler=cmd_migrate
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="retry for up to S seconds while PostgreSQL does not answer (default 60; 0: once)",
     )
+    migrate.set_defaults(handler=cmd_migrate)
     commands.add_parser("create-topics", help="create the Kafka topics").set_defaults(
         handler=cmd_create_topics
     )
@@ -355,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--keep-old", action="store_true", help="keep the replaced schema")
     rebuild.set_defaults(handler=cmd_rebuild)
 
+    commands.add_parser(
+        "env",
+        help="print the running cargotrack dev stack's settings as export lines",
+        description='For other tools: eval "$(cargotrack env)" points them at the stack '
+        "`cargotrack dev` runs in CARGOTRACK_STATE_DIR (default ./.cargotrack).",
+    ).set_defaults(handler=cmd_env)
+
     evaluate = commands.add_parser(
         "eta-eval",
         help="score the ETA model on recorded trajectories (see docs/eta.md)",
@@ -362,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("rest", nargs=argparse.REMAINDER)
     evaluate.set_defaults(handler=cmd_eta_eval)
+
+    accuracy = commands.add_parser(
+        "eta-report",
+        help="live ETA accuracy on real arrivals, per tenant and horizon (see docs/eta.md)",
+        add_help=False,
+    )
+    accuracy.add_argument("rest", nargs=argparse.REMAINDER)
+    accuracy.set_defaults(handler=cmd_eta_report)
     return parser
 
 
@@ -370,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["eta-eval"]:
         # The evaluation parses its own options.
         cmd_eta_eval(argparse.Namespace(rest=argv[1:]))
+        return
+    if argv[:1] == ["eta-report"]:
+        cmd_eta_report(argparse.Namespace(rest=argv[1:]))
         return
     args = build_parser().parse_args(argv)
     try:

@@ -10,9 +10,13 @@ Read-only, from outside the services, the way an operator would look:
   interruption; without a dispatch service the view works without alerts;
 - **ingest rate**: GPS points per second the simulator had acknowledged, and GPS
   records per second appended to Kafka;
+- **ETA accuracy**: one line from the scores of real arrivals (`eta_scores.recent_line`):
+  MAE at 50 % of the trip and 5 minutes out over the last 7 days, and the week before;
 - **consumer lag**: Kafka's end offsets of the projection's topics minus the offsets
   the projection stored in PostgreSQL (`projection_offsets`: the offsets that matter,
-  written in the same transaction as the state).
+  written in the same transaction as the state);
+- **processes**: each supervised process (services/dev_supervisor.py) with its state
+  and restart count, and the latest exits the supervisor reported.
 
 A source that cannot be read is shown as unknown (and named), never fatal.
 """
@@ -37,6 +41,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from services.dev_supervisor import Supervisor, UnitStatus
 from services.fleet_simulator.stats import SimulatorStats
 from shared.auth import Role, mint_token
 from shared.config import Settings
@@ -51,6 +56,7 @@ from shared.pb import (
     tracking_pb2,
     tracking_pb2_grpc,
 )
+from shared.readmodel import eta_scores, model_snapshots
 
 __all__ = ["AlertFeed", "DevMonitor", "Snapshot", "render", "summary_line"]
 
@@ -234,6 +240,15 @@ class Snapshot:
     lag: int | None
     simulator: SimulatorStats | None
     problems: list[str] = field(default_factory=list)
+    #: One line on live ETA accuracy on real arrivals ("" unknown; eta_scores.recent_line).
+    eta_accuracy: str = ""
+    #: Supervised processes (empty without a supervisor) and its latest reports.
+    processes: list[UnitStatus] = field(default_factory=list)
+    process_events: list[str] = field(default_factory=list)
+    #: The speed learner: records of gps-points it has not learned yet, and the
+    #: tenant's newest model version (event time, epoch s; 0: none yet).
+    learner_lag: int | None = None
+    model_version: int | None = None
 
     @property
     def shipments(self) -> int | None:
@@ -252,8 +267,10 @@ class DevMonitor(Lifecycle):
         tracking_target: str | None,
         feed: AlertFeed | None,
         simulator: SimulatorStats | None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.supervisor = supervisor
         self.tenant = tenant
         self.tracking_target = tracking_target
         self.feed = feed
@@ -265,6 +282,7 @@ class DevMonitor(Lifecycle):
         self._ops = _metadata(settings.auth.verification_key, Role.OPS, tenant)
         self._rates: dict[str, collections.deque[tuple[float, int]]] = {}
         self._partitions: list[TopicPartition] = []
+        self._eta_accuracy = ""
         self._started = False
 
     async def start(self) -> None:
@@ -314,6 +332,7 @@ class DevMonitor(Lifecycle):
             gps_records = sum(
                 end for tp, end in ends.items() if tp.topic == self.settings.topics.gps_points
             )
+        learner_lag, model_version = await self._learner(problems, ends)
         feed = self.feed
         return Snapshot(
             elapsed_s=time.monotonic() - self.started_at,
@@ -331,7 +350,39 @@ class DevMonitor(Lifecycle):
             lag=lag,
             simulator=self.simulator,
             problems=problems,
+            eta_accuracy=self._eta_accuracy,
+            processes=self.supervisor.statuses() if self.supervisor else [],
+            process_events=list(self.supervisor.recent) if self.supervisor else [],
+            learner_lag=learner_lag,
+            model_version=model_version,
         )
+
+    async def _learner(
+        self, problems: list[str], ends: dict[TopicPartition, int] | None
+    ) -> tuple[int | None, int | None]:
+        """The learner's lag on gps-points and the tenant's newest model version."""
+        if self._connection is None or self._connection.is_closed():
+            return None, None
+        try:
+            async with asyncio.timeout(5):
+                rows = await self._connection.fetch(
+                    "SELECT topic, partition, last_offset FROM projection_offsets"
+                    " WHERE projection = 'learner'"
+                )
+                versions = await model_snapshots.latest_versions(self._connection)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            problems.append(f"learner: {error!r}")
+            return None, None
+        stored = {TopicPartition(r["topic"], r["partition"]): r["last_offset"] for r in rows}
+        lag = None
+        if ends is not None:
+            gps = self.settings.topics.gps_points
+            lag = sum(
+                max(0, end - (stored.get(tp, -1) + 1))
+                for tp, end in ends.items()
+                if tp.topic == gps
+            )
+        return lag, versions.get(self.tenant, 0)
 
     async def _database(
         self, problems: list[str]
@@ -363,6 +414,9 @@ class DevMonitor(Lifecycle):
             name = shipment_pb2.ShipmentStatus.Name(row["status"])
             statuses[name.removeprefix("SHIPMENT_STATUS_").lower()] = int(row["n"])
         stored = {TopicPartition(r["topic"], r["partition"]): r["last_offset"] for r in offsets}
+        self._eta_accuracy = await eta_scores.recent_line(
+            self._connection, self.tenant, datetime.now(UTC)
+        )
         return statuses, stored
 
     async def _end_offsets(self, problems: list[str]) -> dict[TopicPartition, int] | None:
@@ -459,7 +513,9 @@ def summary_line(snapshot: Snapshot) -> str:
     `shipments` and each status count, `alerts` (received by the dispatch subscriber)
     and one count per alert kind, `points/s` acknowledged to the simulator,
     `gps_records/s` appended to the GPS topic, `lag` of the projection in records
-    (`?` when unknown).
+    (`?` when unknown); with supervision, `running=N/M` processes, `restarts` per
+    process (`projector:1,dispatch:2`, or `0`) and, while any is not running,
+    `down=NAME[,NAME]`.
     """
     statuses = snapshot.statuses
     parts = [f"[dev +{int(snapshot.elapsed_s)}s]", f"shipments={_unknown(snapshot.shipments)}"]
@@ -473,6 +529,16 @@ def summary_line(snapshot: Snapshot) -> str:
     parts.append(f"points/s={'?' if pps is None else f'{pps:.1f}'}")
     parts.append(f"gps_records/s={'?' if rps is None else f'{rps:.1f}'}")
     parts.append(f"lag={_unknown(snapshot.lag)}")
+    if snapshot.processes:
+        running = sum(1 for p in snapshot.processes if p.state == "running")
+        restarted = [f"{p.name}:{p.restarts}" for p in snapshot.processes if p.restarts]
+        parts.append(f"running={running}/{len(snapshot.processes)}")
+        parts.append(f"restarts={','.join(restarted) or 0}")
+        down = [p.name for p in snapshot.processes if p.state != "running"]
+        if down:
+            parts.append(f"down={','.join(down)}")
+    parts.append(f"learner_lag={_unknown(snapshot.learner_lag)}")
+    parts.append(f"model_version={_unknown(snapshot.model_version)}")
     sim = snapshot.simulator
     if sim is not None:
         parts += [
@@ -552,6 +618,18 @@ def render(snapshot: Snapshot, width: int = WIDE) -> RenderableType:
     footer.append("records/s on gps-points · consumer lag ")
     footer.append(_unknown(snapshot.lag), style="bold")
     footer.append(" records")
+    if snapshot.eta_accuracy:
+        footer.append(f"\n{snapshot.eta_accuracy}")
+    footer.append("\nlearner: lag ")
+    footer.append(_unknown(snapshot.learner_lag), style="bold")
+    footer.append(" records · ETA model version ")
+    version = snapshot.model_version
+    footer.append(
+        "?" if version is None
+        else "none yet (fleet average)" if version == 0
+        else f"{version} (learned up to {datetime.fromtimestamp(version, UTC):%H:%M:%S} UTC)",
+        style="bold",
+    )  # fmt: skip
     sim = snapshot.simulator
     if sim is not None:
         footer.append(
@@ -564,6 +642,18 @@ def render(snapshot: Snapshot, width: int = WIDE) -> RenderableType:
             footer.append(f"\nsimulator failed: {sim.failure}", style="red")
     for problem in snapshot.problems:
         footer.append(f"\n{problem}", style="yellow")
+    if snapshot.processes:
+        footer.append("\nprocesses: ")
+        for index, process in enumerate(snapshot.processes):
+            footer.append(" · " if index else "")
+            footer.append(process.name)
+            if process.state != "running":
+                footer.append(f" {process.state}", style="red")
+            if process.restarts:
+                plural = "s" if process.restarts > 1 else ""
+                footer.append(f" ({process.restarts} restart{plural})", style="yellow")
+    for event in snapshot.process_events:
+        footer.append(f"\n{event}", style="red")
     top = Table.grid(expand=True, padding=(0, 1))
     if width < WIDE:
         top.add_column()

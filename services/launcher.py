@@ -12,6 +12,17 @@ run whose stdout is not a terminal). Runs until Ctrl-C / SIGTERM (or
 did not finish), the view, then the services get SIGTERM and drain, then Kafka
 and PostgreSQL stop. No child process survives.
 
+Everything it started is supervised (services/dev_supervisor.py): a service (or
+Kafka, or PostgreSQL) that exits is reported at once in the view and the headless
+output (name, exit code or signal, the last lines of its log), and started again
+after a backoff; one that exits --give-up-after times (5) within --give-up-window
+seconds (60) stops the run, which then exits with status 2 naming it.
+
+Once the services are ready, the stack's connection settings are written to
+`<state dir>/running-stack.json` (shared/devstack/running.py; removed on stop), so
+operator commands started beside the run (`cargotrack rebuild`, `migrate`, ...)
+find it without exported variables, and `cargotrack env` prints them.
+
 Before anything is started or deleted, every port the run needs is checked, and
 the state directory is locked: a second copy fails at once with one line naming
 the taken port (or the locked directory), and never touches the first one's state.
@@ -19,7 +30,7 @@ the taken port (or the locked directory), and never touches the first one's stat
 Ports: Kafka, its controller and PostgreSQL move with CARGOTRACK_KAFKA_PORT,
 CARGOTRACK_KAFKA_CONTROLLER_PORT and CARGOTRACK_POSTGRES_PORT
 (shared/devstack/ports.py); the services listen on CARGOTRACK_DEV_PORT_BASE (default
-50051) and the five ports after it, in the order of services.cli.SERVICES.
+50051) and the six ports after it, in the order of services.cli.SERVICES.
 
 State (Kafka log, PostgreSQL data, service logs) lives in CARGOTRACK_STATE_DIR
 (default ./.cargotrack) and is reused by the next run; `--reset` starts afresh.
@@ -46,6 +57,7 @@ from rich.console import Console
 from rich.live import Live
 
 from services.cli import SERVICES, ServiceSpec, available_services
+from services.dev_supervisor import Event, GaveUp, RestartPolicy, Supervised, Supervisor
 from services.dev_view import (
     AlertFeed,
     AlertSeen,
@@ -58,7 +70,7 @@ from services.fleet_simulator import SimulatorConfig, SimulatorStats, Targets
 from services.fleet_simulator import run as simulate
 from shared.auth import Role, mint_token
 from shared.config import load_settings
-from shared.devstack import DevStackError, LocalStack
+from shared.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
 from shared.devstack.ports import (
     DEFAULT_KAFKA_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
@@ -70,6 +82,11 @@ from shared.devstack.ports import (
     port_from_env,
 )
 from shared.devstack.process import ChildProcess
+from shared.devstack.running import (
+    remove_running_stack,
+    state_dir_from_env,
+    write_running_stack,
+)
 from shared.devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_SERVERS_ENV
 
 log = logging.getLogger(__name__)
@@ -89,15 +106,111 @@ SUBSCRIBE_WAIT_S = 10.0
 SIMULATOR_STOP_S = 10.0
 
 
+#: How long a restarted service may take to report SERVING again.
+RESTART_READY_S = 60.0
+#: Settings of the dev's own environment an operator command needs as well (the
+#: running-stack file carries them; shared/config.py documents each).
+PASSED_TO_OPERATORS = (
+    "CARGOTRACK_JWT_SECRET",
+    "CARGOTRACK_JWT_PUBLIC_KEY",
+    "CARGOTRACK_JWT_ISSUER",
+    "CARGOTRACK_JWT_AUDIENCE",
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CAFILE",
+)
+
+
 @dataclass
 class RunningService:
+    """One service process of the suite; `restart()` replaces a process that exited."""
+
     spec: ServiceSpec
     port: int
     process: ChildProcess
+    env: dict[str, str]
+    log_path: Path
+    infrastructure: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process.running else None
+
+    async def wait_exit(self) -> int | None:
+        return await self.process.wait()
+
+    async def restart(self) -> None:
+        """Start the service again on its port and wait for SERVING (DevStackError if not)."""
+        self.process = _spawn_service(self.spec, self.env, self.log_path)
+        try:
+            await wait_serving(self.port, self.process, RESTART_READY_S)
+        except BaseException:
+            await self.process.kill()
+            raise
 
 
-def state_dir_from_env(environ: Mapping[str, str] = os.environ) -> Path:
-    return Path(environ.get("CARGOTRACK_STATE_DIR") or ".cargotrack").resolve()
+@dataclass
+class StackServer:
+    """Kafka or PostgreSQL of the local stack, as the supervisor sees it."""
+
+    name: str
+    server: KafkaBroker | PostgresServer
+    infrastructure: bool = True
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    async def wait_exit(self) -> int | None:
+        process = self.server.process
+        return None if process is None else await process.wait()
+
+    async def restart(self) -> None:
+        """Start the server again on its port with its data (crash recovery included)."""
+        await self.server.start(keep_data=True)
+
+
+def stack_servers(stack: LocalStack) -> list[StackServer]:
+    """The servers this run started (external ones are not ours to watch)."""
+    servers = []
+    if stack.kafka is not None:
+        servers.append(StackServer("kafka", stack.kafka))
+    if stack.postgres is not None:
+        servers.append(StackServer("postgresql", stack.postgres))
+    return servers
+
+
+def operator_env(stack: LocalStack, environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings an operator command needs to work on this run's stack.
+
+    Written to the running-stack file (shared/devstack/running.py) and printed by
+    `cargotrack env`: where Kafka and PostgreSQL are, the signing key the services
+    accept, the topic prefix, schema and partitions they use, and the service ports.
+    """
+    settings = load_settings({**environ, **service_env(stack, environ, 0)}, default_grpc_port=0)
+    env = {
+        KAFKA_BOOTSTRAP_SERVERS_ENV: stack.bootstrap_servers,
+        DATABASE_URL_ENV: stack.database_url,
+        "CARGOTRACK_DEV_MODE": "1",
+        "CARGOTRACK_TOPIC_PREFIX": settings.topics.prefix,
+        "CARGOTRACK_TOPIC_PARTITIONS": str(settings.topics.partitions),
+        "CARGOTRACK_DB_SCHEMA": settings.database.schema,
+        DEV_PORT_BASE_ENV: str(min(dev_service_ports(environ).values())),
+    }
+    if settings.auth.jwt_secret and not settings.auth.jwt_public_key:
+        env["CARGOTRACK_JWT_SECRET"] = settings.auth.jwt_secret
+    env.update({name: environ[name] for name in PASSED_TO_OPERATORS if environ.get(name)})
+    return env
 
 
 def dev_service_ports(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
@@ -202,6 +315,10 @@ def service_env(stack: LocalStack, base: Mapping[str, str], port: int) -> dict[s
         "CARGOTRACK_TOPIC_PARTITIONS": base.get("CARGOTRACK_TOPIC_PARTITIONS", "3"),
         "CARGOTRACK_LOG_FORMAT": "json",
         "CARGOTRACK_SHUTDOWN_GRACE_S": "5",
+        # A new model version every simulated minute, so the view shows it advance.
+        "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": base.get(
+            "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", "60"
+        ),
     }
 
 
@@ -247,14 +364,10 @@ async def running_services(
     try:
         for spec in specs:
             port = ports[spec.name]
-            process = ChildProcess.spawn(
-                [sys.executable, "-c", "from services.cli import main; main()", "serve", spec.name],
-                name=spec.name,
-                log_path=log_dir / f"{spec.name}.log",
-                append_log=True,
-                env=service_env(stack, environ, port),
-            )
-            running.append(RunningService(spec, port, process))
+            env = service_env(stack, environ, port)
+            log_path = log_dir / f"{spec.name}.log"
+            process = _spawn_service(spec, env, log_path)
+            running.append(RunningService(spec, port, process, env, log_path))
         await asyncio.gather(*(wait_serving(s.port, s.process) for s in running))
         yield running
     finally:
@@ -262,6 +375,17 @@ async def running_services(
         await asyncio.gather(
             *(s.process.terminate(signal.SIGTERM, SERVICE_STOP_GRACE_S) for s in running)
         )
+
+
+def _spawn_service(spec: ServiceSpec, env: Mapping[str, str], log_path: Path) -> ChildProcess:
+    """`cargotrack serve NAME` as a child process, appending to its log."""
+    return ChildProcess.spawn(
+        [sys.executable, "-c", "from services.cli import main; main()", "serve", spec.name],
+        name=spec.name,
+        log_path=log_path,
+        append_log=True,
+        env=env,
+    )
 
 
 async def _bootstrap(stack: LocalStack, environ: Mapping[str, str]) -> None:
@@ -284,6 +408,7 @@ async def run_dev(args: argparse.Namespace, environ: Mapping[str, str] = os.envi
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    failure: GaveUp | None = None
     with locked_state_dir(state_dir):
         if args.reset:
             reset_state(state_dir)
@@ -298,12 +423,20 @@ async def run_dev(args: argparse.Namespace, environ: Mapping[str, str] = os.envi
                         f"  ({service.spec.summary})"
                     )
                 print(f"logs        {state_dir / 'logs'}")
+                write_running_stack(state_dir, operator_env(stack, environ))
                 print("ready; Ctrl-C stops everything", flush=True)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(args.exit_after or None):
-                        await _live(args, stack, services, state_dir / "logs", environ, stop)
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(args.exit_after or None):
+                            failure = await _live(
+                                args, stack, services, state_dir / "logs", environ, stop
+                            )
+                finally:
+                    remove_running_stack(state_dir)
                 print("stopping…", flush=True)
     print("stopped", flush=True)
+    if failure is not None:
+        raise DevStackError(f"stopped because {failure.line()}")
 
 
 async def _live(
@@ -313,12 +446,16 @@ async def _live(
     log_dir: Path,
     environ: Mapping[str, str],
     stop: asyncio.Event,
-) -> None:
-    """Alert subscription, simulator and view, until `stop` (or cancellation).
+) -> GaveUp | None:
+    """Supervision, alert subscription, simulator and view, until `stop` (or cancellation).
 
-    The simulator starts only once dispatch confirmed the view's subscription (or
-    after SUBSCRIBE_WAIT_S), so the view sees every alert the simulation causes. A
-    failing simulator is shown, not fatal: the services keep running.
+    Every service (and Kafka and PostgreSQL, when this run started them) is
+    supervised (services/dev_supervisor.py): an exit is reported at once, the process
+    restarted with backoff; one that keeps failing (args.give_up_after exits within
+    args.give_up_window seconds) stops the run, and is returned. The simulator starts
+    only once dispatch confirmed the view's subscription (or after
+    SUBSCRIBE_WAIT_S), so the view sees every alert the simulation causes. A failing
+    simulator is shown, not fatal: the services keep running.
     """
     settings = load_settings({**environ, **service_env(stack, environ, 0)}, default_grpc_port=0)
     secret = settings.auth.verification_key
@@ -330,6 +467,18 @@ async def _live(
         if headless:
             elapsed = asyncio.get_running_loop().time() - started
             print(f"[dev +{int(elapsed)}s] {seen.line()}", flush=True)
+
+    def supervision_event(event: Event) -> None:
+        if headless:
+            elapsed = asyncio.get_running_loop().time() - started
+            print(f"[dev +{int(elapsed)}s] {event.line()}", flush=True)
+
+    policy = RestartPolicy(
+        max_failures=getattr(args, "give_up_after", 5),
+        window_s=getattr(args, "give_up_window", 60.0),
+    )
+    units: list[Supervised] = [*stack_servers(stack), *services]
+    supervisor = Supervisor(units, policy, supervision_event, failed=stop)
 
     feed = None
     if "dispatch" in where:
@@ -344,11 +493,13 @@ async def _live(
         tracking_target=where.get("tracking-query"),
         feed=feed,
         simulator=stats,
+        supervisor=supervisor,
     )
     simulator: asyncio.Task[SimulatorStats] | None = None
     simulator_stop = asyncio.Event()
     with _dev_logging(log_dir, console=headless):
         async with contextlib.AsyncExitStack() as exits:
+            await exits.enter_async_context(supervisor)
             await exits.enter_async_context(monitor)
             if feed is not None:
                 await exits.enter_async_context(feed)
@@ -381,6 +532,7 @@ async def _live(
                     if not done:
                         simulator.cancel()
                         await asyncio.wait({simulator})
+    return supervisor.failure
 
 
 def _simulator_ended(task: asyncio.Task[SimulatorStats], stats: SimulatorStats) -> None:

@@ -1,18 +1,24 @@
-"""Every environment variable cargotrack reads, parsed once into typed settings.
+"""Every setting of the services, parsed once into typed settings.
 
 `load_settings()` reads the environment at start-up and either returns a
 `Settings` or raises `ConfigError` naming every bad variable, so a service never
-starts half-configured. Nothing else in the code base reads `os.environ` for
-configuration.
+starts half-configured. No service reads `os.environ` for configuration anywhere
+else; the local stack (shared/devstack), the launcher, `cargotrack token` /
+`simulate`, the benchmark and the tests read a few variables of their own where
+they use them. docs/operations.md lists them all (tests/contracts/test_docs.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.util
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 T = TypeVar("T")
 
@@ -21,6 +27,11 @@ T = TypeVar("T")
 DEV_JWT_SECRET = "cargotrack-dev-signing-key-not-for-production"
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+#: Shortest CARGOTRACK_PAGE_TOKEN_KEY accepted (characters).
+MIN_PAGE_TOKEN_KEY = 32
+
+#: The shortest HS256 key accepted (RFC 7518 3.2: at least the hash size, 256 bits).
+MIN_HS256_SECRET_BYTES = 32
 
 
 class ConfigError(Exception):
@@ -105,13 +116,21 @@ class DatabaseSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """How bearer tokens are verified (HS256 secret or an asymmetric public key)."""
+    """How bearer tokens are verified: one static key (HS256 secret or an asymmetric
+    public key), or the keys of a JWKS selected by `kid` (shared.auth.KeyRing)."""
 
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
     issuer: str = "cargotrack"
     audience: str = "cargotrack"
     dev_mode: bool = False
+    #: A JSON Web Key Set (file path or URL) holding the verification keys by kid.
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    #: Seconds between reloads of the JWKS (0: load once at start-up).
+    jwks_refresh_s: float = 300.0
+    #: Longest validity accepted (exp - iat); longer-lived tokens are refused.
+    max_token_lifetime_s: int = 24 * 3600
 
     @property
     def algorithms(self) -> list[str]:
@@ -119,9 +138,36 @@ class AuthSettings:
 
     @property
     def verification_key(self) -> str:
+        """The static key (not in JWKS mode, where keys come from the key set)."""
         key = self.jwt_public_key or self.jwt_secret
-        assert key is not None  # load_settings guarantees one of them
+        if key is None:
+            raise ValueError("no static key: the keys come from a JWKS")
         return key
+
+
+@dataclass(frozen=True)
+class GrpcLimits:
+    """Bounds on what clients may hold open on one server (docs/guarantees.md,
+    "Security: limits, keys and transport", says what happens at each)."""
+
+    #: HTTP/2 streams (calls) in flight on one connection; more wait in the client.
+    max_concurrent_streams: int = 100
+    #: Streaming calls one principal (tenant + subject) may hold open in one process.
+    max_streams_per_principal: int = 16
+    #: Streaming calls (GPS streams, watches, subscriptions) one process serves at once.
+    max_streams_per_process: int = 10_000
+    #: The server pings a connection idle this long, and closes it when the ping is
+    #: not answered within the timeout (dead peers, half-open TCP).
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    #: Whether clients may send keepalive pings while they have no call in flight.
+    keepalive_permit_without_calls: bool = True
+    #: Clients pinging more often than this (without data) are sent GOAWAY.
+    min_ping_interval_s: float = 10.0
+    #: A connection older than this is sent GOAWAY (new calls go to a new
+    #: connection, so load balancers rebalance); its calls get the grace to finish.
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -131,19 +177,47 @@ class GrpcSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    #: With TLS: clients must present a certificate signed by this CA (mutual TLS).
+    tls_client_ca_file: str | None = None
+    #: A second, plaintext port serving only grpc.health.v1 (for kubelet probes,
+    #: which cannot speak TLS); None: no such port.
+    health_port: int | None = None
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 10.0
+    limits: GrpcLimits = field(default_factory=GrpcLimits)
 
 
 @dataclass(frozen=True)
 class AlertSettings:
     late_margin_min: float = 15.0
     at_risk_margin_min: float = 5.0
+    #: LATE / AT_RISK from this probability of arriving after the promised window on
+    #: (shared.domain.eta.classify_delay; docs/alerts.md).
+    late_probability: float = 0.8
+    at_risk_probability: float = 0.3
     stale_after_min: float = 10.0
     #: Most GPS fixes the projector keeps in memory (each vehicle's recent track, so
     #: live tracking need not read it back from PostgreSQL); about 250 bytes each.
     #: 0 turns the cache off.
     track_cache_fixes: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    """The speed learner (services/learner) and how the projector picks up its models."""
+
+    #: Event time after which a learned pair's weight has halved.
+    half_life_days: float = 14.0
+    #: Most grid cells learned per tenant (see shared/domain/learner.py for eviction).
+    max_cells: int = 50_000
+    #: Event time between two model versions.
+    snapshot_every_s: float = 600.0
+    #: Model versions kept per tenant (older ones are deleted when a new one is stored).
+    keep_versions: int = 10
+    #: The time zone hours of week are counted in.
+    timezone: str = "UTC"
+    #: How often the projector looks for new model versions.
+    model_poll_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +228,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    learner: LearnerSettings = field(default_factory=LearnerSettings)
     metrics_port: int = 0
     log_format: str = "json"
     log_level: str = "INFO"
@@ -163,6 +238,21 @@ class Settings:
     position_retention_days: int = 30
     #: Most records the projector applies in one transaction.
     projector_max_records: int = 5000
+    #: Key of the MAC on ListShipments page tokens (tracking-query); None: derived from
+    #: the JWT secret, and required when there is none (see page_token_key_bytes()).
+    page_token_key: str | None = None
+
+    def page_token_key_bytes(self) -> bytes | None:
+        """The key that MACs page tokens: CARGOTRACK_PAGE_TOKEN_KEY, else one derived
+        from the HS256 JWT secret (HMAC-SHA256 under a purpose label, so a page-token
+        MAC is never a JWT signature and reveals nothing of the secret); None when
+        neither exists (a public-key-only deployment must set the key)."""
+        if self.page_token_key:
+            return self.page_token_key.encode()
+        if self.auth.jwt_secret:
+            label = b"cargotrack/page-token-key/v1"
+            return hmac.new(self.auth.jwt_secret.encode(), label, hashlib.sha256).digest()
+        return None
 
 
 class _Reader:
@@ -211,7 +301,7 @@ class _Reader:
             self.errors.append(f"{name}={value}: must be at least {minimum}")
         return value
 
-    def flag(self, name: str) -> bool:
+    def flag(self, name: str, default: bool = False) -> bool:
         def parse(raw: str) -> bool:
             lowered = raw.lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -220,13 +310,27 @@ class _Reader:
                 return False
             raise ValueError(raw)
 
-        return self._parse(name, False, parse, "1/0, true/false, yes/no or on/off")
+        return self._parse(name, default, parse, "1/0, true/false, yes/no or on/off")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default)
         if value not in choices:
             self.errors.append(f"{name}={value!r}: expected one of {', '.join(choices)}")
         return value
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` for its user (percent-encoded), so that the URL itself
+    can be non-secret configuration (user, host, sslmode) and the password come
+    from a Secret. ValueError if the URL has no user or already has a password."""
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or not user:
+        raise ValueError("DATABASE_URL names no user to give the password to")
+    if ":" in user:
+        raise ValueError("DATABASE_URL already carries a password")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _opentelemetry_installed() -> bool:
@@ -237,12 +341,18 @@ def _opentelemetry_installed() -> bool:
 
 
 def load_settings(
-    environ: Mapping[str, str] | None = None, *, default_grpc_port: int = 0
+    environ: Mapping[str, str] | None = None,
+    *,
+    default_grpc_port: int = 0,
+    database_optional: bool = False,
 ) -> Settings:
     """Parse the environment into Settings, or raise ConfigError naming every bad variable.
 
     default_grpc_port is the service's conventional port, used when
-    CARGOTRACK_GRPC_PORT is unset (0 asks the OS for a free one).
+    CARGOTRACK_GRPC_PORT is unset (0 asks the OS for a free one). With
+    database_optional (a service that works without PostgreSQL, such as
+    delivery-confirmations), an unset DATABASE_URL is no error: settings.database.url
+    is then "" and the service uses no database.
     """
     env = _Reader(os.environ if environ is None else environ)
     kafka = KafkaSettings(
@@ -260,13 +370,23 @@ def load_settings(
         ),
     )
     database = DatabaseSettings(
-        url=env.required("DATABASE_URL", "postgresql://user:password@host:port/database"),
+        url=(
+            env.text("DATABASE_URL", "")
+            if database_optional
+            else env.required("DATABASE_URL", "postgresql://user:password@host:port/database")
+        ),
         schema=env.text("CARGOTRACK_DB_SCHEMA", "cargotrack"),
         pool_min=env.integer("CARGOTRACK_DB_POOL_MIN", 1, minimum=0),
         pool_max=env.integer("CARGOTRACK_DB_POOL_MAX", 10, minimum=1),
     )
     if database.url and not database.url.startswith(("postgres://", "postgresql://")):
         env.errors.append("DATABASE_URL: expected a postgresql:// URL")
+    password = env.optional("CARGOTRACK_DB_PASSWORD")
+    if password is not None and database.url:
+        try:
+            database = replace(database, url=with_password(database.url, password))
+        except ValueError as error:
+            env.errors.append(f"CARGOTRACK_DB_PASSWORD: {error}")
     if not database.schema.isidentifier():
         env.errors.append(f"CARGOTRACK_DB_SCHEMA={database.schema!r}: expected an identifier")
     topics = TopicSettings(
@@ -278,36 +398,127 @@ def load_settings(
         alerts_retention_hours=env.integer("CARGOTRACK_ALERTS_RETENTION_HOURS", 720, minimum=-1),
     )
     dev_mode = env.flag("CARGOTRACK_DEV_MODE")
+    production = env.flag("CARGOTRACK_PRODUCTION")
+    jwks_file = env.optional("CARGOTRACK_JWKS_FILE")
+    jwks_url = env.optional("CARGOTRACK_JWKS_URL")
+    static_secret = env.optional("CARGOTRACK_JWT_SECRET")
     auth = AuthSettings(
-        jwt_secret=env.optional("CARGOTRACK_JWT_SECRET") or (DEV_JWT_SECRET if dev_mode else None),
+        jwt_secret=static_secret
+        or (DEV_JWT_SECRET if dev_mode and not (jwks_file or jwks_url) else None),
         jwt_public_key=env.optional("CARGOTRACK_JWT_PUBLIC_KEY"),
         issuer=env.text("CARGOTRACK_JWT_ISSUER", "cargotrack"),
         audience=env.text("CARGOTRACK_JWT_AUDIENCE", "cargotrack"),
         dev_mode=dev_mode,
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+        jwks_refresh_s=env.number("CARGOTRACK_JWKS_REFRESH_S", 300.0),
+        max_token_lifetime_s=env.integer("CARGOTRACK_JWT_MAX_LIFETIME_S", 24 * 3600, minimum=60),
     )
-    if auth.jwt_secret is None and auth.jwt_public_key is None:
+    static_keys = [auth.jwt_secret, auth.jwt_public_key]
+    if jwks_file and jwks_url:
+        env.errors.append("CARGOTRACK_JWKS_FILE and CARGOTRACK_JWKS_URL: set one, not both")
+    if (jwks_file or jwks_url) and any(static_keys):
         env.errors.append(
-            "CARGOTRACK_JWT_SECRET or CARGOTRACK_JWT_PUBLIC_KEY must be set "
-            "(or CARGOTRACK_DEV_MODE=1 for the development key)"
+            "CARGOTRACK_JWKS_FILE/CARGOTRACK_JWKS_URL: the keys come from the JWKS, so "
+            "CARGOTRACK_JWT_SECRET and CARGOTRACK_JWT_PUBLIC_KEY must not be set"
+        )
+    if jwks_url and not jwks_url.startswith(("https://", "http://")):
+        env.errors.append(f"CARGOTRACK_JWKS_URL={jwks_url!r}: expected an http(s) URL")
+    if not (jwks_file or jwks_url) and not any(static_keys):
+        env.errors.append(
+            "CARGOTRACK_JWT_SECRET, CARGOTRACK_JWT_PUBLIC_KEY, CARGOTRACK_JWKS_FILE or "
+            "CARGOTRACK_JWKS_URL must be set (or CARGOTRACK_DEV_MODE=1 for the development key)"
+        )
+    if static_secret is not None and len(static_secret.encode()) < MIN_HS256_SECRET_BYTES:
+        env.errors.append(
+            f"CARGOTRACK_JWT_SECRET: {len(static_secret.encode())} bytes; an HS256 secret "
+            f"needs at least {MIN_HS256_SECRET_BYTES} random bytes"
         )
     if auth.jwt_secret == DEV_JWT_SECRET and not dev_mode:
         env.errors.append("CARGOTRACK_JWT_SECRET: the development key needs CARGOTRACK_DEV_MODE=1")
+    if production and dev_mode:
+        env.errors.append(
+            "CARGOTRACK_DEV_MODE=1 with CARGOTRACK_PRODUCTION=1: a development "
+            "configuration cannot run as production"
+        )
+    if production and auth.jwt_secret == DEV_JWT_SECRET:
+        env.errors.append(
+            "CARGOTRACK_JWT_SECRET: the development key is public and refused in production"
+        )
     grpc_settings = GrpcSettings(
         host=env.text("CARGOTRACK_GRPC_HOST", "127.0.0.1"),
         port=env.integer("CARGOTRACK_GRPC_PORT", default_grpc_port, minimum=0),
         max_message_bytes=env.integer("CARGOTRACK_GRPC_MAX_MESSAGE_BYTES", 4 << 20, minimum=1024),
         tls_cert_file=env.optional("CARGOTRACK_TLS_CERT_FILE"),
         tls_key_file=env.optional("CARGOTRACK_TLS_KEY_FILE"),
+        tls_client_ca_file=env.optional("CARGOTRACK_TLS_CLIENT_CA_FILE"),
+        health_port=(
+            env.integer("CARGOTRACK_GRPC_HEALTH_PORT", 0, minimum=1)
+            if env.raw("CARGOTRACK_GRPC_HEALTH_PORT") is not None
+            else None
+        ),
         shutdown_grace_s=env.number("CARGOTRACK_SHUTDOWN_GRACE_S", 10.0),
+        limits=GrpcLimits(
+            max_concurrent_streams=env.integer(
+                "CARGOTRACK_GRPC_MAX_CONCURRENT_STREAMS", 100, minimum=1
+            ),
+            max_streams_per_principal=env.integer(
+                "CARGOTRACK_GRPC_MAX_STREAMS_PER_PRINCIPAL", 16, minimum=1
+            ),
+            max_streams_per_process=env.integer(
+                "CARGOTRACK_GRPC_MAX_STREAMS_PER_PROCESS", 10_000, minimum=1
+            ),
+            keepalive_time_s=env.number("CARGOTRACK_GRPC_KEEPALIVE_TIME_S", 60.0, minimum=1.0),
+            keepalive_timeout_s=env.number(
+                "CARGOTRACK_GRPC_KEEPALIVE_TIMEOUT_S", 20.0, minimum=0.1
+            ),
+            keepalive_permit_without_calls=env.flag(
+                "CARGOTRACK_GRPC_KEEPALIVE_PERMIT_WITHOUT_CALLS", True
+            ),
+            min_ping_interval_s=env.number("CARGOTRACK_GRPC_MIN_PING_INTERVAL_S", 10.0),
+            max_connection_age_s=env.number(
+                "CARGOTRACK_GRPC_MAX_CONNECTION_AGE_S", 1800.0, minimum=0.1
+            ),
+            max_connection_age_grace_s=env.number(
+                "CARGOTRACK_GRPC_MAX_CONNECTION_AGE_GRACE_S", 300.0
+            ),
+        ),
     )
     if bool(grpc_settings.tls_cert_file) != bool(grpc_settings.tls_key_file):
         env.errors.append("CARGOTRACK_TLS_CERT_FILE and CARGOTRACK_TLS_KEY_FILE go together")
+    if grpc_settings.tls_client_ca_file and not grpc_settings.tls_cert_file:
+        env.errors.append(
+            "CARGOTRACK_TLS_CLIENT_CA_FILE (mutual TLS) needs CARGOTRACK_TLS_CERT_FILE "
+            "and CARGOTRACK_TLS_KEY_FILE"
+        )
     alerts = AlertSettings(
         late_margin_min=env.number("CARGOTRACK_LATE_MARGIN_MIN", 15.0),
         at_risk_margin_min=env.number("CARGOTRACK_AT_RISK_MARGIN_MIN", 5.0),
+        late_probability=env.number("CARGOTRACK_LATE_PROBABILITY", 0.8),
+        at_risk_probability=env.number("CARGOTRACK_AT_RISK_PROBABILITY", 0.3),
         stale_after_min=env.number("CARGOTRACK_STALE_AFTER_MIN", 10.0, minimum=0.1),
         track_cache_fixes=env.integer("CARGOTRACK_TRACK_CACHE_FIXES", 1_000_000, minimum=0),
     )
+    if not 0 < alerts.at_risk_probability <= alerts.late_probability <= 1:
+        env.errors.append(
+            "CARGOTRACK_AT_RISK_PROBABILITY and CARGOTRACK_LATE_PROBABILITY: need"
+            f" 0 < at-risk ({alerts.at_risk_probability}) <= late"
+            f" ({alerts.late_probability}) <= 1"
+        )
+    learner = LearnerSettings(
+        half_life_days=env.number("CARGOTRACK_LEARNER_HALF_LIFE_DAYS", 14.0, minimum=0.001),
+        max_cells=env.integer("CARGOTRACK_LEARNER_MAX_CELLS", 50_000, minimum=1),
+        snapshot_every_s=env.number("CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", 600.0, minimum=1.0),
+        keep_versions=env.integer("CARGOTRACK_LEARNER_KEEP_VERSIONS", 10, minimum=2),
+        timezone=env.text("CARGOTRACK_LEARNER_TIMEZONE", "UTC"),
+        model_poll_s=env.number("CARGOTRACK_MODEL_POLL_S", 5.0, minimum=0.1),
+    )
+    try:
+        ZoneInfo(learner.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        env.errors.append(
+            f"CARGOTRACK_LEARNER_TIMEZONE={learner.timezone!r}: expected an IANA time zone"
+        )
     settings = Settings(
         kafka=kafka,
         database=database,
@@ -315,13 +526,19 @@ def load_settings(
         auth=auth,
         grpc=grpc_settings,
         alerts=alerts,
+        learner=learner,
         metrics_port=env.integer("CARGOTRACK_METRICS_PORT", 0, minimum=0),
         log_format=env.choice("CARGOTRACK_LOG_FORMAT", "json", ("json", "console")),
         log_level=env.choice("CARGOTRACK_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         tracing=env.flag("CARGOTRACK_TRACING"),
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
+        page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
     )
+    if settings.page_token_key is not None and len(settings.page_token_key) < MIN_PAGE_TOKEN_KEY:
+        env.errors.append(
+            f"CARGOTRACK_PAGE_TOKEN_KEY: must be at least {MIN_PAGE_TOKEN_KEY} characters"
+        )
     if settings.tracing and not _opentelemetry_installed():
         env.errors.append(
             "CARGOTRACK_TRACING=1: OpenTelemetry is not installed"

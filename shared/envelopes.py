@@ -72,10 +72,16 @@ class EncodedRecord:
 
 
 def encode(envelope: envelope_pb2.Envelope, key: str) -> EncodedRecord:
-    """Serialise an envelope; sets schema_type from the payload when it is empty."""
+    """Serialise an envelope; sets schema_type from the payload when it is empty.
+
+    Fields this schema does not know (a client built from a newer or a forged .proto
+    may send any; CopyFrom carries them along) are discarded first, at every depth:
+    only what cargotrack validated is stored, and the record's size is the size of
+    known fields."""
     payload = envelope.WhichOneof("payload")
     if payload is None:
         raise ValueError("envelope has no payload")
+    envelope.DiscardUnknownFields()
     if not envelope.schema_type:
         envelope.schema_type = SCHEMA_TYPES[payload]
     return EncodedRecord(key.encode(), envelope.SerializeToString(), headers_for(envelope))

@@ -38,19 +38,25 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shared import metrics, tracing
 from shared.auth import Principal, Role
 from shared.config import KafkaSettings, Settings
+from shared.domain.validation import Violation
 from shared.envelopes import HEADER_TRACEPARENT, EncodedRecord, utc_now
 from shared.kafka import (
+    MAX_BATCH_BYTES,
+    TOO_LARGE_ERRORS,
     KafkaUnavailable,
+    RecordTooLarge,
     TopicSpec,
     ensure_topics,
     make_producer,
     produce,
     produce_many,
+    record_size,
+    topic_record_limits,
     topic_specs,
 )
 from shared.lifecycle import Lifecycle, StackedServer, cancel_and_wait
 from shared.pb import envelope_pb2
-from shared.rpc import Context, GrpcApp, Registrar
+from shared.rpc import Context, GrpcApp, Registrar, abort_invalid
 from shared.runtime import Supervisor
 
 log = logging.getLogger(__name__)
@@ -65,12 +71,15 @@ CONNECT_BACKOFF_MAX_S = 5.0
 #: aiokafka gives a batch that expires while its partition has no leader (a broker
 #: restart longer than the Kafka timeout) a sequence number and fails it unsent; every
 #: later batch of the partition is then refused as out of order, until the producer
-#: is replaced (aio-libs/aiokafka#1017). KafkaLink replaces it.
+#: is replaced (aio-libs/aiokafka#1017). KafkaLink replaces it. A batch the broker
+#: refuses as too large leaves the same gap in the sequence, so it replaces the
+#: producer too (the size check before producing makes that rare: see KafkaLink).
 BROKEN_PRODUCER_ERRORS = (
     OutOfOrderSequenceNumber,
     UnknownProducerId,
     InvalidProducerEpoch,
     ProducerFenced,
+    *TOO_LARGE_ERRORS,
 )
 
 
@@ -138,6 +147,16 @@ class KafkaLink(Lifecycle):
     fails with one of BROKEN_PRODUCER_ERRORS replaces the producer: the old one is
     closed in the background (what it still holds was never acknowledged), a new one
     connects, and later writes use it.
+
+    Record size: every (re)connection reads each topic's max.message.bytes from the
+    broker (DescribeConfigs) before the producer starts. Every write checks each
+    record's encoded size against it BEFORE producing and raises `RecordTooLarge`
+    (permanent; nothing of that write is produced), so an oversized record never
+    reaches the producer, never takes a sequence number, and never disturbs the
+    next write of its partition. Should the broker still refuse a record as too
+    large (its topic's limit lowered since the connection), the write raises
+    `RecordTooLarge` too and the producer is replaced at once (its sequence has a
+    gap), re-reading the limits.
     """
 
     def __init__(self, kafka: KafkaSettings, topics: Sequence[TopicSpec]) -> None:
@@ -149,6 +168,8 @@ class KafkaLink(Lifecycle):
         self._started = False
         self._stopped = False
         self._closing: set[asyncio.Task[None]] = set()
+        #: max.message.bytes of each topic, as the broker said at the last connection.
+        self._record_limits: dict[str, int] = {}
 
     @property
     def connected(self) -> bool:
@@ -175,14 +196,22 @@ class KafkaLink(Lifecycle):
         attempt = 0
         while True:
             attempt += 1
-            producer = make_producer(self._kafka)
+            producer: AIOKafkaProducer | None = None
             try:
                 async with asyncio.timeout(self._kafka.request_timeout_s):
                     created = await ensure_topics(self._kafka, self._topics)
+                    limits = await topic_record_limits(
+                        self._kafka, [spec.name for spec in self._topics]
+                    )
+                    # A batch of several records stays within every topic's limit.
+                    producer = make_producer(
+                        self._kafka, max_batch_size=min([MAX_BATCH_BYTES, *limits.values()])
+                    )
                     await producer.start()
             except (KafkaError, OSError, TimeoutError) as error:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
+                if producer is not None:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning(
                         "cannot connect to Kafka at %s (attempt %d), retrying: %r",
@@ -195,7 +224,12 @@ class KafkaLink(Lifecycle):
                 continue
             if created:
                 log.info("created topics %s", ", ".join(created))
-            log.info("connected to Kafka at %s", self._kafka.bootstrap_servers)
+            log.info(
+                "connected to Kafka at %s; record limits (max.message.bytes) %s",
+                self._kafka.bootstrap_servers,
+                limits,
+            )
+            self._record_limits = limits
             self._producer = producer
             self._connected.set()
             return
@@ -236,13 +270,35 @@ class KafkaLink(Lifecycle):
             return False
         return {spec.name for spec in self._topics} <= set(metadata.topics())
 
+    def record_limit(self, topic: str) -> int | None:
+        """The topic's max.message.bytes as read at the last connection (None before)."""
+        return self._record_limits.get(topic)
+
+    def oversized(self, topic: str, records: Sequence[EncodedRecord]) -> list[RecordTooLarge]:
+        """One RecordTooLarge per record over the topic's limit, in order (empty when
+        all fit, or when the limit is not known yet: the write checks again)."""
+        limit = self._record_limits.get(topic)
+        if limit is None:
+            return []
+        sizes = ((index, record_size(record)) for index, record in enumerate(records))
+        return [RecordTooLarge(topic, index, size, limit) for index, size in sizes if size > limit]
+
+    def _check_sizes(self, topic: str, records: Sequence[EncodedRecord]) -> None:
+        too_large = self.oversized(topic, records)
+        if too_large:
+            raise too_large[0]
+
     async def write(self, topic: str, record: EncodedRecord, timeout_s: float) -> None:
-        """Write one record and wait for its acknowledgement (see shared.kafka.produce)."""
+        """Write one record and wait for its acknowledgement (see shared.kafka.produce).
+
+        RecordTooLarge (nothing produced) when it is over the topic's max.message.bytes.
+        """
         deadline = asyncio.get_running_loop().time() + timeout_s
         producer = await self.producer(timeout_s)
+        self._check_sizes(topic, [record])
         try:
             await produce(producer, topic, record, self._left(deadline))
-        except KafkaUnavailable as error:
+        except (KafkaUnavailable, RecordTooLarge) as error:
             self._replace_if_broken(producer, error.__cause__)
             raise
 
@@ -251,12 +307,14 @@ class KafkaLink(Lifecycle):
 
         Not atomic: on KafkaUnavailable some may be stored; the caller's client
         retries them all and downstream deduplication by event id absorbs the rest.
+        RecordTooLarge (nothing produced) when any record is over the topic's limit.
         """
         deadline = asyncio.get_running_loop().time() + timeout_s
         producer = await self.producer(timeout_s)
+        self._check_sizes(topic, records)
         try:
             await produce_many(producer, topic, records, self._left(deadline))
-        except KafkaUnavailable as error:
+        except (KafkaUnavailable, RecordTooLarge) as error:
             self._replace_if_broken(producer, error.__cause__)
             raise
 
@@ -272,15 +330,23 @@ class KafkaLink(Lifecycle):
         acknowledged, so on KafkaUnavailable the stored records are a prefix of
         `records` (possibly empty), never a later record without an earlier one.
         Usually all of them fit in one batch (the producer's max_batch_size).
+        RecordTooLarge (nothing produced) when any record is over the topic's limit.
         """
         if not records:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         producer = await self.producer(timeout_s)
+        self._check_sizes(topic, records)
         try:
             with metrics.produce_timer(topic, len(records)):
                 await self._write_batches(producer, topic, key, records, deadline)
+        except TOO_LARGE_ERRORS as error:
+            self._replace_if_broken(producer, error)
+            largest = max(range(len(records)), key=lambda index: len(records[index].value))
+            raise RecordTooLarge(
+                topic, largest, record_size(records[largest]), self.record_limit(topic)
+            ) from error
         except (TimeoutError, KafkaError) as error:
             self._replace_if_broken(producer, error)
             raise KafkaUnavailable(
@@ -389,12 +455,15 @@ class IngestService:
 
     `name` is the full gRPC service name; `register` adds the servicer to a server;
     `roles` maps each full method name to the roles that may call it (a method
-    missing from it is refused).
+    missing from it is refused); `resources` are what the servicer uses besides
+    Kafka (delivery-confirmations: its read-model pool), entered before the gRPC
+    server starts and exited after it stopped.
     """
 
     name: str
     register: Registrar
     roles: Mapping[str, Collection[Role]]
+    resources: Sequence[contextlib.AbstractAsyncContextManager[object]] = ()
 
 
 #: Builds a service's servicer around the shared Kafka link.
@@ -420,9 +489,30 @@ class TopicWriter:
         self._timeout_s = kafka_timeout_s
         self._clock = clock
 
-    async def _write(self, context: Context, records: Sequence[EncodedRecord]) -> None:
+    async def _write(
+        self, context: Context, records: Sequence[EncodedRecord], fields: Sequence[str]
+    ) -> None:
         """Write records in order; returns once Kafka acknowledged every one (raises
-        KafkaUnavailable when it did not within the budget)."""
+        KafkaUnavailable when it did not within the budget).
+
+        `fields` names the request field of each record ("event", "events[3]"). A
+        record over the topic's max.message.bytes aborts the call with
+        INVALID_ARGUMENT naming its field, before anything of the call is written.
+        """
+        too_large = self._kafka.oversized(self._topic, records)
+        if too_large:
+            await abort_invalid(
+                context,
+                [
+                    Violation(
+                        fields[error.index],
+                        f"encodes to a {error.size}-byte record, over the topic's "
+                        f"{error.limit}-byte limit",
+                    )
+                    for error in too_large
+                ],
+                "a record is too large for Kafka",
+            )
         budget = deadline_budget(context, self._timeout_s)
         if len(records) == 1:
             await self._kafka.write(self._topic, records[0], budget)
@@ -433,7 +523,9 @@ class TopicWriter:
 class IngestServer(StackedServer):
     """One ingest service, running: Kafka link, gRPC server, readiness.
 
-    `start()` starts the Kafka link (in the background), builds the service, starts
+    `topic` is the one topic the service writes: the Kafka link creates (if need
+    be), describes and probes that topic only. `start()` starts the Kafka link (in
+    the background), builds the service, starts
     the gRPC server on settings.grpc (port 0 picks a free one: see `port`) with
     health NOT_SERVING, and starts the readiness task, which probes Kafka every
     READINESS_INTERVAL_S and sets health SERVING or NOT_SERVING.
@@ -443,13 +535,18 @@ class IngestServer(StackedServer):
     closed. Idempotent and safe after a failed start; `async with` does both.
     """
 
-    def __init__(self, settings: Settings, builder: ServiceBuilder, label: str) -> None:
+    def __init__(
+        self, settings: Settings, builder: ServiceBuilder, label: str, topic: str | None = None
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.label = label
         self._builder = builder
         self._readiness: asyncio.Task[None] | None = None
-        self.kafka = KafkaLink(settings.kafka, topic_specs(settings.topics))
+        # Only the topic the service writes (all of them when None): with one Kafka
+        # user per service, its ACLs let it see and write that topic and no other.
+        specs = [spec for spec in topic_specs(settings.topics) if topic in (None, spec.name)]
+        self.kafka = KafkaLink(settings.kafka, specs)
         self.app: GrpcApp | None = None
 
     async def _start(self) -> None:
@@ -458,6 +555,8 @@ class IngestServer(StackedServer):
         await self._stack.enter_async_context(metrics.service_telemetry(self.settings, self.label))
         await self._stack.enter_async_context(self.kafka)
         service = self._builder(self.settings, self.kafka)
+        for resource in service.resources:
+            await self._stack.enter_async_context(resource)
         app = GrpcApp(
             self.settings.grpc,
             self.settings.auth,
@@ -508,13 +607,15 @@ class IngestServer(StackedServer):
         await asyncio.shield(self._readiness)
 
 
-async def serve(settings: Settings, builder: ServiceBuilder, label: str) -> None:
+async def serve(
+    settings: Settings, builder: ServiceBuilder, label: str, topic: str | None = None
+) -> None:
     """Run one ingest service until SIGTERM/SIGINT, then shut down in order.
 
     Prints "<label> listening on host:port" to stdout once serving, so a launcher
     that asked for port 0 can find the port.
     """
-    async with IngestServer(settings, builder, label) as server:
+    async with IngestServer(settings, builder, label, topic) as server:
         print(f"{label} listening on {settings.grpc.host}:{server.port}", flush=True)
         supervisor = Supervisor(label)
         supervisor.install_signal_handlers()

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from shared import metrics
 from shared.config import KafkaSettings, TopicSettings
@@ -30,8 +37,48 @@ HEADER_DLQ_OFFSET = "ct-dlq-offset"
 HEADER_DLQ_CONSUMER = "ct-dlq-consumer"
 
 
+#: The most bytes a producer puts in one record batch; a single larger record still
+#: gets a batch of its own, up to the topic's max.message.bytes.
+MAX_BATCH_BYTES = 1 << 20
+
+#: Broker answers meaning "this record (batch) is bigger than the topic accepts":
+#: permanent, a retry of the same record can never succeed.
+TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
+
+
 class KafkaUnavailable(Exception):
     """Kafka did not acknowledge a write within the configured time."""
+
+
+class RecordTooLarge(Exception):
+    """A record is bigger than its topic accepts (max.message.bytes): permanent.
+
+    `index` is the record's position in the write (0 for a single record), `size`
+    its encoded size as a batch of its own (an upper bound, see `record_size`),
+    `limit` the topic's max.message.bytes, or None when the broker refused the
+    record and the limit is not known here.
+    """
+
+    def __init__(self, topic: str, index: int, size: int, limit: int | None) -> None:
+        self.topic = topic
+        self.index = index
+        self.size = size
+        self.limit = limit
+        over = f"the limit of {limit} bytes" if limit is not None else "what the broker accepts"
+        super().__init__(
+            f"record {index} for {topic} encodes to {size} bytes, over {over} "
+            "(the topic's max.message.bytes)"
+        )
+
+
+def record_size(record: EncodedRecord) -> int:
+    """The bytes `record` takes on Kafka as a record batch of its own, as the broker
+    compares it with max.message.bytes (uncompressed; an upper bound by at most
+    21 bytes of varint overhead, so a record this close to the limit is refused
+    here rather than by the broker)."""
+    return int(
+        DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, record.headers)
+    )
 
 
 @dataclass(frozen=True)
@@ -98,6 +145,36 @@ async def ensure_topics(kafka: KafkaSettings, specs: Iterable[TopicSpec]) -> lis
         await admin.close()
 
 
+async def topic_record_limits(kafka: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
+    """Each topic's max.message.bytes, as the broker reports it (DescribeConfigs).
+
+    Topics the broker does not describe (missing, or an error for that topic) are
+    left out; a KafkaError for the whole request propagates.
+    """
+    admin = AIOKafkaAdminClient(
+        **kafka.client_options(), request_timeout_ms=int(kafka.request_timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})
+                for name in topics
+            ]
+        )
+    finally:
+        await admin.close()
+    limits: dict[str, int] = {}
+    for response in responses:
+        for error_code, _message, _type, name, entries, *_ in response.resources:
+            if error_code:
+                continue
+            for entry in entries:
+                if entry[0] == "max.message.bytes":
+                    limits[name] = int(entry[1])
+    return limits
+
+
 def make_producer(kafka: KafkaSettings, **overrides: object) -> AIOKafkaProducer:
     """An idempotent acks=all producer; start() it before use, stop() flushes it."""
     options: dict[str, object] = {
@@ -105,7 +182,7 @@ def make_producer(kafka: KafkaSettings, **overrides: object) -> AIOKafkaProducer
         "enable_idempotence": True,
         "acks": "all",
         "linger_ms": 2,
-        "max_batch_size": 1 << 20,
+        "max_batch_size": MAX_BATCH_BYTES,
         "max_request_size": 8 << 20,
         "request_timeout_ms": max(1000, int(kafka.request_timeout_s * 1000)),
     }
@@ -118,9 +195,11 @@ async def produce(
 ) -> None:
     """Write one record and wait for Kafka's acknowledgement.
 
-    Raises KafkaUnavailable when there is no acknowledgement within timeout_s. The
-    record may still be written later; callers tell their client to retry, and
-    downstream deduplication by event id makes the retry harmless.
+    Raises RecordTooLarge when the broker refuses the record as too large
+    (permanent), KafkaUnavailable when there is no acknowledgement within
+    timeout_s. In the latter case the record may still be written later; callers
+    tell their client to retry, and downstream deduplication by event id makes the
+    retry harmless.
     """
     try:
         with metrics.produce_timer(topic, 1):
@@ -129,6 +208,8 @@ async def produce(
                     topic, record.value, key=record.key, headers=record.headers
                 )
                 await future
+    except TOO_LARGE_ERRORS as error:
+        raise RecordTooLarge(topic, 0, record_size(record), None) from error
     except (TimeoutError, KafkaError) as error:
         raise KafkaUnavailable(
             f"Kafka did not acknowledge within {timeout_s:g}s: {error!r}"
@@ -147,6 +228,9 @@ async def produce_many(
                     for r in records
                 ]
                 await asyncio.gather(*futures)
+    except TOO_LARGE_ERRORS as error:
+        largest = max(range(len(records)), key=lambda index: len(records[index].value))
+        raise RecordTooLarge(topic, largest, record_size(records[largest]), None) from error
     except (TimeoutError, KafkaError) as error:
         raise KafkaUnavailable(
             f"Kafka did not acknowledge within {timeout_s:g}s: {error!r}"

@@ -3,8 +3,8 @@
 Every series is named `cargotrack_*` and lives in prometheus_client's default
 registry, next to its process and platform collectors (`process_resident_memory_bytes`,
 `process_cpu_seconds_total`, `python_gc_*`). Labels are low-cardinality by rule:
-service, method, code, topic, partition, outcome, kind. Never an id of a shipment,
-vehicle, tenant or event: those belong in logs and traces.
+service, method, code, topic, partition, outcome, kind, source, horizon, version.
+Never an id of a shipment, vehicle, tenant or event: those belong in logs and traces.
 
 Who records what:
 
@@ -28,10 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from importlib import metadata
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -122,6 +126,16 @@ PRODUCE_FAILURES = Counter(
     ["topic"],
 )
 
+# --- Delivery confirmations (services.delivery_confirmations.precheck) ----------------
+
+CONFIRMATION_PRECHECKS = Counter(
+    "cargotrack_confirmation_prechecks",
+    "Delivery confirmations checked against the read model, by outcome: passed;"
+    " not_assigned or settled (refused, nothing written); unknown, unassigned,"
+    " unavailable or skipped (accepted unchecked, the fold decides).",
+    ["outcome"],
+)
+
 # --- GPS ingest (services.gps_ingest.servicer) -----------------------------------------
 
 GPS_BATCHES = Counter(
@@ -193,6 +207,12 @@ PROJECTOR_OFFSET_CONFLICTS = Counter(
     "cargotrack_projector_offset_conflicts",
     "Batches rolled back because another instance (or a rebuild) moved the stored offsets.",
 )
+PROJECTOR_FRESHNESS = Histogram(
+    "cargotrack_projector_freshness_seconds",
+    "From the moment ingest accepted a record (its envelope's recorded_at) until the"
+    " transaction that applied it committed; observed once per batch, for its oldest record.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0),
+)
 PROJECTOR_LAG = Gauge(
     "cargotrack_projector_consumer_lag",
     "Records on Kafka not yet applied, per owned partition: the partition's end offset as"
@@ -202,19 +222,43 @@ PROJECTOR_LAG = Gauge(
 
 # --- alerts and ETA (services.projector) -------------------------------------------------
 
+LEARNER_POINTS = Counter(
+    "cargotrack_learner_points_total",
+    "GPS points the speed learner received, by outcome (learned, late)",
+    ["outcome"],
+)
+LEARNER_MODEL_VERSION = Gauge(
+    "cargotrack_learner_model_version",
+    "Newest model version (event time, epoch s) the learner stored or the projector"
+    " loaded, over all tenants",
+    ["role"],
+)
 ALERTS_PUBLISHED = Counter(
     "cargotrack_alerts_published",
     "Alerts the outbox relay published to the alerts topic, by kind.",
     ["kind"],
 )
-#: Defined here so its name and buckets are settled; fed by services/projector/live.py
-#: when a shipment is delivered (see docs/operations.md).
+OUTBOX_BACKLOG_AGE = Gauge(
+    "cargotrack_outbox_backlog_age_seconds",
+    "Age of the oldest alert decided but not yet published, as this relay last saw it"
+    " (0 when the outbox was empty or another relay held the outbox lock).",
+)
 ETA_ERROR = Histogram(
     "cargotrack_eta_error_seconds",
-    "Absolute difference between a shipment's actual arrival and the ETA shown, by how"
-    " far ahead the ETA was computed (horizon: 15m, 1h, 4h).",
-    ["horizon"],
-    buckets=(60, 120, 300, 600, 900, 1800, 3600, 7200, 14400),
+    "Absolute difference between a shipment's actual arrival and the ETA it was shown,"
+    " per tenant and horizon (60m/30m/15m/5m before arrival, 25%/50%/75% of the trip);"
+    " observed once per arrival, when its transaction commits.",
+    ["tenant", "horizon"],
+    buckets=(30, 60, 120, 300, 600, 900, 1800, 3600, 7200),
+)
+
+# --- certificates (shared.rpc, shared.config) ---------------------------------------------
+
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "cargotrack_tls_certificate_expiry_timestamp_seconds",
+    "When a certificate this process loaded expires (notAfter, Unix time), by which one:"
+    " grpc_server (CARGOTRACK_TLS_CERT_FILE) or kafka_ca (KAFKA_SSL_CAFILE, the earliest).",
+    ["certificate"],
 )
 
 
@@ -304,6 +348,8 @@ async def serve_metrics(settings: Settings, label: str) -> AsyncIterator[Metrics
     duration (yields None when the port is 0: metrics off). Binds the gRPC host, so the
     local suite serves on loopback and Kubernetes (0.0.0.0) on every interface."""
     SERVICE_INFO.info({"service": label, "version": _version()})
+    record_certificate_expiry("grpc_server", settings.grpc.tls_cert_file)
+    record_certificate_expiry("kafka_ca", settings.kafka.ssl_cafile)
     if settings.metrics_port <= 0:
         yield None
         return
@@ -314,6 +360,43 @@ async def serve_metrics(settings: Settings, label: str) -> AsyncIterator[Metrics
         yield server
     finally:
         await server.stop()
+
+
+def record_certificate_expiry(certificate: str, path: str | None) -> float | None:
+    """Export the notAfter of the certificates in PEM file `path` (the earliest of them)
+    as `certificate`; returns it, or None when `path` is None or holds no certificate.
+    A file that cannot be read is not this function's business (TLS set-up reports it)."""
+    if not path:
+        return None
+    expiries = _not_after(path)
+    if not expiries:
+        return None
+    earliest = min(expiries)
+    TLS_CERTIFICATE_EXPIRY.labels(certificate).set(earliest)
+    return earliest
+
+
+def _not_after(path: str) -> list[float]:
+    """The notAfter (Unix time) of every certificate in a PEM file; [] if unreadable."""
+    try:
+        pem = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    found: list[float] = []
+    for block in re.findall(
+        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL
+    ):
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as one:
+            one.write(block + "\n")
+            one.flush()
+            try:
+                # The standard library's certificate decoder (what ssl uses for
+                # getpeercert); no X.509 package is a dependency of cargotrack.
+                decoded = ssl._ssl._test_decode_cert(one.name)  # type: ignore[attr-defined]
+            except (ssl.SSLError, OSError, ValueError):
+                continue
+        found.append(float(ssl.cert_time_to_seconds(decoded["notAfter"])))
+    return found
 
 
 def forget_partitions(partitions: list[tuple[str, int]]) -> None:

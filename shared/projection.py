@@ -488,8 +488,16 @@ def _record_batch(
     metrics.PROJECTOR_COMMIT_LATENCY.observe(committed - folded)
     metrics.PROJECTOR_BATCH_LATENCY.observe(committed - started)
     per_topic: dict[str, int] = {}
+    oldest: float | None = None
     for record in delivered:
         per_topic[record.topic] = per_topic.get(record.topic, 0) + 1
+        accepted = record.envelope.recorded_at
+        if accepted.seconds and (oldest is None or accepted.seconds < oldest):
+            oldest = accepted.seconds + accepted.nanos / 1e9
+    if oldest is not None:
+        # Freshness needs the wall clock (recorded_at is one); the latencies above use
+        # the monotonic one.
+        metrics.PROJECTOR_FRESHNESS.observe(max(time.time() - oldest, 0.0))
     for topic, count in per_topic.items():
         metrics.PROJECTOR_RECORDS.labels(topic).inc(count)
 

@@ -4,10 +4,13 @@
 `start()` binds and serves, `stop()` marks health NOT_SERVING, lets in-flight
 RPCs finish within the grace period, then stops. Unhandled exceptions in a
 servicer never reach the client as UNKNOWN: `ErrorInterceptor` maps
-`KafkaUnavailable` to UNAVAILABLE, an undecodable request message to
-INVALID_ARGUMENT and anything else to INTERNAL (and logs it).
+`KafkaUnavailable` to UNAVAILABLE, `RecordTooLarge` and an undecodable request
+message to INVALID_ARGUMENT and anything else to INTERNAL (and logs it).
 `TelemetryInterceptor`, outermost, measures every call (shared.metrics) and, with
-tracing on, runs it under a server span (shared.tracing).
+tracing on, runs it under a server span (shared.tracing). `StreamLimits`,
+innermost, caps streaming calls per principal and per process; `server_options`
+is the one place the server's channel arguments (message size, streams per
+connection, keepalive, connection age) are decided.
 """
 
 from __future__ import annotations
@@ -37,14 +40,21 @@ from google.rpc import (  # type: ignore[import-untyped]  # no stubs for googlea
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from shared import metrics, tracing
-from shared.auth import ALWAYS_PUBLIC_PREFIXES, AuthInterceptor, Role, wrap_behaviour
-from shared.config import AuthSettings, GrpcSettings
+from shared import metrics, reflection, tracing
+from shared.auth import (
+    ALWAYS_PUBLIC_PREFIXES,
+    AuthInterceptor,
+    KeyRing,
+    Role,
+    VerifiedTokens,
+    current_principal_or_none,
+    wrap_behaviour,
+)
+from shared.config import AuthSettings, GrpcLimits, GrpcSettings
 from shared.domain.validation import Violation
-from shared.kafka import KafkaUnavailable
+from shared.kafka import KafkaUnavailable, RecordTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +101,41 @@ async def abort_invalid(
     raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
 
 
+#: google.rpc.ErrorInfo.domain of cargotrack's own refusals.
+ERROR_DOMAIN = "cargotrack.io"
+
+
+async def abort_with_reason(
+    context: Context,
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: Mapping[str, str],
+) -> NoReturn:
+    """Abort with `code` and a google.rpc.ErrorInfo: `reason` (an UPPER_SNAKE_CASE
+    constant clients may branch on), domain ERROR_DOMAIN and `metadata` (e.g. the
+    request field the refusal is about, under "field")."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
+
+
+def error_infos(error: grpc.aio.AioRpcError) -> list[tuple[str, dict[str, str]]]:
+    """(reason, metadata) of every google.rpc.ErrorInfo in an error's trailers."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return []
+    found: list[tuple[str, dict[str, str]]] = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            found.append((info.reason, dict(info.metadata)))
+    return found
+
+
 def field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     """(field, description) pairs of a BadRequest in an error's trailers (for clients, tests)."""
     status = rpc_status.from_call(error)
@@ -107,10 +152,12 @@ def field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns exceptions a servicer did not handle into a deliberate status.
 
-    KafkaUnavailable becomes UNAVAILABLE (the client should retry); a request
-    message that is not valid protobuf of the method's request type becomes
-    INVALID_ARGUMENT; any other exception is logged with its traceback and becomes
-    INTERNAL, never UNKNOWN. Aborts and cancellations pass through untouched.
+    KafkaUnavailable becomes UNAVAILABLE (the client should retry); RecordTooLarge
+    (a record over its topic's max.message.bytes: permanent) becomes
+    INVALID_ARGUMENT with a BadRequest; a request message that is not valid
+    protobuf of the method's request type becomes INVALID_ARGUMENT; any other
+    exception is logged with its traceback and becomes INTERNAL, never UNKNOWN.
+    Aborts and cancellations pass through untouched.
 
     Undecodable requests need the request deserializer wrapped: grpc decodes a
     unary request before any interceptor's behaviour runs, and reports a decoding
@@ -180,6 +227,10 @@ async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 async def _map_exception(method: str, error: Exception, context: Context) -> NoReturn:
+    if isinstance(error, RecordTooLarge):
+        # Permanent: resending the same request can never succeed, so never UNAVAILABLE.
+        log.warning("record too large in %s: %s", method, error)
+        await abort_invalid(context, [Violation("", str(error))], "a record is too large for Kafka")
     if isinstance(error, KafkaUnavailable):
         log.warning("kafka unavailable in %s: %s", method, error)
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"Kafka is unavailable, retry: {error}")
@@ -354,6 +405,119 @@ def _observed(
     return unary
 
 
+class StreamLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Caps the streaming calls (client-, server- or bidirectional streaming) one
+    process serves: at most `per_principal` at once for one principal (tenant and
+    subject of the token), at most `per_process` in all. A call beyond either cap
+    ends at once with RESOURCE_EXHAUSTED naming the setting; a slot is freed when
+    its call ends, however it ends. Unary calls are not counted (they are bounded
+    by their deadline and by max_concurrent_streams per connection), nor are health
+    and reflection. A public streaming call (no principal) counts towards
+    `per_process` only.
+
+    Installed innermost, after AuthInterceptor, so the principal is known.
+    """
+
+    def __init__(self, per_principal: int, per_process: int) -> None:
+        self.per_principal = per_principal
+        self.per_process = per_process
+        self._by_principal: dict[tuple[str, str], int] = {}
+        self._total = 0
+
+    @property
+    def open_streams(self) -> int:
+        """Streaming calls being served now."""
+        return self._total
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(ALWAYS_PUBLIC_PREFIXES):
+            return handler
+        if not (handler.request_streaming or handler.response_streaming):
+            return handler
+        return wrap_behaviour(handler, self._limited)
+
+    def _limited(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream(request: Any, context: Context) -> Any:
+                key = await self._enter(context)
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                finally:
+                    self._leave(key)
+
+            return stream
+
+        async def call(request: Any, context: Context) -> Any:  # client streaming
+            key = await self._enter(context)
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._leave(key)
+
+        return call
+
+    async def _enter(self, context: Context) -> tuple[str, str] | None:
+        principal = current_principal_or_none()
+        key = None if principal is None else (principal.tenant_id, principal.subject)
+        if self._total >= self.per_process:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server already serves {self.per_process} streams "
+                "(CARGOTRACK_GRPC_MAX_STREAMS_PER_PROCESS); retry later or elsewhere",
+            )
+        if key is not None and self._by_principal.get(key, 0) >= self.per_principal:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{key[1]} already holds {self.per_principal} streams on this server "
+                "(CARGOTRACK_GRPC_MAX_STREAMS_PER_PRINCIPAL); close one first",
+            )
+        self._total += 1
+        if key is not None:
+            self._by_principal[key] = self._by_principal.get(key, 0) + 1
+        return key
+
+    def _leave(self, key: tuple[str, str] | None) -> None:
+        self._total -= 1
+        if key is None:
+            return
+        left = self._by_principal[key] - 1
+        if left:
+            self._by_principal[key] = left
+        else:
+            del self._by_principal[key]
+
+
+def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
+    """Every channel argument a cargotrack gRPC server is built with: message size,
+    streams per connection, keepalive and connection age (see GrpcLimits)."""
+    limits: GrpcLimits = settings.limits
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", ms(limits.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(limits.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", int(limits.keepalive_permit_without_calls)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(limits.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_age_ms", ms(limits.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(limits.max_connection_age_grace_s)),
+    ]
+
+
 Registrar = Callable[[grpc.aio.Server], None]
 
 #: grpc.health.v1 service name that liveness probes check.
@@ -377,28 +541,39 @@ class GrpcApp:
     ) -> None:
         self._settings = settings
         self._services = list(services)
-        limit = settings.max_message_bytes
+        # Loaded now: an unreadable JWKS fails before anything starts.
+        self.keys = KeyRing(auth)
+        self.stream_limits = StreamLimits(
+            settings.limits.max_streams_per_principal, settings.limits.max_streams_per_process
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 TelemetryInterceptor(),
                 ErrorInterceptor(),
-                AuthInterceptor(auth, roles, public_methods),
+                AuthInterceptor(
+                    auth, roles, public_methods, tokens=VerifiedTokens(auth, keys=self.keys)
+                ),
+                self.stream_limits,
             ],
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(settings),
         )
         self.health = HealthServicer()
         self.port: int | None = None
         # Read now, at construction: a missing file fails before anything starts.
         self._tls_pair: tuple[bytes, bytes] | None = None
+        self._client_ca: bytes | None = None
         if settings.tls_cert_file and settings.tls_key_file:
             self._tls_pair = (
                 Path(settings.tls_key_file).read_bytes(),
                 Path(settings.tls_cert_file).read_bytes(),
             )
+            if settings.tls_client_ca_file:
+                self._client_ca = Path(settings.tls_client_ca_file).read_bytes()
+        # Kubelet gRPC probes cannot speak TLS: health alone, in plaintext, on its own port.
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if settings.health_port is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self._stopped = False
 
     @property
@@ -416,22 +591,30 @@ class GrpcApp:
         # runs, so losing Kafka or PostgreSQL (readiness) never restarts a pod.
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
-            [
-                *self.service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
             self.server,
         )
         address = f"{self._settings.host}:{self._settings.port}"
         if self._tls_pair is not None:
-            credentials = grpc.ssl_server_credentials([self._tls_pair])
+            credentials = grpc.ssl_server_credentials(
+                [self._tls_pair],
+                root_certificates=self._client_ca,
+                require_client_auth=self._client_ca is not None,
+            )
             self.port = self.server.add_secure_port(address, credentials)
         else:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the port is taken or the address invalid")
+        if self._health_server is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            health_address = f"{self._settings.host}:{self._settings.health_port}"
+            self.health_port = self._health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {health_address} (CARGOTRACK_GRPC_HEALTH_PORT)")
+            await self._health_server.start()
         await self.server.start()
+        await self.keys.start()
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
@@ -445,10 +628,16 @@ class GrpcApp:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """Health NOT_SERVING, then let in-flight RPCs finish within the grace. Idempotent."""
+        """Health NOT_SERVING, then let in-flight RPCs finish within the grace (the
+        health port answers NOT_SERVING meanwhile), then stop. Idempotent."""
         if self._stopped or self.port is None:
             self._stopped = True
+            if self._health_server is not None:
+                await self._health_server.stop(None)
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self._settings.shutdown_grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+        await self.keys.stop()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from shared import statecodec
 from shared.db import Connection, as_columns
-from shared.domain.tracking import Position, ShipmentState, VehicleState
+from shared.domain.tracking import TIMELINE_HEAD, Position, ShipmentState, VehicleState
 from shared.envelopes import timestamp
 from shared.pb import common_pb2, delivery_pb2, tracking_pb2
 
@@ -50,6 +51,33 @@ async def load_shipments(
     rows = await _load_states(connection, "shipments", "shipment_id", keys)
     states = (statecodec.decode_as(ShipmentState, row) for row in rows)
     return {(s.tenant_id, s.shipment_id): s for s in states}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the read model says about a shipment, for the delivery-confirmations pre-check:
+    its status, its assigned vehicle ('' for none) and the confirmation id of its proof
+    (None when it holds none)."""
+
+    status: int
+    vehicle_id: str
+    proof_confirmation_id: str | None
+
+
+async def load_assignment(
+    connection: Connection, tenant_id: str, shipment_id: str
+) -> Assignment | None:
+    """The shipment's status, vehicle and proof as last projected; None when the read
+    model does not know it (not created, or not projected yet). One indexed row read."""
+    row = await connection.fetchrow(
+        "SELECT status, vehicle_id, state->'proof'->>'confirmation_id' AS proof_confirmation_id"
+        " FROM shipments WHERE tenant_id = $1 AND shipment_id = $2",
+        tenant_id,
+        shipment_id,
+    )
+    if row is None:
+        return None
+    return Assignment(row["status"], row["vehicle_id"], row["proof_confirmation_id"])
 
 
 async def save_shipments(connection: Connection, states: Sequence[ShipmentState]) -> None:
@@ -200,9 +228,24 @@ def position_message(position: Position) -> common_pb2.Position:
     )
 
 
+#: Kind of the entry that stands for the entries the fold dropped at its bound.
+ENTRIES_OMITTED = "entries_omitted"
+
+
 def timeline_messages(state: ShipmentState) -> list[tracking_pb2.TimelineEntry]:
+    """The timeline as messages, in log order. When the fold dropped entries at its
+    bound (shared.domain.tracking.TIMELINE_HEAD / TIMELINE_TAIL), one entry of kind
+    ENTRIES_OMITTED, detail "N entries omitted", stands where they were."""
     entries = []
-    for entry in state.timeline:
+    for index, entry in enumerate(state.timeline):
+        if index == TIMELINE_HEAD and state.timeline_dropped:
+            entries.append(
+                tracking_pb2.TimelineEntry(
+                    kind=ENTRIES_OMITTED,
+                    status=state.timeline[index - 1].status_after,
+                    detail=f"{state.timeline_dropped} entries omitted",
+                )
+            )
         message = tracking_pb2.TimelineEntry(
             event_id=entry.event_id,
             kind=entry.kind,
@@ -283,6 +326,7 @@ def eta_message(data: dict[str, Any]) -> common_pb2.Eta:
         confidence=data.get("confidence", 0.0),
         method=data.get("method", 0),
         remaining_m=data.get("remaining_m", 0.0),
+        model_version=data.get("model_version", 0),
     )
     for name in ("estimated_arrival", "earliest", "latest", "computed_at"):
         if data.get(name):

@@ -26,18 +26,24 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from shared.devstack import DevStackError, LocalStack
+from shared.devstack import DevStackError, KafkaBroker, LocalStack
 
 # Shared machines are noisy: no per-example deadline. The explain phase is left out
 # because on Python 3.11 it can take longer than the test timeout after a failure,
 # hiding the failing example behind a timeout.
+# Every failure prints its reproduction blob (`@reproduce_failure(...)`): a rare
+# counterexample found in CI can be replayed locally.
 settings.register_profile(
     "cargotrack",
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
 )
-settings.load_profile("cargotrack")
+# CI (`.ci/run` sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run, so a
+# red build is red again when re-run, and no example database is needed.
+settings.register_profile("ci", parent=settings.get_profile("cargotrack"), derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cargotrack"))
 
 
 @contextlib.contextmanager
@@ -139,3 +145,31 @@ async def db_pool(database_url: str, pg_schema: str) -> AsyncIterator[asyncpg.Po
         except TimeoutError:
             # A test kept a connection acquired; do not let it hang the session.
             pool.terminate()
+
+
+@pytest.fixture(scope="session")
+async def _spare_broker() -> AsyncIterator[KafkaBroker]:
+    """A second Kafka broker, started once per session by the first test that asks."""
+    with server_state_dir("spare-kafka") as state:
+        broker = KafkaBroker(state / "kafka")
+        problem: DevStackError | None = None
+        try:
+            await broker.start(keep_data=False)
+        except DevStackError as err:
+            problem = err
+        if problem is not None:
+            pytest.fail(f"the dedicated broker did not start: {problem}", pytrace=False)
+        try:
+            yield broker
+        finally:
+            await broker.kill()
+
+
+@pytest.fixture
+async def dedicated_broker(_spare_broker: KafkaBroker) -> KafkaBroker:
+    """A real broker of its own that the test may stop, kill and start again (keeping
+    its data): running when the test starts. Shared by the session's tests, which
+    name their topics with their own `topic_prefix` as on the main broker."""
+    if not _spare_broker.running:
+        await _spare_broker.start(keep_data=True)
+    return _spare_broker

@@ -139,9 +139,12 @@ class DevRun:
         stderr = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
         return "\n".join(self.lines[-60:]) + "\n--- stderr ---\n" + stderr[-3000:]
 
-    async def wait_for(self, condition: Callable[[str], bool], timeout_s: float) -> str:
-        """The first line (old or new) for which `condition` holds; fails after timeout."""
-        checked = 0
+    async def wait_for(
+        self, condition: Callable[[str], bool], timeout_s: float, *, start: int = 0
+    ) -> str:
+        """The first line (old or new, from line index `start` on) for which `condition`
+        holds; fails after timeout."""
+        checked = start
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
@@ -158,6 +161,10 @@ class DevRun:
             raise AssertionError(
                 f"no such line within {timeout_s:.0f}s:\n{self.output()}"
             ) from None
+
+    def position(self, line: str) -> int:
+        """The index of the last occurrence of `line` among the lines read so far."""
+        return len(self.lines) - 1 - self.lines[::-1].index(line)
 
     def summaries(self) -> list[dict[str, str]]:
         return [summary_fields(line) for line in self.lines if SUMMARY.match(line)]

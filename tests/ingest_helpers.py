@@ -45,7 +45,8 @@ def service_settings(
     """Settings for one test: its Kafka, its topic prefix, the development key, a free port.
 
     Keyword arguments are environment variables and win over the defaults, e.g.
-    `CARGOTRACK_KAFKA_TIMEOUT_S=2`.
+    `CARGOTRACK_KAFKA_TIMEOUT_S=2`; `DATABASE_URL=""` gives no database (for
+    delivery-confirmations: no read-model pre-check).
     """
     env: dict[str, str] = {
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
@@ -60,7 +61,7 @@ def service_settings(
         "CARGOTRACK_LOG_FORMAT": "console",
     }
     env.update({name: str(value) for name, value in environ.items()})
-    return load_settings(env)
+    return load_settings(env, database_optional=True)
 
 
 @dataclass
@@ -128,8 +129,10 @@ def bearer(
     subject: str | None = None,
     ttl_s: int = 3600,
     secret: str = DEV_JWT_SECRET,
+    kid: str | None = None,
 ) -> Metadata:
-    """Call metadata carrying a development bearer token for `role`."""
+    """Call metadata carrying a development bearer token for `role` (signed with
+    `secret`, naming key `kid` in its header when given)."""
     token = mint_token(
         secret,
         role=role,
@@ -138,6 +141,7 @@ def bearer(
         vehicle_id=vehicle_id,
         customer_id=customer_id,
         ttl_s=ttl_s,
+        kid=kid,
     )
     return (("authorization", f"Bearer {token}"),)
 
@@ -162,8 +166,11 @@ async def consume_envelopes(
     """Read `topic` from the start until `count` records arrived (or `until` holds for
     what arrived); decode each envelope.
 
-    Records come back in partition order, then offset order. Raises TimeoutError
-    naming how many arrived when the condition did not hold within timeout_s.
+    With `count`, the topic must then hold exactly `count` records (its end offsets
+    add up to it): a record written twice, or one too many, fails the test instead
+    of waiting unread behind the first `count`. Records come back in partition
+    order, then offset order. Raises TimeoutError naming how many arrived when the
+    condition did not hold within timeout_s.
     """
     if until is None:
         if count is None:
@@ -205,6 +212,10 @@ async def consume_envelopes(
                 f"{len(found)} records arrived on {topic} in {timeout_s:g}s, "
                 f"not what the test waited for ({count or 'see until'})"
             ) from None
+        if count is not None:
+            ends = await consumer.end_offsets(list(consumer.assignment()))
+            held = sum(ends.values())
+            assert held == count, f"{topic} holds {held} records, the test expected {count}"
     finally:
         await consumer.stop()
     return sorted(found, key=lambda c: (c.partition, c.offset))

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from services.fleet_simulator.stats import SimulatorStats
+from shared.auth import STREAM_TOKEN_EXPIRED
 from shared.lifecycle import Lifecycle
 from shared.pb import gps_pb2, gps_pb2_grpc
 
@@ -192,7 +193,12 @@ class GpsUplink(Lifecycle):
             except grpc.aio.AioRpcError as error:
                 self.stats.stream_errors += 1
                 code = error.code()
-                if code in TRANSIENT:
+                # A token that expired mid-stream is routine: the next stream mints anew.
+                expired = (
+                    code == grpc.StatusCode.UNAUTHENTICATED
+                    and error.details() == STREAM_TOKEN_EXPIRED
+                )
+                if code in TRANSIENT or expired:
                     log.info("%s: stream ended (%s); reconnecting", self.device_id, code.name)
                 else:
                     log.error(

@@ -29,9 +29,9 @@ def build(settings: Settings, kafka: KafkaLink) -> IngestService:
 
 def server(settings: Settings) -> IngestServer:
     """The service, not started: `async with server(settings) as running: running.port`."""
-    return IngestServer(settings, build, LABEL)
+    return IngestServer(settings, build, LABEL, settings.topics.gps_points)
 
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT (what `cargotrack serve gps-ingest` runs)."""
-    await serve(settings, build, LABEL)
+    await serve(settings, build, LABEL, settings.topics.gps_points)

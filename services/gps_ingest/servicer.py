@@ -6,9 +6,10 @@ Contract of one stream (docs/ingest.md has the client's view):
   response per batch.
 - A batch for a vehicle other than the driver token's ends the stream with
   PERMISSION_DENIED (batches before it are stored and answered first).
-- A batch with batch-level violations (ids, sequence, no points or more than 1000)
-  or without a single valid point is answered REJECTED with its violations; nothing
-  is stored and the stream goes on.
+- A batch with batch-level violations (ids, sequence, no points or more than 1000),
+  without a single valid point, or whose record would be over the topic's
+  max.message.bytes (violation on "batch") is answered REJECTED with its
+  violations; nothing is stored and the stream goes on.
 - Otherwise its valid points become ONE record on the GPS topic, keyed by vehicle
   id, with event id = gps_batch_event_id(tenant, device, sequence), so a resent
   batch has the id of the original; the answer (ACCEPTED or PARTIALLY_ACCEPTED with
@@ -39,7 +40,7 @@ import structlog
 from shared import metrics, tracing
 from shared.auth import Principal, Role, current_principal
 from shared.domain.ids import gps_batch_event_id
-from shared.domain.validation import as_field_violations, validate_gps_batch
+from shared.domain.validation import Violation, as_field_violations, validate_gps_batch
 from shared.envelopes import EncodedRecord, encode, timestamp
 from shared.ingest import TopicWriter, deadline_budget, envelope_for, traceparent
 from shared.kafka import KafkaUnavailable
@@ -241,8 +242,22 @@ class GpsIngestServicer(TopicWriter, gps_pb2_grpc.GpsIngestServiceServicer):
         stored.device_id = batch.device_id
         stored.sequence = batch.sequence
         stored.points.extend(verdict.valid_points)
+        record = encode(envelope, batch.vehicle_id)
+        too_large = self._kafka.oversized(self._topic, [record])
+        if too_large:
+            span.end(f"not stored: {too_large[0]}")
+            metrics.GPS_BATCHES.labels("rejected").inc()
+            return _Answer(
+                gps_pb2.StreamPointsResponse(
+                    sequence=batch.sequence,
+                    outcome=gps_pb2.BATCH_OUTCOME_REJECTED,
+                    violations=as_field_violations(
+                        [Violation("batch", f"over the topic's record size limit: {too_large[0]}")]
+                    ),
+                )
+            )
         return _Write(
-            encode(envelope, batch.vehicle_id),
+            record,
             gps_pb2.StreamPointsResponse(
                 sequence=batch.sequence,
                 outcome=verdict.outcome,

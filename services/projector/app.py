@@ -7,6 +7,7 @@ import logging
 from datetime import UTC, datetime
 
 from services.projector.live import LiveTracker
+from services.projector.models import ModelStore
 from services.projector.outbox import OutboxRelay
 from services.projector.projection import TrackingProjection
 from services.projector.stale import StaleScanner
@@ -44,7 +45,12 @@ async def run(settings: Settings) -> None:
         stack.push_async_callback(app.stop)
         log.info("projector health on port %d", port)
 
-        projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts))
+        # Learned models (services/learner) are hot-loaded between batches.
+        models = ModelStore(pool, settings.learner.model_poll_s)
+        await models.refresh()
+        projection = TrackingProjection(
+            settings.topics, LiveTracker(settings.alerts, models=models)
+        )
         runner = ProjectionRunner(
             projection,
             pool,
@@ -70,6 +76,7 @@ async def run(settings: Settings) -> None:
         await maintain()
         supervisor.spawn("projection", runner.run())
         supervisor.spawn("outbox", relay.run())
+        supervisor.spawn("models", models.run())
         supervisor.spawn("maintenance", periodically(MAINTENANCE_INTERVAL_S, maintain))
         supervisor.spawn("stale-tracking", StaleScanner(pool, settings.alerts).run())
         supervisor.spawn(

@@ -55,17 +55,34 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
+from services.projector.models import LoadedModel, ModelSet, ModelStore
 from shared import metrics, statecodec
 from shared import tracking_store as store
 from shared.config import AlertSettings
 from shared.db import Connection, as_columns
 from shared.domain import alerts
 from shared.domain.alerts import AlertConditions, AlertDecision
-from shared.domain.eta import DelayMargins, EtaEstimate, EtaMethod, EtaModel, classify_delay
-from shared.domain.geo import Fix, Route, route_from_polyline
-from shared.domain.tracking import DELIVERY_FAILED, Position, ShipmentState, VehicleState
+from shared.domain.eta import (
+    DelayMargins,
+    EtaEstimate,
+    EtaMethod,
+    EtaModel,
+    classify_delay,
+    late_probability,
+)
+from shared.domain.eta_accuracy import geofence_arrival
+from shared.domain.geo import Fix, Route, haversine_m, route_from_polyline
+from shared.domain.tracking import (
+    DELIVERED,
+    DELIVERY_FAILED,
+    Position,
+    ShipmentState,
+    VehicleState,
+)
 from shared.envelopes import timestamp
+from shared.metrics import ETA_ERROR
 from shared.pb import alerts_pb2, common_pb2
+from shared.readmodel import eta_scores
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +93,10 @@ YIELD_EVERY = 16
 
 #: At most one debouncer observation per shipment per this much event time.
 OBSERVE_EVERY_S = 30.0
+
+#: Look for a geofence arrival only while the vehicle is this close to the destination
+#: (the geofence's exit radius: an arrival confirmed in this batch ends inside it).
+ARRIVAL_NEAR_M = 200.0
 
 
 @dataclass(frozen=True)
@@ -106,8 +127,10 @@ class PendingAlert:
 
 
 def eta_json(estimate: EtaEstimate, now: datetime) -> dict[str, Any]:
-    """The API-facing ETA (see tracking_store.eta_message) plus the model's full estimate."""
+    """The API-facing ETA (see tracking_store.eta_message) plus the model's full estimate,
+    with the version of the speed model that produced it (0: no learned version)."""
     return {
+        "model_version": estimate.model_version,
         "estimated_arrival": estimate.arrival.isoformat(),
         "earliest": estimate.earliest.isoformat(),
         "latest": estimate.latest.isoformat(),
@@ -331,29 +354,46 @@ class LiveTracker:
         model: EtaModel | None = None,
         *,
         observe_every_s: float = OBSERVE_EVERY_S,
+        models: ModelStore | None = None,
     ) -> None:
         if observe_every_s < 0:
             raise ValueError("observe_every_s must be >= 0")
         self.settings = settings
         self.model = model or EtaModel()
+        #: Where learned models come from (None: always `model`, version 0).
+        self.models = models
+        #: The models of the batch in flight: taken once per batch (see `update`).
+        self.batch_models = ModelSet(LoadedModel(0, self.model))
         self.observe_every = timedelta(seconds=observe_every_s)
         self.margins = DelayMargins(
             late_after_s=settings.late_margin_min * 60,
             at_risk_within_s=settings.at_risk_margin_min * 60,
+            late_probability=settings.late_probability,
+            at_risk_probability=settings.at_risk_probability,
         )
         self.tracks = TrackCache(settings.track_cache_fixes)
         #: The tracks of the batch in flight, applied to the cache on commit.
         self._staged: dict[store.VehicleKey, CachedTrack | None] = {}
+        #: Arrivals seen in the batch in flight, and those it scored (metrics on commit).
+        self._arrivals: list[eta_scores.Arrival] = []
+        self._scored: list[eta_scores.ScoredArrival] = []
 
     def committed(self) -> None:
         """The last update's transaction committed: keep what it read and wrote."""
         self.tracks.apply(self._staged)
         self._staged = {}
+        for scored in self._scored:
+            for score in scored.scores:
+                ETA_ERROR.labels(scored.arrival.tenant_id, score.horizon).observe(
+                    abs(score.error_s)
+                )
+        self._scored = []
 
     def forget(self) -> None:
         """The last update did not commit, or partitions changed hands: drop the cache."""
         self.tracks.clear()
         self._staged = {}
+        self._scored = []
 
     async def update(
         self,
@@ -368,6 +408,12 @@ class LiveTracker:
         added per vehicle; without them the cache is not used for this batch.
         """
         self._staged = {}
+        self._arrivals = []
+        self._scored = []
+        # One model set per batch: a version loaded meanwhile applies from the next
+        # batch on, so no batch (and no estimate) mixes two versions of a tenant's model.
+        if self.models is not None:
+            self.batch_models = self.models.current
         if new_points is None:
             # Unknown additions: nothing cached can be trusted past this batch.
             self.forget()
@@ -402,6 +448,15 @@ class LiveTracker:
             track = self._staged.get(key)
             if track is not None:
                 self._staged[key] = track.after(after - window)
+        for shipment in shipments_changed.values():
+            if shipment.status == DELIVERED and shipment.delivered_at is not None:
+                self._arrivals.append(
+                    eta_scores.Arrival(
+                        shipment.tenant_id, shipment.shipment_id, shipment.delivered_at, "delivered"
+                    )
+                )
+        # Scored in the transaction that records the arrival: exactly once.
+        self._scored = await eta_scores.record_arrivals(connection, self._arrivals)
         await write_alerts(connection, pending)
 
     def _failed_deliveries(self, shipment: ShipmentState) -> Iterable[PendingAlert]:
@@ -478,6 +533,7 @@ class LiveTracker:
             observed_at = current.observed_at if current else None
             chain = current.observed if current else None
             route = _route_of(shipment)
+            loaded = self.batch_models.of(shipment.tenant_id)
 
             def estimate_at(
                 moment: datetime,
@@ -485,9 +541,10 @@ class LiveTracker:
                 fixes: list[Fix],
                 shipment: ShipmentState = shipment,
                 route: Route | None = route,
+                model: EtaModel = loaded.model,
             ) -> EtaEstimate | None:
                 assert shipment.destination is not None
-                return self.model.estimate(
+                return model.estimate(
                     now=moment,
                     destination=shipment.destination,
                     positions=fixes,
@@ -538,6 +595,8 @@ class LiveTracker:
                     "on_route": route is not None and not shown.off_route,
                     "off_route_m": shown.offset_m or 0.0,
                 }
+            if track is not None:
+                self._note_arrival(shipment, track, position)
             horizon = min(observed_at or position.recorded_at, position.recorded_at)
             needed[vehicle_key] = min(needed.get(vehicle_key, horizon), horizon)
             if eta is not None and observed_at is not None:
@@ -572,21 +631,38 @@ class LiveTracker:
             latest = {row[:3]: row for row in history}
             await connection.execute(
                 "INSERT INTO eta_history (tenant_id, shipment_id, position_at, computed_at,"
-                " estimated_arrival, remaining_m, method) SELECT * FROM unnest($1::text[],"
-                " $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[],"
-                " $6::float8[], $7::smallint[])"
+                " estimated_arrival, remaining_m, method, model_version) SELECT * FROM"
+                " unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],"
+                " $5::timestamptz[], $6::float8[], $7::smallint[], $8::bigint[])"
                 " ON CONFLICT (tenant_id, shipment_id, position_at) DO UPDATE SET"
                 " computed_at = EXCLUDED.computed_at,"
                 " estimated_arrival = EXCLUDED.estimated_arrival,"
-                " remaining_m = EXCLUDED.remaining_m, method = EXCLUDED.method",
-                *as_columns(list(latest.values()), 7),
+                " remaining_m = EXCLUDED.remaining_m, method = EXCLUDED.method,"
+                " model_version = EXCLUDED.model_version",
+                *as_columns(list(latest.values()), 8),
             )
         return pending
+
+    def _note_arrival(
+        self, shipment: ShipmentState, track: _VehicleTrack, position: Position
+    ) -> None:
+        """Note the shipment's arrival if the vehicle, now near its destination, entered
+        the destination geofence and stayed (eta_accuracy.geofence_arrival)."""
+        destination = shipment.destination
+        assert destination is not None
+        if haversine_m(position.lat, position.lon, *destination) > ARRIVAL_NEAR_M:
+            return  # not there now: nothing to look for (the usual case, and cheap)
+        start = active_since(shipment)
+        arrived = geofence_arrival(destination, (f for f in track.fixes if f.at >= start))
+        if arrived is not None:
+            self._arrivals.append(
+                eta_scores.Arrival(shipment.tenant_id, shipment.shipment_id, arrived, "geofence")
+            )
 
     @staticmethod
     def _history_row(
         shipment: ShipmentState, estimate: EtaEstimate, now: datetime
-    ) -> tuple[str, str, datetime, datetime, datetime, float, int]:
+    ) -> tuple[str, str, datetime, datetime, datetime, float, int, int]:
         return (
             shipment.tenant_id,
             shipment.shipment_id,
@@ -595,6 +671,7 @@ class LiveTracker:
             estimate.arrival,
             estimate.remaining_m,
             ETA_METHODS[estimate.method],
+            estimate.model_version,
         )
 
     def _observe(
@@ -603,9 +680,14 @@ class LiveTracker:
         fired: list[AlertDecision] = []
         tenant_id, shipment_id = shipment.tenant_id, shipment.shipment_id
         if shipment.promised_window is not None:
-            condition = classify_delay(estimate, shipment.promised_window[1], self.margins)
-            late_by = (estimate.arrival - shipment.promised_window[1]).total_seconds() / 60
-            detail = f"ETA {estimate.arrival:%H:%M} UTC, {late_by:+.0f} min vs window end"
+            end = shipment.promised_window[1]
+            condition = classify_delay(estimate, end, self.margins)
+            late_by = (estimate.arrival - end).total_seconds() / 60
+            chance = late_probability(estimate, end, self.margins.interval_coverage)
+            detail = (
+                f"ETA {estimate.arrival:%H:%M} UTC, {late_by:+.0f} min vs window end,"
+                f" {chance:.0%} chance of arriving after it"
+            )
             conditions, decided = alerts.observe_delay(
                 conditions, condition, tenant_id=tenant_id, shipment_id=shipment_id, detail=detail
             )

@@ -57,6 +57,8 @@ class OutboxRelay:
                 "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.alert_outbox'))"
             )
             if not mine:
+                # The relay holding the lock reports the backlog; max() over pods reads it.
+                metrics.OUTBOX_BACKLOG_AGE.set(0)
                 return 0
             rows = await connection.fetch(
                 "SELECT id, alert_id, tenant_id, shipment_id, payload, created_at"
@@ -65,7 +67,10 @@ class OutboxRelay:
                 self.batch_size,
             )
             if not rows:
+                metrics.OUTBOX_BACKLOG_AGE.set(0)
                 return 0
+            oldest = rows[0]["created_at"]
+            metrics.OUTBOX_BACKLOG_AGE.set(max((datetime.now(UTC) - oldest).total_seconds(), 0))
             records = []
             kinds = []
             for row in rows:

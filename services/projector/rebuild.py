@@ -32,12 +32,14 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.projector.live import LiveTracker
+from services.projector.models import ModelStore
 from services.projector.projection import TrackingProjection
 from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.kafka import make_producer
 from shared.projection import ProjectionRunner, load_offsets
+from shared.readmodel import learner_state, model_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,15 @@ async def rebuild(
     new_schema = f"{live_schema}_rebuild_{stamp}"
     new_db = dataclasses.replace(settings.database, schema=new_schema)
     await migrate(new_db)
-    projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts))
+    # ETAs are recomputed with the live schema's current models (the learner's
+    # tables are carried over at the switch, not rebuilt): loaded once, kept.
+    live_pool = await create_pool(settings.database, min_size=0, max_size=1)
+    try:
+        models = ModelStore(live_pool, settings.learner.model_poll_s)
+        await models.refresh()
+    finally:
+        await live_pool.close()
+    projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts, models=models))
     topics = list(projection.topics)
     started = time.monotonic()
     pool = await create_pool(new_db)
@@ -155,6 +165,18 @@ async def rebuild(
                 " WHERE n.published_at IS NULL AND NOT EXISTS ("
                 f'   SELECT 1 FROM "{live_schema}".alert_outbox o'
                 "   WHERE o.alert_id = n.alert_id AND o.published_at IS NULL)"
+            )
+            # Other consumers' state (the speed learner: its state, model versions and
+            # offsets) is not rebuilt: carry it over as it stands. Their commits wait
+            # on the lock above; one that lands in the old schema meanwhile is fenced
+            # on its next batch and replayed from these offsets.
+            await learner_state.copy_to_schema(live, live_schema, new_schema)
+            await model_snapshots.copy_to_schema(live, live_schema, new_schema)
+            await live.execute(
+                f'INSERT INTO "{new_schema}".projection_offsets SELECT * FROM'
+                f' "{live_schema}".projection_offsets WHERE projection <> $1'
+                " ON CONFLICT DO NOTHING",
+                projection.name,
             )
             old_schema = f"{live_schema}_old_{stamp}"
             await live.execute(f'ALTER SCHEMA "{live_schema}" RENAME TO "{old_schema}"')

@@ -34,9 +34,9 @@ def build(settings: Settings, kafka: KafkaLink) -> IngestService:
 
 def server(settings: Settings) -> IngestServer:
     """The service, not started: `async with server(settings) as running: running.port`."""
-    return IngestServer(settings, build, LABEL)
+    return IngestServer(settings, build, LABEL, settings.topics.shipment_events)
 
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT (what `cargotrack serve shipment-events` runs)."""
-    await serve(settings, build, LABEL)
+    await serve(settings, build, LABEL, settings.topics.shipment_events)

@@ -55,7 +55,7 @@ class ShipmentEventsServicer(TopicWriter, shipment_pb2_grpc.ShipmentEventsServic
         if violations:
             await abort_invalid(context, violations, "invalid shipment event")
         record, result = self._record(request.event, principal, now, traceparent(context))
-        await self._write(context, [record])
+        await self._write(context, [record], ["event"])
         return result
 
     async def RecordEvents(
@@ -86,7 +86,7 @@ class ShipmentEventsServicer(TopicWriter, shipment_pb2_grpc.ShipmentEventsServic
             record, result = self._record(event, principal, now, trace)
             records.append(record)
             response.results.append(result)
-        await self._write(context, records)
+        await self._write(context, records, [f"events[{i}]" for i in range(len(records))])
         return response
 
     @staticmethod

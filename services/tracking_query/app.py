@@ -15,8 +15,8 @@ from services.tracking_query.servicer import TrackingServicer
 from services.tracking_query.watch import ChangeFeed
 from shared import metrics, readiness
 from shared.auth import Role
-from shared.config import Settings
-from shared.db import create_pool, migrate
+from shared.config import ConfigError, Settings
+from shared.db import create_pool, migrate_or_check
 from shared.lifecycle import StackedServer
 from shared.pb import tracking_pb2, tracking_pb2_grpc
 from shared.rpc import GrpcApp
@@ -41,7 +41,8 @@ PUBLIC_METHODS = (f"/{SERVICE_NAME}/TrackByToken",)
 class QueryServer(StackedServer):
     """One tracking-query service, running.
 
-    `start()` migrates the schema (idempotent), opens the pool, starts the gRPC server
+    `start()` migrates the schema (idempotent; a read-only role only checks that no
+    migration is pending), opens the pool, starts the gRPC server
     on settings.grpc (port 0 picks a free one: see `port`) with health NOT_SERVING,
     and supervises two tasks: the LISTEN feed behind WatchShipment and the readiness
     monitor, which reports SERVING while PostgreSQL answers.
@@ -57,16 +58,24 @@ class QueryServer(StackedServer):
         self.settings = settings
         self.app: GrpcApp | None = None
         self.feed = ChangeFeed(settings.database)
+        key = settings.page_token_key_bytes()
+        if key is None:
+            raise ConfigError(
+                "CARGOTRACK_PAGE_TOKEN_KEY must be set for tracking-query when tokens are"
+                " verified with a public key (there is no JWT secret to derive it from)"
+            )
+        self._page_token_key = key
         self._supervisor = Supervisor(LABEL)
         self._supervised: asyncio.Task[None] | None = None
 
     async def _start(self) -> None:
         # Exit callbacks run in reverse order of registration: metrics and tracing last.
         await self._stack.enter_async_context(metrics.service_telemetry(self.settings, LABEL))
-        await migrate(self.settings.database)
+        # In Kubernetes its role is read-only: it only checks that none is pending.
+        await migrate_or_check(self.settings.database)
         pool = await create_pool(self.settings.database)
         self._stack.push_async_callback(pool.close)
-        servicer = TrackingServicer(pool, self.feed)
+        servicer = TrackingServicer(pool, self.feed, self._page_token_key)
         app = GrpcApp(
             self.settings.grpc,
             self.settings.auth,

@@ -27,6 +27,7 @@ from shared import tracking_store as store
 from shared.auth import Principal, Role
 from shared.db import Connection
 from shared.domain.tracking import ShipmentState
+from shared.domain.visibility import Audience, redact_shipment, redact_timeline
 from shared.pb import tracking_pb2
 
 
@@ -37,6 +38,12 @@ class Scope:
 
     tenant_id: str
     customer_id: str | None = None
+
+    @property
+    def audience(self) -> Audience:
+        """Whose view of a shipment this caller gets (shared.domain.visibility): a
+        customer's when the scope is one customer's, else the tenant staff's."""
+        return Audience.CUSTOMER if self.customer_id is not None else Audience.STAFF
 
     @classmethod
     def of(cls, principal: Principal) -> Scope:
@@ -62,7 +69,16 @@ class ShipmentView:
     updated_at: datetime
 
     def message(self) -> tracking_pb2.Shipment:
+        """Every field (the staff view); callers answer with `message_for`."""
         return store.shipment_message(self.state, self.tracking)
+
+    def message_for(self, audience: Audience) -> tracking_pb2.Shipment:
+        """The fields `audience` may see, as shared.domain.visibility decides."""
+        return redact_shipment(self.message(), audience)
+
+    def timeline_for(self, audience: Audience) -> list[tracking_pb2.TimelineEntry]:
+        """The timeline entries and fields `audience` may see (needs a whole-state view)."""
+        return redact_timeline(store.timeline_messages(self.state), audience)
 
     @property
     def cursor(self) -> Cursor:

@@ -11,6 +11,9 @@ Contract (docs/query.md has the client's view):
   field; nothing is read.
 - A database that cannot be reached answers UNAVAILABLE (retry), not INTERNAL.
 - TrackByToken needs no bearer token; it returns only `PublicShipment` fields.
+- Which fields each caller sees is decided in one place, by audience (staff,
+  customer, public) and the shipment's status: shared.domain.visibility. Every RPC
+  answers through `ShipmentView.message_for` / `timeline_for`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import NoReturn
 import asyncpg
 import grpc
 import structlog
+from google.protobuf.message import Message
 
 from services.tracking_query import queries
 from services.tracking_query.paging import (
@@ -34,11 +38,10 @@ from services.tracking_query.paging import (
 )
 from services.tracking_query.queries import ListFilter, Scope, ShipmentView
 from services.tracking_query.watch import CONNECTION_ERRORS, ChangeFeed
-from shared import tracking_store as store
 from shared.auth import current_principal
 from shared.db import Connection
-from shared.domain.tracking import CANCELLED, DELIVERED
 from shared.domain.validation import MAX_ID_LENGTH, Violation
+from shared.domain.visibility import Audience
 from shared.envelopes import to_datetime
 from shared.pb import shipment_pb2, tracking_pb2, tracking_pb2_grpc
 from shared.rpc import Context, abort_invalid
@@ -53,8 +56,6 @@ MAX_TRACKING_TOKEN_LENGTH = 64
 ACQUIRE_TIMEOUT_S = 5.0
 
 _TRACKING_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
-#: After these, the stored ETA is history, not a forecast: the public view omits it.
-_FINAL_STATUSES = frozenset({DELIVERED, CANCELLED})
 
 
 def _check_id(field: str, value: str) -> list[Violation]:
@@ -69,40 +70,29 @@ def _check_id(field: str, value: str) -> list[Violation]:
 
 
 def public_shipment(view: ShipmentView) -> tracking_pb2.PublicShipment:
-    """What anyone holding the tracking token may see.
-
-    Status, promised window, delivered/updated times, reference, the ETA while the
-    shipment is not final, and the timeline's kinds, statuses and times. Never a
-    vehicle, driver, customer, recipient or proof; never event ids (the fallback
-    tracking token derives from the creation event id) nor detail texts; timeline
-    entries recorded as anomalies are back-office matters and left out.
-    """
-    state = view.state
-    full = store.shipment_message(state, view.tracking)
-    public = tracking_pb2.PublicShipment(status=state.status, reference=state.reference)
-    if full.HasField("promised_window"):
-        public.promised_window.CopyFrom(full.promised_window)
-    if full.HasField("delivered_at"):
-        public.delivered_at.CopyFrom(full.delivered_at)
-    if full.HasField("updated_at"):
-        public.updated_at.CopyFrom(full.updated_at)
-    if full.HasField("eta") and state.status not in _FINAL_STATUSES:
-        public.eta.CopyFrom(full.eta)
-    for entry in store.timeline_messages(state):
-        if entry.anomaly:
+    """What anyone holding the tracking token may see: the PUBLIC audience's fields
+    of shared.domain.visibility (status, reference, promised window, delivered and
+    updated times, the ETA while the goods are on the way; the timeline's kinds,
+    statuses and times without anomaly entries). Never a vehicle, driver, customer,
+    position, recipient or proof; never event ids nor detail texts."""
+    visible: Message = view.message_for(Audience.PUBLIC)  # field names as str below
+    public = tracking_pb2.PublicShipment()
+    for field in tracking_pb2.PublicShipment.DESCRIPTOR.fields:
+        if field.name == "timeline":
             continue
-        shown = public.timeline.add(kind=entry.kind, status=entry.status)
-        if entry.HasField("occurred_at"):
-            shown.occurred_at.CopyFrom(entry.occurred_at)
-        if entry.HasField("recorded_at"):
-            shown.recorded_at.CopyFrom(entry.recorded_at)
+        if field.message_type is None:
+            setattr(public, field.name, getattr(visible, field.name))
+        elif visible.HasField(field.name):
+            getattr(public, field.name).CopyFrom(getattr(visible, field.name))
+    public.timeline.extend(view.timeline_for(Audience.PUBLIC))
     return public
 
 
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, feed: ChangeFeed) -> None:
+    def __init__(self, pool: asyncpg.Pool, feed: ChangeFeed, page_token_key: bytes) -> None:
         self._pool = pool
         self._feed = feed
+        self._page_token_key = page_token_key
 
     @contextlib.asynccontextmanager
     async def _connection(self, context: Context) -> AsyncIterator[Connection]:
@@ -145,19 +135,19 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         view = await self._read(scope, shipment_id, context)
         if view is None:
             await self._not_found(context)
-        return tracking_pb2.GetShipmentResponse(shipment=view.message())
+        return tracking_pb2.GetShipmentResponse(shipment=view.message_for(scope.audience))
 
     async def GetTimeline(
         self, request: tracking_pb2.GetTimelineRequest, context: Context
     ) -> tracking_pb2.GetTimelineResponse:
-        """Every timeline entry in log order (the order the events arrived), anomalies
-        included (marked)."""
+        """The timeline in log order (the order the events arrived); staff see every
+        entry, anomalies included (marked), others what shared.domain.visibility allows."""
         scope = Scope.of(current_principal())
         shipment_id = await self._shipment_id(request.shipment_id, context)
         view = await self._read(scope, shipment_id, context, whole_state=True)
         if view is None:
             await self._not_found(context)
-        return tracking_pb2.GetTimelineResponse(entries=store.timeline_messages(view.state))
+        return tracking_pb2.GetTimelineResponse(entries=view.timeline_for(scope.audience))
 
     async def ListShipments(
         self, request: tracking_pb2.ListShipmentsRequest, context: Context
@@ -194,7 +184,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         after = None
         if request.page_token:
             try:
-                after = decode_page_token(request.page_token, filters.fingerprint())
+                after = decode_page_token(
+                    request.page_token, filters.fingerprint(), self._page_token_key
+                )
             except PageTokenError as error:
                 await abort_invalid(
                     context, [Violation("page_token", str(error))], "invalid page token"
@@ -205,11 +197,11 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 connection, filters, after, page_size + 1, whole_state=False
             )
         response = tracking_pb2.ListShipmentsResponse(
-            shipments=[view.message() for view in views[:page_size]]
+            shipments=[view.message_for(scope.audience) for view in views[:page_size]]
         )
         if len(views) > page_size:
             response.next_page_token = encode_page_token(
-                views[page_size - 1].cursor, filters.fingerprint()
+                views[page_size - 1].cursor, filters.fingerprint(), self._page_token_key
             )
         return response
 
@@ -217,21 +209,22 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self, request: tracking_pb2.WatchShipmentRequest, context: Context
     ) -> AsyncIterator[tracking_pb2.WatchShipmentResponse]:
         """The current state, then the state after each change (consecutive equal
-        states are sent once). Ends when the client cancels, or normally when the
-        server shuts down (the client watches again, elsewhere)."""
+        states are sent once; a change the caller may not see is no change to it).
+        Ends when the client cancels, or normally when the server shuts down (the
+        client watches again, elsewhere)."""
         scope = Scope.of(current_principal())
         shipment_id = await self._shipment_id(request.shipment_id, context)
         with self._feed.subscribe(scope.tenant_id, shipment_id) as changes:
             view = await self._read(scope, shipment_id, context)
             if view is None:
                 await self._not_found(context)
-            last = view.message()
+            last = view.message_for(scope.audience)
             yield tracking_pb2.WatchShipmentResponse(shipment=last)
             while await changes.changed():
                 view = await self._read(scope, shipment_id, context)
                 if view is None:  # e.g. outside the scope now: nothing to show
                     continue
-                current = view.message()
+                current = view.message_for(scope.audience)
                 if current != last:
                     last = current
                     yield tracking_pb2.WatchShipmentResponse(shipment=current)

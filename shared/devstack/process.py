@@ -373,6 +373,11 @@ class ServerProcess(Lifecycle):
         """The server's process id while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
 
+    @property
+    def process(self) -> ChildProcess | None:
+        """The server's latest process, also after it died; None before start, after stop."""
+        return self._proc
+
     async def start(self, *, keep_data: bool | None = None) -> None:
         """Start the server and wait until it serves (see the subclass guarantees).
 

@@ -16,8 +16,10 @@ accuracy. In short:
   and fades out over ``persist_m`` ahead (today's delay is local). Dwell of the stops
   still ahead is added.
 * **great_circle** method, without a route or when off route (``off_route_confirm``
-  fixes beyond ``off_route_m``; back on only within ``back_on_route_m``: hysteresis):
-  great-circle distance × ``detour_factor`` at the same blended speeds.
+  fixes beyond ``off_route_m``; back on only within ``back_on_route_m``: hysteresis)
+  and the newest fix is more than ``route_eta_max_offset_m`` from the route:
+  great-circle distance × ``detour_factor`` at the same blended speeds. Closer than
+  that, an off-route vehicle (``off_route`` is set) keeps the route method.
 * The arrival is anchored at the newest fix's time and never before ``now``; the
   interval widens with remaining travel time, with the position's age, for the
   great-circle method and when nothing was observed.
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from operator import attrgetter
+from statistics import NormalDist
 from weakref import WeakKeyDictionary
 
 import numpy as np
@@ -49,6 +52,11 @@ from shared.domain.geo import (
     haversine_m,
 )
 from shared.domain.speeds import HistoricalSpeeds, PiecePaces, hour_of_week
+
+#: How far from the destination a vehicle past the destination's nearest point on the
+#: route must be before a later pass of the route is taken as the destination (see
+#: `EtaParams.destination_ahead`): the geofence's exit radius (`geofence.py`).
+LEFT_DESTINATION_M = 200.0
 
 
 class EtaMethod(StrEnum):
@@ -77,6 +85,15 @@ class EtaParams:
     off_route_m: float = 150.0
     back_on_route_m: float = 75.0
     off_route_confirm: int = 2
+    #: While off route, the ETA still follows the route as long as the newest fix is
+    #: within this distance of it (a parallel street, a route variant); the great
+    #: circle only beyond it. 0 (or anything up to back_on_route_m): the great circle
+    #: whenever off route. Chosen on eta-eval's validation split (docs/eta.md).
+    route_eta_max_offset_m: float = 600.0
+    #: When the vehicle is already past the destination's nearest point on the route
+    #: and the route passes the destination again ahead, aim for that pass (False:
+    #: always the nearest point, as before). Chosen on eta-eval's validation split.
+    destination_ahead: bool = True
     detour_factor: float = 1.3
     window_s: float = 600.0
     min_span_s: float = 60.0
@@ -138,6 +155,9 @@ class EtaEstimate:
     off_route: bool
     distance_along_m: float | None
     offset_m: float | None
+    #: The version of the learned speed model that produced it (0: no learned version:
+    #: the fleet average, or the default speed). See docs/eta.md, "The learner".
+    model_version: int = 0
 
 
 _T: Callable[[Fix], float] = attrgetter("t")
@@ -190,10 +210,16 @@ class EtaModel:
     """
 
     def __init__(
-        self, speeds: HistoricalSpeeds | None = None, params: EtaParams | None = None
+        self,
+        speeds: HistoricalSpeeds | None = None,
+        params: EtaParams | None = None,
+        *,
+        version: int = 0,
     ) -> None:
         self.speeds = speeds or HistoricalSpeeds.empty()
         self.params = params or EtaParams()
+        #: Copied into every estimate (`EtaEstimate.model_version`).
+        self.version = version
         self._informative = self.speeds.observed_m > 0
         self._route_paces: WeakKeyDictionary[Route, PiecePaces] = WeakKeyDictionary()
 
@@ -274,11 +300,24 @@ class EtaModel:
         rp_n = RoutePosition(alongs[-1], offsets[-1], offsets[-1] <= route.on_route_threshold_m)
         dest_rp = route.project(*dest)
         dest_along = dest_rp.distance_along_m
-        if off:
+        if off and rp_n.offset_m > p.route_eta_max_offset_m:
             dwell = self._stops_ahead(stops, rp_n.distance_along_m, dest_along, window, alongs)
             return self._great_circle(t_now, anchor, dest, window, rp_n, dwell)
 
         along_n = rp_n.distance_along_m
+        if (
+            p.destination_ahead
+            and along_n > dest_rp.distance_along_m + p.arrive_radius_m
+            and haversine_m(newest.lat, newest.lon, *dest) > LEFT_DESTINATION_M
+        ):
+            # Past the destination's nearest point and away from it: when the route
+            # passes the destination again ahead (a loop, a round trip), that pass is
+            # the one the vehicle is heading for (within `project`'s 30 m slack of the
+            # nearest). Closer, the vehicle may be at the destination, overshooting.
+            ahead = route.project(*dest, near_m=along_n, back_m=0.0, ahead_m=route.length_m)
+            if ahead.distance_along_m > along_n:
+                dest_rp = ahead
+        dest_along = dest_rp.distance_along_m
         off_s = self.speeds.utc_offset_s(anchor)
 
         # Observed progress: earliest on-route fix of the window to the newest.
@@ -309,7 +348,7 @@ class EtaModel:
         dwell = self._stops_ahead(stops, along_n, dest_along, window, alongs)
         return self._finish(
             t_now, anchor, newest, EtaMethod.ROUTE, remaining, travel, dwell,
-            v_obs, ln_r, observed, False, rp_n,
+            v_obs, ln_r, observed, off, rp_n,
         )  # fmt: skip
 
     def _paces_for(self, route: Route) -> PiecePaces:
@@ -603,6 +642,7 @@ class EtaModel:
             off_route=off_route,
             distance_along_m=None if rp is None else rp.distance_along_m,
             offset_m=None if rp is None else rp.offset_m,
+            model_version=self.version,
         )
 
 
@@ -617,18 +657,61 @@ class DelayCondition(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DelayMargins:
-    """``LATE`` when the ETA is more than ``late_after_s`` past the window end;
-    ``AT_RISK`` when the ETA is later than ``at_risk_within_s`` before the window end,
-    or (``latest_bound_at_risk``) when the interval's latest bound passes it."""
+    """The delay rule's knobs; see :func:`classify_delay` and docs/alerts.md.
+
+    ``late_probability`` / ``at_risk_probability``: the chance of arriving after the
+    window end (:func:`late_probability`) from which a shipment is LATE / AT_RISK.
+    ``late_after_s`` / ``at_risk_within_s``: point-estimate backstops (LATE when the
+    ETA is more than ``late_after_s`` past the window end, AT_RISK when it is later
+    than ``at_risk_within_s`` before it), whatever the spread. ``interval_coverage``:
+    the probability the estimate's [earliest, latest] interval is taken to hold.
+    """
 
     late_after_s: float = 600.0
     at_risk_within_s: float = 300.0
-    latest_bound_at_risk: bool = True
+    late_probability: float = 0.8
+    at_risk_probability: float = 0.3
+    interval_coverage: float = 0.8
 
     def __post_init__(self) -> None:
         for v in (self.late_after_s, self.at_risk_within_s):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError("DelayMargins values must be finite and >= 0")
+        if not 0 < self.at_risk_probability <= self.late_probability <= 1:
+            raise ValueError("need 0 < at_risk_probability <= late_probability <= 1")
+        if not 0 < self.interval_coverage < 1:
+            raise ValueError("interval_coverage must be between 0 and 1")
+
+
+_STANDARD_NORMAL = NormalDist()
+
+
+def late_probability(estimate: EtaEstimate, window_end: datetime, coverage: float = 0.8) -> float:
+    """The probability that the arrival comes after ``window_end``, in [0, 1].
+
+    The arrival time is modelled as a two-piece normal: its median is the point
+    estimate, and each side has the spread that puts ``earliest`` / ``latest`` at the
+    central ``coverage`` interval's ends (``coverage`` 0.8: the 10th and 90th
+    percentiles). The model's interval is asymmetric (it widens more toward late), and
+    so is this. Non-decreasing as the whole estimate moves later; a wider spread moves
+    it toward 0.5 (less sure either way). A side without spread is a step: 0 when the
+    point estimate is at or before the end, 1 when after it. Raises ``ValueError`` for
+    a naive ``window_end`` or a ``coverage`` outside (0, 1).
+    """
+    if not 0 < coverage < 1:
+        raise ValueError("coverage must be between 0 and 1")
+    end = _check_aware("window_end", window_end)
+    arrival = estimate.arrival.timestamp()
+    z = _STANDARD_NORMAL.inv_cdf(0.5 + coverage / 2)
+    if end >= arrival:
+        sigma_late = (estimate.latest.timestamp() - arrival) / z
+        if sigma_late <= 0:
+            return 0.0
+        return 1.0 - _STANDARD_NORMAL.cdf((end - arrival) / sigma_late)
+    sigma_early = (arrival - estimate.earliest.timestamp()) / z
+    if sigma_early <= 0:
+        return 1.0
+    return _STANDARD_NORMAL.cdf((arrival - end) / sigma_early)
 
 
 def classify_delay(
@@ -636,16 +719,22 @@ def classify_delay(
 ) -> DelayCondition:
     """The delay condition of one estimate against the promised window's end.
 
+    With ``p`` = :func:`late_probability`: LATE when ``p >= late_probability`` or the
+    point estimate is more than ``late_after_s`` past the end; else AT_RISK when
+    ``p >= at_risk_probability`` or the point estimate is later than
+    ``at_risk_within_s`` before the end; else ON_TIME. Moving the estimate later never
+    lowers the condition; a wider spread never lowers it while the point estimate is
+    on time, and never raises it while the point estimate is past the end.
+
     Pure and stateless: debouncing (one alert per change) belongs to the caller.
     Raises ``ValueError`` for a naive ``window_end``.
     """
     m = margins or DelayMargins()
     end = _check_aware("window_end", window_end)
     eta = estimate.arrival.timestamp()
-    if eta > end + m.late_after_s:
+    p = late_probability(estimate, window_end, m.interval_coverage)
+    if p >= m.late_probability or eta > end + m.late_after_s:
         return DelayCondition.LATE
-    if eta > end - m.at_risk_within_s:
-        return DelayCondition.AT_RISK
-    if m.latest_bound_at_risk and estimate.latest.timestamp() > end:
+    if p >= m.at_risk_probability or eta > end - m.at_risk_within_s:
         return DelayCondition.AT_RISK
     return DelayCondition.ON_TIME

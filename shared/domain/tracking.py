@@ -31,15 +31,24 @@ Shipment lifecycle (the arrows of ``shipment.proto``), as decided here:
   a later lifecycle event is an anomaly, with two exceptions that are facts about the
   delivery itself: a delivery confirmation or ``delivered`` after DELIVERED (the driver's
   proof and the TMS's ``delivered`` come from different producers, on different topics,
-  in either order) only adds to the timeline (a confirmation also attaches its proof).
+  in either order) only adds to the timeline (a confirmation also attaches its proof,
+  if the shipment has none yet).
+* **Who may confirm** (issue 12, finding 1): a delivery confirmation that names a vehicle
+  is applied only when that vehicle is the shipment's assigned vehicle at that point of
+  the log; otherwise it is an anomaly and changes neither the status nor the proof.
+  Once a shipment is final and holds a proof, that proof is never replaced: a further
+  confirmation is an anomaly. The fold is the authority for both rules because it is
+  the one place that knows the assignment exactly as of each record, identically on
+  every replay and rebuild (the ingest service sees only the request).
 * ``exception`` never changes the status and is accepted in every status once created
   (damage can be reported after delivery).
 * **Before ``created``** (no state yet, or state None): events from other producers may
   overtake the TMS's ``created``. Such an event makes a placeholder state with status
   UNSPECIFIED, recording the event as an anomaly without applying its status. When
   ``created`` arrives it fills in the details and sets CREATED; the earlier anomalies
-  stay, so operations can see what was not applied. A delivery confirmation still
-  attaches its proof, and its distance to the destination is checked once known.
+  stay, so operations can see what was not applied. A back-office confirmation (no
+  vehicle) still attaches its proof, and its distance to the destination is checked
+  once known; a driver's confirmation cannot match an assignment yet and is refused.
 * An **anomaly** never raises: it adds an :class:`Anomaly` and a timeline entry with
   ``anomaly=True``, and leaves the status unchanged.
 * **Duplicates** (an envelope whose ``event_id`` was applied) return the given state
@@ -89,6 +98,22 @@ MAX_CONFIRMATION_DISTANCE_M = 500.0
 TRACKING_TOKEN_LENGTH = 22
 #: Timeline kind of a delivery confirmation (the lifecycle events use their oneof name).
 DELIVERY_CONFIRMED = "delivery_confirmed"
+
+# Bounds on what one aggregate's state holds (issue 12, finding 6): a client that
+# records events without end for one shipment, or streams from ever new device ids for
+# one vehicle, must not grow a state (and the row the projector rewrites on every
+# change) without limit. What happens at each bound is documented where it applies.
+#: A timeline keeps its first TIMELINE_HEAD entries (how the shipment started) and its
+#: last TIMELINE_TAIL (what happens now); entries in between are dropped, oldest first,
+#: and counted in ShipmentState.timeline_dropped.
+TIMELINE_HEAD = 20
+TIMELINE_TAIL = 480
+#: The most recent MAX_ANOMALIES anomalies are kept; older ones are counted in
+#: ShipmentState.anomalies_dropped (each also has its timeline entry, within the bound).
+MAX_ANOMALIES = 100
+#: A vehicle remembers the batch sequence of at most this many devices, the most
+#: recently written ones; see VehicleState.device_sequences for what forgetting means.
+MAX_DEVICES_PER_VEHICLE = 16
 
 FINAL = frozenset({DELIVERED, CANCELLED})
 #: The goods are on board: a delivery outcome is possible.
@@ -183,6 +208,10 @@ class ShipmentState:
     anomalies: tuple[Anomaly, ...] = ()
     timeline: tuple[TimelineEntry, ...] = ()
     applied_event_ids: frozenset[str] = frozenset()
+    #: Timeline entries dropped at the bound (TIMELINE_HEAD / TIMELINE_TAIL).
+    timeline_dropped: int = 0
+    #: Anomalies dropped at the bound (MAX_ANOMALIES), the oldest first.
+    anomalies_dropped: int = 0
 
     @property
     def is_created(self) -> bool:
@@ -461,6 +490,31 @@ def _shipment_event(state: ShipmentState, fact: _Fact, event: shipment_pb2.Shipm
     return handler(state, fact, event)
 
 
+#: Anomaly reasons of the confirmations the fold refuses to apply (see _unauthorised_confirmation).
+NOT_ASSIGNED_VEHICLE = "delivery confirmed by a vehicle the shipment is not assigned to"
+PROOF_ALREADY_SETTLED = "delivery confirmed again; the proof already recorded stands"
+
+
+def _unauthorised_confirmation(
+    state: ShipmentState, confirmation: delivery_pb2.DeliveryConfirmation
+) -> str | None:
+    """Why a confirmation must not touch the state, or None when it may.
+
+    * It names a vehicle that is not the shipment's assigned vehicle at this point of
+      the log (including: no vehicle assigned yet, or the shipment not created yet).
+      A confirmation without a vehicle comes from the back office: the
+      delivery-confirmations service refuses a driver's confirmation that names no
+      vehicle or another vehicle than its token's, so only ops can write one.
+    * The shipment is final (delivered or cancelled) and already holds a proof: the
+      first proof stands, a later one never replaces it.
+    """
+    if confirmation.vehicle_id and confirmation.vehicle_id != state.vehicle_id:
+        return NOT_ASSIGNED_VEHICLE
+    if state.status in FINAL and state.proof is not None:
+        return PROOF_ALREADY_SETTLED
+    return None
+
+
 def _confirmation(
     state: ShipmentState, fact: _Fact, confirmation: delivery_pb2.DeliveryConfirmation
 ) -> _Step:
@@ -482,6 +536,10 @@ def _confirmation(
         delivery_pb2.ConfirmationMethod.DESCRIPTOR, confirmation.method, "CONFIRMATION_METHOD_"
     )
     detail = f"delivery confirmed: {method}" if method else "delivery confirmed"
+    refused = _unauthorised_confirmation(state, confirmation)
+    if refused is not None:
+        # Not the assigned vehicle, or the proof is already settled: recorded, not applied.
+        return _Step(state, kind, detail, reasons=(refused,))
     reasons: list[str] = []
     # The proof is evidence, so it is attached even when the transition is refused.
     new = replace(state, proof=proof)
@@ -519,12 +577,25 @@ def _record(step: _Step, fact: _Fact) -> ShipmentState:
     applied = state.applied_event_ids
     if fact.event_id:
         applied = applied | {fact.event_id}
+    timeline = (*state.timeline, entry)
+    timeline_dropped = state.timeline_dropped
+    excess = len(timeline) - (TIMELINE_HEAD + TIMELINE_TAIL)
+    if excess > 0:  # keep the head, drop the oldest entries after it
+        timeline = timeline[:TIMELINE_HEAD] + timeline[TIMELINE_HEAD + excess :]
+        timeline_dropped += excess
+    anomalies = state.anomalies + own + step.revealed
+    anomalies_dropped = state.anomalies_dropped
+    if len(anomalies) > MAX_ANOMALIES:
+        anomalies_dropped += len(anomalies) - MAX_ANOMALIES
+        anomalies = anomalies[-MAX_ANOMALIES:]
     return replace(
         state,
-        anomalies=state.anomalies + own + step.revealed,
-        timeline=(*state.timeline, entry),
+        anomalies=anomalies,
+        timeline=timeline,
         applied_event_ids=applied,
         updated_at=_latest(state.updated_at, fact.occurred_at),
+        timeline_dropped=timeline_dropped,
+        anomalies_dropped=anomalies_dropped,
     )
 
 
@@ -630,8 +701,14 @@ class VehicleState:
     tenant_id: str
     #: The newest accepted fix by event time; None before the first one.
     last_position: Position | None = None
-    #: (device id, highest batch sequence applied), sorted by device id.
+    #: (device id, highest batch sequence applied), least recently written first; at
+    #: most MAX_DEVICES_PER_VEHICLE. A batch from one device more evicts the least
+    #: recently written device: if that device ever streams again, its sequence starts
+    #: from 0 (a resend of one of its old batches would then add its points to the
+    #: history a second time; its motion is still filtered as any point's). The
+    #: latest position is unaffected. `evicted_devices` counts evictions.
     device_sequences: tuple[tuple[str, int], ...] = ()
+    evicted_devices: int = 0
     #: The newest point of a pending jump (see NoiseFilter) and how many confirm it.
     jump_candidate: Position | None = None
     jump_streak: int = 0
@@ -765,9 +842,16 @@ def fold_gps(
     if is_duplicate_gps(state, envelope):
         return current, []
     positions = gps_positions(batch)
-    sequences = dict(current.device_sequences)
-    sequences[batch.device_id] = batch.sequence
-    current = replace(current, device_sequences=tuple(sorted(sequences.items())))
+    # The device moves to the end (most recently written); the first ones beyond the
+    # bound are forgotten.
+    sequences = [entry for entry in current.device_sequences if entry[0] != batch.device_id]
+    sequences.append((batch.device_id, batch.sequence))
+    evicted = max(0, len(sequences) - MAX_DEVICES_PER_VEHICLE)
+    current = replace(
+        current,
+        device_sequences=tuple(sequences[evicted:]),
+        evicted_devices=current.evicted_devices + evicted,
+    )
     # Fold the points' motion as a plain tuple, then build the state once (not once
     # per point): the same result, without a dataclass copy per point.
     before: _Motion = (current.last_position, current.jump_candidate, current.jump_streak)

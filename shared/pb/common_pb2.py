@@ -27,15 +27,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rgotrack/v1/common.proto\x12\rcargotrack.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x06LatLng\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\"`\n\nTimeWindow\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\".\n\x07Polygon\x12#\n\x04ring\x18\x01 \x03(\x0b\x32\x15.cargotrack.v1.LatLng\"\xa0\x01\n\x08Position\x12\'\n\x08location\x18\x01 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspeed_mps\x18\x03 \x01(\x02\x12\x13\n\x0bheading_deg\x18\x04 \x01(\x02\x12\x12\n\naccuracy_m\x18\x05 \x01(\x02\"\xcb\x02\n\x03\x45ta\x12\x35\n\x11\x65stimated_arrival\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65\x61rliest\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06latest\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12/\n\x0cposition_age\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x06method\x18\x06 \x01(\x0e\x32\x18.cargotrack.v1.EtaMethod\x12/\n\x0b\x63omputed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bremaining_m\x18\x08 \x01(\x01\"s\n\x08Progress\x12\x16\n\x0eroute_length_m\x18\x01 \x01(\x01\x12\x13\n\x0btravelled_m\x18\x02 \x01(\x01\x12\x13\n\x0bremaining_m\x18\x03 \x01(\x01\x12\x10\n\x08on_route\x18\x04 \x01(\x08\x12\x13\n\x0boff_route_m\x18\x05 \x01(\x01\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*Z\n\tEtaMethod\x12\x1a\n\x16\x45TA_METHOD_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45TA_METHOD_ROUTE\x10\x01\x12\x1b\n\x17\x45TA_METHOD_GREAT_CIRCLE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rgotrack/v1/common.proto\x12\rcargotrack.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x06LatLng\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\"`\n\nTimeWindow\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\".\n\x07Polygon\x12#\n\x04ring\x18\x01 \x03(\x0b\x32\x15.cargotrack.v1.LatLng\"\xa0\x01\n\x08Position\x12\'\n\x08location\x18\x01 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspeed_mps\x18\x03 \x01(\x02\x12\x13\n\x0bheading_deg\x18\x04 \x01(\x02\x12\x12\n\naccuracy_m\x18\x05 \x01(\x02\"\xe2\x02\n\x03\x45ta\x12\x35\n\x11\x65stimated_arrival\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65\x61rliest\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06latest\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12/\n\x0cposition_age\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x06method\x18\x06 \x01(\x0e\x32\x18.cargotrack.v1.EtaMethod\x12/\n\x0b\x63omputed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bremaining_m\x18\x08 \x01(\x01\x12\x15\n\rmodel_version\x18\t \x01(\x03\"s\n\x08Progress\x12\x16\n\x0eroute_length_m\x18\x01 \x01(\x01\x12\x13\n\x0btravelled_m\x18\x02 \x01(\x01\x12\x13\n\x0bremaining_m\x18\x03 \x01(\x01\x12\x10\n\x08on_route\x18\x04 \x01(\x08\x12\x13\n\x0boff_route_m\x18\x05 \x01(\x01\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*Z\n\tEtaMethod\x12\x1a\n\x16\x45TA_METHOD_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45TA_METHOD_ROUTE\x10\x01\x12\x1b\n\x17\x45TA_METHOD_GREAT_CIRCLE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.pb.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ETAMETHOD']._serialized_start=971
-  _globals['_ETAMETHOD']._serialized_end=1061
+  _globals['_ETAMETHOD']._serialized_start=994
+  _globals['_ETAMETHOD']._serialized_end=1084
   _globals['_LATLNG']._serialized_start=110
   _globals['_LATLNG']._serialized_end=155
   _globals['_TIMEWINDOW']._serialized_start=157
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POSITION']._serialized_start=304
   _globals['_POSITION']._serialized_end=464
   _globals['_ETA']._serialized_start=467
-  _globals['_ETA']._serialized_end=798
-  _globals['_PROGRESS']._serialized_start=800
-  _globals['_PROGRESS']._serialized_end=915
-  _globals['_FIELDVIOLATION']._serialized_start=917
-  _globals['_FIELDVIOLATION']._serialized_end=969
+  _globals['_ETA']._serialized_end=821
+  _globals['_PROGRESS']._serialized_start=823
+  _globals['_PROGRESS']._serialized_end=938
+  _globals['_FIELDVIOLATION']._serialized_start=940
+  _globals['_FIELDVIOLATION']._serialized_end=992
 # @@protoc_insertion_point(module_scope)

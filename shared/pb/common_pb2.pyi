@@ -167,10 +167,16 @@ class Eta(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     COMPUTED_AT_FIELD_NUMBER: _builtins.int
     REMAINING_M_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     confidence: _builtins.float
     """0..1: how much to trust the estimate."""
     method: Global___EtaMethod.ValueType
     remaining_m: _builtins.float
+    model_version: _builtins.int
+    """The learned speed model behind the estimate (its version: the event time, epoch
+    seconds, up to which the learner had learned); 0 when no model was loaded yet and
+    the fleet's average speed (or the default speed) was used.
+    """
     @_builtins.property
     def estimated_arrival(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -194,10 +200,11 @@ class Eta(_message.Message):
         method: Global___EtaMethod.ValueType = ...,
         computed_at: _timestamp_pb2.Timestamp | None = ...,
         remaining_m: _builtins.float = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["computed_at", b"computed_at", "earliest", b"earliest", "estimated_arrival", b"estimated_arrival", "latest", b"latest", "position_age", b"position_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["computed_at", b"computed_at", "confidence", b"confidence", "earliest", b"earliest", "estimated_arrival", b"estimated_arrival", "latest", b"latest", "method", b"method", "position_age", b"position_age", "remaining_m", b"remaining_m"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computed_at", b"computed_at", "confidence", b"confidence", "earliest", b"earliest", "estimated_arrival", b"estimated_arrival", "latest", b"latest", "method", b"method", "model_version", b"model_version", "position_age", b"position_age", "remaining_m", b"remaining_m"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,14 +46,58 @@ def test_buf_lint_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _module_of(path: Path) -> list[str]:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return parts[:-1] if parts[-1] == "__init__" else parts
+
+
 def _imports(path: Path) -> set[str]:
+    """Every module the file imports, absolute: relative imports resolved against the
+    file's package, and `from package import name` also counted as `package.name`
+    (name may be a module: `from services import dispatch`)."""
+    package = _module_of(path) if path.name == "__init__.py" else _module_of(path)[:-1]
     modules: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            modules.add(node.module)
-    return modules
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                origin = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                origin = node.module or ""
+            modules.add(origin)
+            modules.update(f"{origin}.{alias.name}" for alias in node.names)
+    return {m for m in modules if m}
+
+
+def _repo_files(module: str) -> list[Path]:
+    """The repository files importing `module` runs: its packages' __init__ and itself."""
+    parts = module.split(".")
+    found = []
+    for n in range(1, len(parts) + 1):
+        base = ROOT.joinpath(*parts[:n])
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+            if candidate.is_file():
+                found.append(candidate)
+    return found
+
+
+def _reachable_imports(path: Path) -> dict[str, list[str]]:
+    """Every module imported by the file or, transitively, by the repository modules
+    it imports; each with one chain of files that leads to it."""
+    chains: dict[str, list[str]] = {}
+    queue = [(path, [str(path.relative_to(ROOT))])]
+    seen = {path}
+    while queue:
+        current, chain = queue.pop()
+        for module in _imports(current):
+            chains.setdefault(module, chain)
+            for file in _repo_files(module):
+                if file not in seen:
+                    seen.add(file)
+                    queue.append((file, [*chain, str(file.relative_to(ROOT))]))
+    return chains
 
 
 def _python_files(folder: str) -> list[Path]:
@@ -69,9 +113,14 @@ def test_shared_never_imports_services() -> None:
 
 
 def test_domain_logic_imports_no_io_library() -> None:
+    """Not directly, nor through another repository module it imports."""
     forbidden = {"aiokafka", "asyncpg", "grpc", "grpc_health", "grpc_reflection"}
     offenders = {
-        str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.split(".")[0] in forbidden)
+        str(p.relative_to(ROOT)): {
+            m: " -> ".join(chain)
+            for m, chain in _reachable_imports(p).items()
+            if m.split(".")[0] in forbidden
+        }
         for p in _python_files("shared/domain")
     }
     assert {k: v for k, v in offenders.items() if v} == {}

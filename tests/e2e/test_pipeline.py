@@ -153,6 +153,11 @@ async def test_events_in_through_ingest_come_out_of_the_query_service(
                 metadata=customer,
                 timeout=10,
             )
+            staff = await tracking.GetShipment(
+                tracking_pb2.GetShipmentRequest(shipment_id=shipment_id),
+                metadata=ops,
+                timeout=10,
+            )
             timeline = await tracking.GetTimeline(
                 tracking_pb2.GetTimelineRequest(shipment_id=shipment_id),
                 metadata=customer,
@@ -171,10 +176,16 @@ async def test_events_in_through_ingest_come_out_of_the_query_service(
                 )
     shipment = reply.shipment
     assert shipment.status == shipment_pb2.SHIPMENT_STATUS_DELIVERED
-    assert shipment.vehicle_id == vehicle
     assert shipment.proof.recipient_name == "A. Recipient"
-    assert shipment.last_position.location.longitude == pytest.approx(13.405 + 0.0004)
     assert len(shipment.tracking_token) == 22
+    # Delivered: the customer no longer sees the van (docs/query.md, "Visibility") ...
+    assert shipment.vehicle_id == ""
+    assert not shipment.HasField("last_position")
+    assert shipment.proof.vehicle_id == ""
+    # ... the staff view keeps everything the pipeline folded.
+    assert staff.shipment.vehicle_id == vehicle
+    assert staff.shipment.proof.vehicle_id == vehicle
+    assert staff.shipment.last_position.location.longitude == pytest.approx(13.405 + 0.0004)
     assert [e.kind for e in timeline.entries] == [
         "created",
         "vehicle_assigned",

@@ -151,6 +151,11 @@ class Keeper:
         if process not in self.kept:
             self.kept.append(process)
 
+    @property
+    def total(self) -> int:
+        """Restarts so far, of every kept process."""
+        return sum(self.restarts.values())
+
     def release(self, process: ServiceProcess) -> None:
         if process in self.kept:
             self.kept.remove(process)
@@ -234,6 +239,9 @@ class Rig:
         self.processes: list[ServiceProcess] = []
         self.ingest_processes: list[ServiceProcess] = []
         self.faults = 0
+        #: Keeper restarts once the last fault was over and a projector committed after
+        #: it (see `recovered`): any restart after that is a crash loop.
+        self.restarts_when_recovered: int | None = None
         self.notes: dict[str, object] = {}
         self._stack = contextlib.AsyncExitStack()
         self._workload_task: asyncio.Task[None] | None = None
@@ -369,6 +377,13 @@ class Rig:
             await asyncio.sleep(0.05)
         raise AssertionError(f"no projector committed within {timeout_s:g}s")
 
+    async def recovered(self) -> None:
+        """Call after the last fault: waits until a projector committed a batch, then
+        notes the restarts so far. `finish` fails if any process restarts after this
+        (a crash loop the catch-up alone would not notice: it still makes progress)."""
+        await self.wait_commit()
+        self.restarts_when_recovered = self.keeper.total
+
     # --- the end ---------------------------------------------------------------------------
 
     async def finish(self) -> Report:
@@ -401,6 +416,16 @@ class Rig:
                 )
         finally:
             await pool.close()
+        if self.restarts_when_recovered is not None:
+            looping = self.keeper.total - self.restarts_when_recovered
+            if looping:
+                report.problems.append(
+                    f"{looping} restarts after the faults were over (a crash loop): "
+                    f"{dict(self.keeper.restarts)}"
+                )
+        crashed = [p.label for p in self.keeper.kept if not p.running]
+        if crashed:
+            report.problems.append(f"not running at the end: {crashed}")
         report.notes.update(
             {
                 "workload s": round(workload_s, 1),

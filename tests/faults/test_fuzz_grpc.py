@@ -11,7 +11,13 @@ generic channel with identity serializers:
   types (wrong wire types); protobuf nested a thousand levels deep;
 - a message over the size limit;
 - each with a valid token for the method, no token, a forged token or a role
-  without access.
+  without access;
+- structurally valid but semantically absurd input (issue 12, finding 5): page
+  tokens that decode to JSON of the right shape, signed with the service's own key
+  or not, holding times out of range or with offsets, ids with NUL, lone surrogates
+  or over-long, wrong JSON types; and correctly signed bearer tokens whose claims
+  have the wrong JSON type or an impossible value. These must answer
+  INVALID_ARGUMENT (cursors) or UNAUTHENTICATED (claims), never INTERNAL.
 
 The answer must be one of the statuses a client can act on (OK, INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND), never UNKNOWN
@@ -26,14 +32,22 @@ full run, CARGOTRACK_FAULTS_FULL=1, see docs/guarantees.md).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
+import json
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import grpc
+import jwt
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
@@ -43,8 +57,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.workload import varint
+from services.tracking_query.paging import MAC_BYTES
+from services.tracking_query.queries import ListFilter, Scope
 from shared import tracking_store as store
 from shared.auth import Role
+from shared.config import DEV_JWT_SECRET
 from shared.db import connect
 from shared.envelopes import utc_now
 from shared.pb import (
@@ -78,8 +95,11 @@ TENANT = "acme"
 VEHICLE = "veh-fuzz"
 CUSTOMER = "cust-1"
 UNARY_TIMEOUT_S = 5.0
-#: A server stream still open after this is open by contract (Watch, Subscribe).
+#: A server stream still open after this is open by contract (Watch, Subscribe), if
+#: the server committed to it: see _server_stream_outcome.
 STREAM_WINDOW_S = 0.3
+#: How long a server stream may take to commit (first message or initial metadata).
+COMMIT_TIMEOUT_S = 5.0
 
 ALLOWED = frozenset(
     {
@@ -156,6 +176,10 @@ class Fuzzed:
     channels: dict[str, grpc.aio.Channel]
     tracking_token: str
     shipment_id: str
+    #: tracking-query's page-token MAC key (so the fuzzer can sign absurd cursors).
+    page_token_key: bytes
+    #: Hostile calls each endpoint has taken so far (by path).
+    hostile_calls: Counter[str] = field(default_factory=Counter)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +207,9 @@ async def fuzzed(kafka_bootstrap: str, database_url: str) -> AsyncIterator[Fuzze
                 await store.save_shipments(connection, [state])
             finally:
                 await connection.close()
-            yield Fuzzed(channels, state.tracking_token, "shp-fuzz")
+            key = query.page_token_key_bytes()
+            assert key is not None
+            yield Fuzzed(channels, state.tracking_token, "shp-fuzz", key)
     finally:
         connection = await asyncpg.connect(database_url)
         try:
@@ -225,14 +251,8 @@ async def call_raw(
         )
     try:
         if method.server_streaming and not method.client_streaming:
-            try:
-                async with asyncio.timeout(window_s):
-                    async for _ in call:
-                        pass
-            except TimeoutError:
-                call.cancel()
-                return "OPEN", ""
-        elif method.server_streaming:
+            return await _server_stream_outcome(call, window_s)
+        if method.server_streaming:
             async for _ in call:
                 pass
         else:
@@ -240,6 +260,45 @@ async def call_raw(
     except grpc.aio.AioRpcError as error:
         return error.code(), error.details() or ""
     return grpc.StatusCode.OK, ""
+
+
+async def _server_stream_outcome(call: Any, window_s: float) -> tuple[grpc.StatusCode | str, str]:
+    """How a server stream ended; ("OPEN", "") if it is open by contract after
+    window_s: the server committed to it (sent its first message, or its initial
+    metadata as SubscribeDelays does) and has not ended it. A stream that sends
+    nothing for COMMIT_TIMEOUT_S is ("HUNG", ...): a hang, or a failure too slow to
+    tell from one, no longer passes as open."""
+    reading = asyncio.ensure_future(call.read())
+    metadata = asyncio.ensure_future(call.initial_metadata())
+    try:
+        done, _ = await asyncio.wait({reading}, timeout=window_s)
+        if not done:
+            await asyncio.wait(
+                {reading, metadata}, timeout=COMMIT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not reading.done():
+                # Headers alone: a trailers-only failure completes the call right after.
+                done, _ = await asyncio.wait({reading}, timeout=window_s)
+                if not done:
+                    if metadata.done() and not call.done():
+                        return "OPEN", ""
+                    return "HUNG", f"nothing from the server in {COMMIT_TIMEOUT_S:g}s"
+        if reading.result() is grpc.aio.EOF:
+            return await call.code(), await call.details() or ""
+        # The first message came: committed; the rest may stay open by contract.
+        try:
+            async with asyncio.timeout(window_s):
+                async for _ in call:
+                    pass
+        except TimeoutError:
+            return "OPEN", ""
+        return grpc.StatusCode.OK, ""
+    finally:
+        call.cancel()
+        for task in (reading, metadata):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
 
 
 #: What the grpc aio *client* reports when the server ended a client-streaming call
@@ -314,6 +373,7 @@ async def test_bad_input_gets_a_clear_status_never_unknown_or_internal(
     payloads = [data.draw(raw_requests(endpoint.request)) for _ in range(count)]
     metadata = data.draw(st.sampled_from([endpoint.metadata] * 4 + OTHER_CALLERS))
     outcome = await call_raw(fuzzed.channels[endpoint.service], endpoint, payloads, metadata)
+    fuzzed.hostile_calls[endpoint.path] += 1
     assert_clear(endpoint, outcome)
 
 
@@ -356,6 +416,144 @@ async def test_a_gps_stream_answers_valid_batches_before_a_garbage_one(fuzzed: F
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     await call.done_writing()
     assert await call.code() == grpc.StatusCode.OK
+
+
+# --- structurally valid, semantically absurd (issue 12, finding 5) ----------------------
+
+#: The fingerprint of an unfiltered staff listing of TENANT (what ListShipments checks).
+OPS_LISTING = ListFilter(Scope(TENANT)).fingerprint()
+_ODD_IDS = ["s\x00", "\ud800", "a\udfffb", "s" * 129, "", "shp-fuzz", " ", "\u2028"]
+_ODD_TIMES = [
+    "0001-01-01T00:00:00+00:00",
+    "0001-01-01T00:00:00+05:00",
+    "9999-12-31T23:59:59.999999+00:00",
+    "9999-12-31T23:59:59-23:59",
+    "10000-01-01T00:00:00+00:00",
+    "0000-01-01T00:00:00+00:00",
+    "2026-02-30T00:00:00+00:00",
+    "2026-01-01T00:00:00",
+    "",
+]
+
+
+@st.composite
+def absurd_page_tokens(draw: st.DrawFn, key: bytes) -> tuple[str, bool]:
+    """(a page token of the right JSON shape, whether the service must refuse it)."""
+    offsets = [timedelta(0), timedelta(hours=23, minutes=59), -timedelta(hours=23, minutes=59)]
+    moment = draw(
+        st.datetimes(
+            min_value=datetime(1, 1, 1),
+            max_value=datetime(9999, 12, 31, 23, 59, 59),
+            timezones=st.sampled_from([timezone(offset) for offset in offsets]),
+        )
+    )
+    updated_at: object = draw(st.one_of(st.just(moment.isoformat()), st.sampled_from(_ODD_TIMES)))
+    shipment_id: object = draw(st.one_of(st.text(max_size=140), st.sampled_from(_ODD_IDS)))
+    fingerprint: object = draw(st.one_of(st.just(OPS_LISTING), st.text(max_size=30)))
+    if draw(st.integers(0, 9)) == 0:
+        updated_at = draw(st.sampled_from([0, None, [moment.isoformat()], {"t": 1}]))
+    if draw(st.integers(0, 9)) == 0:
+        shipment_id = draw(st.sampled_from([7, None, ["s"], True]))
+    document = {"updated_at": updated_at, "shipment_id": shipment_id, "filter": fingerprint}
+    body = json.dumps(document).encode()
+    signed = draw(st.booleans())
+    mac = hmac.new(key, body, hashlib.sha256).digest()[:MAC_BYTES] if signed else b""
+    token = base64.urlsafe_b64encode(mac + body).decode().rstrip("=")
+    return token, not (signed and _representable(updated_at, shipment_id, fingerprint))
+
+
+def _representable(updated_at: object, shipment_id: object, fingerprint: object) -> bool:
+    """Whether a signed cursor names a position PostgreSQL can compare (the contract of
+    docs/query.md): a UTC time, an id of 1..128 characters without NUL or surrogate."""
+    if not (isinstance(updated_at, str) and isinstance(shipment_id, str)):
+        return False
+    try:
+        moment = datetime.fromisoformat(updated_at)
+    except ValueError:
+        return False
+    return (
+        fingerprint == OPS_LISTING
+        and moment.utcoffset() == timedelta(0)
+        and 0 < len(shipment_id) <= 128
+        and not any(ch == "\x00" or 0xD800 <= ord(ch) <= 0xDFFF for ch in shipment_id)
+    )
+
+
+@settings(max_examples=EXAMPLES * 4, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+async def test_absurd_page_tokens_are_invalid_argument_never_internal(
+    fuzzed: Fuzzed, data: st.DataObject
+) -> None:
+    token, refused = data.draw(absurd_page_tokens(fuzzed.page_token_key))
+    stub = tracking_pb2_grpc.TrackingServiceStub(fuzzed.channels["tracking-query"])
+    try:
+        await stub.ListShipments(
+            tracking_pb2.ListShipmentsRequest(page_token=token),
+            metadata=_SERVICES["tracking-query"][1],
+            timeout=UNARY_TIMEOUT_S,
+        )
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+    expected = grpc.StatusCode.INVALID_ARGUMENT if refused else grpc.StatusCode.OK
+    assert code == expected, token
+
+
+_ABSURD_CLAIM_VALUES = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    # Impossible for every claim: NUL, a lone surrogate, a control character, too long.
+    st.sampled_from(["a\x00b", "\ud800", "x" * 257, "tab\there", "line\u2028break"]),
+)
+
+
+@st.composite
+def absurd_bearers(draw: st.DrawFn) -> tuple[Metadata, str]:
+    """A bearer token signed with the development key whose claims are valid for its
+    role except one, which has the wrong JSON type or an impossible value."""
+    role = draw(st.sampled_from(list(Role)))
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": "fuzz",
+        "tenant": TENANT,
+        "role": role.value,
+        "iss": "cargotrack",
+        "aud": "cargotrack",
+        "iat": now,
+        "exp": now + 600,
+    }
+    if role is Role.DRIVER:
+        claims["vehicle_id"] = VEHICLE
+    if role is Role.CUSTOMER:
+        claims["customer_id"] = CUSTOMER
+    name = draw(st.sampled_from(["sub", "tenant", "role", "vehicle_id", "customer_id", "exp"]))
+    if name == "exp":
+        claims["exp"] = draw(st.sampled_from([10**400, 10**13, -(10**30)]))
+    else:
+        claims[name] = draw(_ABSURD_CLAIM_VALUES)
+    token = jwt.encode(claims, DEV_JWT_SECRET, algorithm="HS256")
+    return (("authorization", f"Bearer {token}"),), f"{name}={claims[name]!r}"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [e for e in ENDPOINTS if e.method.name != "TrackByToken"],  # public: no bearer token
+    ids=str,
+)
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+async def test_signed_tokens_with_absurd_claims_are_unauthenticated(
+    fuzzed: Fuzzed, endpoint: Endpoint, data: st.DataObject
+) -> None:
+    metadata, what = data.draw(absurd_bearers())
+    code, details = await call_raw(fuzzed.channels[endpoint.service], endpoint, [b""], metadata)
+    if code == grpc.StatusCode.INTERNAL and details == CLIENT_WRITE_RACE:
+        assert endpoint.method.client_streaming, what
+        return
+    assert code == grpc.StatusCode.UNAUTHENTICATED, (what, code, details)
 
 
 def _valid_calls(fuzzed: Fuzzed) -> dict[str, Callable[[], Any]]:
@@ -453,6 +651,15 @@ async def test_every_endpoint_still_serves_a_valid_request_after_the_fuzz(
 ) -> None:
     calls = _valid_calls(fuzzed)
     assert set(calls) == {e.path for e in ENDPOINTS}, "a new endpoint needs a valid call here"
+    # Run alone (or before the fuzz), the servers have not been fuzzed yet: do it here.
+    for endpoint in ENDPOINTS:
+        if fuzzed.hostile_calls[endpoint.path] == 0:
+            for raw in (nested(1000), b"\x0a\x05ab", b"\xff" * 16):
+                await call_raw(fuzzed.channels[endpoint.service], endpoint, [raw], OTHER_CALLERS[1])
+                await call_raw(
+                    fuzzed.channels[endpoint.service], endpoint, [raw], endpoint.metadata
+                )
+            fuzzed.hostile_calls[endpoint.path] += 6
     for path, make in calls.items():
         try:
             await make()

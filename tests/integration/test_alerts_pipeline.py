@@ -21,7 +21,6 @@ import asyncpg
 import grpc
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
 
 from services.dispatch.app import DispatchServer
 from services.projector.live import LiveTracker
@@ -30,6 +29,7 @@ from services.projector.projection import TrackingProjection
 from services.projector.stale import StaleScanner
 from shared.config import Settings
 from shared.db import create_pool
+from shared.devstack import KafkaBroker
 from shared.domain.polyline import encode as encode_polyline
 from shared.envelopes import timestamp, utc_now
 from shared.kafka import KafkaUnavailable
@@ -374,25 +374,17 @@ async def test_stale_tracking_alerts_once_per_silence(
         subscriber.cancel()
 
 
-class StuckProducer:
-    """A producer whose broker never answers: send() waits until released, then fails."""
-
-    def __init__(self) -> None:
-        self.sending = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def send(self, *args: object, **kwargs: object) -> None:
-        self.sending.set()
-        await self.release.wait()
-        raise KafkaConnectionError("the broker went away")
-
-
 async def test_relays_running_at_once_keep_a_shipments_alerts_in_order(
-    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+    kafka_bootstrap: str,
+    database_url: str,
+    topic_prefix: str,
+    pg_schema: str,
+    dedicated_broker: KafkaBroker,
 ) -> None:
     """Two projector instances relay the same outbox. While one is stuck publishing a
-    shipment's oldest alert, the other must not publish the later ones ahead of it:
-    dispatch promises order per shipment."""
+    shipment's oldest alert (its broker is stopped: a real producer waiting for an
+    acknowledgement that does not come), the other must not publish the later ones
+    ahead of it: dispatch promises order per shipment."""
     settings = settings_for(kafka_bootstrap, database_url, topic_prefix, pg_schema)
     await prepare(settings)
     kinds = [
@@ -402,24 +394,41 @@ async def test_relays_running_at_once_keep_a_shipments_alerts_in_order(
     ]
     written = [alert_envelope("shp-1", kind) for kind in kinds]
     pool = await create_pool(settings.database)
+    stranded = settings_for(
+        dedicated_broker.bootstrap_servers,
+        database_url,
+        topic_prefix,
+        pg_schema,
+        CARGOTRACK_KAFKA_TIMEOUT_S="5",
+    )
     try:
         await pool.executemany(
             "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
             " VALUES ($1, $2, $3, $4)",
             [(e.alert.alert_id, TENANT, "shp-1", e.alert.SerializeToString()) for e in written],
         )
-        stuck_producer = StuckProducer()
-        stuck = OutboxRelay(settings, pool, stuck_producer, batch_size=1)
-        stuck_task = asyncio.create_task(stuck.publish_pending())
-        async with asyncio.timeout(30):
-            await stuck_producer.sending.wait()  # it holds the oldest alert now
-        async with producer_for(settings) as producer:
-            relay = OutboxRelay(settings, pool, producer)
-            assert await relay.publish_pending() == 0  # waits its turn, publishes nothing
-            stuck_producer.release.set()
-            with pytest.raises(KafkaUnavailable):
-                await stuck_task
-            assert await relay.publish_pending() == len(written)
+        async with producer_for(stranded) as stranded_producer:
+            await dedicated_broker.stop()
+            stuck = OutboxRelay(stranded, pool, stranded_producer, batch_size=1)
+            stuck_task = asyncio.create_task(stuck.publish_pending())
+            # It holds the oldest alert now: its row is locked by another session.
+            async with asyncio.timeout(30):
+                while not await pool.fetchval(  # noqa: ASYNC110 - polls PostgreSQL
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                    " WHERE c.relname = 'alert_outbox' AND l.mode = 'RowShareLock'"
+                    " AND l.pid <> pg_backend_pid() AND l.granted"
+                ):
+                    await asyncio.sleep(0.05)
+            async with producer_for(settings) as producer:
+                relay = OutboxRelay(settings, pool, producer)
+                assert await relay.publish_pending() == 0  # waits its turn, publishes nothing
+                assert not stuck_task.done(), "the stuck relay gave up before the check"
+                with pytest.raises(KafkaUnavailable):
+                    await stuck_task
+                assert await relay.publish_pending() == len(written)
+            # An idempotent producer retries its batch until a broker takes it: only
+            # then can it stop.
+            await dedicated_broker.start(keep_data=True)
         history = await consume_envelopes(
             kafka_bootstrap, settings.topics.shipment_alerts, count=len(written)
         )

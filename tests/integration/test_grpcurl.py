@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from shared.auth import Role
 from shared.devstack.kafka import default_cache_dir
@@ -96,6 +97,7 @@ async def test_reflection_lists_and_describes_the_services(
     assert {
         "cargotrack.v1.GpsIngestService",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= set(out.split())
 
@@ -108,6 +110,39 @@ async def test_reflection_lists_and_describes_the_services(
     code, out, err = await run(grpcurl, "-plaintext", gps.target, "grpc.health.v1.Health/Check")
     assert code == 0, err
     assert json.loads(out) == {"status": "SERVING"}
+
+
+def _reflection_calls(version: str) -> float:
+    """Reflection streams this process answered (and completed) under `version`."""
+    value = REGISTRY.get_sample_value(
+        "cargotrack_grpc_server_handled_total",
+        {
+            "service": f"grpc.reflection.{version}.ServerReflection",
+            "method": "ServerReflectionInfo",
+            "code": "OK",
+        },
+    )
+    return value or 0.0
+
+
+async def test_grpcurl_lists_the_services_through_v1_reflection(
+    grpcurl: str, gps: RunningService
+) -> None:
+    """grpcurl asks grpc.reflection.v1 first and falls back to v1alpha only when the
+    server answers UNIMPLEMENTED: the server counts which one it answered."""
+    v1_before, v1alpha_before = _reflection_calls("v1"), _reflection_calls("v1alpha")
+    code, out, err = await run(grpcurl, "-plaintext", gps.target, "list")
+    assert code == 0, err
+    assert "cargotrack.v1.GpsIngestService" in out.split()
+    assert _reflection_calls("v1") == v1_before + 1
+    assert _reflection_calls("v1alpha") == v1alpha_before
+
+    # The v1 service describes itself: its file is in the descriptor pool.
+    code, out, err = await run(
+        grpcurl, "-plaintext", gps.target, "describe", "grpc.reflection.v1.ServerReflection"
+    )
+    assert code == 0, err
+    assert "grpc.reflection.v1.ServerReflectionRequest" in out
 
 
 async def test_a_batch_sent_with_grpcurl_is_acknowledged_and_stored(

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import OutOfOrderSequenceNumber
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.auth import Role
 from shared.devstack import KafkaBroker
 from shared.devstack.ports import free_ports
+from shared.envelopes import EncodedRecord
+from shared.ingest import KafkaLink
+from shared.kafka import KafkaUnavailable, topic_specs
 from shared.pb import (
     delivery_pb2,
     delivery_pb2_grpc,
@@ -34,6 +39,7 @@ from tests.ingest_helpers import (
     shipment_event,
     wait_health,
 )
+from tests.unit.test_kafka_producer import assert_idempotent_acks_all
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,33 +134,35 @@ async def test_delivery_confirmation_gets_unavailable(nowhere: dict[str, Running
 async def test_a_deadline_shorter_than_the_kafka_timeout_still_gets_unavailable(
     topic_prefix: str,
 ) -> None:
-    """The service answers UNAVAILABLE before the client's deadline, not DEADLINE_EXCEEDED."""
+    """The service answers UNAVAILABLE before the client's deadline, not DEADLINE_EXCEEDED.
+
+    A 4 s deadline, far below the 30 s Kafka timeout: the service keeps 10 % of it
+    (0.4 s) for the answer to travel back, enough on a busy machine (1 s left 0.1 s)."""
     [closed_port] = free_ports(1)
     settings = service_settings(
         f"127.0.0.1:{closed_port}", topic_prefix, CARGOTRACK_KAFKA_TIMEOUT_S=30
     )
     async with running_service("gps-ingest", settings, wait_serving=False) as gps:
-        await unavailable_within(1.0, stream(gps, [gps_batch("veh-1", 1)], 1.0))
+        await unavailable_within(4.0, stream(gps, [gps_batch("veh-1", 1)], 4.0))
     async with running_service("shipment-events", settings, wait_serving=False) as events:
         stub = shipment_pb2_grpc.ShipmentEventsServiceStub(events.channel)
         await unavailable_within(
-            1.0,
+            4.0,
             stub.RecordEvent(
                 shipment_pb2.RecordEventRequest(event=shipment_event()),
                 metadata=bearer(Role.OPS),
-                timeout=1.0,
+                timeout=4.0,
             ),
         )
 
 
 async def test_broker_stopped_mid_stream_then_back_loses_nothing(
-    tmp_path: Path, topic_prefix: str
+    dedicated_broker: KafkaBroker, topic_prefix: str
 ) -> None:
     """A dedicated broker: ack, stop it, UNAVAILABLE within the deadline, NOT_SERVING;
     start it again, resend the unacknowledged batches: every sequence is stored once
     per copy with one event id, first copies in order."""
-    broker = KafkaBroker(tmp_path / "kafka")
-    await broker.start()
+    broker = dedicated_broker
     try:
         settings = service_settings(
             broker.bootstrap_servers, topic_prefix, CARGOTRACK_KAFKA_TIMEOUT_S=2
@@ -213,3 +221,42 @@ async def test_broker_stopped_mid_stream_then_back_loses_nothing(
         assert took < grace + 2 * kafka_timeout + 1
     finally:
         await broker.kill()
+
+
+async def test_a_producer_out_of_sync_with_the_broker_is_replaced(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """aiokafka#1017: after a broker outage longer than the Kafka timeout, a batch can
+    be failed unsent with its sequence number spent, and the broker then refuses
+    every later batch of the partition as out of order, for good. KafkaLink replaces
+    such a producer. The broker outage cannot make that state happen on demand (it
+    needs a batch to expire in the instant the restarted broker has no leader yet),
+    so the test puts the producer in exactly that state, a spent sequence number on
+    every partition, and the real broker does the rest."""
+    settings = service_settings(kafka_bootstrap, topic_prefix, CARGOTRACK_KAFKA_TIMEOUT_S=2)
+    topic = settings.topics.shipment_events
+    link = KafkaLink(settings.kafka, topic_specs(settings.topics))
+    await link.start()
+    try:
+        assert await link.wait_connected(60)
+        broken = await link.producer(5)
+        assert_idempotent_acks_all(broken)
+        await link.write(topic, EncodedRecord(b"shp-1", b"before", []), 10)
+        for partition in range(settings.topics.partitions):
+            broken._txn_manager.increment_sequence_number(TopicPartition(topic, partition), 1)
+        with pytest.raises(KafkaUnavailable) as refused:
+            await link.write(topic, EncodedRecord(b"shp-1", b"refused", []), 5)
+        assert isinstance(refused.value.__cause__, OutOfOrderSequenceNumber)
+        failures = []
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await link.write(topic, EncodedRecord(b"shp-1", b"after", []), 2)
+                    break
+                except KafkaUnavailable as error:  # the new producer is connecting
+                    failures.append(repr(error.__cause__))
+                    await asyncio.sleep(0.2)
+        assert await link.producer(5) is not broken
+    finally:
+        await link.stop()
+    assert not any("OutOfOrder" in failure for failure in failures), failures

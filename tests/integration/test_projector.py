@@ -212,3 +212,54 @@ async def test_a_day_partition_is_created_even_when_default_holds_its_rows(
     assert "vehicle_positions_20261125" in created
     assert (in_default, in_day) == (0, 1)
     assert again == []
+
+
+async def test_retention_drops_exactly_the_days_before_the_horizon(
+    database_url: str, pg_schema: str
+) -> None:
+    """Retention 2 days at 2026-11-22 12:00: the horizon is 2026-11-20 00:00. The day
+    partitions of the 18th and 19th go, with their points; the point at the horizon's
+    first second and everything after stay; an older point parked in DEFAULT goes.
+    Expectations written out by hand, not computed like the code computes them."""
+    from datetime import UTC, datetime
+
+    from shared.config import DatabaseSettings
+    from shared.db import migrate
+    from shared.domain.tracking import Position
+
+    await migrate(DatabaseSettings(url=database_url, schema=pg_schema))
+    connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
+    try:
+        # Day partitions from the 15th to the 22nd exist.
+        await store.maintain_position_partitions(
+            connection, datetime(2026, 11, 20, 12, 0, tzinfo=UTC), 5
+        )
+        times = [
+            datetime(2026, 11, 10, 9, 0, tzinfo=UTC),  # no partition: DEFAULT
+            datetime(2026, 11, 18, 10, 0, tzinfo=UTC),
+            datetime(2026, 11, 19, 23, 59, 59, tzinfo=UTC),
+            datetime(2026, 11, 20, 0, 0, 0, tzinfo=UTC),
+            datetime(2026, 11, 21, 12, 0, tzinfo=UTC),
+            datetime(2026, 11, 22, 11, 0, tzinfo=UTC),
+        ]
+        await store.append_history(
+            connection,
+            {("acme", "v1"): [(f"e{i}", Position(53.4, -2.99, at)) for i, at in enumerate(times)]},
+        )
+        assert await connection.fetchval("SELECT count(*) FROM vehicle_positions_default") == 1
+        _, dropped = await store.maintain_position_partitions(
+            connection, datetime(2026, 11, 22, 12, 0, tzinfo=UTC), 2
+        )
+        kept = await connection.fetch("SELECT recorded_at FROM vehicle_positions ORDER BY 1")
+        _, dropped_again = await store.maintain_position_partitions(
+            connection, datetime(2026, 11, 22, 12, 0, tzinfo=UTC), 2
+        )
+    finally:
+        await connection.close()
+    assert sorted(dropped) == [f"vehicle_positions_202611{day}" for day in range(15, 20)]
+    assert [row["recorded_at"] for row in kept] == [
+        datetime(2026, 11, 20, 0, 0, 0, tzinfo=UTC),
+        datetime(2026, 11, 21, 12, 0, tzinfo=UTC),
+        datetime(2026, 11, 22, 11, 0, tzinfo=UTC),
+    ]
+    assert dropped_again == []

@@ -38,7 +38,7 @@ from shared.config import Settings
 from shared.domain import tracking
 from shared.domain.tracking import Position, ShipmentState
 from shared.envelopes import timestamp
-from shared.pb import envelope_pb2, shipment_pb2, tracking_pb2, tracking_pb2_grpc
+from shared.pb import common_pb2, envelope_pb2, shipment_pb2, tracking_pb2, tracking_pb2_grpc
 from shared.rpc import field_violations
 from tests.ingest_helpers import (
     Metadata,
@@ -275,6 +275,48 @@ async def test_get_shipment_is_the_fold_plus_live_tracking(
     assert first.shipment.HasField("eta")
     assert second.shipment == store.shipment_message(folded[(TENANT, "s2")], None)
     assert not second.shipment.HasField("last_position")
+
+    # The same answers written out by hand from the log (not by the code under test).
+    golden_s2 = tracking_pb2.Shipment(
+        shipment_id="s2",
+        customer_id="cust-1",
+        status=shipment_pb2.SHIPMENT_STATUS_IN_TRANSIT,
+        origin=common_pb2.LatLng(latitude=53.40, longitude=-2.99),
+        destination=common_pb2.LatLng(latitude=53.43, longitude=-2.90),
+        promised_window=common_pb2.TimeWindow(
+            start=timestamp(T0), end=timestamp(T0 + timedelta(hours=4))
+        ),
+        reference="ref-s2",
+        vehicle_id="v2",
+        driver_id="d1",
+        created_at=timestamp(T0),
+        updated_at=timestamp(T0 + timedelta(minutes=3)),
+    )
+    # The tracking token is a derived secret (none was sent): present, distinct, and
+    # otherwise out of the comparison.
+    tokens = {first.shipment.tracking_token, second.shipment.tracking_token}
+    assert len(tokens) == 2
+    assert all(len(token) >= 16 for token in tokens)
+    s2 = tracking_pb2.Shipment()
+    s2.CopyFrom(second.shipment)
+    s2.ClearField("tracking_token")
+    assert s2 == golden_s2
+    # s1: the same, with v1; its vehicle's newest fix is the last point of the batch.
+    golden_s1 = tracking_pb2.Shipment()
+    golden_s1.CopyFrom(golden_s2)
+    golden_s1.shipment_id, golden_s1.reference, golden_s1.vehicle_id = "s1", "ref-s1", "v1"
+    position = first.shipment.last_position
+    assert (position.location.latitude, position.location.longitude) == pytest.approx(
+        (53.404, -2.978), abs=1e-9
+    )
+    assert position.recorded_at == timestamp(T0 + timedelta(minutes=10, seconds=120))
+    assert first.shipment.eta.estimated_arrival.ToDatetime(UTC) > T0 + timedelta(minutes=12)
+    s1_without_live = tracking_pb2.Shipment()
+    s1_without_live.CopyFrom(first.shipment)
+    for live_field in ("last_position", "progress", "eta", "updated_at", "tracking_token"):
+        s1_without_live.ClearField(live_field)
+        golden_s1.ClearField(live_field)
+    assert s1_without_live == golden_s1
 
 
 @pytest.mark.parametrize("shipment_id", ["", "s" * 129], ids=["empty", "too-long"])

@@ -8,6 +8,7 @@ run it once, then read the rendered resources it writes as JSON.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from shared.config import ConfigError, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "validate-k8s"
@@ -29,8 +32,9 @@ SERVICES = {
     "tracking-query": 50054,
     "dispatch": 50055,
     "projector": 50056,
+    "learner": 50057,
 }
-GRPC_SERVICES = [name for name in SERVICES if name != "projector"]
+GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner")]
 METRICS_PORT = 9090
 TOPIC_RETENTION_MS = {
     "cargotrack.gps-points": 7 * 24 * 3600 * 1000,
@@ -73,7 +77,11 @@ def of_kind(resources: list[Resource], kind: str) -> dict[str, Resource]:
 
 
 def config(resources: list[Resource]) -> dict[str, str]:
-    (configmap,) = of_kind(resources, "ConfigMap").values()
+    (configmap,) = (
+        c
+        for name, c in of_kind(resources, "ConfigMap").items()
+        if name.startswith("cargotrack-config")
+    )
     data: dict[str, str] = configmap["data"]
     return data
 
@@ -109,7 +117,9 @@ def test_every_service_is_deployed_with_its_port(overlay: list[Resource]) -> Non
         c = container(deployments[name])
         assert c["args"] == ["serve", name]
         assert env(deployments[name])["CARGOTRACK_GRPC_PORT"]["value"] == str(port)
-        assert {p["containerPort"] for p in c["ports"]} == {port, METRICS_PORT}
+        health = config(overlay).get("CARGOTRACK_GRPC_HEALTH_PORT")  # prod: TLS probes
+        expected = {port, METRICS_PORT} | ({int(health)} if health else set())
+        assert {p["containerPort"] for p in c["ports"]} == expected
         assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT}
     assert config(overlay)["CARGOTRACK_METRICS_PORT"] == str(METRICS_PORT)
     assert config(overlay)["CARGOTRACK_GRPC_HOST"] == "0.0.0.0"
@@ -119,8 +129,12 @@ def test_every_service_is_deployed_with_its_port(overlay: list[Resource]) -> Non
 def test_every_deployment_has_grpc_readiness_and_liveness_probes(overlay: list[Resource]) -> None:
     for name, deployment in of_kind(overlay, "Deployment").items():
         c = container(deployment)
+        # The gRPC port, or (prod: TLS, which kubelet probes cannot speak) the
+        # plaintext health-only port.
+        health = config(overlay).get("CARGOTRACK_GRPC_HEALTH_PORT")
+        probe_port = int(health) if health else SERVICES[name]
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            assert c[probe]["grpc"]["port"] == SERVICES[name], (name, probe)
+            assert c[probe]["grpc"]["port"] == probe_port, (name, probe)
         # Readiness follows the dependencies (overall status); liveness must not.
         assert c["readinessProbe"]["grpc"].get("service", "") == ""
         assert c["livenessProbe"]["grpc"]["service"] == "liveness"
@@ -155,6 +169,8 @@ def test_configuration_uses_only_variables_the_code_reads(overlay: list[Resource
     known = set(re.findall(r'"((?:CARGOTRACK|KAFKA)_[A-Z0-9_]+|DATABASE_URL)"', source))
     used = set(config(overlay))
     for secret in of_kind(overlay, "Secret").values():
+        if secret.get("type") == "kubernetes.io/basic-auth":
+            continue  # a database role's password for CloudNativePG, not pod variables
         used |= set(secret.get("data", {})) | set(secret.get("stringData", {}))
     for workload in [*of_kind(overlay, "Deployment").values(), *of_kind(overlay, "Job").values()]:
         used |= set(env(workload))
@@ -163,21 +179,117 @@ def test_configuration_uses_only_variables_the_code_reads(overlay: list[Resource
     assert {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "KAFKA_SASL_PASSWORD"} <= used
 
 
-def test_secrets_come_from_operators_and_secret_resources(overlay: list[Resource]) -> None:
-    (cluster,) = of_kind(overlay, "Cluster")
-    (user,) = of_kind(overlay, "KafkaUser")
-    for workload in [*of_kind(overlay, "Deployment").values(), *of_kind(overlay, "Job").values()]:
+#: Each workload's Kafka user and what its ACLs allow on which topic (issue 12).
+KAFKA_ACCESS = {
+    "gps-ingest": {"cargotrack.gps-points": "Write"},
+    "shipment-events": {"cargotrack.shipment-events": "Write"},
+    "delivery-confirmations": {"cargotrack.delivery-confirmations": "Write"},
+    "projector": {
+        "cargotrack.gps-points": "Read",
+        "cargotrack.shipment-events": "Read",
+        "cargotrack.delivery-confirmations": "Read",
+        "cargotrack.shipment-alerts": "Write",
+        "cargotrack.dead-letters": "Write",
+    },
+    "dispatch": {"cargotrack.shipment-alerts": "Read"},
+    # Dead letters: the same ProjectionRunner as the projector (shared/projection.py).
+    "learner": {"cargotrack.gps-points": "Read", "cargotrack.dead-letters": "Write"},
+}
+#: The consumer groups each Kafka user may join (pattern type, name): the runner's group
+#: is the topic prefix plus the projection's name; the projector's user also covers
+#: the one-off groups of `cargotrack rebuild`.
+KAFKA_GROUPS = {
+    "gps-ingest": set(),
+    "shipment-events": set(),
+    "delivery-confirmations": set(),
+    "projector": {("literal", "cargotrack.tracking"), ("prefix", "cargotrack-")},
+    "dispatch": set(),
+    "learner": {("literal", "cargotrack.learner")},
+}
+#: Each workload's database role (None: no database credentials at all).
+DATABASE_ROLE = {
+    "gps-ingest": None,
+    "shipment-events": None,
+    "delivery-confirmations": "cargotrack_query",  # the read-model pre-check
+    "dispatch": None,
+    "tracking-query": "cargotrack_query",
+    "projector": "cargotrack_projector",
+    "learner": "cargotrack_learner",
+}
+
+
+def test_each_workload_has_its_own_kafka_user_with_least_privilege(
+    overlay: list[Resource],
+) -> None:
+    users = of_kind(overlay, "KafkaUser")
+    assert set(users) == {f"cargotrack-{name}" for name in KAFKA_ACCESS}
+    for name, workload in of_kind(overlay, "Deployment").items():
         variables = env(workload)
-        assert variables["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-            "name": f"{cluster}-app",
-            "key": "uri",
-        }
-        assert variables["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-            "name": user,
-            "key": "password",
-        }
-    assert config(overlay)["KAFKA_SASL_USERNAME"] == user
+        if name not in KAFKA_ACCESS:  # tracking-query reads no topic
+            assert "KAFKA_SASL_USERNAME" not in variables, name
+            assert "KAFKA_SASL_PASSWORD" not in variables, name
+            continue
+        user = variables["KAFKA_SASL_USERNAME"]["value"]
+        assert user == f"cargotrack-{name}"
+        password = variables["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert password == {"name": user, "key": "password"}
+        topics: dict[str, set[str]] = {}
+        groups: set[tuple[str, str]] = set()
+        for acl in users[user]["spec"]["authorization"]["acls"]:
+            resource = acl["resource"]
+            assert resource["type"] in ("topic", "group"), f"{user}: no cluster rights"
+            assert not {"All", "Create", "Delete", "Alter", "AlterConfigs"} & set(acl["operations"])
+            if resource["type"] == "topic":
+                assert resource["patternType"] == "literal", f"{user}: no topic prefixes"
+                topics[resource["name"]] = set(acl["operations"]) - {"Describe", "DescribeConfigs"}
+            else:
+                assert set(acl["operations"]) <= {"Describe", "Read"}, user
+                groups.add((resource["patternType"], resource["name"]))
+        assert topics == {topic: {op} for topic, op in KAFKA_ACCESS[name].items()}
+        assert groups == KAFKA_GROUPS[name], user
+    for job in of_kind(overlay, "Job").values():
+        assert "KAFKA_SASL_PASSWORD" not in env(job)
+    assert "KAFKA_SASL_USERNAME" not in config(overlay)
     assert config(overlay)["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    # KEDA reads the projector group's lag as the projector.
+    (trigger_auth,) = of_kind(overlay, "TriggerAuthentication").values()
+    refs = {ref["parameter"]: ref["name"] for ref in trigger_auth["spec"]["secretTargetRef"]}
+    assert refs["password"] == "cargotrack-projector"
+
+
+def test_each_workload_has_its_own_database_role_over_verified_tls(
+    overlay: list[Resource],
+) -> None:
+    (cluster,) = of_kind(overlay, "Cluster").values()
+    roles = {role["name"]: role for role in cluster["spec"]["managed"]["roles"]}
+    assert set(roles) == {role for role in DATABASE_ROLE.values() if role}
+    # Members of the owner role: both run `migrate` at start, the projector also
+    # creates and drops partitions.
+    assert roles["cargotrack_projector"]["inRoles"] == ["cargotrack"]
+    assert roles["cargotrack_learner"]["inRoles"] == ["cargotrack"]
+    assert "inRoles" not in roles["cargotrack_query"]
+    workloads = {**of_kind(overlay, "Deployment"), **of_kind(overlay, "Job")}
+    for name, workload in workloads.items():
+        variables = env(workload)
+        url = variables["DATABASE_URL"]["value"]
+        role = "cargotrack" if workload["kind"] == "Job" else DATABASE_ROLE[name]
+        if role is None:
+            assert "CARGOTRACK_DB_PASSWORD" not in variables, name
+            assert "@localhost:1/" in url, f"{name} names no database"
+            continue
+        assert url.startswith(f"postgresql://{role}@cargotrack-pg-rw:5432/"), name
+        assert "sslmode=verify-full" in url, name
+        # Members of the owner role act as it, so what they create stays the owner's.
+        member = "inRoles" in roles.get(role, {})
+        assert ("&role=cargotrack" in url) == member, name
+        ca_file = url.partition("sslrootcert=")[2]
+        mounts = {m["mountPath"]: m["name"] for m in container(workload)["volumeMounts"]}
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        ca_volume = volumes[mounts[str(Path(ca_file).parent)]]
+        assert ca_volume["secret"]["secretName"] == f"{cluster['metadata']['name']}-ca"
+        secret = variables["CARGOTRACK_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        if role != "cargotrack":
+            assert secret["name"] == roles[role]["passwordSecret"]["name"]
 
 
 def test_kafka_bootstrap_is_fully_qualified(overlay: list[Resource]) -> None:
@@ -255,9 +367,40 @@ def test_every_resource_carries_the_common_labels(overlay: list[Resource]) -> No
             ), resource["metadata"]
 
 
+def test_every_workload_is_scraped_by_a_pod_monitor(overlay: list[Resource]) -> None:
+    """A PodMonitor selects each Deployment's pods, on a port the pod has (metrics)."""
+    monitors = of_kind(overlay, "PodMonitor")
+    for name, deployment in of_kind(overlay, "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        scraped = [
+            endpoint["port"]
+            for monitor in monitors.values()
+            if all(
+                labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items()
+            )
+            for endpoint in monitor["spec"]["podMetricsEndpoints"]
+        ]
+        assert scraped == ["metrics"], name
+        assert ports["metrics"] == METRICS_PORT
+
+
+def test_the_alert_rules_and_the_dashboard_are_deployed(overlay: list[Resource]) -> None:
+    (rules,) = of_kind(overlay, "PrometheusRule").values()
+    alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {"CargotrackProjectorLagGrowing", "CargotrackDeadLetters"} <= alerts
+    dashboard = of_kind(overlay, "ConfigMap")["cargotrack-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["cargotrack.json"])["uid"] == "cargotrack"
+
+
 def test_migration_job_runs_migrate(overlay: list[Resource]) -> None:
     (job,) = of_kind(overlay, "Job").values()
-    assert container(job)["args"] == ["migrate"]
+    args = container(job)["args"]
+    assert args[0] == "migrate"
+    # It waits for PostgreSQL, within the Job's own deadline.
+    wait_s = float(args[args.index("--wait") + 1])
+    assert 0 < wait_s < job["spec"]["activeDeadlineSeconds"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
@@ -266,7 +409,12 @@ def test_migration_job_runs_migrate(overlay: list[Resource]) -> None:
 
 def test_prod_is_highly_available(rendered: dict[str, list[Resource]]) -> None:
     prod = rendered["prod"]
-    assert {d["spec"]["replicas"] for d in of_kind(prod, "Deployment").values()} == {3}
+    deployments = of_kind(prod, "Deployment")
+    # The learner is a single writer of each tenant's state (k8s/base/services/learner.yaml).
+    learner = deployments.pop("learner")
+    assert learner["spec"]["replicas"] == 1
+    assert learner["spec"]["strategy"]["type"] == "Recreate"
+    assert {d["spec"]["replicas"] for d in deployments.values()} == {3}
     for pdb in of_kind(prod, "PodDisruptionBudget").values():
         assert pdb["spec"]["minAvailable"] == 2
         assert "maxUnavailable" not in pdb["spec"]
@@ -301,8 +449,11 @@ def test_dev_is_small(rendered: dict[str, list[Resource]]) -> None:
         assert topic["spec"]["replicas"] == 1
     (cluster,) = of_kind(dev, "Cluster").values()
     assert cluster["spec"]["instances"] == 1
-    (secret,) = of_kind(dev, "Secret").values()
-    assert set(secret["data"]) == {"CARGOTRACK_JWT_SECRET"}
+    secrets = of_kind(dev, "Secret").values()
+    (auth,) = [s for s in secrets if s["metadata"]["name"].startswith("cargotrack-auth")]
+    assert set(auth["data"]) == {"CARGOTRACK_JWT_SECRET"}
+    roles = {s["metadata"]["name"] for s in secrets if s["type"] == "kubernetes.io/basic-auth"}
+    assert roles == {"cargotrack-db-projector", "cargotrack-db-learner", "cargotrack-db-query"}
     for deployment in of_kind(dev, "Deployment").values():
         prod_like = of_kind(rendered["prod"], "Deployment")[deployment["metadata"]["name"]]
         assert container(deployment)["resources"] != container(prod_like)["resources"]
@@ -423,3 +574,49 @@ def test_dockerfile_builds_a_non_root_multi_stage_image() -> None:
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in ("**/.venv", "**/.git", "**/__pycache__", "data/", ".cargotrack/"):
         assert entry in ignored
+
+
+def test_prod_serves_grpc_over_tls_with_probes_on_the_health_port(
+    rendered: dict[str, list[Resource]],
+) -> None:
+    prod = rendered["prod"]
+    settings = config(prod)
+    cert, key = settings["CARGOTRACK_TLS_CERT_FILE"], settings["CARGOTRACK_TLS_KEY_FILE"]
+    health_port = int(settings["CARGOTRACK_GRPC_HEALTH_PORT"])
+    for name, workload in of_kind(prod, "Deployment").items():
+        mounts = {m["mountPath"]: m["name"] for m in container(workload)["volumeMounts"]}
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        for path in (cert, key):
+            volume = volumes[mounts[str(Path(path).parent)]]
+            assert volume["secret"]["secretName"] == "cargotrack-grpc-tls", name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container(workload)[probe]["grpc"]["port"] == health_port, (name, probe)
+    for service in of_kind(prod, "Service").values():
+        assert service["spec"]["ports"][0]["appProtocol"] != "kubernetes.io/h2c"
+    # The dev overlay stays plaintext (and says so).
+    assert not config(rendered["dev"]).get("CARGOTRACK_TLS_CERT_FILE")
+
+
+def overlay_environment(resources: list[Resource]) -> dict[str, str]:
+    """The variables the ConfigMap and the generated Secrets give every pod."""
+    environment = {name: value for name, value in config(resources).items() if value}
+    for secret in of_kind(resources, "Secret").values():
+        if secret["metadata"]["name"].startswith("cargotrack-auth"):
+            for name, value in secret.get("data", {}).items():
+                environment[name] = base64.b64decode(value).decode()
+    environment["DATABASE_URL"] = "postgresql://u@localhost:1/none"
+    return environment
+
+
+def test_the_dev_overlay_cannot_pass_as_production(rendered: dict[str, list[Resource]]) -> None:
+    """The production guard (CARGOTRACK_PRODUCTION=1, set by the base) refuses the dev
+    overlay's development mode and key; the prod overlay keeps the guard on."""
+    dev = overlay_environment(rendered["dev"])
+    assert load_settings(dev).auth.dev_mode
+    with pytest.raises(ConfigError, match="cannot run as production"):
+        load_settings(dev | {"CARGOTRACK_PRODUCTION": "1"})
+    with pytest.raises(ConfigError, match="development key"):
+        load_settings({k: v for k, v in dev.items() if k != "CARGOTRACK_DEV_MODE"})
+    prod = config(rendered["prod"])
+    assert prod["CARGOTRACK_PRODUCTION"] == "1"
+    assert not prod.get("CARGOTRACK_DEV_MODE")

@@ -10,12 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.domain import alerts
 from shared.domain.alerts import AlertConditions, AlertDecision, AlertKind, Severity
-from shared.domain.eta import DelayCondition
+from shared.domain.eta import (
+    DelayCondition,
+    DelayMargins,
+    EtaEstimate,
+    EtaMethod,
+    classify_delay,
+    late_probability,
+)
 
 ON_TIME, AT_RISK, LATE = DelayCondition.ON_TIME, DelayCondition.AT_RISK, DelayCondition.LATE
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
@@ -286,3 +294,111 @@ def test_ids_are_scoped_by_tenant_and_shipment() -> None:
     _, b = feed([LATE, LATE], tenant_id="other", shipment_id="s1")
     _, c = feed([LATE, LATE], tenant_id="acme", shipment_id="s2")
     assert len({a[0].alert_id, b[0].alert_id, c[0].alert_id}) == 3
+
+
+# --- the delay rule: probability of arriving after the window ---------------------------
+
+SEVERITY_ORDER = {ON_TIME: 0, AT_RISK: 1, LATE: 2}
+WINDOW_END = T0 + timedelta(hours=3)
+
+
+def estimate_at(eta_minus_end_s: float, early_s: float, late_s: float) -> EtaEstimate:
+    """An estimate whose point is `eta_minus_end_s` from the window end, with the
+    interval reaching `early_s` before and `late_s` after it."""
+    arrival = WINDOW_END + timedelta(seconds=eta_minus_end_s)
+    return EtaEstimate(
+        arrival=arrival,
+        earliest=arrival - timedelta(seconds=early_s),
+        latest=arrival + timedelta(seconds=late_s),
+        confidence=0.8,
+        method=EtaMethod.ROUTE,
+        remaining_m=5000.0,
+        position_age_s=0.0,
+        position_at=T0,
+        travel_s=600.0,
+        dwell_s=0.0,
+        observed_speed_mps=None,
+        speed_ratio=1.0,
+        off_route=False,
+        distance_along_m=None,
+        offset_m=None,
+    )
+
+
+offsets = st.floats(min_value=-7200, max_value=7200, allow_nan=False)
+spreads = st.floats(min_value=0, max_value=7200, allow_nan=False)
+margins = st.builds(
+    DelayMargins,
+    late_after_s=st.floats(min_value=0, max_value=3600),
+    at_risk_within_s=st.floats(min_value=0, max_value=3600),
+    late_probability=st.floats(min_value=0.5, max_value=1.0),
+    at_risk_probability=st.floats(min_value=0.01, max_value=0.5),
+)
+
+
+def test_late_probability_reads_the_interval_as_a_central_80_percent_interval() -> None:
+    # The latest bound exactly at the window end: a 10 % chance of being later.
+    assert late_probability(estimate_at(-600, 300, 600), WINDOW_END) == pytest.approx(0.1)
+    # The point estimate at the end: even odds. The earliest bound at it: 90 %.
+    assert late_probability(estimate_at(0, 300, 600), WINDOW_END) == pytest.approx(0.5)
+    assert late_probability(estimate_at(300, 300, 600), WINDOW_END) == pytest.approx(0.9)
+    # No spread on the side that matters: certain either way.
+    assert late_probability(estimate_at(-1, 300, 0), WINDOW_END) == 0.0
+    assert late_probability(estimate_at(1, 0, 300), WINDOW_END) == 1.0
+
+
+@given(offsets, spreads, spreads, st.floats(min_value=0, max_value=3600), margins)
+def test_a_later_estimate_is_never_a_milder_condition(
+    offset: float, early: float, late: float, shift: float, m: DelayMargins
+) -> None:
+    sooner = estimate_at(offset, early, late)
+    later = estimate_at(offset + shift, early, late)
+    p_sooner = late_probability(sooner, WINDOW_END, m.interval_coverage)
+    p_later = late_probability(later, WINDOW_END, m.interval_coverage)
+    assert 0.0 <= p_sooner <= p_later + 1e-12 <= 1.0 + 1e-12
+    assert (
+        SEVERITY_ORDER[classify_delay(sooner, WINDOW_END, m)]
+        <= SEVERITY_ORDER[classify_delay(later, WINDOW_END, m)]
+    )
+
+
+@given(offsets, spreads, spreads, st.floats(min_value=1, max_value=4), margins)
+def test_more_uncertainty_pulls_the_probability_toward_even_odds(
+    offset: float, early: float, late: float, widen: float, m: DelayMargins
+) -> None:
+    narrow = estimate_at(offset, early, late)
+    wide = estimate_at(offset, early * widen, late * widen)
+    p_narrow = late_probability(narrow, WINDOW_END)
+    p_wide = late_probability(wide, WINDOW_END)
+    severity_narrow = SEVERITY_ORDER[classify_delay(narrow, WINDOW_END, m)]
+    severity_wide = SEVERITY_ORDER[classify_delay(wide, WINDOW_END, m)]
+    if narrow.arrival <= WINDOW_END:  # on time by the point estimate: only adds risk
+        assert p_narrow <= p_wide + 1e-12 <= 0.5 + 1e-12
+        assert severity_narrow <= severity_wide
+    else:  # late by the point estimate: uncertainty can only soften it
+        assert p_narrow + 1e-12 >= p_wide >= 0.5
+        assert severity_narrow >= severity_wide
+
+
+@given(
+    st.lists(st.floats(min_value=0, max_value=900), min_size=1, max_size=40),
+    st.floats(min_value=-7200, max_value=0),
+    spreads,
+    spreads,
+)
+def test_an_estimate_that_only_slips_later_never_recovers(
+    slips: list[float], start: float, early: float, late: float
+) -> None:
+    """Observations of a shipment slipping further behind escalate, at most once each."""
+    offset = start
+    observed = []
+    for slip in slips:
+        offset += slip
+        observed.append(classify_delay(estimate_at(offset, early, late), WINDOW_END))
+    _, fired = feed(observed)
+    assert kinds(fired) in (
+        [],
+        [AlertKind.AT_RISK],
+        [AlertKind.LATE],
+        [AlertKind.AT_RISK, AlertKind.LATE],
+    )

@@ -210,9 +210,9 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = auth._verify
 
-    def spy(token: str, settings: AuthSettings) -> Any:
+    def spy(token: str, settings: AuthSettings, keys: Any = None) -> Any:
         seen.append(token)
-        return real(token, settings)
+        return real(token, settings, keys)
 
     monkeypatch.setattr(auth, "_verify", spy)
     return seen
@@ -367,3 +367,38 @@ async def test_the_interceptor_refuses_a_remembered_expired_token_as_a_fresh_one
     _answer, fresh = await _call(interceptor, method, expired)
     assert remembered.status == fresh.status
     assert fresh.status == (grpc.StatusCode.UNAUTHENTICATED, "invalid token: Signature has expired")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"role": "customer", "customer_id": 42},
+        {"role": "customer", "customer_id": ["c"]},
+        {"role": "customer", "customer_id": "c\x00"},
+        {"role": "customer", "customer_id": "c\ud800"},
+        {"role": "customer", "customer_id": "with space"},
+        {"role": "customer", "customer_id": "c" * 129},
+        {"role": "driver", "vehicle_id": {"v": 1}},
+        {"role": "ops", "vehicle_id": 7},
+        {"tenant": 7},
+        {"tenant": "t\x00"},
+        {"role": ["ops"]},
+        {"sub": "s" * 257},
+        {"sub": "tab\there"},
+        {"exp": 10**400},
+    ],
+    ids=repr,
+)
+def test_claims_of_the_wrong_type_or_shape_are_refused(claims: dict[str, Any]) -> None:
+    """Issue 12, finding 5: these used to pass and fail later, in a query, as INTERNAL."""
+    base: dict[str, Any] = {"role": "ops", "tenant": "t"}
+    with pytest.raises(AuthError, match="invalid token"):
+        verify_token(signed({**base, **claims}), SETTINGS)
+
+
+def test_a_subject_may_hold_spaces_and_be_longer_than_an_id() -> None:
+    principal = verify_token(
+        signed({"role": "ops", "tenant": "t", "sub": "Jane Doe " + "x" * 200}), SETTINGS
+    )
+    assert principal.subject.startswith("Jane Doe")
+    assert principal.expires_at is not None

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.domain.eta import (
+    LEFT_DESTINATION_M,
     DelayCondition,
     DelayMargins,
     EtaEstimate,
@@ -207,7 +208,9 @@ def test_permutations_of_the_same_points_give_the_same_estimate(fixes: list[Fix]
 
 
 def test_off_route_switches_to_great_circle_and_back_with_hysteresis() -> None:
-    model = history_model()
+    # The great circle whenever off route (route_eta_max_offset_m 0): the hysteresis
+    # shows in the method. The default keeps the route closer than 600 m (next test).
+    model = history_model(EtaParams(route_eta_max_offset_m=0.0))
     dest = at(20_000, 0)
     on = drive(300)
     t = on[-1].at
@@ -230,6 +233,79 @@ def test_off_route_switches_to_great_circle_and_back_with_hysteresis() -> None:
     # The same hysteresis holds within one window of fixes.
     assert eta(model, [*on, *detour, *near]).method is EtaMethod.GREAT_CIRCLE
     assert eta(model, [*on, *detour, *near, *back]).method is EtaMethod.ROUTE
+
+
+def test_off_route_near_the_route_keeps_the_route_method_but_flags_off_route() -> None:
+    model = history_model()
+    limit = model.params.route_eta_max_offset_m
+    on = drive(300)
+    t = on[-1].at
+
+    def detour_at(offset_m: float) -> list[Fix]:
+        return [
+            Fix(t + timedelta(seconds=30 * i), *at(3000 + 300 * i, offset_m)) for i in (1, 2, 3)
+        ]
+
+    near = eta(model, [*on, *detour_at(limit / 2)])
+    assert near.off_route
+    assert near.method is EtaMethod.ROUTE
+    # Along the route: the destination's distance along minus the vehicle's.
+    assert near.remaining_m == pytest.approx(20_000 - 3900, abs=1.0)
+    far = eta(model, [*on, *detour_at(limit + 200)])
+    assert far.off_route
+    assert far.method is EtaMethod.GREAT_CIRCLE
+    # With the limit at 0, the same near detour takes the great circle.
+    legacy = history_model(EtaParams(route_eta_max_offset_m=0.0))
+    assert eta(legacy, [*on, *detour_at(limit / 2)]).method is EtaMethod.GREAT_CIRCLE
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(min_value=160.0, max_value=3000.0))
+def test_an_off_route_estimate_follows_the_route_exactly_within_the_limit(
+    offset_m: float,
+) -> None:
+    model = history_model()
+    on = drive(300)
+    t = on[-1].at
+    detour = [Fix(t + timedelta(seconds=30 * i), *at(3000 + 300 * i, offset_m)) for i in (1, 2, 3)]
+    est = eta(model, [*on, *detour])
+    assert est.off_route
+    within = est.offset_m is not None and est.offset_m <= model.params.route_eta_max_offset_m
+    assert est.method is (EtaMethod.ROUTE if within else EtaMethod.GREAT_CIRCLE)
+
+
+# Out along y = 0 to 5 km, then back along y = 20 m: it passes x = 1 km twice.
+OUT_AND_BACK = Route([at(0, 0), at(5000, 0), at(5000, 20), at(0, 20)])
+
+
+@pytest.mark.parametrize("destination_ahead", [True, False])
+def test_past_the_destinations_nearest_point_a_loop_aims_for_the_pass_ahead(
+    destination_ahead: bool,
+) -> None:
+    model = EtaModel(None, EtaParams(destination_ahead=destination_ahead))
+    fixes = drive(300)  # out to x = 3 km on y = 0
+    dest = at(1000, 5)  # nearest the outbound leg (5 m); the return leg passes 15 m away
+    est = eta(model, fixes, route=OUT_AND_BACK, destination=dest)
+    assert est.method is EtaMethod.ROUTE
+    last = fixes[-1]
+    if destination_ahead:
+        # Along the route to the return leg's pass: 9,020 m along, from 3,000 m, + 15 m.
+        assert est.remaining_m == pytest.approx(9020 - 3000 + 15, abs=1.0)
+    else:
+        # Behind the vehicle: the straight line, as before.
+        assert est.remaining_m == pytest.approx(haversine_m(last.lat, last.lon, *dest))
+
+
+@pytest.mark.parametrize("end_x", [1080.0, 1000.0 + LEFT_DESTINATION_M - 10])
+def test_near_the_destination_a_loop_does_not_send_the_vehicle_round_again(
+    end_x: float,
+) -> None:
+    fixes = drive(60, every=6, start=end_x - 600)  # ends at x = end_x on y = 0
+    est = eta(EtaModel(), fixes, route=OUT_AND_BACK, destination=at(1000, 5))
+    # Just past the outbound pass, within LEFT_DESTINATION_M: perhaps overshooting
+    # the stop, so the destination stays just behind rather than 8 km round the loop.
+    last = fixes[-1]
+    assert est.remaining_m == pytest.approx(haversine_m(last.lat, last.lon, *at(1000, 5)))
 
 
 def test_one_stray_fix_beyond_the_threshold_does_not_leave_the_route() -> None:
@@ -386,9 +462,11 @@ def _estimate(arrival: datetime, spread_s: float = 0.0) -> EtaEstimate:
     ("eta_minus_end_s", "spread_s", "expected"),
     [
         (-3600, 60, DelayCondition.ON_TIME),
-        (-3600, 3700, DelayCondition.AT_RISK),  # the latest bound passes the window end
+        # The latest bound passes the window end, but only ~11 % chance of being late.
+        (-3600, 3700, DelayCondition.ON_TIME),
+        (-600, 1800, DelayCondition.AT_RISK),  # ~33 % chance of arriving after the end
         (-200, 0, DelayCondition.AT_RISK),  # within the at-risk margin
-        (300, 0, DelayCondition.AT_RISK),  # past the end, within the late margin
+        (300, 0, DelayCondition.LATE),  # past the end and sure of it
         (601, 0, DelayCondition.LATE),
     ],
 )
@@ -402,11 +480,11 @@ def test_classify_delay_margins_are_configurable() -> None:
     end = T0
     est = _estimate(end + timedelta(seconds=120))
     assert classify_delay(est, end, DelayMargins(late_after_s=60)) is DelayCondition.LATE
-    assert (
-        classify_delay(
-            _estimate(end - timedelta(hours=1), 7200), end, DelayMargins(latest_bound_at_risk=False)
-        )
-        is DelayCondition.ON_TIME
-    )
+    uncertain = _estimate(end - timedelta(minutes=10), 1800)
+    assert classify_delay(uncertain, end) is DelayCondition.AT_RISK
+    relaxed = DelayMargins(at_risk_probability=0.5, late_probability=0.9)
+    assert classify_delay(uncertain, end, relaxed) is DelayCondition.ON_TIME
+    with pytest.raises(ValueError, match="at_risk_probability"):
+        DelayMargins(at_risk_probability=0.9, late_probability=0.8)
     with pytest.raises(ValueError, match="timezone"):
         classify_delay(est, datetime(2026, 1, 1))

@@ -77,3 +77,27 @@ def test_trim_terminal_dwell() -> None:
     layover = [f(150, 1490), f(180, 1500), f(210, 1502)]
     trimmed = trim_terminal_dwell([*wait, *move, *layover])
     assert trimmed == [wait[-1], *move, layover[0]]
+
+
+def test_porto_loader_times_each_fix_15_s_apart_from_the_trip_start(tmp_path: Path) -> None:
+    csv_path = tmp_path / "porto.csv"
+    csv_path.write_text(
+        '"TRIP_ID","CALL_TYPE","ORIGIN_CALL","ORIGIN_STAND","TAXI_ID","TIMESTAMP",'
+        '"DAY_TYPE","MISSING_DATA","POLYLINE"\n'
+        '"1","C","","","7","1372636858","A","False",'
+        '"[[-8.618643,41.141412],[-8.620326,41.14251],[-8.622153,41.143815]]"\n'
+        '"2","C","","","8","1372636900","A","True","[[-8.6,41.1],[-8.61,41.11]]"\n'
+    )
+    trips = DATASETS["porto"].loader(csv_path)
+    assert [t.trip_id for t in trips] == ["7/1"]  # MISSING_DATA rows are skipped
+    fixes = trips[0].fixes
+    assert [f.t - 1372636858 for f in fixes] == [0.0, 15.0, 30.0]
+    assert (fixes[0].lat, fixes[0].lon) == (41.141412, -8.618643)  # [lon, lat] in the file
+
+
+def test_porto_scores_taxi_trips_on_their_own_path(reports: list[DatasetReport]) -> None:
+    porto = next(r for r in reports if r.name == "porto")
+    assert DATASETS["porto"].planned_route == "own path"
+    assert porto.trips_scored >= 10
+    assert "no planned route from another trip" not in porto.skipped
+    assert porto.model_route_share == 1.0

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -17,7 +18,7 @@ from shared.pb import alerts_pb2
 BASE = {
     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
     "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
-    "CARGOTRACK_JWT_SECRET": "s3cret",
+    "CARGOTRACK_JWT_SECRET": "unit-test-hs256-secret-0123456789abcdef",
 }
 
 
@@ -99,3 +100,47 @@ def test_lag_of_revoked_partitions_is_forgotten() -> None:
         is None
     )
     assert sample("cargotrack_projector_consumer_lag", topic="unit.topic", partition="1") == 7
+
+
+#: Two self-signed test certificates (no key is kept): notAfter 2036-11-30 00:07:27 UTC
+#: and 2028-01-07 00:07:31 UTC.
+CERT_2036 = """-----BEGIN CERTIFICATE-----
+MIIBdTCCARygAwIBAgIBATAKBggqhkjOPQQDAjAaMRgwFgYDVQQDDA9jYXJnb3Ry
+YWNrLXRlc3QwHhcNMjYxMjAzMDAwNzI3WhcNMzYxMTMwMDAwNzI3WjAaMRgwFgYD
+VQQDDA9jYXJnb3RyYWNrLXRlc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS2
+Lf++vPqxKwT3D56ZDZZsqOt51I3FlCzwEgIH8RVFOYXlLBCwo6rCzoRwIjPujsKp
+kvdvhTOCK0KeEpgLNsGWo1MwUTAdBgNVHQ4EFgQU4vizxu8VwVc1y+BcscM8dhMC
+ra0wHwYDVR0jBBgwFoAU4vizxu8VwVc1y+BcscM8dhMCra0wDwYDVR0TAQH/BAUw
+AwEB/zAKBggqhkjOPQQDAgNHADBEAiAx2NJlVs5bOw0X57h0nBVMPP1gQPB1QGoh
+TfQifoK/0wIgK1XmzFMKYklGJ4E07l+2JxIMg+kkLUyTGzxvDzEpckk=
+-----END CERTIFICATE-----
+"""
+CERT_2028 = """-----BEGIN CERTIFICATE-----
+MIIBfDCCASKgAwIBAgIBAjAKBggqhkjOPQQDAjAdMRswGQYDVQQDDBJjYXJnb3Ry
+YWNrLXRlc3QtY2EwHhcNMjYxMjAzMDAwNzMxWhcNMjgwMTA3MDAwNzMxWjAdMRsw
+GQYDVQQDDBJjYXJnb3RyYWNrLXRlc3QtY2EwWTATBgcqhkjOPQIBBggqhkjOPQMB
+BwNCAATu1RSyQfJW8x+ykGU9P6PFqTy/7RuUshyY6c/QW4vwEQcp4SCNj9VXgERP
+4eKo49CZX2+CUzEYaF2MeBu1OP7Do1MwUTAdBgNVHQ4EFgQUj9kcC2NArc+qZeLT
+H2XyCw6Q+vMwHwYDVR0jBBgwFoAUj9kcC2NArc+qZeLTH2XyCw6Q+vMwDwYDVR0T
+AQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiAIr7NmxeDXrWfP+8TInbUx9Yak
+Tagd4VtD2DFAYkh/IAIhAKTtLSLi9xF4PyytJaPy++JZyNDzfRVQbFerOdd8iQ2T
+-----END CERTIFICATE-----
+"""
+
+
+def test_certificate_expiry_is_the_earliest_not_after(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(CERT_2036 + CERT_2028)
+    assert metrics.record_certificate_expiry("kafka_ca", str(bundle)) == 1830816451.0
+    exported = REGISTRY.get_sample_value(
+        "cargotrack_tls_certificate_expiry_timestamp_seconds", {"certificate": "kafka_ca"}
+    )
+    assert exported == 1830816451.0
+
+
+def test_certificate_expiry_without_a_certificate_exports_nothing(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pem"
+    empty.write_text("not a certificate\n")
+    assert metrics.record_certificate_expiry("grpc_server", None) is None
+    assert metrics.record_certificate_expiry("grpc_server", str(empty)) is None
+    assert metrics.record_certificate_expiry("grpc_server", str(tmp_path / "absent.pem")) is None

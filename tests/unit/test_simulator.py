@@ -495,10 +495,12 @@ def test_the_live_view_renders_at_any_width(width: int) -> None:
         lag=None,
         simulator=SimulatorStats(failure="boom"),
         problems=["kafka: unreachable"],
+        eta_accuracy="ETA accuracy, last 7 days: 3 arrivals",
     )
     out = io.StringIO()
     Console(file=out, width=width, color_system=None).print(render(snapshot, width))
     text = out.getvalue()
     assert "S1-01-000-1" in text
+    assert "ETA accuracy, last 7 days: 3 arrivals" in text
     assert "simulator failed: boom" in text
     assert "kafka: unreachable" in text

@@ -19,7 +19,7 @@ from shared.config import ConfigError, load_settings
 BASE = {
     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
     "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
-    "CARGOTRACK_JWT_SECRET": "s3cret",
+    "CARGOTRACK_JWT_SECRET": "unit-test-hs256-secret-0123456789abcdef",
 }
 REPO = Path(__file__).resolve().parents[2]
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

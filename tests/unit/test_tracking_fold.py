@@ -16,13 +16,21 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared import tracking_store
 from shared.domain.ids import alert_id, gps_batch_event_id, uuid7, uuid7_unix_ms
 from shared.domain.tracking import (
     ALLOWED_FROM,
     DEFAULT_NOISE_FILTER,
+    FINAL,
     HANDLERS,
+    MAX_ANOMALIES,
     MAX_CONFIRMATION_DISTANCE_M,
+    MAX_DEVICES_PER_VEHICLE,
     NO_NOISE_FILTER,
+    NOT_ASSIGNED_VEHICLE,
+    PROOF_ALREADY_SETTLED,
+    TIMELINE_HEAD,
+    TIMELINE_TAIL,
     TRACKING_TOKEN_LENGTH,
     NoiseFilter,
     Position,
@@ -36,6 +44,7 @@ from shared.domain.tracking import (
     tracking_token,
 )
 from shared.pb import alerts_pb2, common_pb2, delivery_pb2, envelope_pb2, gps_pb2, shipment_pb2
+from tests.faults.inputs import messages
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
 ORIGIN = (52.4009, 13.0591)  # Potsdam
@@ -133,11 +142,13 @@ def confirmation(
     where: tuple[float, float] | None = DESTINATION,
     *,
     shipment: str = SHIPMENT,
+    vehicle: str = "VAN-7",
 ) -> envelope_pb2.Envelope:
+    """A driver's confirmation from `vehicle` (the default assignee); "" is the back office."""
     proof = delivery_pb2.DeliveryConfirmation(
         confirmation_id=f"c-{event_id}",
         shipment_id=shipment,
-        vehicle_id="VAN-7",
+        vehicle_id=vehicle,
         recipient_name="R. Cipient",
         confirmed_at=ts(at(minutes)),
         method=delivery_pb2.CONFIRMATION_METHOD_SIGNATURE,
@@ -301,6 +312,7 @@ def test_events_after_delivery() -> None:
     state = fold(
         [
             created("e1", 0),
+            assigned("e1b", 0.5),
             picked_up("e2", 1),
             confirmation("e3", 2),  # the driver's proof first
             delivered("e4", 3),  # then the TMS: corroboration, not an anomaly
@@ -336,7 +348,8 @@ def test_events_before_created_make_a_placeholder() -> None:
 
 def test_confirmation_before_created_is_checked_once_the_destination_is_known() -> None:
     far = (52.5200, 13.4250)  # ~1.35 km east of the destination
-    state = fold([confirmation("e1", 100, far), created("e2", 0)])
+    # A back-office confirmation (no vehicle): a driver's could not match an assignment yet.
+    state = fold([confirmation("e1", 100, far, vehicle=""), created("e2", 0)])
     assert state.status == S.SHIPMENT_STATUS_CREATED
     assert state.proof is not None
     assert state.proof.distance_to_destination_m is not None
@@ -350,7 +363,14 @@ def test_confirmation_before_created_is_checked_once_the_destination_is_known() 
 
 def test_confirmation_far_from_destination_is_flagged_but_delivers() -> None:
     far = (52.5300, 13.4050)  # ~1.1 km north
-    state = fold([created("e1", 0), out_for_delivery("e2", 10), confirmation("e3", 20, far)])
+    state = fold(
+        [
+            created("e1", 0),
+            assigned("e1b", 5),
+            out_for_delivery("e2", 10),
+            confirmation("e3", 20, far),
+        ]
+    )
     assert state.status == S.SHIPMENT_STATUS_DELIVERED
     assert state.delivered_at == at(20)
     assert len(state.anomalies) == 1
@@ -362,7 +382,14 @@ def test_confirmation_far_from_destination_is_flagged_but_delivers() -> None:
 def test_confirmation_near_destination_or_without_location_is_fine() -> None:
     near = (52.5230, 13.4050)  # ~330 m
     for where in (near, None):
-        state = fold([created("e1", 0), in_transit("e2", 10), confirmation("e3", 20, where)])
+        state = fold(
+            [
+                created("e1", 0),
+                assigned("e1b", 5),
+                in_transit("e2", 10),
+                confirmation("e3", 20, where),
+            ]
+        )
         assert state.status == S.SHIPMENT_STATUS_DELIVERED
         assert state.anomalies == ()
 
@@ -371,6 +398,7 @@ def test_retry_after_failed_delivery_counts_attempts() -> None:
     state = fold(
         [
             created("e1", 0),
+            assigned("e1b", 5),
             picked_up("e2", 10),
             out_for_delivery("e3", 20),
             failed("e4", 30),
@@ -384,8 +412,91 @@ def test_retry_after_failed_delivery_counts_attempts() -> None:
     assert state.anomalies == ()
     assert state.status == S.SHIPMENT_STATUS_DELIVERED
     assert state.delivery_attempts == 3
-    assert statuses(state)[3] == S.SHIPMENT_STATUS_DELIVERY_FAILED
-    assert state.timeline[3].detail == "delivery failed: recipient absent"
+    assert statuses(state)[4] == S.SHIPMENT_STATUS_DELIVERY_FAILED
+    assert state.timeline[4].detail == "delivery failed: recipient absent"
+
+
+# --- who may confirm a delivery (issue 12, finding 1) ------------------------------------
+
+
+def test_a_confirmation_from_a_vehicle_not_assigned_is_an_anomaly_and_changes_nothing() -> None:
+    before = fold([created("e1", 0), assigned("e2", 5), picked_up("e3", 10)])
+    state = fold([confirmation("e4", 20, vehicle="VAN-9")], before)
+    assert state.status == S.SHIPMENT_STATUS_PICKED_UP
+    assert state.proof is None
+    assert state.delivered_at is None
+    assert state.delivery_attempts == 0
+    assert reasons(state) == [NOT_ASSIGNED_VEHICLE]
+    assert state.timeline[-1].anomaly
+    assert state.timeline[-1].kind == "delivery_confirmed"
+    # The assigned vehicle's confirmation then delivers as usual.
+    state = fold([confirmation("e5", 25)], state)
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.proof is not None
+    assert state.proof.confirmation_id == "c-e5"
+
+
+def test_after_a_reassignment_only_the_new_vehicle_may_confirm() -> None:
+    state = fold(
+        [
+            created("e1", 0),
+            assigned("e2", 5),  # VAN-7
+            picked_up("e3", 10),
+            assigned("e4", 15, vehicle="TRUCK-1"),
+            confirmation("e5", 20),  # VAN-7, no longer assigned
+        ]
+    )
+    assert state.status == S.SHIPMENT_STATUS_PICKED_UP
+    assert state.proof is None
+    state = fold([confirmation("e6", 25, vehicle="TRUCK-1")], state)
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.proof is not None
+    assert state.proof.vehicle_id == "TRUCK-1"
+
+
+def test_a_drivers_confirmation_before_any_assignment_is_refused() -> None:
+    for log in (
+        [confirmation("e1", 5)],  # before `created`
+        [created("e1", 0), picked_up("e2", 5), confirmation("e3", 10)],  # never assigned
+    ):
+        state = fold(log)
+        assert state.proof is None
+        assert state.status != S.SHIPMENT_STATUS_DELIVERED
+        assert reasons(state)[-1] == NOT_ASSIGNED_VEHICLE
+
+
+def test_a_back_office_confirmation_names_no_vehicle_and_delivers() -> None:
+    state = fold([created("e1", 0), picked_up("e2", 5), confirmation("e3", 10, vehicle="")])
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.anomalies == ()
+
+
+@pytest.mark.parametrize("second_vehicle", ["VAN-7", "VAN-9", ""])
+def test_a_delivered_shipments_proof_is_never_overwritten(second_vehicle: str) -> None:
+    before = fold(
+        [created("e1", 0), assigned("e2", 5), picked_up("e3", 10), confirmation("e4", 20)]
+    )
+    assert before.proof is not None
+    assert before.proof.confirmation_id == "c-e4"
+    state = fold([confirmation("e5", 30, (52.0, 13.0), vehicle=second_vehicle)], before)
+    assert state.proof == before.proof
+    assert state.status == S.SHIPMENT_STATUS_DELIVERED
+    assert state.delivered_at == before.delivered_at
+    assert state.delivery_attempts == 1
+    assert reasons(state)[-1] in (NOT_ASSIGNED_VEHICLE, PROOF_ALREADY_SETTLED)
+    if second_vehicle in ("VAN-7", ""):
+        assert reasons(state)[-1] == PROOF_ALREADY_SETTLED
+
+
+def test_the_tms_delivered_event_first_still_takes_the_assigned_drivers_proof() -> None:
+    state = fold([created("e1", 0), assigned("e2", 5), picked_up("e3", 10), delivered("e4", 20)])
+    assert state.proof is None
+    state = fold([confirmation("e5", 19, vehicle="VAN-9")], state)
+    assert state.proof is None  # not the assigned vehicle
+    state = fold([confirmation("e6", 19)], state)
+    assert state.proof is not None
+    assert state.proof.confirmation_id == "c-e6"
+    assert reasons(state) == [NOT_ASSIGNED_VEHICLE]
 
 
 def test_exception_adds_to_timeline_without_status_change() -> None:
@@ -480,7 +591,8 @@ def shipment_logs(draw: st.DrawFn) -> list[envelope_pb2.Envelope]:
                     st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True)),
                 )
             )
-            envelope = confirmation(event_id, minutes, where)
+            vehicle = draw(st.sampled_from(["V1", "V2", ""]))
+            envelope = confirmation(event_id, minutes, where, vehicle=vehicle)
             envelope.tenant_id = tenant
         elif kind == "created":
             envelope = created(event_id, minutes, tenant=tenant)
@@ -552,6 +664,26 @@ def test_invariants_hold_for_any_log(log: list[envelope_pb2.Envelope]) -> None:
         assert len(state.tracking_token) == TRACKING_TOKEN_LENGTH
 
 
+@given(shipment_logs())
+def test_no_confirmation_applies_from_another_vehicle_or_over_a_settled_proof(
+    log: list[envelope_pb2.Envelope],
+) -> None:
+    state: ShipmentState | None = None
+    for envelope in log:
+        after = apply(state, envelope)
+        assert after is not None
+        if envelope.WhichOneof("payload") == "delivery_confirmation" and state is not None:
+            vehicle = envelope.delivery_confirmation.vehicle_id
+            settled = state.status in FINAL and state.proof is not None
+            if (vehicle and vehicle != state.vehicle_id) or settled:
+                assert (after.status, after.proof, after.delivered_at) == (
+                    state.status,
+                    state.proof,
+                    state.delivered_at,
+                )
+        state = after
+
+
 def parsed_envelopes() -> st.SearchStrategy[envelope_pb2.Envelope | None]:
     def parse(data: bytes) -> envelope_pb2.Envelope | None:
         try:
@@ -562,8 +694,44 @@ def parsed_envelopes() -> st.SearchStrategy[envelope_pb2.Envelope | None]:
     return st.binary(max_size=300).map(parse)
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(parsed_envelopes(), max_size=10))
+_FOLDED_PAYLOADS = ("shipment_event", "delivery_confirmation", "gps_batch")
+
+
+@st.composite
+def absurd_payload_envelopes(draw: st.DrawFn) -> envelope_pb2.Envelope:
+    """An envelope whose payload the folds read, with absurd content (every field from
+    tests/faults/inputs.messages: NaN, extremes, unknown enum numbers, NUL, ...). Half
+    of them aimed at the folded shipment and vehicle, so the fold's logic runs and
+    does not stop at "another shipment"."""
+    kind = draw(st.sampled_from(_FOLDED_PAYLOADS))
+    descriptor = envelope_pb2.Envelope.DESCRIPTOR.fields_by_name[kind].message_type
+    assert descriptor is not None
+    body = draw(messages(descriptor, nul=True, longest=300))
+    envelope = envelope_pb2.Envelope(event_id=draw(st.text(max_size=20)), tenant_id=TENANT)
+    getattr(envelope, kind).CopyFrom(body)
+    if draw(st.booleans()):
+        if kind == "gps_batch":
+            envelope.gps_batch.vehicle_id = "VAN-7"
+        else:
+            getattr(envelope, kind).shipment_id = SHIPMENT
+    occurred_at = draw(messages(Timestamp.DESCRIPTOR))
+    assert isinstance(occurred_at, Timestamp)
+    envelope.occurred_at.CopyFrom(occurred_at)
+    return envelope
+
+
+def garbage_logs() -> st.SearchStrategy[list[envelope_pb2.Envelope | None]]:
+    """At least one envelope with a folded payload, then any mix with random bytes."""
+    anything = st.one_of(absurd_payload_envelopes(), parsed_envelopes())
+    return st.tuples(absurd_payload_envelopes(), st.lists(anything, max_size=9)).map(
+        lambda first_rest: [first_rest[0], *first_rest[1]]
+    )
+
+
+# The folds meet here content no client of ingest could send (a record written around
+# ingest). 100 examples: a few seconds.
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(garbage_logs())
 def test_the_fold_never_raises_on_garbage(envelopes: list[envelope_pb2.Envelope | None]) -> None:
     state: ShipmentState | None = fold([created("e0", 0)])
     vehicle: VehicleState | None = None
@@ -573,6 +741,22 @@ def test_the_fold_never_raises_on_garbage(envelopes: list[envelope_pb2.Envelope 
         state = apply(state, envelope)
         if envelope.WhichOneof("payload") == "gps_batch":
             vehicle = apply_gps(vehicle, envelope)
+
+
+def test_the_garbage_reaches_every_folded_payload() -> None:
+    """The fuzz above is not vacuous: its logs carry every folded payload kind, many
+    of them for the folded shipment or vehicle."""
+    seen: list[str] = []
+
+    @settings(max_examples=30, database=None)
+    @given(garbage_logs())
+    def collect(envelopes: list[envelope_pb2.Envelope | None]) -> None:
+        seen.extend(e.WhichOneof("payload") or "" for e in envelopes if e is not None)
+
+    collect()
+    assert {kind: seen.count(kind) >= 10 for kind in _FOLDED_PAYLOADS} == dict.fromkeys(
+        _FOLDED_PAYLOADS, True
+    )
 
 
 # --- vehicles ---------------------------------------------------------------------------
@@ -833,3 +1017,67 @@ def test_derived_ids_are_stable_and_unambiguous() -> None:
     assert alert_id("S-1", late, "e9") != alert_id("S-1", late + 1, "e9")
     assert alert_id("S-1", late, "e9") != alert_id("S-1", late, "e10")
     assert alert_id("S-1", late, 3, tenant_id="a") != alert_id("S-1", late, 3, tenant_id="b")
+
+
+# --- bounds (issue 12, finding 6) ------------------------------------------------------
+
+
+def test_the_timeline_keeps_its_head_and_tail_and_counts_what_it_dropped() -> None:
+    extra = 101
+    log = [created("e0", 0)]
+    log += [exception(f"x{i}", i + 1) for i in range(TIMELINE_HEAD + TIMELINE_TAIL + extra - 1)]
+    state = fold(log)
+    assert len(state.timeline) == TIMELINE_HEAD + TIMELINE_TAIL
+    assert state.timeline_dropped == extra
+    kept = [entry.event_id for entry in state.timeline]
+    every = [envelope.event_id for envelope in log]
+    assert kept == every[:TIMELINE_HEAD] + every[-TIMELINE_TAIL:]
+    # Dropping entries forgets nothing of the dedupe: a dropped event repeated is a no-op.
+    dropped_id = every[TIMELINE_HEAD]
+    assert dropped_id not in kept
+    assert apply(state, exception(dropped_id, 5)) is state
+    # The API shows one marker where the entries were.
+    messages = tracking_store.timeline_messages(state)
+    assert len(messages) == TIMELINE_HEAD + TIMELINE_TAIL + 1
+    marker = messages[TIMELINE_HEAD]
+    assert (marker.kind, marker.detail) == ("entries_omitted", f"{extra} entries omitted")
+
+
+def test_below_the_bound_nothing_is_dropped_or_marked() -> None:
+    state = fold([created("e0", 0), assigned("e1", 1), picked_up("e2", 2)])
+    assert state.timeline_dropped == 0
+    assert [m.kind for m in tracking_store.timeline_messages(state)] == [
+        "created",
+        "vehicle_assigned",
+        "picked_up",
+    ]
+
+
+def test_anomalies_keep_the_most_recent_and_count_the_rest() -> None:
+    log = [created("e0", 0), cancelled("e1", 1)]
+    log += [picked_up(f"p{i}", i + 2) for i in range(MAX_ANOMALIES + 50)]
+    state = fold(log)
+    assert len(state.anomalies) == MAX_ANOMALIES
+    assert state.anomalies_dropped == 50
+    assert state.anomalies[-1].event_id == log[-1].event_id
+    assert state.anomalies[0].event_id == log[-MAX_ANOMALIES].event_id
+    assert state.status == S.SHIPMENT_STATUS_CANCELLED
+
+
+def test_a_vehicle_remembers_its_most_recently_written_devices_only() -> None:
+    state: VehicleState | None = None
+    for n in range(MAX_DEVICES_PER_VEHICLE + 4):
+        state = apply_gps(state, gps_envelope(f"dev-{n:02d}", 1, [(n, *BASE)]))
+    assert state is not None
+    assert len(state.device_sequences) == MAX_DEVICES_PER_VEHICLE
+    assert state.evicted_devices == 4
+    assert state.sequence_of("dev-00") == 0  # forgotten: the four oldest
+    assert state.sequence_of("dev-04") == 1
+    # Writing again makes a device the most recent: the next newcomer evicts another.
+    state = apply_gps(state, gps_envelope("dev-04", 2, [(100, *BASE)]))
+    state = apply_gps(state, gps_envelope("dev-new", 1, [(101, *BASE)]))
+    assert state.sequence_of("dev-04") == 2
+    assert state.sequence_of("dev-05") == 0
+    assert state.device_sequences[-1] == ("dev-new", 1)
+    assert state.evicted_devices == 5
+    assert state.last_position is not None

@@ -1,0 +1,1 @@
+"""The speed learner: its own consumer of gps-points, publishing model versions."""

@@ -1,0 +1,1 @@
+"""One module per table: each table's SQL beside its typed row (DESIGN.md, read model)."""

@@ -1,0 +1,302 @@
+"""The learner service against real Kafka and PostgreSQL: resume, rebuild, hot swap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from services.learner.app import build_runner
+from services.learner.projection import learner_params
+from services.projector.live import LiveTracker
+from services.projector.models import ModelStore
+from services.projector.projection import TrackingProjection
+from services.projector.rebuild import rebuild
+from shared import tracking_store as store
+from shared.config import Settings
+from shared.db import create_pool
+from shared.domain import learner
+from shared.domain.geo import Fix
+from shared.domain.learner import LearnerState
+from shared.pb import envelope_pb2
+from shared.projection import ProjectionRunner, wait_caught_up
+from shared.readmodel import learner_state, model_snapshots
+from tests.projection_helpers import (
+    T0,
+    end_offsets,
+    gps_envelope,
+    lifecycle,
+    prepare,
+    producer_for,
+    projector_settings,
+    send_all,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _log(minutes: int) -> list[envelope_pb2.Envelope]:
+    """Two tenants, three vehicles each, one 10-point batch per vehicle per 5 minutes."""
+    log = []
+    for seq in range(1, minutes // 5 + 1):
+        for tenant in ("acme", "globex"):
+            for v in range(3):
+                points = []
+                for i in range(10):
+                    s = (seq - 1) * 300 + i * 30
+                    lat = 53.40 + 0.0002 * s * (1 + v) / 3
+                    lon = -2.99 + 0.0001 * s * (1 if tenant == "acme" else -1)
+                    points.append((T0 + timedelta(seconds=s), lat, lon))
+                log.append(gps_envelope(tenant, f"v{v}", "phone", seq, points))
+    return log
+
+
+def _points(log: list[envelope_pb2.Envelope]) -> dict[str, list[tuple[str, Fix]]]:
+    out: dict[str, list[tuple[str, Fix]]] = {}
+    for env in log:
+        for p in env.gps_batch.points:
+            fix = Fix(p.recorded_at.ToDatetime().replace(tzinfo=T0.tzinfo), p.latitude, p.longitude)
+            out.setdefault(env.tenant_id, []).append((env.gps_batch.vehicle_id, fix))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running_learner(settings: Settings) -> AsyncIterator[ProjectionRunner]:
+    pool = await create_pool(settings.database)
+    async with producer_for(settings) as producer:
+        runner = build_runner(settings, pool, producer)
+        task = asyncio.create_task(runner.run())
+        try:
+            yield runner
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await pool.close()
+
+
+async def _caught_up(runner: ProjectionRunner, settings: Settings) -> None:
+    offsets = await end_offsets(settings, runner.projection.topics)
+    await wait_caught_up(runner.pool, runner.projection.name, offsets, timeout_s=90)
+
+
+async def _stored(
+    settings: Settings,
+) -> tuple[dict[str, LearnerState], dict[str, tuple[int, bytes]]]:
+    pool = await create_pool(settings.database)
+    try:
+        async with pool.acquire() as connection:
+            states = await learner_state.load_states(connection, ["acme", "globex"])
+            models = {}
+            for tenant in ("acme", "globex"):
+                stored = await model_snapshots.versions_of(connection, tenant)
+                if stored:
+                    models[tenant] = (stored[0].version, stored[0].payload)
+        return states, models
+    finally:
+        await pool.close()
+
+
+async def test_restart_resumes_and_a_rebuild_learns_the_same_model(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    extra = {"CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": "300"}
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema, **extra)
+    await prepare(settings)
+    log = _log(60)
+    half = len(log) // 2
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[:half])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+    first, _ = await _stored(settings)
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[half:])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+        # Resumed from the stored offsets: nothing of the first half was read again.
+        assert runner.stats.records == len(log) - half
+    resumed, resumed_models = await _stored(settings)
+    assert resumed["acme"].points_learned > first["acme"].points_learned
+
+    # A rebuild: a fresh schema, the same log, everything in one go.
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(f'CREATE SCHEMA "{schema}"')
+    await conn.close()
+    try:
+        fresh = replace(settings, database=replace(settings.database, schema=schema))
+        await prepare(fresh)
+        async with running_learner(fresh) as runner:
+            await _caught_up(runner, fresh)
+        rebuilt, rebuilt_models = await _stored(fresh)
+    finally:
+        conn = await asyncpg.connect(database_url)
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await conn.close()
+    assert rebuilt_models == resumed_models
+    for tenant in ("acme", "globex"):
+        assert learner.state_to_dict(rebuilt[tenant]) == learner.state_to_dict(resumed[tenant])
+    # And both are the pure fold of the log.
+    params = learner_params(settings.learner)
+    for tenant, points in _points(log).items():
+        expected, _ = learner.fold(LearnerState(), points, params)
+        assert learner.state_to_dict(resumed[tenant]) == learner.state_to_dict(expected)
+        assert resumed[tenant].version > 0
+
+
+async def test_projector_models_swap_whole_versions_between_batches(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """While the learner publishes versions, the projector's store keeps swapping; every
+    set it hands out holds, per tenant, one complete model of one version."""
+    extra = {"CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": "60", "CARGOTRACK_LEARNER_KEEP_VERSIONS": "3"}
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema, **extra)
+    await prepare(settings)
+    log = _log(120)
+    pool = await create_pool(settings.database)
+    store = ModelStore(pool, 0.01)
+    seen: dict[int, object] = {}
+    try:
+        async with running_learner(settings) as runner:
+            async with producer_for(settings) as producer:
+                for k in range(0, len(log), 12):  # produce while it learns
+                    await send_all(producer, settings, log[k : k + 12])
+                    current = await store.refresh()
+                    loaded = current.of("acme")
+                    seen.setdefault(loaded.version, loaded.model)
+            await _caught_up(runner, settings)
+        final = await store.refresh()
+        async with pool.acquire() as connection:
+            stored = await model_snapshots.versions_of(connection, "acme")
+    finally:
+        await pool.close()
+    assert len(stored) <= 3
+    newest = final.of("acme")
+    assert newest.version == stored[0].version
+    # The loaded model is exactly the stored payload, never a mix of two versions.
+    assert newest.model.speeds == learner.decode_speeds(stored[0].payload)
+    assert len([v for v in seen if v > 0]) >= 2  # it did swap while loading
+    for version, model in seen.items():
+        assert math.isfinite(model.speeds.global_pace)  # type: ignore[attr-defined]
+        assert version == 0 or version % 60 == 0
+
+
+async def test_before_any_version_the_projector_uses_the_fleet_average(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(settings)
+    pool = await create_pool(settings.database)
+    try:
+        now = datetime.now(UTC)
+        async with pool.acquire() as connection:
+            # One vehicle, 500 m north every 50 s (10 m/s); one 20-minute gap (ignored).
+            await connection.executemany(
+                "INSERT INTO vehicle_positions (tenant_id, vehicle_id, recorded_at, latitude,"
+                " longitude, event_id) VALUES ('acme', 'v1', $1, $2, -2.99, 'e')",
+                [
+                    (
+                        now - timedelta(seconds=50 * (10 - k) + (1200 if k < 3 else 0)),
+                        53.40 + 0.0044966 * k,
+                    )
+                    for k in range(10)
+                ],
+            )
+        store = ModelStore(pool, 60.0)
+        models = await store.refresh()
+    finally:
+        await pool.close()
+    acme = models.of("acme")
+    assert acme.version == 0
+    assert acme.model.speeds.global_speed_mps == pytest.approx(10.0, rel=0.01)
+    assert models.of("nobody").model.speeds.global_speed_mps == 8.0  # the default
+
+
+async def test_every_stored_eta_records_the_model_version_it_came_from(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(settings)
+    # A stored version for acme: the model the learner would have published.
+    params = learner_params(settings.learner)
+    state, _ = learner.fold(LearnerState(), _points(_log(30))["acme"], params)
+    snapshot = learner.ModelSnapshot(1796256000, state.learned_from, 1796256000.0, 9,
+                                     learner.build(state, params))  # fmt: skip
+    pool = await create_pool(settings.database)
+    try:
+        async with pool.acquire() as connection:
+            await model_snapshots.insert_snapshot(connection, "acme", snapshot, keep=3)
+        models = ModelStore(pool, 60.0)
+        await models.refresh()
+        log = lifecycle("acme", "s1", "v1", T0) + lifecycle("globex", "s1", "v1", T0)
+        for tenant in ("acme", "globex"):
+            points = [(T0 + timedelta(seconds=30 * i), 53.40 + 0.001 * i, -2.99) for i in range(8)]
+            log.append(gps_envelope(tenant, "v1", "phone", 1, points))
+        async with producer_for(settings) as producer:
+            await send_all(producer, settings, log)
+            projection = TrackingProjection(
+                settings.topics, LiveTracker(settings.alerts, models=models)
+            )
+            runner = ProjectionRunner(
+                projection, pool, settings.kafka, settings.topics.dead_letters, producer,
+                group_id=f"{settings.topics.prefix}projector",
+            )  # fmt: skip
+            task = asyncio.create_task(runner.run())
+            try:
+                offsets = await end_offsets(settings, projection.topics)
+                await wait_caught_up(pool, projection.name, offsets, timeout_s=90)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        async with pool.acquire() as connection:
+            history = await connection.fetch(
+                "SELECT tenant_id, model_version FROM eta_history ORDER BY tenant_id"
+            )
+            tracked = {
+                row["tenant_id"]: json.loads(row["eta"])
+                for row in await connection.fetch("SELECT tenant_id, eta FROM shipment_tracking")
+            }
+    finally:
+        await pool.close()
+    assert {r["tenant_id"] for r in history} == {"acme", "globex"}
+    for row in history:
+        assert row["model_version"] == (1796256000 if row["tenant_id"] == "acme" else 0)
+    assert tracked["acme"]["model_version"] == 1796256000
+    assert tracked["globex"]["model_version"] == 0
+    # What the portal gets: the Eta message cites the version.
+    assert store.eta_message(tracked["acme"]).model_version == 1796256000
+
+
+async def test_a_tracking_rebuild_keeps_the_learner_state_versions_and_offsets(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    extra = {"CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": "300"}
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema, **extra)
+    await prepare(settings)
+    log = _log(40)
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[:-6])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+    before, before_models = await _stored(settings)
+    await rebuild(settings, switch_lag=0, progress=lambda _line: None)
+    after, after_models = await _stored(settings)
+    assert after_models == before_models
+    assert {t: learner.state_to_dict(s) for t, s in after.items()} == {
+        t: learner.state_to_dict(s) for t, s in before.items()
+    }
+    async with producer_for(settings) as producer:
+        await send_all(producer, settings, log[-6:])
+    async with running_learner(settings) as runner:
+        await _caught_up(runner, settings)
+        assert runner.stats.records == 6  # resumed from the carried-over offsets
