@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from shared.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
-    from services.fleet_simulator import SimulatorConfig
+    from devtools.fleet_simulator import SimulatorConfig
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _settings(default_port: int = 0, *, database_optional: bool = False) -> Sett
 
 
 def _state_dir() -> Path:
-    from shared.devstack.running import state_dir_from_env
+    from shared.running_stack import state_dir_from_env
 
     return state_dir_from_env(os.environ)
 
@@ -119,7 +119,7 @@ def _operator_environ(*, talks_to_servers: bool = True) -> dict[str, str]:
     Prints to stderr which Kafka and PostgreSQL the command talks to and where those
     settings came from (with `talks_to_servers=False`, only when the stack's were used).
     """
-    from shared.devstack.running import redact_url, stack_environment
+    from shared.running_stack import redact_url, stack_environment
 
     environ, stack, taken = stack_environment(os.environ, _state_dir())
     if not talks_to_servers and not taken:
@@ -213,7 +213,7 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from services.launcher import run_dev
+    from devtools.launcher import run_dev
 
     if args.status_every <= 0:
         raise UsageError("--status-every must be a positive number of seconds")
@@ -227,7 +227,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 def _simulator_config(args: argparse.Namespace, **overrides: Any) -> SimulatorConfig:
     """The SimulatorConfig of the command line (ValueError → one-line usage error)."""
-    from services.fleet_simulator import SimulatorConfig
+    from devtools.fleet_simulator import SimulatorConfig
 
     try:
         return SimulatorConfig(
@@ -238,9 +238,9 @@ def _simulator_config(args: argparse.Namespace, **overrides: Any) -> SimulatorCo
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from services.fleet_simulator import Targets
-    from services.fleet_simulator import run as simulate
-    from services.launcher import dev_service_ports
+    from devtools.fleet_simulator import Targets
+    from devtools.fleet_simulator import run as simulate
+    from devtools.launcher import dev_service_ports
 
     if args.report_every <= 0:
         raise UsageError("--report-every must be a positive number of seconds")
@@ -264,7 +264,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     async def main() -> None:
         import signal
 
-        from services.fleet_simulator import SimulatorStats
+        from devtools.fleet_simulator import SimulatorStats
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -304,7 +304,7 @@ def cmd_rebuild(args: argparse.Namespace) -> None:
 
 
 def cmd_env(_args: argparse.Namespace) -> None:
-    from shared.devstack.running import read_running_stack
+    from shared.running_stack import read_running_stack
 
     stack = read_running_stack(_state_dir())
     if stack is None:
@@ -317,7 +317,7 @@ def cmd_env(_args: argparse.Namespace) -> None:
 
 
 def cmd_eta_eval(args: argparse.Namespace) -> None:
-    from shared.eta_eval import main as evaluate
+    from devtools.eta_eval import main as evaluate
 
     code = evaluate(args.rest)
     if code:
@@ -503,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     except Exception as error:
         # Expected environment failures carry a one-line message; anything else is a bug.
-        from shared.devstack import DevStackError
+        from devtools.devstack import DevStackError
 
         if isinstance(error, DevStackError):
             print(f"cargotrack: {error}", file=sys.stderr)

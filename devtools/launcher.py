@@ -56,22 +56,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.live import Live
 
-from services.cli import SERVICES, ServiceSpec, available_services
-from services.dev_supervisor import Event, GaveUp, RestartPolicy, Supervised, Supervisor
-from services.dev_view import (
-    AlertFeed,
-    AlertSeen,
-    DevMonitor,
-    render,
-    summary_line,
-    wait_subscribed,
-)
-from services.fleet_simulator import SimulatorConfig, SimulatorStats, Targets
-from services.fleet_simulator import run as simulate
-from shared.auth import Role, mint_token
-from shared.config import load_settings
-from shared.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
-from shared.devstack.ports import (
+from devtools.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
+from devtools.devstack.ports import (
     DEFAULT_KAFKA_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
@@ -81,13 +67,27 @@ from shared.devstack.ports import (
     ensure_port_free,
     port_from_env,
 )
-from shared.devstack.process import ChildProcess
-from shared.devstack.running import (
+from devtools.devstack.process import ChildProcess
+from devtools.devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_SERVERS_ENV
+from devtools.fleet_simulator import SimulatorConfig, SimulatorStats, Targets
+from devtools.fleet_simulator import run as simulate
+from devtools.supervisor import Event, GaveUp, RestartPolicy, Supervised, Supervisor
+from devtools.view import (
+    AlertFeed,
+    AlertSeen,
+    DevMonitor,
+    render,
+    summary_line,
+    wait_subscribed,
+)
+from services.cli import SERVICES, ServiceSpec, available_services
+from shared.auth import Role, mint_token
+from shared.config import load_settings
+from shared.running_stack import (
     remove_running_stack,
     state_dir_from_env,
     write_running_stack,
 )
-from shared.devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_SERVERS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -578,7 +578,7 @@ def _dev_logging(log_dir: Path, *, console: bool) -> Iterator[None]:
     at WARNING and above in headless mode.
     """
     root = logging.getLogger()
-    simulator = logging.getLogger("services.fleet_simulator")
+    simulator = logging.getLogger("devtools.fleet_simulator")
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     sim_file: logging.Handler = logging.FileHandler(log_dir / "simulator.log")
     dev_file: logging.Handler = logging.FileHandler(log_dir / "dev.log")

@@ -41,8 +41,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from services.dev_supervisor import Supervisor, UnitStatus
-from services.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.stats import SimulatorStats
+from devtools.supervisor import Supervisor, UnitStatus
 from shared.auth import Role, mint_token
 from shared.config import Settings
 from shared.db import connect

@@ -13,8 +13,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker
-from shared.devstack.ports import (
+from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker
+from devtools.devstack.ports import (
     DEFAULT_KAFKA_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
@@ -23,7 +23,7 @@ from shared.devstack.ports import (
     POSTGRES_PORT_ENV,
     port_from_env,
 )
-from shared.devstack.postgres import PostgresServer
+from devtools.devstack.postgres import PostgresServer
 from shared.lifecycle import Lifecycle
 
 __all__ = ["DATABASE_URL_ENV", "KAFKA_BOOTSTRAP_SERVERS_ENV", "LocalStack"]

@@ -35,15 +35,15 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.devstack.errors import DevStackError
-from shared.devstack.ports import (
+from devtools.devstack.errors import DevStackError
+from devtools.devstack.ports import (
     KAFKA_CONTROLLER_PORT_ENV,
     KAFKA_PORT_ENV,
     LOCALHOST,
     ensure_port_free,
     free_ports,
 )
-from shared.devstack.process import (
+from devtools.devstack.process import (
     ChildProcess,
     ServerProcess,
     ensure_writable_dir,
@@ -232,7 +232,7 @@ async def _fetch_jars(base: Path, version: str, log4j_version: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="fetch.", dir=base))
     try:
         pom_template = (
-            importlib.resources.files("shared.devstack").joinpath("kafka-pom.xml").read_text()
+            importlib.resources.files("devtools.devstack").joinpath("kafka-pom.xml").read_text()
         )
         pom = work / "pom.xml"
         pom.write_text(
@@ -406,7 +406,7 @@ class KafkaBroker(ServerProcess):
         log4j = self._state_dir / "log4j2.properties"
         data = self._state_dir / "data"
         log4j.write_text(
-            importlib.resources.files("shared.devstack").joinpath("log4j2.properties").read_text()
+            importlib.resources.files("devtools.devstack").joinpath("log4j2.properties").read_text()
         )
         properties.write_text(self._server_properties(data))
         jvm = [

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from devtools.eta_eval import DATASETS, DEFAULT_DATA, trim_terminal_dwell
 from shared.domain.geo import Fix, haversine_m
-from shared.eta_eval import DATASETS, DEFAULT_DATA, trim_terminal_dwell
 
 __all__ = ["DATASET_NAMES", "DEFAULT_DATA", "RecordedTrip", "load_trips"]
 
