@@ -30,7 +30,7 @@ the taken port (or the locked directory), and never touches the first one's stat
 Ports: Kafka, its controller and PostgreSQL move with CARGOTRACK_KAFKA_PORT,
 CARGOTRACK_KAFKA_CONTROLLER_PORT and CARGOTRACK_POSTGRES_PORT
 (shared/devstack/ports.py); the services listen on CARGOTRACK_DEV_PORT_BASE (default
-50051) and the six ports after it, in the order of services.cli.SERVICES.
+50051) and the six ports after it, in the order of services.registry.SERVICES.
 
 State (Kafka log, PostgreSQL data, service logs) lives in CARGOTRACK_STATE_DIR
 (default ./.cargotrack) and is reused by the next run; `--reset` starts afresh.
@@ -80,7 +80,7 @@ from devtools.view import (
     summary_line,
     wait_subscribed,
 )
-from services.cli import SERVICES, ServiceSpec, available_services
+from services.registry import SERVICES, ServiceSpec, available_services
 from shared.auth import Role, mint_token
 from shared.config import load_settings
 from shared.running_stack import (

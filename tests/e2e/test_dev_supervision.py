@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from devtools.view import PROJECTION
-from services.cli import available_services
+from services.registry import available_services
 from shared.config import Settings, load_settings
 from shared.db import connect
 from shared.projection import load_offsets

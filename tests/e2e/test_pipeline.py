@@ -22,7 +22,7 @@ import pytest
 from devtools.devstack.ports import free_ports
 from devtools.devstack.process import ChildProcess
 from devtools.launcher import wait_serving
-from services.cli import SERVICES
+from services.registry import SERVICES
 from shared.auth import Role
 from shared.db import create_pool
 from shared.envelopes import timestamp, utc_now

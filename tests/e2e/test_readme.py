@@ -28,7 +28,7 @@ import pytest
 
 from devtools.devstack.ports import DEFAULT_KAFKA_PORT
 from devtools.launcher import dev_service_ports
-from services.cli import SERVICES
+from services.registry import SERVICES
 from tests.dev_helpers import SUMMARY, DevRun, as_int, dev_env, summary_fields
 
 ROOT = Path(__file__).resolve().parents[2]

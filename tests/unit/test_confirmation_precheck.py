@@ -10,8 +10,8 @@ import pytest
 
 from devtools.devstack import LocalStack
 from devtools.launcher import service_env
-from services.cli import SERVICES
 from services.delivery_confirmations.precheck import Outcome, verdict
+from services.registry import SERVICES
 from shared.config import ConfigError, load_settings
 from shared.domain.tracking import (
     ASSIGNED,
