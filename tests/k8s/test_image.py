@@ -9,6 +9,7 @@ what the Dockerfile's COPY instructions take from that context.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -145,3 +146,16 @@ def test_the_image_copies_only_the_deployables(context: set[str]) -> None:
     # The packages pip installs there: what pyproject's find includes, of what is copied.
     packages = {path.split("/", 1)[0] for path in copied if path.endswith("/__init__.py")}
     assert packages == {"shared", "services"}
+
+
+def test_no_deployable_module_reads_the_data_folder(context: set[str]) -> None:
+    """data/ (recorded trajectories) is not in the image: only devtools/ reads it
+    (`cargotrack simulate`, `eta-eval`), so no copied module names it."""
+    naming = {}
+    for path in sorted(p for p in copied_files(context) if p.endswith(".py")):
+        for node in ast.walk(ast.parse((REPO / path).read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                value = node.value
+                if value in ("data", "trajectories") or re.search(r"(^|[\s./`])data/", value):
+                    naming[path] = value[:80]
+    assert naming == {}
