@@ -1,7 +1,7 @@
 """Microbenchmark: the ETA model's hot path, old (reference) against new, paired.
 
 ``python -m bench.micro_eta`` runs the frozen reference implementation
-(``tests/unit/eta_reference``, the model before its hot path was optimised) and the
+(``bench/eta_reference``, the model before its hot path was optimised) and the
 production :class:`~shared.domain.eta.EtaModel` on the same synthetic workload, shaped
 like the projector's: vehicles on 100 km planned routes (one route per vehicle, built
 once, as ``route_from_polyline`` caches them), 1 fix/s, each call getting the vehicle's

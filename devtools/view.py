@@ -15,7 +15,7 @@ Read-only, from outside the services, the way an operator would look:
 - **consumer lag**: Kafka's end offsets of the projection's topics minus the offsets
   the projection stored in PostgreSQL (`projection_offsets`: the offsets that matter,
   written in the same transaction as the state);
-- **processes**: each supervised process (services/dev_supervisor.py) with its state
+- **processes**: each supervised process (devtools/supervisor.py) with its state
   and restart count, and the latest exits the supervisor reported.
 
 A source that cannot be read is shown as unknown (and named), never fatal.

@@ -1,7 +1,7 @@
 """Recorded trips the simulated vehicles drive: real trajectories from data/trajectories.
 
 The trips are cut, cleaned and trimmed exactly as the ETA evaluation does
-(`shared.eta_eval`): per vehicle and trip id, `clean_track`, terminal dwell removed.
+(`devtools.eta_eval`): per vehicle and trip id, `clean_track`, terminal dwell removed.
 Only trips long enough to carry a few deliveries are kept.
 """
 

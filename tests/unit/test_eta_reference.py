@@ -1,6 +1,6 @@
 """The optimised ETA model gives exactly the estimates of the reference implementation.
 
-``tests/unit/eta_reference`` is the model as it was before its hot path was optimised
+``bench/eta_reference`` is the model as it was before its hot path was optimised
 (projection memo on the fixes, closed-form travel time, compact per-route tables).
 Seeded random scenarios (routes that bend, double back on themselves or cross
 themselves; noisy, jumping, shuffled, off-route and partly future tracks; learned
