@@ -80,3 +80,26 @@ def test_without_devtools_operator_commands_still_run(tmp_path: Path) -> None:
     result = _without_devtools("token", "--role", "ops", cwd=tmp_path)  # no dev stack there
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(".") == 2  # a JWT: header.payload.signature
+
+
+def test_dev_commands_turn_expected_failures_into_one_line_usage_errors() -> None:
+    from devtools.commands import _one_line_errors
+    from devtools.devstack import DevStackError
+    from services.cli import UsageError
+
+    def port_taken(_args: argparse.Namespace) -> None:
+        raise DevStackError("port 9092 is taken\nby pid 42")
+
+    def no_rich(_args: argparse.Namespace) -> None:
+        raise ModuleNotFoundError("No module named 'rich'", name="rich")
+
+    def bug(_args: argparse.Namespace) -> None:
+        raise ModuleNotFoundError("No module named 'devtools.nope'", name="devtools.nope")
+
+    with pytest.raises(UsageError, match=r"^port 9092 is taken \| by pid 42$"):
+        _one_line_errors(port_taken)(argparse.Namespace())
+    with pytest.raises(UsageError) as missing:
+        _one_line_errors(no_rich)(argparse.Namespace())
+    assert str(missing.value) == f"rich is not installed; {DEV_INSTALL}"
+    with pytest.raises(ModuleNotFoundError):  # the project's own: a bug, kept as it is
+        _one_line_errors(bug)(argparse.Namespace())
