@@ -18,8 +18,8 @@ with the same ids:
   records qualify is read from the position history, so a projector that gets
   twenty records in one poll observes the same twenty instants as one that gets
   them one per poll. The event time of the last observation is the shipment's
-  cursor (kept with its ETA); the chain of estimates (which carries the off-route
-  hysteresis) is kept with it.
+  cursor (shipment_tracking.observed_at); the chain of estimates (which carries
+  the off-route hysteresis) is kept with it (`observed`).
 * An alert carries the ETA, time and location of the observation that revealed
   it, not of whatever the vehicle's newest position was when the batch ended.
 
