@@ -9,7 +9,7 @@ Columns and their typed rows (shared.readmodel.rows, stored through statecodec):
 | `progress` | `Progress` | the projector; kept when a batch computes none |
 | `eta` | `EtaRow` (what the API shows, plus the model's estimate) | as `progress` |
 | `conditions` | `AlertConditions` (debounce state) | the projector; the stale scan: `stale_since` |
-| `observed_at`, `observed` | `Cursor` (the debouncer's last observation) | with `eta` |
+| `observed_at`, `observed` | `Cursor` (the last observation; see `SAME_AS_MODEL`) | with `eta` |
 
 The cursor has its own columns since migration 016. Before, it lived in the `eta`
 jsonb as the keys `observed_at` and `observed`. Expand/contract: this release still
@@ -46,6 +46,10 @@ from shared.readmodel.rows import (
 
 #: The keys of the `eta` jsonb that held the cursor before migration 016.
 LEGACY_CURSOR_KEYS = ("observed_at", "observed")
+#: The `observed` column's value when the last observation's estimate is the ETA's own
+#: (`eta.model`; the usual case: the newest record was observed), so that estimate is
+#: stored and decoded once. Any other value is an encoded EtaEstimate (a JSON object).
+SAME_AS_MODEL = "model"
 
 
 def encode_eta(eta: EtaRow, cursor: Cursor | None) -> dict[str, Any]:
@@ -53,7 +57,9 @@ def encode_eta(eta: EtaRow, cursor: Cursor | None) -> dict[str, Any]:
     data: dict[str, Any] = statecodec.encode(eta)
     if cursor is not None:
         data["observed_at"] = cursor.observed_at.isoformat()
-        data["observed"] = statecodec.encode(cursor.observed)
+        # Usually the ETA shown is the last observation's: encode it once.
+        same = cursor.observed is eta.model
+        data["observed"] = data["model"] if same else statecodec.encode(cursor.observed)
     return data
 
 
@@ -63,8 +69,8 @@ def decode_cursor(
     observed: Any,
     decoded: EtaRow | None = None,
 ) -> Cursor | None:
-    """The debouncer's cursor of a stored row: the later of the column (`observed_at`,
-    `observed` decoded jsonb) and the `eta` jsonb's legacy keys.
+    """The debouncer's cursor of a stored row: the later of the columns (`observed_at`,
+    `observed` as decoded jsonb, see SAME_AS_MODEL) and the `eta` jsonb's legacy keys.
 
     A row with an ETA but neither (written before observations had a cursor, or
     before the shipment's first observation) continues after its ETA: that ETA was
@@ -77,7 +83,12 @@ def decode_cursor(
     found: Cursor | None = None
     # Decode only the estimate that is read (decoding one is most of the cost).
     if observed_at is not None and (legacy_at is None or observed_at >= legacy_at):
-        found = Cursor(observed_at, statecodec.decode_as(EtaEstimate, observed))
+        if observed == SAME_AS_MODEL:
+            if decoded is None:
+                decoded = statecodec.decode_as(EtaRow, eta)
+            found = Cursor(observed_at, decoded.model)
+        else:
+            found = Cursor(observed_at, statecodec.decode_as(EtaEstimate, observed))
     elif legacy_at is not None:
         assert eta is not None
         found = Cursor(legacy_at, statecodec.decode_as(EtaEstimate, eta.get("observed")))
@@ -107,16 +118,42 @@ async def load_stored(
         [s.tenant_id for s in shipments],
         [s.shipment_id for s in shipments],
     )
-    found = {}
-    for row in rows:
-        eta = _json(row["eta"])
-        shown = statecodec.decode_as(EtaRow, eta) if eta else None
-        found[(row["tenant_id"], row["shipment_id"])] = StoredTracking(
-            statecodec.decode_as(AlertConditions, json.loads(row["conditions"])),
-            shown,
-            decode_cursor(eta, row["observed_at"], _json(row["observed"]), shown),
-        )
-    return found
+    return {(row["tenant_id"], row["shipment_id"]): stored_of(row) for row in rows}
+
+
+def stored_of(row: asyncpg.Record | Mapping[str, Any]) -> StoredTracking:
+    """A row's `conditions`, `eta`, `observed_at` and `observed` columns (jsonb as text),
+    decoded (see `columns_of` for the other direction)."""
+    eta = _json(row["eta"])
+    shown = statecodec.decode_as(EtaRow, eta) if eta else None
+    return StoredTracking(
+        statecodec.decode_as(AlertConditions, json.loads(row["conditions"])),
+        shown,
+        decode_cursor(eta, row["observed_at"], _json(row["observed"]), shown),
+    )
+
+
+def columns_of(row: TrackingRow) -> dict[str, Any]:
+    """The row's columns as `save` writes them (jsonb as text): `tenant_id`,
+    `shipment_id`, `vehicle_id`, `position`, `progress`, `eta`, `conditions`,
+    `observed_at`, `observed`; None for `progress` and `eta` keeps the stored ones."""
+    cursor = row.cursor if row.eta is not None else None
+    eta = encode_eta(row.eta, cursor) if row.eta is not None else None
+    observed: Any = None
+    if row.eta is not None and cursor is not None and cursor.observed is not None:
+        assert eta is not None
+        observed = SAME_AS_MODEL if cursor.observed is row.eta.model else eta["observed"]
+    return {
+        "tenant_id": row.tenant_id,
+        "shipment_id": row.shipment_id,
+        "vehicle_id": row.vehicle_id,
+        "position": json.dumps(statecodec.encode(row.position)),
+        "progress": json.dumps(statecodec.encode(row.progress)) if row.progress else None,
+        "eta": json.dumps(eta) if eta is not None else None,
+        "conditions": json.dumps(statecodec.encode(row.conditions)),
+        "observed_at": cursor.observed_at if cursor else None,
+        "observed": json.dumps(observed) if observed is not None else None,
+    }
 
 
 async def save(connection: Connection, rows: Sequence[TrackingRow]) -> None:
@@ -126,24 +163,7 @@ async def save(connection: Connection, rows: Sequence[TrackingRow]) -> None:
     ETA (kept with it, replaced with it)."""
     if not rows:
         return
-    columns = []
-    for row in rows:
-        cursor = row.cursor if row.eta is not None else None
-        columns.append(
-            (
-                row.tenant_id,
-                row.shipment_id,
-                row.vehicle_id,
-                json.dumps(statecodec.encode(row.position)),
-                json.dumps(statecodec.encode(row.progress)) if row.progress else None,
-                json.dumps(encode_eta(row.eta, cursor)) if row.eta else None,
-                json.dumps(statecodec.encode(row.conditions)),
-                cursor.observed_at if cursor else None,
-                json.dumps(statecodec.encode(cursor.observed))
-                if cursor and cursor.observed
-                else None,
-            )
-        )
+    columns = [tuple(columns_of(row).values()) for row in rows]
     await connection.execute(
         "INSERT INTO shipment_tracking (tenant_id, shipment_id, vehicle_id, position,"
         " progress, eta, conditions, observed_at, observed) SELECT * FROM unnest($1::text[],"

@@ -35,7 +35,7 @@ from services.projector.decide import (
 )
 from services.projector.track_cache import CachedTrack
 from shared import statecodec
-from shared.domain import alerts
+from shared.domain import alerts, polyline
 from shared.domain.alerts import AlertConditions, AlertKind
 from shared.domain.eta import DelayMargins, EtaModel
 from shared.domain.geo import Fix
@@ -51,7 +51,12 @@ from shared.domain.tracking import (
 )
 from shared.readmodel.messages import eta_message
 from shared.readmodel.rows import Cursor, EtaRow, StoredTracking, TrackingRow
-from shared.readmodel.shipment_tracking import decode_cursor, encode_eta
+from shared.readmodel.shipment_tracking import (
+    SAME_AS_MODEL,
+    columns_of,
+    decode_cursor,
+    stored_of,
+)
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 DESTINATION = (52.0, 13.0)
@@ -89,9 +94,17 @@ def shipment(window_end_s: float = 3600.0, **changes: object) -> ShipmentState:
 # --- a vehicle driving due north to the destination, one GPS record per minute --------
 
 
-def drive(speeds: list[float], start_m: float = 30_000.0) -> list[list[tuple[str, Position]]]:
+START_M = 30_000.0
+#: The planned route: due north from START_M south of the destination to it.
+ROUTE = polyline.encode([(DESTINATION[0] - START_M / 111_195.0, DESTINATION[1]), DESTINATION])
+
+
+def drive(
+    speeds: list[float], start_m: float = START_M, detours: frozenset[int] = frozenset()
+) -> list[list[tuple[str, Position]]]:
     """GPS records (each 3 fixes, 20 s apart) of a vehicle heading for DESTINATION from
-    `start_m` south of it, at each record's speed."""
+    `start_m` south of it, at each record's speed; in the records numbered in `detours`
+    it is 700 m east of the straight line (off the planned ROUTE)."""
     records = []
     travelled = 0.0
     second = 0.0
@@ -102,28 +115,21 @@ def drive(speeds: list[float], start_m: float = 30_000.0) -> list[list[tuple[str
             travelled += speed * 20.0
             remaining = max(start_m - travelled, 0.0)
             lat = DESTINATION[0] - remaining / 111_195.0
-            points.append((f"gps-{n}", Position(lat, DESTINATION[1], at(second), speed_mps=speed)))
+            lon = DESTINATION[1] + (0.0103 if n in detours else 0.0)
+            points.append((f"gps-{n}", Position(lat, lon, at(second), speed_mps=speed)))
         records.append(points)
     return records
 
 
-def stored_after(previous: StoredTracking | None, row: TrackingRow) -> StoredTracking:
-    """What the next batch reads back after `row` was saved (shared.readmodel.shipment_tracking:
-    progress and ETA are kept when a batch has none, the cursor goes with the ETA)."""
-    if row.eta is None:
-        assert previous is not None
-        return StoredTracking(row.conditions, previous.eta, previous.cursor)
-    stored_eta = json.loads(json.dumps(encode_eta(row.eta, row.cursor)))
-    cursor = row.cursor
-    return StoredTracking(
-        row.conditions,
-        statecodec.decode_as(EtaRow, stored_eta),
-        decode_cursor(
-            stored_eta,
-            cursor.observed_at if cursor else None,
-            statecodec.encode(cursor.observed) if cursor else None,
-        ),
-    )
+def stored_after(previous: dict[str, object] | None, row: TrackingRow) -> dict[str, object]:
+    """The stored columns after `row` was saved over `previous` (shared.readmodel.
+    shipment_tracking.save: progress and ETA are kept when a batch has none, the cursor
+    goes with the ETA)."""
+    columns = columns_of(row)
+    if previous is not None and columns["eta"] is None:
+        for name in ("progress", "eta", "observed_at", "observed"):
+            columns[name] = previous[name]
+    return columns
 
 
 def run(
@@ -132,7 +138,7 @@ def run(
     """Decide as the tracker does, with a batch ending after each record index in `cuts`
     (and after the last record)."""
     track = CachedTrack(LONG_AGO, (), ())
-    stored: StoredTracking | None = None
+    columns: dict[str, object] | None = None
     raised: list[PendingAlert] = []
     decisions = []
     for n, record in enumerate(records):
@@ -140,12 +146,13 @@ def run(
         if n not in cuts and n != len(records) - 1:
             continue
         position = record[-1][1]
+        stored = stored_of(columns) if columns is not None else None
         since = needed_from(state, stored, position.recorded_at)
         view = track.view(since - timedelta(seconds=POLICY.window_s))
         decision = decide(state, stored, position, view if view.fixes else None, MODEL, POLICY)
         raised.extend(decision.alerts)
         decisions.append(decision)
-        stored = stored_after(stored, decision.row)
+        columns = stored_after(columns, decision.row)
     return raised, decisions
 
 
@@ -157,12 +164,18 @@ speeds = st.lists(st.sampled_from([2.0, 6.0, 12.0, 20.0]), min_size=2, max_size=
     speeds=speeds,
     window_end_s=st.sampled_from([900.0, 1800.0, 2700.0, 3600.0]),
     cuts=st.sets(st.integers(0, 13)),
+    routed=st.booleans(),
+    detours=st.frozensets(st.integers(0, 13)),
 )
 def test_the_alerts_do_not_depend_on_how_the_records_were_batched(
-    speeds: list[float], window_end_s: float, cuts: set[int]
+    speeds: list[float],
+    window_end_s: float,
+    cuts: set[int],
+    routed: bool,
+    detours: frozenset[int],
 ) -> None:
-    state = shipment(window_end_s)
-    records = drive(speeds)
+    state = shipment(window_end_s, planned_route=ROUTE if routed else "")
+    records = drive(speeds, detours=detours)
     whole, [last] = run(state, records, set())
     batched, decisions = run(state, records, cuts)
     assert [(a.decision.alert_id, a.detected_at, a.location) for a in batched] == [
@@ -335,3 +348,30 @@ def test_the_decisions_import_no_io_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_cursor_columns_round_trip_and_store_the_shown_estimate_once() -> None:
+    fixes = [Fix(at(s), 51.8 + s / 100_000, 13.0, 10.0) for s in range(0, 121, 20)]
+    estimate = MODEL.estimate(now=at(120), destination=DESTINATION, positions=fixes)
+    assert estimate is not None
+    eta = eta_row(estimate, at(120))
+    row = TrackingRow(
+        "acme",
+        "s1",
+        "v1",
+        Position(51.8, 13.0, at(120)),
+        None,
+        eta,
+        AlertConditions(pending_count=1),
+        Cursor(at(120), estimate),
+    )
+    columns = columns_of(row)
+    assert json.loads(str(columns["observed"])) == SAME_AS_MODEL
+    # The previous release reads the whole estimate from the eta jsonb's keys.
+    legacy = json.loads(str(columns["eta"]))
+    assert legacy["observed"] == statecodec.encode(estimate)
+    assert legacy["observed_at"] == at(120).isoformat()
+    assert stored_of(columns) == StoredTracking(row.conditions, eta, row.cursor)
+    other = replace(row, cursor=Cursor(at(100), None))
+    assert columns_of(other)["observed"] is None
+    assert stored_of(columns_of(other)).cursor == Cursor(at(100), None)
