@@ -25,6 +25,7 @@ from services.projector.decide import (
     Policy,
     active_since,
     alert_message,
+    arrival,
     decide,
     due,
     eta_row,
@@ -375,3 +376,22 @@ def test_the_cursor_columns_round_trip_and_store_the_shown_estimate_once() -> No
     other = replace(row, cursor=Cursor(at(100), None))
     assert columns_of(other)["observed"] is None
     assert stored_of(columns_of(other)).cursor == Cursor(at(100), None)
+
+
+def test_arrival_is_the_geofence_entry_once_the_vehicle_stayed_since_activation() -> None:
+    state = shipment()
+    approach = [
+        (f"gps-{n}", Position(DESTINATION[0] - (550 - 100 * n) / 111_195.0, 13.0, at(20 * n)))
+        for n in range(6)
+    ]
+    parked = [(f"gps-p{n}", Position(*DESTINATION, at(120 + 20 * n))) for n in range(6)]
+    track = CachedTrack(LONG_AGO, (), ()).with_points(approach + parked).view(LONG_AGO)
+    # Entered the 100 m geofence with the fix 50 m away (n = 5), then stayed.
+    assert arrival(state, track, parked[-1][1]) == at(100)
+    # Not near the destination now: nothing to look for.
+    assert arrival(state, track, approach[0][1]) is None
+    # Fixes before the shipment became active do not count.
+    later = shipment(timeline=(entry(ASSIGNED, 200),))
+    assert arrival(later, track, parked[-1][1]) is None
+    decision = decide(state, None, parked[-1][1], track, MODEL, POLICY)
+    assert decision.arrived_at == at(100)
