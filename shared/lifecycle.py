@@ -10,10 +10,8 @@ after a partial start, and idempotent. Services build on it through
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 
 class Lifecycle:
@@ -43,12 +41,3 @@ class Lifecycle:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a helper task (if any) and wait until it is done; its cancellation is
-    not an error here."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

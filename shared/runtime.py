@@ -318,6 +318,10 @@ class ServiceServer(Lifecycle):
             for _name, coroutine in self._pending:
                 coroutine.close()
             self._pending = []
+            # Tasks spawned before the failure (if any) are cancelled and awaited.
+            self._supervisor.request_stop()
+            with contextlib.suppress(Exception):
+                await self._supervisor.run()
             await self._stack.aclose()
             raise
         assert self.port is not None
@@ -438,8 +442,3 @@ async def periodically(interval_s: float, action: Callable[[], Awaitable[None]])
     while True:
         await action()
         await asyncio.sleep(interval_s)
-
-
-async def wait_forever() -> None:
-    """A task that only ends when cancelled (keeps a server-only service alive)."""
-    await asyncio.Event().wait()
