@@ -36,13 +36,16 @@ def silent_postgres() -> Iterator[socket.socket]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", STARTS_WITH_POSTGRES)
+@pytest.mark.parametrize(
+    ("name", "sig"),
+    [(name, signal.SIGTERM) for name in STARTS_WITH_POSTGRES] + [("projector", signal.SIGINT)],
+)
 async def test_sigterm_while_starting_stops_what_started_and_exits_0(
-    name: str, silent_postgres: socket.socket
+    name: str, sig: signal.Signals, silent_postgres: socket.socket
 ) -> None:
-    """SIGTERM while the service waits for PostgreSQL at start: the start is abandoned,
-    what it had started stops, exit status 0 (before: 143, or a wait for the
-    connection to time out)."""
+    """SIGTERM (or SIGINT) while the service waits for PostgreSQL at start: the start is
+    abandoned, what it had started stops, exit status 0 (before: 143, or a wait for
+    the connection to time out)."""
     host, port = silent_postgres.getsockname()
     env = {
         **os.environ,
@@ -68,7 +71,7 @@ async def test_sigterm_while_starting_stops_what_started_and_exits_0(
         async with asyncio.timeout(30):
             connection, _ = await loop.sock_accept(silent_postgres)  # it is starting
         held.append(connection)  # open and silent: its start waits
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         async with asyncio.timeout(20):
             assert process.stdout is not None
             output = (await process.stdout.read()).decode()
