@@ -21,11 +21,11 @@ from services.projector.outbox import OutboxRelay
 from services.projector.projection import TrackingProjection
 from services.projector.stale import SCAN_INTERVAL_S, StaleScanner
 from shared import readiness
-from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.kafka import ensure_topics, make_producer, topic_specs
 from shared.projection import ProjectionRunner
+from shared.readmodel import vehicle_positions
 from shared.rpc import GrpcApp
 from shared.runtime import READINESS_INTERVAL_S, ServiceServer, periodically, serve
 
@@ -123,7 +123,7 @@ class ProjectorServer(ServiceServer):
     async def maintain(self) -> None:
         """Create the history's day partitions ahead, drop those past retention."""
         async with self.pool.acquire() as connection:
-            created, dropped = await store.maintain_position_partitions(
+            created, dropped = await vehicle_positions.maintain_position_partitions(
                 connection, datetime.now(UTC), self.settings.position_retention_days
             )
         if created or dropped:
