@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from services.cli import SERVICES
+from services.registry import SERVICES
 from tests.ingest_helpers import wait_health
 
 #: Services whose start connects to PostgreSQL first (migrations).
