@@ -39,7 +39,7 @@ from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.kafka import make_producer
 from shared.projection import ProjectionRunner, load_offsets
-from shared.readmodel import learner_state, model_snapshots
+from shared.readmodel import learner_state, model_snapshots, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,13 @@ async def rebuild(
                 "   WHERE o.alert_id = n.alert_id AND o.published_at IS NULL)"
             )
             # Other consumers' state (the speed learner: its state, model versions and
-            # offsets) is not rebuilt: carry it over as it stands. Their commits wait
-            # on the lock above; one that lands in the old schema meanwhile is fenced
-            # on its next batch and replayed from these offsets.
+            # offsets; webhooks: endpoints, deliveries, offsets) is not rebuilt: carry
+            # it over as it stands. Their commits wait on the lock above; one that
+            # lands in the old schema meanwhile is fenced on its next batch and
+            # replayed from these offsets.
             await learner_state.copy_to_schema(live, live_schema, new_schema)
             await model_snapshots.copy_to_schema(live, live_schema, new_schema)
+            await webhooks.copy_to_schema(live, live_schema, new_schema)
             await live.execute(
                 f'INSERT INTO "{new_schema}".projection_offsets SELECT * FROM'
                 f' "{live_schema}".projection_offsets WHERE projection <> $1'
