@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,3 +249,18 @@ def test_filters_match_kind_and_severity() -> None:
     assert rules.matches(2, (1, 2), kind=2, severity=3)
     assert not rules.matches(2, (), kind=1, severity=1)
     assert not rules.matches(0, (1,), kind=2, severity=3)
+
+
+def test_the_verification_snippet_of_the_docs_accepts_our_signatures() -> None:
+    """docs/webhooks.md shows receivers how to verify: that code must agree with ours."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", docs, re.DOTALL)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/webhooks.md", "exec"), namespace)
+    verify = namespace["verify"]
+    now = int(time.time())
+    header = rules.signature_header(SECRET, now, BODY)
+    assert verify(SECRET, header, BODY) is True
+    assert verify(SECRET, header, BODY + b"x") is False
+    assert verify("whsec_" + "cd" * 32, header, BODY) is False
+    assert verify(SECRET, rules.signature_header(SECRET, now - 600, BODY), BODY) is False
