@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import grpc
 import pytest
 from aiohttp import web
@@ -26,10 +27,12 @@ from services.webhooks.app import server
 from services.webhooks.guard import TargetRefused, check_target
 from services.webhooks.sender import Sender
 from shared.auth import Role
-from shared.config import Settings, WebhookSettings
+from shared.config import DatabaseSettings, Settings, WebhookSettings
+from shared.db import migrate
 from shared.domain import webhooks as rules
 from shared.envelopes import encode, timestamp, utc_now
 from shared.pb import alerts_pb2, envelope_pb2, webhooks_pb2, webhooks_pb2_grpc
+from shared.readmodel import webhooks as store
 from shared.readmodel.webhooks import Claimed
 from tests.ingest_helpers import Metadata, bearer, wait_health
 from tests.projection_helpers import producer_for, projector_settings
@@ -425,3 +428,45 @@ async def test_the_guard_refuses_private_targets_at_delivery() -> None:
             assert status == 307
             assert error.startswith("HTTP 307")
         assert [r.path for r in receiver.log] == ["/redirect"]  # /hook never reached
+
+
+async def test_rebuild_carries_endpoints_and_deliveries_over(
+    database_url: str, pg_schema: str
+) -> None:
+    """`cargotrack rebuild` swaps schemas: webhooks are not rebuilt from the log, so
+    `copy_to_schema` moves them, and new delivery ids continue after the copied ones."""
+    rebuilt = f"{pg_schema}_rebuilt"
+    for schema in (pg_schema, rebuilt):
+        await migrate(DatabaseSettings(url=database_url, schema=schema))
+    live = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
+    try:
+        await store.create_endpoint(
+            live,
+            webhook_id="wh_1",
+            tenant_id="tenant-a",
+            url="https://hooks.example.com/",
+            secret="k" * 32,
+            min_severity=0,
+            kinds=[],
+            description="",
+            created_by="dispatcher@tenant-a",
+        )
+        delivery = store.NewDelivery("wh_1", "tenant-a", "a1", "S1", 1, b"{}")
+        assert await store.insert_deliveries(live, [delivery]) == 1
+        async with live.transaction():
+            await store.copy_to_schema(live, pg_schema, rebuilt)
+        await live.execute(f'SET search_path TO "{rebuilt}"')
+        assert [e.webhook_id for e in await store.live_endpoints(live, ["tenant-a"])] == ["wh_1"]
+        second = dataclasses.replace(delivery, alert_id="a2")
+        assert await store.insert_deliveries(live, [second]) == 1
+        # Already recorded in the copy: the same alert is not recorded twice.
+        assert await store.insert_deliveries(live, [delivery]) == 0
+        rows = await live.fetch(
+            "SELECT delivery_id, alert_id FROM webhook_deliveries ORDER BY delivery_id"
+        )
+        assert [r["alert_id"] for r in rows] == ["a1", "a2"]
+        assert rows[0]["delivery_id"] == 1  # copied as it was
+        assert rows[1]["delivery_id"] > 1  # the sequence continues after the copy
+    finally:
+        await live.execute(f'DROP SCHEMA IF EXISTS "{rebuilt}" CASCADE')
+        await live.close()
