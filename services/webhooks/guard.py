@@ -53,11 +53,18 @@ def _address(text: str) -> IpAddress:
     return ipaddress.ip_address(text.split("%", 1)[0])
 
 
-async def resolve(host: str, port: int) -> list[IpAddress]:
+#: How long a registration waits for DNS.
+RESOLVE_TIMEOUT_S = 5.0
+
+
+async def resolve(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> list[IpAddress]:
     """Every address `host` resolves to (TargetRefused when it does not resolve)."""
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        async with asyncio.timeout(timeout_s):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise TargetRefused(f"{host} did not resolve within {timeout_s:g} s") from None
     except (socket.gaierror, UnicodeError) as error:
         raise TargetRefused(f"{host} does not resolve: {error}") from None
     return [_address(str(info[4][0])) for info in infos]

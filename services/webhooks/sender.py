@@ -70,20 +70,21 @@ class Sender:
         )
 
     async def run(self) -> None:
-        """Deliver until cancelled; a database error ends it (the process restarts)."""
-        in_flight: set[asyncio.Task[None]] = set()
+        """Deliver until cancelled; a database error ends it (the process restarts).
+        On the way out, attempts in flight are abandoned and their leases released, so
+        another worker takes them at once rather than after the lease."""
+        in_flight: dict[asyncio.Task[None], store.Claimed] = {}
         async with self.session() as session:
             try:
                 while True:
                     self._wake.clear()
                     free = self.settings.concurrency - len(in_flight)
                     for delivery in await self._claim(free) if free > 0 else []:
-                        in_flight.add(
-                            asyncio.create_task(
-                                self.attempt(session, delivery),
-                                name=f"webhook-delivery-{delivery.delivery_id}",
-                            )
+                        task = asyncio.create_task(
+                            self.attempt(session, delivery),
+                            name=f"webhook-delivery-{delivery.delivery_id}",
                         )
+                        in_flight[task] = delivery
                     waker = asyncio.create_task(self._wake.wait())
                     await asyncio.wait(
                         {waker, *in_flight},
@@ -91,14 +92,24 @@ class Sender:
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                     waker.cancel()
-                    finished = {task for task in in_flight if task.done()}
-                    in_flight -= finished
-                    for task in finished:
+                    for task in [task for task in in_flight if task.done()]:
+                        del in_flight[task]
                         task.result()  # a database error ends the loop
             finally:
                 for task in in_flight:
                     task.cancel()
                 await asyncio.gather(*in_flight, return_exceptions=True)
+                unfinished = [d for t, d in in_flight.items() if t.cancelled()]
+                await self._release(unfinished)
+
+    async def _release(self, claimed: list[store.Claimed]) -> None:
+        if not claimed:
+            return
+        try:
+            async with asyncio.timeout(5), self.pool.acquire() as connection:
+                await store.release(connection, claimed)
+        except Exception as error:  # their leases run out instead
+            log.warning("could not release %d webhook leases: %r", len(claimed), error)
 
     async def _claim(self, limit: int) -> list[store.Claimed]:
         async with self.pool.acquire() as connection:

@@ -22,7 +22,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NoReturn
 
 import asyncpg
@@ -83,8 +83,30 @@ def _untoken(token: str) -> object:
 def _check_webhook_id(value: str, violations: list[Violation]) -> None:
     if not value:
         violations.append(Violation("webhook_id", "required"))
-    elif len(value) > 128 or not value.isprintable():
+    elif len(value) > 128 or not value.isprintable() or any(ch.isspace() for ch in value):
         violations.append(Violation("webhook_id", "is not a webhook id"))
+
+
+def _webhooks_position(document: object) -> tuple[datetime, str]:
+    """The (created_at, webhook_id) a ListWebhooks page token holds; ValueError (or
+    KeyError, TypeError, OverflowError) for anything this service did not issue: an
+    edited token must still not reach PostgreSQL with values it refuses."""
+    if not isinstance(document, dict):
+        raise ValueError("not an object")
+    created_at, webhook_id = document["c"], document["w"]
+    if not isinstance(created_at, str) or not isinstance(webhook_id, str):
+        raise TypeError("not strings")
+    moment = datetime.fromisoformat(created_at)
+    if moment.tzinfo is None:
+        raise ValueError("naive time")
+    moment = moment.astimezone(UTC)  # OverflowError beyond year 1..9999
+    if not 1 < moment.year < 9999:
+        raise ValueError("time out of range")
+    violations: list[Violation] = []
+    _check_webhook_id(webhook_id, violations)
+    if violations:
+        raise ValueError("not a webhook id")
+    return moment, webhook_id
 
 
 def _page_size(value: int, violations: list[Violation]) -> int:
@@ -222,13 +244,8 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
         after: tuple[datetime, str] | None = None
         if request.page_token:
             try:
-                document = _untoken(request.page_token)
-                if not isinstance(document, dict):
-                    raise ValueError("not an object")
-                after = (datetime.fromisoformat(document["c"]), str(document["w"]))
-                if after[0].tzinfo is None:
-                    raise ValueError("naive time")
-            except (ValueError, KeyError, TypeError):
+                after = _webhooks_position(_untoken(request.page_token))
+            except (ValueError, KeyError, TypeError, OverflowError):
                 violations.append(
                     Violation("page_token", "is not a page token from a previous response")
                 )

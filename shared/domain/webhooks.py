@@ -34,7 +34,6 @@ from shared.domain.validation import Violation
 
 SIGNATURE_HEADER = "Cargotrack-Signature"
 ALERT_ID_HEADER = "Cargotrack-Alert-Id"
-TIMESTAMP_HEADER = "Cargotrack-Timestamp"
 SIGNATURE_VERSION = "v1"
 #: How far a signature's time may be from the receiver's clock (docs/webhooks.md).
 DEFAULT_TOLERANCE_S = 300
@@ -210,6 +209,8 @@ def check_url(
     host = (parts.hostname or "").rstrip(".")
     if not host:
         violations.append(Violation(field, "the URL names no host"))
+    if port == 0:
+        violations.append(Violation(field, "port 0 is no port"))
     if parts.fragment:
         violations.append(Violation(field, "no fragment (#...)"))
     if violations:

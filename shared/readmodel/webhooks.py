@@ -326,6 +326,20 @@ async def record_attempt(
     return done is not None
 
 
+async def release(connection: Connection, claimed: Sequence[Claimed]) -> None:
+    """Give up leases without an outcome (a sender stopping mid-attempt): the
+    deliveries are due again at once, for any sender (the attempt may have reached the
+    endpoint: at least once)."""
+    if not claimed:
+        return
+    await connection.execute(
+        "UPDATE webhook_deliveries SET leased_until = NULL, lease_token = NULL"
+        " WHERE delivery_id = ANY($1::bigint[]) AND lease_token = ANY($2::uuid[])",
+        [c.delivery_id for c in claimed],
+        sorted({c.lease_token for c in claimed}),
+    )
+
+
 async def list_deliveries(
     connection: Connection,
     tenant_id: str,

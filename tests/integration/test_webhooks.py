@@ -10,6 +10,7 @@ alert id and dead-lettering after N attempts promise.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -57,15 +58,22 @@ class Receiver:
     """A webhook endpoint on 127.0.0.1 that checks signatures and logs every request."""
 
     secrets: dict[str, str] = field(default_factory=dict)  # path -> signing secret
-    #: path -> (alert id -> status codes to answer, in order; then 200)
+    #: path -> the status to answer, given the alert id and how often it came before
+    #: (200 for a path without a script)
     scripts: dict[str, Callable[[str, int], int]] = field(default_factory=dict)
     log: list[Received] = field(default_factory=list)
     bad_signatures: list[str] = field(default_factory=list)
+    #: Requests to /slow arrive here, and are answered once `go` is set.
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    go: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         path = request.path
+        if path == "/slow":
+            self.arrived.set()
+            await self.go.wait()
         try:
             rules.verify_signature(
                 self.secrets[path], request.headers[rules.SIGNATURE_HEADER], body, time.time()
@@ -297,6 +305,42 @@ async def test_deliveries_are_signed_retried_ordered_deduplicated_and_dead_lette
         assert list(dead.deliveries) == []
 
 
+async def test_a_stopping_worker_releases_the_attempts_it_abandons(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """Stopped mid-attempt, the worker records no outcome (the endpoint may or may not
+    have got it: at least once) and releases its lease: the delivery is due again for
+    any worker at once instead of after the lease."""
+    settings = webhook_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    async with receiving() as receiver:
+        async with webhook_service(settings) as stub:
+            created = await stub.CreateWebhook(
+                webhooks_pb2.CreateWebhookRequest(url=receiver.url("/slow")), metadata=DISPATCHER
+            )
+            receiver.secrets = {"/slow": created.secret}
+            await publish(
+                settings,
+                [alert("S1", alerts_pb2.ALERT_KIND_LATE, alerts_pb2.SEVERITY_CRITICAL)],
+            )
+            async with asyncio.timeout(60):
+                await receiver.arrived.wait()
+        receiver.go.set()  # the worker is gone; let the handler finish
+    connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
+    try:
+        row = await connection.fetchrow(
+            "SELECT status, attempts, leased_until, lease_token FROM webhook_deliveries"
+        )
+    finally:
+        await connection.close()
+    assert row is not None
+    assert dict(row) == {
+        "status": "pending",
+        "attempts": 0,
+        "leased_until": None,
+        "lease_token": None,
+    }
+
+
 async def test_the_api_is_the_tenants_and_validates(
     kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
 ) -> None:
@@ -352,6 +396,38 @@ async def test_the_api_is_the_tenants_and_validates(
         await stub.ListDeliveries(
             webhooks_pb2.ListDeliveriesRequest(webhook_id=target), metadata=DISPATCHER
         )
+
+        def forged(document: object) -> str:
+            raw = json.dumps(document).encode()
+            return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+        absurd = [
+            "!!!",
+            forged([1]),
+            forged({"c": "0001-01-01T00:00:00+14:00", "w": "wh_x"}),
+            forged({"c": "2026-01-01T00:00:00", "w": "wh_x"}),
+            forged({"c": "2026-01-01T00:00:00+00:00", "w": "wh\u0000x"}),
+            forged({"c": 5, "w": "wh_x"}),
+        ]
+        for page_token in absurd:
+            with pytest.raises(grpc.aio.AioRpcError) as refused_token:
+                await stub.ListWebhooks(
+                    webhooks_pb2.ListWebhooksRequest(page_token=page_token), metadata=DISPATCHER
+                )
+            assert refused_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT, page_token
+        for page_token in ("!!!", forged(2**63), forged(True), forged("1"), forged(0)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused_token:
+                await stub.ListDeliveries(
+                    webhooks_pb2.ListDeliveriesRequest(webhook_id=target, page_token=page_token),
+                    metadata=DISPATCHER,
+                )
+            assert refused_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT, page_token
+        for webhook_id in ("", "a b", "x" * 129, "a\x00b"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused_id:
+                await stub.DeleteWebhook(
+                    webhooks_pb2.DeleteWebhookRequest(webhook_id=webhook_id), metadata=DISPATCHER
+                )
+            assert refused_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT, webhook_id
 
         for request, field_name in (
             (webhooks_pb2.CreateWebhookRequest(url="ftp://example.com/"), "url"),

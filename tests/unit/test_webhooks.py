@@ -176,6 +176,7 @@ def test_urls_are_checked_for_scheme_host_and_credentials() -> None:
         "https:///path": True,
         "https://hooks.example.com/#frag": True,
         "https://hooks.example.com:99999/": True,
+        "https://hooks.example.com:0/": True,
         "https://hooks.example.com/a b": True,
         "": True,
     }
