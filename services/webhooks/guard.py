@@ -54,7 +54,7 @@ def _address(text: str) -> IpAddress:
 
 
 #: How long a registration waits for DNS.
-RESOLVE_TIMEOUT_S = 5.0
+RESOLVE_TIMEOUT_S = 3.0
 
 
 async def resolve(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> list[IpAddress]:
