@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from shared.config import ConfigError, load_settings
 from shared.domain import webhooks as rules
 from shared.domain.webhooks import Pending
 
@@ -265,3 +266,49 @@ def test_the_verification_snippet_of_the_docs_accepts_our_signatures() -> None:
     assert verify(SECRET, header, BODY + b"x") is False
     assert verify("whsec_" + "cd" * 32, header, BODY) is False
     assert verify(SECRET, rules.signature_header(SECRET, now - 600, BODY), BODY) is False
+
+
+# --- settings ---------------------------------------------------------------------------
+
+ENV = {
+    "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+    "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
+    "CARGOTRACK_JWT_SECRET": "x" * 32,
+}
+
+
+def test_webhook_settings_default_to_https_only_in_production() -> None:
+    assert load_settings(ENV).webhooks.allow_http is True
+    production = load_settings({**ENV, "CARGOTRACK_PRODUCTION": "1"}).webhooks
+    assert production.allow_http is False
+    assert production.allow_private is False
+    allowed = {**ENV, "CARGOTRACK_PRODUCTION": "1", "CARGOTRACK_WEBHOOK_ALLOW_HTTP": "1"}
+    assert load_settings(allowed).webhooks.allow_http is True
+
+
+def test_private_targets_are_refused_as_a_production_setting() -> None:
+    with pytest.raises(ConfigError, match="CARGOTRACK_WEBHOOK_ALLOW_PRIVATE"):
+        load_settings(
+            {**ENV, "CARGOTRACK_PRODUCTION": "1", "CARGOTRACK_WEBHOOK_ALLOW_PRIVATE": "1"}
+        )
+    assert load_settings({**ENV, "CARGOTRACK_WEBHOOK_ALLOW_PRIVATE": "1"}).webhooks.allow_private
+
+
+def test_bad_webhook_settings_are_named() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(
+            {
+                **ENV,
+                "CARGOTRACK_WEBHOOK_MAX_ATTEMPTS": "0",
+                "CARGOTRACK_WEBHOOK_BACKOFF_S": "60",
+                "CARGOTRACK_WEBHOOK_BACKOFF_MAX_S": "10",
+                "CARGOTRACK_WEBHOOK_CONCURRENCY": "many",
+            }
+        )
+    message = str(refused.value)
+    for name in (
+        "CARGOTRACK_WEBHOOK_MAX_ATTEMPTS",
+        "CARGOTRACK_WEBHOOK_BACKOFF_MAX_S",
+        "CARGOTRACK_WEBHOOK_CONCURRENCY",
+    ):
+        assert name in message
