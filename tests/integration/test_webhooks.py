@@ -23,6 +23,7 @@ import asyncpg
 import grpc
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from services.webhooks.app import server
 from services.webhooks.guard import TargetRefused, check_target
@@ -190,6 +191,12 @@ async def publish(settings: Settings, envelopes: list[envelope_pb2.Envelope]) ->
             )
 
 
+def attempts_counted(outcome: str) -> float:
+    """cargotrack_webhook_deliveries_total{outcome} in this process's registry."""
+    value = REGISTRY.get_sample_value("cargotrack_webhook_deliveries_total", {"outcome": outcome})
+    return value or 0.0
+
+
 async def deliveries(
     stub: webhooks_pb2_grpc.WebhookServiceStub,
     webhook_id: str,
@@ -229,6 +236,7 @@ async def test_deliveries_are_signed_retried_ordered_deduplicated_and_dead_lette
     kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
 ) -> None:
     settings = webhook_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    before = {outcome: attempts_counted(outcome) for outcome in ("delivered", "retry", "dead")}
     async with receiving() as receiver, webhook_service(settings) as stub:
         given_secret = "s" * 40
         flaky = await stub.CreateWebhook(
@@ -303,6 +311,9 @@ async def test_deliveries_are_signed_retried_ordered_deduplicated_and_dead_lette
             metadata=DISPATCHER,
         )
         assert list(dead.deliveries) == []
+    # The metrics count the attempts by outcome (the service ran in this process).
+    counted = {outcome: attempts_counted(outcome) - n for outcome, n in before.items()}
+    assert counted == {"delivered": 3, "retry": 1 + 2 * (MAX_ATTEMPTS - 1), "dead": 2}
 
 
 async def test_a_stopping_worker_releases_the_attempts_it_abandons(
