@@ -316,6 +316,35 @@ async def test_deliveries_are_signed_retried_ordered_deduplicated_and_dead_lette
     assert counted == {"delivered": 3, "retry": 1 + 2 * (MAX_ATTEMPTS - 1), "dead": 2}
 
 
+async def test_two_workers_share_the_deliveries_without_attempting_one_twice(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """Two replicas: the consumer group splits the partitions, the leases split the
+    deliveries; each alert reaches the endpoint once, each shipment's in order."""
+    settings = webhook_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    async with (
+        receiving() as receiver,
+        webhook_service(settings) as first,
+        webhook_service(settings) as second,
+    ):
+        created = await first.CreateWebhook(
+            webhooks_pb2.CreateWebhookRequest(url=receiver.url("/both")), metadata=DISPATCHER
+        )
+        receiver.secrets = {"/both": created.secret}
+        kinds = [alerts_pb2.ALERT_KIND_AT_RISK, alerts_pb2.ALERT_KIND_LATE] * 2
+        published = [
+            alert(f"S{n}", kind, alerts_pb2.SEVERITY_WARNING) for n in range(4) for kind in kinds
+        ]
+        await publish(settings, published)
+        log = await until_finished(second, created.webhook.webhook_id, len(published))
+    assert {d.status for d in log} == {webhooks_pb2.DELIVERY_STATUS_DELIVERED}
+    got = receiver.got("/both")
+    assert sorted(r.alert_id for r in got) == sorted(e.alert.alert_id for e in published)
+    for n in range(4):
+        sent = [e.alert.alert_id for e in published if e.alert.shipment_id == f"S{n}"]
+        assert [r.alert_id for r in got if r.shipment_id == f"S{n}"] == sent
+
+
 async def test_a_stopping_worker_releases_the_attempts_it_abandons(
     kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
 ) -> None:
