@@ -240,6 +240,8 @@ class WebhookSettings:
     allow_private: bool = False
     #: Plain http:// URLs are allowed (default: everywhere but production).
     allow_http: bool = True
+    #: Finished deliveries (and deleted endpoints without any) older than this are pruned.
+    retention_days: int = 30
 
     @property
     def lease_s(self) -> float:
@@ -558,6 +560,7 @@ def load_settings(
         poll_s=env.number("CARGOTRACK_WEBHOOK_POLL_S", 1.0, minimum=0.01),
         allow_private=env.flag("CARGOTRACK_WEBHOOK_ALLOW_PRIVATE"),
         allow_http=env.flag("CARGOTRACK_WEBHOOK_ALLOW_HTTP", not production),
+        retention_days=env.integer("CARGOTRACK_WEBHOOK_RETENTION_DAYS", 30, minimum=1),
     )
     if webhooks.backoff_max_s < webhooks.backoff_s:
         env.errors.append(

@@ -25,8 +25,9 @@ from shared.kafka import ensure_topics, make_producer, topic_specs
 from shared.lifecycle import StackedServer
 from shared.pb import webhooks_pb2, webhooks_pb2_grpc
 from shared.projection import ProjectionRunner
+from shared.readmodel import webhooks as store
 from shared.rpc import GrpcApp
-from shared.runtime import Supervisor
+from shared.runtime import Supervisor, periodically
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ ROLES = {
     f"/{SERVICE_NAME}/{method}": MANAGERS
     for method in ("CreateWebhook", "ListWebhooks", "DeleteWebhook", "ListDeliveries")
 }
+
+
+#: How often finished deliveries past CARGOTRACK_WEBHOOK_RETENTION_DAYS are deleted.
+PRUNE_INTERVAL_S = 3600.0
 
 
 class WebhookServer(StackedServer):
@@ -103,6 +108,16 @@ class WebhookServer(StackedServer):
         )
         self._supervisor.spawn("consumer", self.runner.run())
         self._supervisor.spawn("sender", sender.run())
+
+        async def prune() -> None:
+            async with pool.acquire() as connection:
+                deliveries, endpoints = await store.prune(
+                    connection, settings.webhooks.retention_days
+                )
+            if deliveries or endpoints:
+                log.info("pruned %d deliveries and %d deleted webhooks", deliveries, endpoints)
+
+        self._supervisor.spawn("retention", periodically(PRUNE_INTERVAL_S, prune))
         self._supervisor.spawn(
             "readiness",
             readiness.monitor(

@@ -15,7 +15,8 @@ CREATE TABLE webhook_endpoints (
     description  text        NOT NULL DEFAULT '',
     created_by   text        NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    -- Set by DeleteWebhook: the endpoint gets nothing more; its log is kept.
+    -- Set by DeleteWebhook (which also blanks the secret): the endpoint gets nothing
+    -- more; its log is kept until pruned.
     deleted_at   timestamptz
 );
 CREATE INDEX webhook_endpoints_by_tenant ON webhook_endpoints (tenant_id, created_at)
@@ -50,3 +51,6 @@ CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (webhook_id, shipm
     WHERE status = 'pending';
 -- ListDeliveries: an endpoint's log, newest first.
 CREATE INDEX webhook_deliveries_log ON webhook_deliveries (webhook_id, delivery_id DESC);
+-- Pruning finished deliveries past CARGOTRACK_WEBHOOK_RETENTION_DAYS.
+CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (finished_at)
+    WHERE status <> 'pending';

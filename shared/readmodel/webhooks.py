@@ -181,8 +181,9 @@ async def endpoint_exists(connection: Connection, tenant_id: str, webhook_id: st
 async def delete_endpoint(connection: Connection, tenant_id: str, webhook_id: str) -> bool:
     """Mark the endpoint deleted and cancel its pending deliveries (the caller's
     transaction); False when the tenant has no such live endpoint."""
+    # The secret is never needed again: blank it rather than keep it until pruned.
     deleted = await connection.fetchval(
-        "UPDATE webhook_endpoints SET deleted_at = now()"
+        "UPDATE webhook_endpoints SET deleted_at = now(), secret = ''"
         " WHERE tenant_id = $1 AND webhook_id = $2 AND deleted_at IS NULL RETURNING 1",
         tenant_id,
         webhook_id,
@@ -382,14 +383,22 @@ async def list_deliveries(
     ]
 
 
-async def backlog(connection: Connection) -> int:
-    """Pending deliveries (for the pending gauge)."""
-    return int(
-        await connection.fetchval(
-            "SELECT count(*) FROM webhook_deliveries WHERE status = $1", PENDING
-        )
-        or 0
+async def prune(connection: Connection, retention_days: int) -> tuple[int, int]:
+    """Delete deliveries finished more than retention_days ago, then deleted endpoints
+    with no delivery left; return how many of each."""
+    deliveries = await connection.fetch(
+        "DELETE FROM webhook_deliveries WHERE status <> $1"
+        " AND finished_at < now() - make_interval(days => $2) RETURNING 1",
+        PENDING,
+        retention_days,
     )
+    endpoints = await connection.fetch(
+        "DELETE FROM webhook_endpoints e WHERE deleted_at < now() - make_interval(days => $1)"
+        " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = e.webhook_id)"
+        " RETURNING 1",
+        retention_days,
+    )
+    return len(deliveries), len(endpoints)
 
 
 async def copy_to_schema(connection: Connection, source: str, target: str) -> None:

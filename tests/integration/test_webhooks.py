@@ -586,3 +586,47 @@ async def test_rebuild_carries_endpoints_and_deliveries_over(
     finally:
         await live.execute(f'DROP SCHEMA IF EXISTS "{rebuilt}" CASCADE')
         await live.close()
+
+
+async def test_deleting_blanks_the_secret_and_old_deliveries_are_pruned(
+    database_url: str, pg_schema: str
+) -> None:
+    await migrate(DatabaseSettings(url=database_url, schema=pg_schema))
+    connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
+    try:
+        await store.create_endpoint(
+            connection,
+            webhook_id="wh_1",
+            tenant_id="tenant-a",
+            url="https://hooks.example.com/",
+            secret="k" * 32,
+            min_severity=0,
+            kinds=[],
+            description="",
+            created_by="dispatcher@tenant-a",
+        )
+        old, recent = (store.NewDelivery("wh_1", "tenant-a", a, "S1", 1, b"{}") for a in "ab")
+        await store.insert_deliveries(connection, [old, recent])
+        await connection.execute(
+            "UPDATE webhook_deliveries SET status = 'delivered',"
+            " finished_at = now() - interval '31 days' WHERE alert_id = 'a'"
+        )
+        async with connection.transaction():
+            assert await store.delete_endpoint(connection, "tenant-a", "wh_1")
+        row = await connection.fetchrow("SELECT secret FROM webhook_endpoints")
+        assert row is not None
+        assert row["secret"] == ""
+        # The old delivery goes; the one just cancelled stays, and so does its webhook.
+        assert await store.prune(connection, 30) == (1, 0)
+        statuses = await connection.fetch("SELECT alert_id, status FROM webhook_deliveries")
+        assert [tuple(r) for r in statuses] == [("b", "cancelled")]
+        await connection.execute(
+            "UPDATE webhook_deliveries SET finished_at = now() - interval '31 days'"
+        )
+        await connection.execute(
+            "UPDATE webhook_endpoints SET deleted_at = now() - interval '31 days'"
+        )
+        assert await store.prune(connection, 30) == (1, 1)
+        assert await connection.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
+    finally:
+        await connection.close()
