@@ -113,7 +113,7 @@ class Sender:
 
     async def _claim(self, limit: int) -> list[store.Claimed]:
         async with self.pool.acquire() as connection:
-            now, heads = await store.pending_heads(connection)
+            now, heads = await store.pending_heads(connection, limit)
             due = rules.deliverable(heads, now, limit)
             return await store.claim(
                 connection, [d.delivery_id for d in due], self.settings.lease_s

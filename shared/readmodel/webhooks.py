@@ -235,16 +235,23 @@ async def insert_deliveries(connection: Connection, deliveries: Sequence[NewDeli
     return len(inserted)
 
 
-async def pending_heads(connection: Connection) -> tuple[datetime, list[Pending]]:
-    """The database's clock, and the oldest pending delivery of each (endpoint, shipment):
-    the only candidates `shared.domain.webhooks.deliverable` can pick."""
+async def pending_heads(connection: Connection, limit: int) -> tuple[datetime, list[Pending]]:
+    """The database's clock, and up to `limit` due, unleased pending deliveries that
+    are the oldest pending one of their (endpoint, shipment), earliest due first: the
+    candidates `shared.domain.webhooks.deliverable` picks from (it applies the same
+    rule; the query only spares sending it what it would leave)."""
     now = await connection.fetchval("SELECT now()")
     rows = await connection.fetch(
-        "SELECT DISTINCT ON (webhook_id, shipment_id)"
+        "SELECT * FROM ("
+        " SELECT DISTINCT ON (webhook_id, shipment_id)"
         " delivery_id, webhook_id, shipment_id, next_attempt_at, leased_until"
         " FROM webhook_deliveries WHERE status = $1"
-        " ORDER BY webhook_id, shipment_id, delivery_id",
+        " ORDER BY webhook_id, shipment_id, delivery_id) AS heads"
+        " WHERE next_attempt_at <= $2 AND (leased_until IS NULL OR leased_until <= $2)"
+        " ORDER BY next_attempt_at, delivery_id LIMIT $3",
         PENDING,
+        now,
+        limit,
     )
     return now, [
         Pending(
