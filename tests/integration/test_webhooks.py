@@ -630,3 +630,53 @@ async def test_deleting_blanks_the_secret_and_old_deliveries_are_pruned(
         assert await connection.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
     finally:
         await connection.close()
+
+
+async def test_a_lease_left_by_a_crashed_worker_runs_out_and_fences_its_outcome(
+    database_url: str, pg_schema: str
+) -> None:
+    """A worker that died mid-attempt holds its lease until it runs out; then another
+    worker attempts the delivery (at least once), and a late outcome of the first (a
+    zombie) is not recorded over the second's."""
+    await migrate(DatabaseSettings(url=database_url, schema=pg_schema))
+    connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
+    try:
+        await store.create_endpoint(
+            connection,
+            webhook_id="wh_1",
+            tenant_id="tenant-a",
+            url="https://hooks.example.com/",
+            secret="k" * 32,
+            min_severity=0,
+            kinds=[],
+            description="",
+            created_by="dispatcher@tenant-a",
+        )
+        await store.insert_deliveries(
+            connection, [store.NewDelivery("wh_1", "tenant-a", "a1", "S1", 1, b"{}")]
+        )
+        _, heads = await store.pending_heads(connection, 10)
+        (crashed,) = await store.claim(connection, [h.delivery_id for h in heads], 60.0)
+        # Leased: no other worker sees it, nor claims it.
+        assert (await store.pending_heads(connection, 10))[1] == []
+        assert await store.claim(connection, [crashed.delivery_id], 60.0) == []
+        # The lease runs out (as 60 s later).
+        await connection.execute("UPDATE webhook_deliveries SET leased_until = now()")
+        _, heads = await store.pending_heads(connection, 10)
+        (retried,) = await store.claim(connection, [h.delivery_id for h in heads], 60.0)
+        assert retried.lease_token != crashed.lease_token
+        for lease, recorded in ((crashed, False), (retried, True)):
+            done = await store.record_attempt(
+                connection,
+                lease,
+                status=store.DELIVERED,
+                status_code=200,
+                error="",
+                retry_in_s=0.0,
+            )
+            assert done is recorded
+        row = await connection.fetchrow("SELECT status, attempts FROM webhook_deliveries")
+        assert row is not None
+        assert tuple(row) == ("delivered", 1)
+    finally:
+        await connection.close()
