@@ -3,7 +3,7 @@
 Run as `python -m bench.query_client`; reads one JSON job (see `Job`) on stdin and
 prints one JSON result line. `mode="grpc"` calls tracking-query's GetShipment with
 `concurrency` calls in flight; `mode="pg"` runs the statement GetShipment runs
-(services/tracking_query/queries.py) with an asyncpg pool of the same concurrency,
+(shared/readmodel/shipments.py) with an asyncpg pool of the same concurrency,
 which is the raw limit the service is compared with. Ids are drawn from `shipments`
 round-robin from a random start.
 """
@@ -22,10 +22,10 @@ import asyncpg
 import grpc
 
 from bench.workload import TENANT
-from services.tracking_query import queries
 from shared.auth import Role, mint_token
 from shared.config import DEV_JWT_SECRET
 from shared.pb import tracking_pb2
+from shared.readmodel import shipments
 
 
 @dataclass
@@ -132,7 +132,7 @@ async def _pg(job: Job) -> Result:
         server_settings={"search_path": job.schema},
     )
     assert pool is not None
-    sql = queries._SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2"
+    sql = shipments.SELECT_WITH_TRACKING + " WHERE s.tenant_id = $1 AND s.shipment_id = $2"
     try:
 
         async def call(shipment_id: str) -> None:
