@@ -1,6 +1,6 @@
 """A learned correction on top of the live ETA, measured, not shipped (docs/eta.md).
 
-``python -m bench.eta_correction [--validate] [--dataset NAME ...]``
+``python -m devtools.eta_correction [--validate] [--dataset NAME ...]``
 
 For each dataset, the same split, learner replay (:func:`shared.eta_eval.learn_online`)
 and planned routes as ``cargotrack eta-eval``. Training rows: the live model's
@@ -30,7 +30,7 @@ from datetime import timedelta
 import numpy as np
 import numpy.typing as npt
 
-from shared import eta_eval as ev
+from devtools import eta_eval as ev
 from shared.domain.eta import EtaModel
 from shared.domain.geo import Route, haversine_m
 
@@ -192,7 +192,7 @@ def measure(name: str, validate: bool) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.eta_correction", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m devtools.eta_correction", description=__doc__)
     ap.add_argument("--validate", action="store_true")
     ap.add_argument("--dataset", choices=sorted(ev.DATASETS), action="append")
     args = ap.parse_args(argv)
