@@ -78,6 +78,13 @@ SERVICES: dict[str, ServiceSpec] = {
         ServiceSpec("dispatch", "services.dispatch.app", 50055, "delay alert subscriptions"),
         ServiceSpec("projector", "services.projector.app", 50056, "folds the streams into state"),
         ServiceSpec("learner", "services.learner.app", 50057, "learns speeds, publishes models"),
+        ServiceSpec(
+            "http-gateway",
+            "services.http_gateway.app",
+            50058,
+            "HTTP/JSON, SSE, tracking page, dispatch board",
+            database_optional=True,
+        ),
     )
 }
 

@@ -221,6 +221,22 @@ class LearnerSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """The http-gateway (services/http_gateway): where it listens for HTTP and which
+    gRPC services it forwards to."""
+
+    #: HTTP port (on CARGOTRACK_GRPC_HOST); gRPC health stays on CARGOTRACK_GRPC_PORT.
+    http_port: int = 8080
+    #: host:port of tracking-query and of dispatch (plaintext gRPC, in-cluster).
+    tracking_target: str = "127.0.0.1:50054"
+    dispatch_target: str = "127.0.0.1:50055"
+    #: A comment line on an idle stream this often, so proxies keep it open.
+    heartbeat_s: float = 15.0
+    #: Map tiles of the tracking page ({z}/{x}/{y} template); empty: a blank background.
+    tile_url: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings
     database: DatabaseSettings
@@ -229,6 +245,7 @@ class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     learner: LearnerSettings = field(default_factory=LearnerSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     metrics_port: int = 0
     log_format: str = "json"
     log_level: str = "INFO"
@@ -519,8 +536,30 @@ def load_settings(
         env.errors.append(
             f"CARGOTRACK_LEARNER_TIMEZONE={learner.timezone!r}: expected an IANA time zone"
         )
+    gateway = GatewaySettings(
+        http_port=env.integer("CARGOTRACK_HTTP_PORT", 8080, minimum=0),
+        tracking_target=env.text("CARGOTRACK_GATEWAY_TRACKING_TARGET", "127.0.0.1:50054"),
+        dispatch_target=env.text("CARGOTRACK_GATEWAY_DISPATCH_TARGET", "127.0.0.1:50055"),
+        heartbeat_s=env.number("CARGOTRACK_GATEWAY_HEARTBEAT_S", 15.0, minimum=0.1),
+        tile_url=env.text("CARGOTRACK_MAP_TILE_URL", ""),
+    )
+    for name, target in (
+        ("CARGOTRACK_GATEWAY_TRACKING_TARGET", gateway.tracking_target),
+        ("CARGOTRACK_GATEWAY_DISPATCH_TARGET", gateway.dispatch_target),
+    ):
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            env.errors.append(f"{name}={target!r}: expected host:port")
+    if gateway.tile_url and not (
+        gateway.tile_url.startswith(("https://", "http://", "/")) and "{z}" in gateway.tile_url
+    ):
+        env.errors.append(
+            f"CARGOTRACK_MAP_TILE_URL={gateway.tile_url!r}: expected an http(s) URL template"
+            " with {z}, {x} and {y}"
+        )
     settings = Settings(
         kafka=kafka,
+        gateway=gateway,
         database=database,
         topics=topics,
         auth=auth,
