@@ -42,6 +42,8 @@ class Web:
     http: aiohttp.ClientSession
     query: Query
     dispatch_settings: Any
+    base: str
+    server: GatewayServer
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ async def web(query: Query, kafka_bootstrap: str, topic_prefix: str) -> AsyncIte
                             if ready.status == 200:
                                 break
                         await asyncio.sleep(0.1)
-                yield Web(http, query, dispatch_settings)
+                yield Web(http, query, dispatch_settings, base, gateway)
 
 
 async def travelling(service: Query) -> str:
