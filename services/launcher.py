@@ -47,7 +47,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,8 @@ from services.dev_view import (
 )
 from services.fleet_simulator import SimulatorConfig, SimulatorStats, Targets
 from services.fleet_simulator import run as simulate
+from services.http_gateway import links as gateway_links
+from services.http_gateway.links import dev_http_port
 from shared.auth import Role, mint_token
 from shared.config import load_settings
 from shared.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
@@ -259,6 +261,10 @@ def check_ports(environ: Mapping[str, str], service_ports: Mapping[str, int]) ->
         ensure_port_free(
             service_ports[spec.name], what=f"{spec.name} gRPC", env_var=DEV_PORT_BASE_ENV
         )
+    if "http-gateway" in service_ports:
+        ensure_port_free(
+            dev_http_port(service_ports), what="http-gateway HTTP", env_var=DEV_PORT_BASE_ENV
+        )
 
 
 @contextlib.contextmanager
@@ -365,6 +371,8 @@ async def running_services(
         for spec in specs:
             port = ports[spec.name]
             env = service_env(stack, environ, port)
+            if spec.name == "http-gateway":
+                env.update(gateway_links.dev_env(ports))
             log_path = log_dir / f"{spec.name}.log"
             process = _spawn_service(spec, env, log_path)
             running.append(RunningService(spec, port, process, env, log_path))
@@ -422,6 +430,8 @@ async def run_dev(args: argparse.Namespace, environ: Mapping[str, str] = os.envi
                         f"{service.spec.name:<24} 127.0.0.1:{service.port}"
                         f"  ({service.spec.summary})"
                     )
+                if "http-gateway" in ports:
+                    print(f"dispatch board  http://127.0.0.1:{dev_http_port(ports)}/dispatch")
                 print(f"logs        {state_dir / 'logs'}")
                 write_running_stack(state_dir, operator_env(stack, environ))
                 print("ready; Ctrl-C stops everything", flush=True)
@@ -522,6 +532,12 @@ async def _live(
                     simulate(config, targets, stats=stats, stop=simulator_stop), name="simulator"
                 )
                 simulator.add_done_callback(lambda task: _simulator_ended(task, stats))
+                if "http-gateway" in where and "tracking-query" in where:
+                    base = f"http://127.0.0.1:{dev_http_port(where_ports(services))}"
+                    link = await gateway_links.tracking_link(
+                        base, where["tracking-query"], secret, DEV_TENANT
+                    )
+                    print(f"tracking page  {link or '(no shipment yet)'}", flush=True)
             try:
                 every_s = getattr(args, "status_every", 5.0)
                 await _show(monitor, stop, headless=headless, every_s=every_s)
@@ -533,6 +549,10 @@ async def _live(
                         simulator.cancel()
                         await asyncio.wait({simulator})
     return supervisor.failure
+
+
+def where_ports(services: Sequence[RunningService]) -> dict[str, int]:
+    return {s.spec.name: s.port for s in services}
 
 
 def _simulator_ended(task: asyncio.Task[SimulatorStats], stats: SimulatorStats) -> None:

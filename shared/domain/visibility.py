@@ -183,8 +183,9 @@ def clip_route(
     route: Sequence[tuple[float, float]], destination: tuple[float, float]
 ) -> list[tuple[float, float]]:
     """The route's points up to the one nearest `destination` (inclusive), then the
-    destination itself: what the public sees of a multi-drop round's planned route.
-    The stops after this shipment's are other customers' business. Empty in, empty out."""
+    destination itself (unless that point is it): what the public sees of a
+    multi-drop round's planned route. The stops after this shipment's are other
+    customers' business. Empty in, empty out."""
     if not route:
         return []
     lat, lon = destination
@@ -193,4 +194,5 @@ def clip_route(
         range(len(route)),
         key=lambda i: (route[i][0] - lat) ** 2 + ((route[i][1] - lon) * scale) ** 2,
     )
-    return [*route[: nearest + 1], (lat, lon)]
+    clipped = list(route[: nearest + 1])
+    return clipped if clipped[-1] == (lat, lon) else [*clipped, (lat, lon)]

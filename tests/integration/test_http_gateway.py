@@ -16,6 +16,7 @@ import pytest
 
 from services.http_gateway.app import GatewayServer
 from shared.auth import Role
+from shared.domain import polyline
 from shared.pb import alerts_pb2, tracking_pb2
 from tests.ingest_helpers import Metadata, bearer, service_settings
 from tests.integration.test_dispatch import alert_envelope, publish, running_dispatch
@@ -75,6 +76,8 @@ async def travelling(service: Query) -> str:
     log = shipment_log(
         TENANT, "s1", customer="cust-secret-3", vehicle="veh-secret-7", driver="drv-secret-9"
     )
+    # A multi-drop round: the route goes on past this shipment's stop (53.43, -2.90).
+    log[0].shipment_event.created.planned_route = polyline.encode(ROUND)
     log.append(moving(TENANT, "veh-secret-7", 1, T0 + timedelta(minutes=10)))
     await project(service.settings, log)
     async with asyncio.timeout(10):
@@ -83,6 +86,10 @@ async def travelling(service: Query) -> str:
             metadata=OPS,
         )
     return str(reply.shipment.tracking_token)
+
+
+#: The planned round: origin, the vehicle's way, this stop, another customer's stop.
+ROUND = [(53.40, -2.99), (53.404, -2.978), (53.412, -2.954), (53.43, -2.90), (53.45, -2.85)]
 
 
 class Events:
@@ -196,6 +203,8 @@ async def test_the_public_routes_show_only_the_public_view(web: Web) -> None:
     public = json.loads(text)["shipment"]
     assert public["status"] == "SHIPMENT_STATUS_IN_TRANSIT"
     assert {"lastPosition", "destination", "eta", "progress"} <= set(public)
+    # The route ends at this shipment's stop: the rest of the round is not shown.
+    assert polyline.decode(public["plannedRoute"]) == ROUND[:4]
     for secret in ("veh-secret-7", "cust-secret-3", "drv-secret-9", "shipmentId", "trackingToken"):
         assert secret not in text, secret
     async with web.http.get("/v1/track/" + "A" * 22) as response:
