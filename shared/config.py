@@ -234,6 +234,8 @@ class GatewaySettings:
     heartbeat_s: float = 15.0
     #: Map tiles of the tracking page ({z}/{x}/{y} template); empty: a blank background.
     tile_url: str = ""
+    #: CA certificate that verifies the services' TLS certificates; None: plaintext.
+    tls_ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -542,6 +544,7 @@ def load_settings(
         dispatch_target=env.text("CARGOTRACK_GATEWAY_DISPATCH_TARGET", "127.0.0.1:50055"),
         heartbeat_s=env.number("CARGOTRACK_GATEWAY_HEARTBEAT_S", 15.0, minimum=0.1),
         tile_url=env.text("CARGOTRACK_MAP_TILE_URL", ""),
+        tls_ca_file=env.optional("CARGOTRACK_GATEWAY_TLS_CA_FILE"),
     )
     for name, target in (
         ("CARGOTRACK_GATEWAY_TRACKING_TARGET", gateway.tracking_target),

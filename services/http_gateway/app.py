@@ -292,6 +292,22 @@ class Gateway:
         return response
 
 
+def _channel(settings: Settings, target: str) -> grpc.aio.Channel:
+    """A channel to a service: TLS verified against CARGOTRACK_GATEWAY_TLS_CA_FILE when
+    set (presenting the pod's own certificate, for services that require mutual TLS),
+    else plaintext (the local suite, the dev overlay)."""
+    ca_file = settings.gateway.tls_ca_file
+    if not ca_file:
+        return grpc.aio.insecure_channel(target)
+    cert, key = settings.grpc.tls_cert_file, settings.grpc.tls_key_file
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(),
+        private_key=Path(key).read_bytes() if cert and key else None,
+        certificate_chain=Path(cert).read_bytes() if cert and key else None,
+    )
+    return grpc.aio.secure_channel(target, credentials)
+
+
 def _health_check(channel: grpc.aio.Channel, service: str) -> Callable[[], Awaitable[None]]:
     stub = health_pb2_grpc.HealthStub(channel)
 
@@ -320,8 +336,8 @@ class GatewayServer(StackedServer):
         await self._stack.enter_async_context(metrics.service_telemetry(settings, LABEL))
         tracking_name, dispatch_name = (service.full_name for service in SERVICES)
         channels = {
-            tracking_name: grpc.aio.insecure_channel(settings.gateway.tracking_target),
-            dispatch_name: grpc.aio.insecure_channel(settings.gateway.dispatch_target),
+            tracking_name: _channel(settings, settings.gateway.tracking_target),
+            dispatch_name: _channel(settings, settings.gateway.dispatch_target),
         }
         for channel in channels.values():
             self._stack.push_async_callback(channel.close)

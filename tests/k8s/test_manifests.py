@@ -33,8 +33,11 @@ SERVICES = {
     "dispatch": 50055,
     "projector": 50056,
     "learner": 50057,
+    "http-gateway": 50058,
 }
 GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner")]
+#: Ports besides the gRPC and metrics ones: the http-gateway's HTTP port.
+EXTRA_PORTS = {"http-gateway": {8080}}
 METRICS_PORT = 9090
 TOPIC_RETENTION_MS = {
     "cargotrack.gps-points": 7 * 24 * 3600 * 1000,
@@ -118,9 +121,10 @@ def test_every_service_is_deployed_with_its_port(overlay: list[Resource]) -> Non
         assert c["args"] == ["serve", name]
         assert env(deployments[name])["CARGOTRACK_GRPC_PORT"]["value"] == str(port)
         health = config(overlay).get("CARGOTRACK_GRPC_HEALTH_PORT")  # prod: TLS probes
-        expected = {port, METRICS_PORT} | ({int(health)} if health else set())
+        extra = EXTRA_PORTS.get(name, set())
+        expected = {port, METRICS_PORT} | extra | ({int(health)} if health else set())
         assert {p["containerPort"] for p in c["ports"]} == expected
-        assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT}
+        assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT} | extra
     assert config(overlay)["CARGOTRACK_METRICS_PORT"] == str(METRICS_PORT)
     assert config(overlay)["CARGOTRACK_GRPC_HOST"] == "0.0.0.0"
     assert config(overlay)["CARGOTRACK_LOG_FORMAT"] == "json"
@@ -215,6 +219,7 @@ DATABASE_ROLE = {
     "tracking-query": "cargotrack_query",
     "projector": "cargotrack_projector",
     "learner": "cargotrack_learner",
+    "http-gateway": None,
 }
 
 
@@ -346,13 +351,32 @@ def test_network_policies_open_only_the_service_ports(overlay: list[Resource]) -
     for name, port in SERVICES.items():
         policy = policies[name]["spec"]
         assert policy["policyTypes"] == ["Ingress", "Egress"]
-        assert "egress" not in policy
         opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+        if name == "http-gateway":
+            # HTTP and metrics only (its gRPC port serves the probes); egress to the
+            # two services it calls, on their gRPC ports.
+            assert opened == {8080, METRICS_PORT}
+            called = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+            assert called == {SERVICES["tracking-query"], SERVICES["dispatch"]}
+            continue
+        assert "egress" not in policy
         assert opened == {port, METRICS_PORT}
     baseline = policies["cargotrack-baseline"]["spec"]
     assert "ingress" not in baseline
     egress_ports = {p["port"] for rule in baseline["egress"] for p in rule["ports"]}
     assert egress_ports == {53, 9093, 5432}
+
+
+def test_the_gateway_ingress_does_not_buffer_streams(overlay: list[Resource]) -> None:
+    ingress = of_kind(overlay, "Ingress")["http-gateway"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "http-gateway", "port": {"name": "http"}}
+    assert config(overlay)["CARGOTRACK_GATEWAY_TRACKING_TARGET"] == "tracking-query:50054"
+    assert config(overlay)["CARGOTRACK_GATEWAY_DISPATCH_TARGET"] == "dispatch:50055"
 
 
 def test_every_resource_carries_the_common_labels(overlay: list[Resource]) -> None:
