@@ -90,6 +90,7 @@ from shared.devstack.running import (
     write_running_stack,
 )
 from shared.devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_SERVERS_ENV
+from shared.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -534,10 +535,14 @@ async def _live(
                 simulator.add_done_callback(lambda task: _simulator_ended(task, stats))
                 if "http-gateway" in where and "tracking-query" in where:
                     base = f"http://127.0.0.1:{dev_http_port(where_ports(services))}"
-                    link = await gateway_links.tracking_link(
-                        base, where["tracking-query"], secret, DEV_TENANT
+                    exits.push_async_callback(
+                        cancel_and_wait,
+                        asyncio.create_task(
+                            gateway_links.print_tracking_link(
+                                base, where["tracking-query"], secret, DEV_TENANT
+                            )
+                        ),
                     )
-                    print(f"tracking page  {link or '(no shipment yet)'}", flush=True)
             try:
                 every_s = getattr(args, "status_every", 5.0)
                 await _show(monitor, stop, headless=headless, every_s=every_s)

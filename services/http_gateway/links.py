@@ -1,7 +1,7 @@
 """The gateway in `cargotrack dev`: its settings there, and the links it prints.
 
 The dev launcher (services/launcher.py) calls `dev_env` for the gateway's process
-and `tracking_link` once the simulator runs, so a newcomer can open the tracking
+and `print_tracking_link` once the simulator runs, so a newcomer can open the tracking
 page of a simulated shipment and the dispatch board.
 """
 
@@ -63,3 +63,11 @@ async def tracking_link(
                         return f"{base_url}/t/{reply.shipments[0].tracking_token}"
                 await asyncio.sleep(1.0)
     return None
+
+
+async def print_tracking_link(
+    base_url: str, tracking_target: str, secret: str, tenant: str
+) -> None:
+    """Print `tracking page  <link>` once a simulated shipment is under way."""
+    link = await tracking_link(base_url, tracking_target, secret, tenant)
+    print(f"tracking page  {link or '(no shipment under way yet)'}", flush=True)
