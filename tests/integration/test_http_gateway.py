@@ -331,3 +331,20 @@ async def test_openapi_describes_every_route(web: Web) -> None:
     assert "security" not in watch
     shipment = document["components"]["schemas"]["cargotrack.v1.Shipment"]["properties"]
     assert shipment["createdAt"] == {"type": "string", "format": "date-time"}
+
+
+async def test_a_stream_that_fails_midway_ends_with_an_error_event(web: Web) -> None:
+    """WatchShipment over SSE with a token that expires during the stream: the service
+    ends it with UNAUTHENTICATED, which arrives as `event: error` with the status."""
+    await travelling(web.query)
+    short = header(bearer(Role.OPS, tenant=TENANT, ttl_s=2))
+    async with web.http.get("/v1/shipments/s1:watch", headers=short) as response:
+        assert response.status == 200
+        events = Events(response)
+        first = await events.next()
+        assert json.loads(first["data"])["shipment"]["shipmentId"] == "s1"
+        failure = await events.next(timeout_s=30)
+    assert failure["event"] == "error"
+    status = json.loads(failure["data"])
+    assert status["code"] == 16  # UNAUTHENTICATED: renew the token and watch again
+    assert "expired" in status["message"]
