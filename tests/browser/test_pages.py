@@ -124,6 +124,10 @@ async def test_the_dispatch_board_shows_a_new_alert_within_seconds(
         await expect(alert).to_be_visible(timeout=10_000)
         await expect(alert).to_contain_text("Late")
         await expect(alert.locator("a")).to_have_attribute("href", "#shipment=shp-late")
+        # The link opens the shipment, read with the dispatcher's token (unknown here).
+        await alert.locator("a").click()
+        await expect(page.locator("#shipment-details")).to_contain_text("shp-late")
+        await expect(page.locator("#shipment-details")).to_contain_text("HTTP 404")
 
         # Filters: an at-risk warning arrives; "critical only" hides it, "all" shows both.
         [risk] = await publish(
