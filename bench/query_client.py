@@ -4,11 +4,11 @@ read straight from PostgreSQL.
 Run as `python -m bench.query_client`; reads one JSON job (see `Job`) on stdin and
 prints one JSON result line. `mode="grpc"` calls tracking-query's GetShipment with
 `concurrency` calls in flight; `mode="pg"` runs the statement GetShipment runs
-(services/tracking_query/queries.py) with an asyncpg pool of the same concurrency,
+(shared/readmodel/shipments.py) with an asyncpg pool of the same concurrency,
 which is the raw limit the service is compared with. `mode="http"` GETs
 `{target}/v1/shipments/{id}` (the gateway's JSON, the same RPC behind it) with
-`concurrency` requests in flight over one keep-alive connection pool. Ids are drawn from `shipments`
-round-robin from a random start.
+`concurrency` requests in flight over one keep-alive connection pool. Ids are drawn
+from `shipments` round-robin from a random start.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import asyncpg
 import grpc
 
 from bench.workload import TENANT
-from services.tracking_query import queries
 from shared.auth import Role, mint_token
 from shared.config import DEV_JWT_SECRET
 from shared.pb import tracking_pb2
+from shared.readmodel import shipments
 
 
 @dataclass
@@ -156,7 +156,7 @@ async def _pg(job: Job) -> Result:
         server_settings={"search_path": job.schema},
     )
     assert pool is not None
-    sql = queries._SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2"
+    sql = shipments.SELECT_WITH_TRACKING + " WHERE s.tenant_id = $1 AND s.shipment_id = $2"
     try:
 
         async def call(shipment_id: str) -> None:

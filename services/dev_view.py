@@ -56,7 +56,7 @@ from shared.pb import (
     tracking_pb2,
     tracking_pb2_grpc,
 )
-from shared.readmodel import eta_scores, model_snapshots
+from shared.readmodel import eta_scores, model_snapshots, shipments
 
 __all__ = ["AlertFeed", "DevMonitor", "Snapshot", "render", "summary_line"]
 
@@ -401,18 +401,15 @@ class DevMonitor(Lifecycle):
         """Counts by status, and the projection's stored offsets (one connection, kept)."""
         if self._connection is None or self._connection.is_closed():
             self._connection = await connect(self.settings.database)
-        rows = await self._connection.fetch(
-            "SELECT status, count(*) AS n FROM shipments WHERE tenant_id = $1 GROUP BY status",
-            self.tenant,
-        )
+        counts = await shipments.status_counts(self._connection, self.tenant)
         offsets = await self._connection.fetch(
             "SELECT topic, partition, last_offset FROM projection_offsets WHERE projection = $1",
             PROJECTION,
         )
         statuses = dict.fromkeys(STATUSES, 0)
-        for row in rows:
-            name = shipment_pb2.ShipmentStatus.Name(row["status"])
-            statuses[name.removeprefix("SHIPMENT_STATUS_").lower()] = int(row["n"])
+        for status, count in counts.items():
+            name = shipment_pb2.ShipmentStatus.Name(status)  # type: ignore[arg-type]
+            statuses[name.removeprefix("SHIPMENT_STATUS_").lower()] = int(count)
         stored = {TopicPartition(r["topic"], r["partition"]): r["last_offset"] for r in offsets}
         self._eta_accuracy = await eta_scores.recent_line(
             self._connection, self.tenant, datetime.now(UTC)
