@@ -93,6 +93,11 @@ def public_shipment(view: ShipmentView) -> tracking_pb2.PublicShipment:
             route = []
         end = (public.destination.latitude, public.destination.longitude)
         public.planned_route = polyline.encode(clip_route(route, end)) if route else ""
+    if public.HasField("progress") and public.HasField("eta") and public.eta.remaining_m > 0:
+        # Progress towards this stop, like the route: the round's length after it is
+        # other customers' business.
+        public.progress.remaining_m = public.eta.remaining_m
+        public.progress.route_length_m = public.progress.travelled_m + public.eta.remaining_m
     public.timeline.extend(view.timeline_for(Audience.PUBLIC))
     return public
 

@@ -205,6 +205,11 @@ async def test_the_public_routes_show_only_the_public_view(web: Web) -> None:
     assert {"lastPosition", "destination", "eta", "progress"} <= set(public)
     # The route ends at this shipment's stop: the rest of the round is not shown.
     assert polyline.decode(public["plannedRoute"]) == ROUND[:4]
+    progress = public["progress"]
+    assert progress["remainingM"] == public["eta"]["remainingM"]
+    assert progress["routeLengthM"] == pytest.approx(
+        progress.get("travelledM", 0) + progress["remainingM"]
+    )
     for secret in ("veh-secret-7", "cust-secret-3", "drv-secret-9", "shipmentId", "trackingToken"):
         assert secret not in text, secret
     async with web.http.get("/v1/track/" + "A" * 22) as response:
