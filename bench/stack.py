@@ -26,11 +26,11 @@ from pathlib import Path
 
 import asyncpg
 
-from services.launcher import wait_serving
+from devtools.devstack import LocalStack
+from devtools.devstack.ports import free_ports
+from devtools.devstack.process import ChildProcess
+from devtools.launcher import wait_serving
 from shared.config import Settings, load_settings
-from shared.devstack import LocalStack
-from shared.devstack.ports import free_ports
-from shared.devstack.process import ChildProcess
 from shared.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)

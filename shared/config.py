@@ -3,7 +3,7 @@
 `load_settings()` reads the environment at start-up and either returns a
 `Settings` or raises `ConfigError` naming every bad variable, so a service never
 starts half-configured. No service reads `os.environ` for configuration anywhere
-else; the local stack (shared/devstack), the launcher, `cargotrack token` /
+else; the local stack and the launcher (devtools/), `cargotrack token` /
 `simulate`, the benchmark and the tests read a few variables of their own where
 they use them. docs/operations.md lists them all (tests/contracts/test_docs.py).
 """

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from shared.devstack import DevStackError, KafkaBroker, LocalStack
+from devtools.devstack import DevStackError, KafkaBroker, LocalStack
 
 # Shared machines are noisy: no per-example deadline. The explain phase is left out
 # because on Python 3.11 it can take longer than the test timeout after a failure,

@@ -1,6 +1,6 @@
 """The gateway in `cargotrack dev`: its settings there, and the links it prints.
 
-The dev launcher (services/launcher.py) calls `dev_env` for the gateway's process
+The dev launcher (devtools/launcher.py) calls `dev_env` for the gateway's process
 and `print_tracking_link` once the simulator runs, so a newcomer can open the tracking
 page of a simulated shipment and the dispatch board.
 """

@@ -16,7 +16,7 @@ import pytest
 from bench.phases import BenchOptions
 from bench.run import run_bench
 from bench.workload import SPEED_MPS, encode_points, encode_request, route_of, vehicle_id
-from shared.devstack import LocalStack
+from devtools.devstack import LocalStack
 from shared.pb import gps_pb2
 
 pytestmark = pytest.mark.timeout(240)

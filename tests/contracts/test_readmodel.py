@@ -35,7 +35,7 @@ STATUS_SET = re.compile(
 
 def sources() -> list[Path]:
     found = []
-    for top in ("shared", "services"):
+    for top in ("shared", "services", "devtools"):
         for path in sorted((ROOT / top).rglob("*.py")):
             relative = path.relative_to(ROOT).as_posix()
             if relative.startswith(("shared/readmodel/", "shared/pb/")):
@@ -47,6 +47,7 @@ def sources() -> list[Path]:
 def test_read_model_sql_is_only_in_shared_readmodel() -> None:
     files = sources()
     assert any(p.name == "live.py" for p in files)  # the scan sees the projector
+    assert any(p.name == "view.py" for p in files)  # and the dev view (devtools/)
     offenders = {
         path.relative_to(ROOT).as_posix(): sorted(set(SQL.findall(path.read_text())))
         for path in files

@@ -19,7 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.launcher import (
+from devtools.devstack import DevStackError
+from devtools.launcher import (
     DEV_PORT_BASE_ENV,
     LOCK_FILE,
     check_ports,
@@ -27,7 +28,6 @@ from services.launcher import (
     locked_state_dir,
     reset_state,
 )
-from shared.devstack import DevStackError
 from tests.dev_helpers import (
     SUMMARY,
     DevRun,

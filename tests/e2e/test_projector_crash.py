@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
+from devtools.devstack.process import ChildProcess
 from shared import tracking_store as store
 from shared.db import Connection, create_pool
-from shared.devstack.process import ChildProcess
 from shared.projection import wait_caught_up
 from tests.projection_helpers import (
     T0,

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import SERVICES
+from devtools.devstack.ports import DEFAULT_KAFKA_PORT
+from devtools.launcher import dev_service_ports
 from services.http_gateway.links import dev_http_port
-from services.launcher import dev_service_ports
-from shared.devstack.ports import DEFAULT_KAFKA_PORT
+from services.registry import SERVICES
 from tests.dev_helpers import SUMMARY, DevRun, as_int, dev_env, summary_fields
 
 ROOT = Path(__file__).resolve().parents[2]

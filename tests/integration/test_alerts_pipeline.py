@@ -22,6 +22,7 @@ import grpc
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from devtools.devstack import KafkaBroker
 from services.dispatch.app import DispatchServer
 from services.projector.live import LiveTracker
 from services.projector.outbox import OutboxRelay
@@ -29,7 +30,6 @@ from services.projector.projection import TrackingProjection
 from services.projector.stale import StaleScanner
 from shared.config import Settings
 from shared.db import create_pool
-from shared.devstack import KafkaBroker
 from shared.domain.polyline import encode as encode_polyline
 from shared.envelopes import timestamp, utc_now
 from shared.kafka import KafkaUnavailable

@@ -8,11 +8,11 @@ from typing import cast
 
 import pytest
 
-from services.cli import SERVICES
+from devtools.devstack import LocalStack
+from devtools.launcher import service_env
 from services.delivery_confirmations.precheck import Outcome, verdict
-from services.launcher import service_env
+from services.registry import SERVICES
 from shared.config import ConfigError, load_settings
-from shared.devstack import LocalStack
 from shared.domain.tracking import (
     ASSIGNED,
     CANCELLED,

@@ -1,6 +1,6 @@
 """The optimised ETA model gives exactly the estimates of the reference implementation.
 
-``tests/unit/eta_reference`` is the model as it was before its hot path was optimised
+``bench/eta_reference`` is the model as it was before its hot path was optimised
 (projection memo on the fixes, closed-form travel time, compact per-route tables).
 Seeded random scenarios (routes that bend, double back on themselves or cross
 themselves; noisy, jumping, shuffled, off-route and partly future tracks; learned
@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.eta_reference import eta as ref_eta
+from bench.eta_reference import geo as ref_geo
+from bench.eta_reference import speeds as ref_speeds
 from shared.domain.eta import EtaModel, EtaParams, Stop
 from shared.domain.geo import Fix, LatLon, LocalProjection, Route
 from shared.domain.speeds import HistoricalSpeeds, SpeedParams, learn_speeds
-from tests.unit.eta_reference import eta as ref_eta
-from tests.unit.eta_reference import geo as ref_geo
-from tests.unit.eta_reference import speeds as ref_speeds
 
 PROJ = LocalProjection(51.5, -0.1)
 T0 = datetime(2026, 3, 6, 22, 17, 31, tzinfo=UTC)  # a Friday night: hours and days turn

@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import grpc
 
-from services.fleet_simulator.stats import SimulatorStats
-from services.fleet_simulator.uplink import Metadata
+from devtools.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.uplink import Metadata
 from shared.auth import Role, mint_token
 from shared.pb import delivery_pb2, delivery_pb2_grpc, shipment_pb2, shipment_pb2_grpc
 from shared.rpc import field_violations

@@ -5,10 +5,10 @@ by the test fixtures (free ports, fresh data: :meth:`LocalStack.for_tests`). Exp
 failures raise :class:`DevStackError`, whose message is one line naming the fix.
 """
 
-from shared.devstack.errors import DevStackError
-from shared.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker, ensure_kafka_jars
-from shared.devstack.postgres import PostgresServer
-from shared.devstack.stack import LocalStack
+from devtools.devstack.errors import DevStackError
+from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker, ensure_kafka_jars
+from devtools.devstack.postgres import PostgresServer
+from devtools.devstack.stack import LocalStack
 
 __all__ = [
     "DEFAULT_KAFKA_VERSION",

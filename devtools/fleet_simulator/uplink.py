@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from services.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.stats import SimulatorStats
 from shared.auth import STREAM_TOKEN_EXPIRED
 from shared.lifecycle import Lifecycle
 from shared.pb import gps_pb2, gps_pb2_grpc

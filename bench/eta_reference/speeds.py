@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from tests.unit.eta_reference.geo import (
+from bench.eta_reference.geo import (
     EARTH_RADIUS_M,
     FloatArray,
 )

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.fleet_simulator.routes import DATASET_NAMES, DEFAULT_DATA
+from devtools.fleet_simulator.routes import DATASET_NAMES, DEFAULT_DATA
 from shared.config import DEV_JWT_SECRET
 
 __all__ = ["SimulatorConfig", "Targets", "default_run_id"]

@@ -15,9 +15,9 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from services.fleet_simulator.clients import DriverApp, Tms, event_id
-from services.fleet_simulator.config import SimulatorConfig
-from services.fleet_simulator.plan import (
+from devtools.fleet_simulator.clients import DriverApp, Tms, event_id
+from devtools.fleet_simulator.config import SimulatorConfig
+from devtools.fleet_simulator.plan import (
     BadPoint,
     Batch,
     Milestone,
@@ -27,9 +27,9 @@ from services.fleet_simulator.plan import (
     plan_round,
     vehicle_id,
 )
-from services.fleet_simulator.routes import RecordedTrip
-from services.fleet_simulator.stats import SimulatorStats
-from services.fleet_simulator.uplink import GpsUplink
+from devtools.fleet_simulator.routes import RecordedTrip
+from devtools.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.uplink import GpsUplink
 from shared.envelopes import timestamp, utc_now
 from shared.pb import common_pb2, delivery_pb2, gps_pb2, shipment_pb2
 

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from shared.devstack.errors import DevStackError
+from devtools.devstack.errors import DevStackError
 from shared.lifecycle import Lifecycle
 
 __all__ = [

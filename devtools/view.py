@@ -15,7 +15,7 @@ Read-only, from outside the services, the way an operator would look:
 - **consumer lag**: Kafka's end offsets of the projection's topics minus the offsets
   the projection stored in PostgreSQL (`projection_offsets`: the offsets that matter,
   written in the same transaction as the state);
-- **processes**: each supervised process (services/dev_supervisor.py) with its state
+- **processes**: each supervised process (devtools/supervisor.py) with its state
   and restart count, and the latest exits the supervisor reported.
 
 A source that cannot be read is shown as unknown (and named), never fatal.
@@ -41,8 +41,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from services.dev_supervisor import Supervisor, UnitStatus
-from services.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.stats import SimulatorStats
+from devtools.supervisor import Supervisor, UnitStatus
 from shared.auth import Role, mint_token
 from shared.config import Settings
 from shared.db import connect

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shared.devstack.errors import DevStackError
-from shared.devstack.process import log_tail
+from devtools.devstack.errors import DevStackError
+from devtools.devstack.process import log_tail
 from shared.lifecycle import Lifecycle
 
 __all__ = [

@@ -10,7 +10,7 @@ import contextlib
 import socket
 from collections.abc import Mapping
 
-from shared.devstack.errors import DevStackError
+from devtools.devstack.errors import DevStackError
 
 __all__ = [
     "DEFAULT_KAFKA_CONTROLLER_PORT",

@@ -5,21 +5,21 @@ PostgreSQL, applies migrations, creates topics, starts every service as its own
 process (`cargotrack serve NAME`, exactly what a container runs), waits until
 each reports SERVING on grpc.health.v1, prints where each listens, then
 subscribes to dispatch's alerts, starts the fleet simulator
-(services/fleet_simulator; `--no-simulator` leaves it out) and shows the live
-view (services/dev_view.py; `--headless` prints summary lines instead, as does a
+(devtools/fleet_simulator; `--no-simulator` leaves it out) and shows the live
+view (devtools/view.py; `--headless` prints summary lines instead, as does a
 run whose stdout is not a terminal). Runs until Ctrl-C / SIGTERM (or
 --exit-after). Stopping is ordered: the simulator (it cancels the shipments it
 did not finish), the view, then the services get SIGTERM and drain, then Kafka
 and PostgreSQL stop. No child process survives.
 
-Everything it started is supervised (services/dev_supervisor.py): a service (or
+Everything it started is supervised (devtools/supervisor.py): a service (or
 Kafka, or PostgreSQL) that exits is reported at once in the view and the headless
 output (name, exit code or signal, the last lines of its log), and started again
 after a backoff; one that exits --give-up-after times (5) within --give-up-window
 seconds (60) stops the run, which then exits with status 2 naming it.
 
 Once the services are ready, the stack's connection settings are written to
-`<state dir>/running-stack.json` (shared/devstack/running.py; removed on stop), so
+`<state dir>/running-stack.json` (shared/running_stack.py; removed on stop), so
 operator commands started beside the run (`cargotrack rebuild`, `migrate`, ...)
 find it without exported variables, and `cargotrack env` prints them.
 
@@ -29,8 +29,8 @@ the taken port (or the locked directory), and never touches the first one's stat
 
 Ports: Kafka, its controller and PostgreSQL move with CARGOTRACK_KAFKA_PORT,
 CARGOTRACK_KAFKA_CONTROLLER_PORT and CARGOTRACK_POSTGRES_PORT
-(shared/devstack/ports.py); the services listen on CARGOTRACK_DEV_PORT_BASE (default
-50051) and the six ports after it, in the order of services.cli.SERVICES.
+(devtools/devstack/ports.py); the services listen on CARGOTRACK_DEV_PORT_BASE (default
+50051) and the six ports after it, in the order of services.registry.SERVICES.
 
 State (Kafka log, PostgreSQL data, service logs) lives in CARGOTRACK_STATE_DIR
 (default ./.cargotrack) and is reused by the next run; `--reset` starts afresh.
@@ -56,24 +56,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.live import Live
 
-from services.cli import SERVICES, ServiceSpec, available_services
-from services.dev_supervisor import Event, GaveUp, RestartPolicy, Supervised, Supervisor
-from services.dev_view import (
-    AlertFeed,
-    AlertSeen,
-    DevMonitor,
-    render,
-    summary_line,
-    wait_subscribed,
-)
-from services.fleet_simulator import SimulatorConfig, SimulatorStats, Targets
-from services.fleet_simulator import run as simulate
-from services.http_gateway import links as gateway_links
-from services.http_gateway.links import dev_http_port
-from shared.auth import Role, mint_token
-from shared.config import load_settings
-from shared.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
-from shared.devstack.ports import (
+from devtools.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
+from devtools.devstack.ports import (
     DEFAULT_KAFKA_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
@@ -83,14 +67,30 @@ from shared.devstack.ports import (
     ensure_port_free,
     port_from_env,
 )
-from shared.devstack.process import ChildProcess
-from shared.devstack.running import (
+from devtools.devstack.process import ChildProcess
+from devtools.devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_SERVERS_ENV
+from devtools.fleet_simulator import SimulatorConfig, SimulatorStats, Targets
+from devtools.fleet_simulator import run as simulate
+from devtools.supervisor import Event, GaveUp, RestartPolicy, Supervised, Supervisor
+from devtools.view import (
+    AlertFeed,
+    AlertSeen,
+    DevMonitor,
+    render,
+    summary_line,
+    wait_subscribed,
+)
+from services.http_gateway import links as gateway_links
+from services.http_gateway.links import dev_http_port
+from services.registry import SERVICES, ServiceSpec, available_services
+from shared.auth import Role, mint_token
+from shared.config import load_settings
+from shared.lifecycle import cancel_and_wait
+from shared.running_stack import (
     remove_running_stack,
     state_dir_from_env,
     write_running_stack,
 )
-from shared.devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_SERVERS_ENV
-from shared.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def stack_servers(stack: LocalStack) -> list[StackServer]:
 def operator_env(stack: LocalStack, environ: Mapping[str, str]) -> dict[str, str]:
     """The settings an operator command needs to work on this run's stack.
 
-    Written to the running-stack file (shared/devstack/running.py) and printed by
+    Written to the running-stack file (shared/running_stack.py) and printed by
     `cargotrack env`: where Kafka and PostgreSQL are, the signing key the services
     accept, the topic prefix, schema and partitions they use, and the service ports.
     """
@@ -461,7 +461,7 @@ async def _live(
     """Supervision, alert subscription, simulator and view, until `stop` (or cancellation).
 
     Every service (and Kafka and PostgreSQL, when this run started them) is
-    supervised (services/dev_supervisor.py): an exit is reported at once, the process
+    supervised (devtools/supervisor.py): an exit is reported at once, the process
     restarted with backoff; one that keeps failing (args.give_up_after exits within
     args.give_up_window seconds) stops the run, and is returned. The simulator starts
     only once dispatch confirmed the view's subscription (or after
@@ -603,7 +603,7 @@ def _dev_logging(log_dir: Path, *, console: bool) -> Iterator[None]:
     at WARNING and above in headless mode.
     """
     root = logging.getLogger()
-    simulator = logging.getLogger("services.fleet_simulator")
+    simulator = logging.getLogger("devtools.fleet_simulator")
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     sim_file: logging.Handler = logging.FileHandler(log_dir / "simulator.log")
     dev_file: logging.Handler = logging.FileHandler(log_dir / "dev.log")

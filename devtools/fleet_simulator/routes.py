@@ -1,7 +1,7 @@
 """Recorded trips the simulated vehicles drive: real trajectories from data/trajectories.
 
 The trips are cut, cleaned and trimmed exactly as the ETA evaluation does
-(`shared.eta_eval`): per vehicle and trip id, `clean_track`, terminal dwell removed.
+(`devtools.eta_eval`): per vehicle and trip id, `clean_track`, terminal dwell removed.
 Only trips long enough to carry a few deliveries are kept.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from devtools.eta_eval import DATASETS, DEFAULT_DATA, trim_terminal_dwell
 from shared.domain.geo import Fix, haversine_m
-from shared.eta_eval import DATASETS, DEFAULT_DATA, trim_terminal_dwell
 
 __all__ = ["DATASET_NAMES", "DEFAULT_DATA", "RecordedTrip", "load_trips"]
 

@@ -7,13 +7,13 @@ import logging
 
 import grpc
 
-from services.fleet_simulator.clients import DriverApp, Tms, TokenSource, event_id
-from services.fleet_simulator.config import SimulatorConfig, Targets, default_run_id
-from services.fleet_simulator.plan import vehicle_id
-from services.fleet_simulator.routes import RecordedTrip, load_trips
-from services.fleet_simulator.stats import SimulatorStats
-from services.fleet_simulator.uplink import GpsUplink
-from services.fleet_simulator.vehicle import OpenShipments, Vehicle
+from devtools.fleet_simulator.clients import DriverApp, Tms, TokenSource, event_id
+from devtools.fleet_simulator.config import SimulatorConfig, Targets, default_run_id
+from devtools.fleet_simulator.plan import vehicle_id
+from devtools.fleet_simulator.routes import RecordedTrip, load_trips
+from devtools.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.uplink import GpsUplink
+from devtools.fleet_simulator.vehicle import OpenShipments, Vehicle
 from shared.auth import Role
 from shared.envelopes import timestamp, utc_now
 from shared.lifecycle import Lifecycle

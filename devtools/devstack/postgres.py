@@ -32,9 +32,9 @@ from types import ModuleType
 
 import asyncpg
 
-from shared.devstack.errors import DevStackError
-from shared.devstack.ports import LOCALHOST, POSTGRES_PORT_ENV, ensure_port_free, free_ports
-from shared.devstack.process import (
+from devtools.devstack.errors import DevStackError
+from devtools.devstack.ports import LOCALHOST, POSTGRES_PORT_ENV, ensure_port_free, free_ports
+from devtools.devstack.process import (
     ChildProcess,
     ServerProcess,
     ensure_writable_dir,

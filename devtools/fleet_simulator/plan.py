@@ -46,8 +46,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.fleet_simulator.config import SimulatorConfig
-from services.fleet_simulator.routes import RecordedTrip
+from devtools.fleet_simulator.config import SimulatorConfig
+from devtools.fleet_simulator.routes import RecordedTrip
 from shared.domain.geo import bearing_deg
 from shared.domain.polyline import encode
 from shared.pb import delivery_pb2, shipment_pb2

@@ -34,7 +34,7 @@ from weakref import WeakKeyDictionary
 
 import numpy as np
 
-from tests.unit.eta_reference.geo import (
+from bench.eta_reference.geo import (
     Fix,
     LatLon,
     Route,
@@ -45,7 +45,7 @@ from tests.unit.eta_reference.geo import (
     clean_track,
     haversine_m,
 )
-from tests.unit.eta_reference.speeds import CellKey, HistoricalSpeeds, hour_of_week
+from bench.eta_reference.speeds import CellKey, HistoricalSpeeds, hour_of_week
 
 
 class EtaMethod(StrEnum):

@@ -16,8 +16,8 @@ Layers, pure first:
 - `simulator`: the fleet's lifecycle (`FleetSimulator`) and `run(...)`.
 """
 
-from services.fleet_simulator.config import SimulatorConfig, Targets
-from services.fleet_simulator.simulator import FleetSimulator, run
-from services.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.config import SimulatorConfig, Targets
+from devtools.fleet_simulator.simulator import FleetSimulator, run
+from devtools.fleet_simulator.stats import SimulatorStats
 
 __all__ = ["FleetSimulator", "SimulatorConfig", "SimulatorStats", "Targets", "run"]

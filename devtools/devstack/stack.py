@@ -13,8 +13,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker
-from shared.devstack.ports import (
+from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker
+from devtools.devstack.ports import (
     DEFAULT_KAFKA_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
@@ -23,7 +23,7 @@ from shared.devstack.ports import (
     POSTGRES_PORT_ENV,
     port_from_env,
 )
-from shared.devstack.postgres import PostgresServer
+from devtools.devstack.postgres import PostgresServer
 from shared.lifecycle import Lifecycle
 
 __all__ = ["DATABASE_URL_ENV", "KAFKA_BOOTSTRAP_SERVERS_ENV", "LocalStack"]
@@ -41,7 +41,7 @@ class LocalStack(Lifecycle):
 
     * :meth:`start` starts both servers concurrently and returns when both are ready.
       If either fails (or ``start`` is cancelled), the other is stopped too and the
-      first error — a one-line :class:`~shared.devstack.errors.DevStackError` for
+      first error — a one-line :class:`~devtools.devstack.errors.DevStackError` for
       expected problems — propagates; nothing is left running.
     * :meth:`stop` stops whatever this object started (never an external server) and
       is idempotent. ``async with`` does both.
@@ -100,7 +100,7 @@ class LocalStack(Lifecycle):
         and move with ``CARGOTRACK_KAFKA_PORT``, ``CARGOTRACK_KAFKA_CONTROLLER_PORT`` and
         ``CARGOTRACK_POSTGRES_PORT``. Data is kept across runs unless ``reset``.
         Honours ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL``. Raises
-        :class:`~shared.devstack.errors.DevStackError` for a malformed port variable.
+        :class:`~devtools.devstack.errors.DevStackError` for a malformed port variable.
         """
         return cls(
             state_dir,
