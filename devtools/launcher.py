@@ -30,7 +30,7 @@ the taken port (or the locked directory), and never touches the first one's stat
 Ports: Kafka, its controller and PostgreSQL move with CARGOTRACK_KAFKA_PORT,
 CARGOTRACK_KAFKA_CONTROLLER_PORT and CARGOTRACK_POSTGRES_PORT
 (devtools/devstack/ports.py); the services listen on CARGOTRACK_DEV_PORT_BASE (default
-50051) and the six ports after it, in the order of services.registry.SERVICES.
+50051) and the ports after it, one per service, in the order of services.registry.SERVICES.
 
 State (Kafka log, PostgreSQL data, service logs) lives in CARGOTRACK_STATE_DIR
 (default ./.cargotrack) and is reused by the next run; `--reset` starts afresh.
@@ -220,7 +220,7 @@ def dev_service_ports(environ: Mapping[str, str] = os.environ) -> dict[str, int]
     """The port of every service of `cargotrack dev`, by name.
 
     Service `spec` listens on base + (spec.default_port - 50051), where base is
-    CARGOTRACK_DEV_PORT_BASE (default 50051): the defaults are 50051..50056. Raises
+    CARGOTRACK_DEV_PORT_BASE (default 50051): the defaults are 50051..50059. Raises
     DevStackError naming the variable when the base is not a port or the last
     service's port would not be one.
     """
@@ -326,6 +326,8 @@ def service_env(stack: LocalStack, base: Mapping[str, str], port: int) -> dict[s
         "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": base.get(
             "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", "60"
         ),
+        # Webhooks to a receiver on this machine (development only; refused in production).
+        "CARGOTRACK_WEBHOOK_ALLOW_PRIVATE": base.get("CARGOTRACK_WEBHOOK_ALLOW_PRIVATE", "1"),
     }
 
 

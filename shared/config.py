@@ -221,6 +221,36 @@ class LearnerSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """The webhook delivery worker (services/webhooks; docs/webhooks.md)."""
+
+    #: Attempts of one delivery before it is dead-lettered.
+    max_attempts: int = 8
+    #: Wait after the first failed attempt; doubles with each failure, up to backoff_max_s.
+    backoff_s: float = 10.0
+    backoff_max_s: float = 3600.0
+    #: Time to connect (after DNS), and for a whole attempt (connect, send, response head).
+    connect_timeout_s: float = 5.0
+    timeout_s: float = 10.0
+    #: Deliveries attempted at once by one worker.
+    concurrency: int = 16
+    #: How often the sender looks for due deliveries when it has nothing to do.
+    poll_s: float = 1.0
+    #: Development only: loopback and private targets are allowed (refused by default).
+    allow_private: bool = False
+    #: Plain http:// URLs are allowed (default: everywhere but production).
+    allow_http: bool = True
+    #: Finished deliveries (and deleted endpoints without any) older than this are pruned.
+    retention_days: int = 30
+
+    @property
+    def lease_s(self) -> float:
+        """How long a worker holds a delivery it attempts: past that (the worker died
+        mid-attempt) another worker may attempt it again (at least once)."""
+        return 2 * self.timeout_s + 30.0
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     """The http-gateway (services/http_gateway): where it listens for HTTP and which
     gRPC services it forwards to."""
@@ -247,6 +277,7 @@ class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     learner: LearnerSettings = field(default_factory=LearnerSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     metrics_port: int = 0
     log_format: str = "json"
@@ -538,6 +569,28 @@ def load_settings(
         env.errors.append(
             f"CARGOTRACK_LEARNER_TIMEZONE={learner.timezone!r}: expected an IANA time zone"
         )
+    webhooks = WebhookSettings(
+        max_attempts=env.integer("CARGOTRACK_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1),
+        backoff_s=env.number("CARGOTRACK_WEBHOOK_BACKOFF_S", 10.0, minimum=0.01),
+        backoff_max_s=env.number("CARGOTRACK_WEBHOOK_BACKOFF_MAX_S", 3600.0, minimum=0.01),
+        connect_timeout_s=env.number("CARGOTRACK_WEBHOOK_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
+        timeout_s=env.number("CARGOTRACK_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
+        concurrency=env.integer("CARGOTRACK_WEBHOOK_CONCURRENCY", 16, minimum=1),
+        poll_s=env.number("CARGOTRACK_WEBHOOK_POLL_S", 1.0, minimum=0.01),
+        allow_private=env.flag("CARGOTRACK_WEBHOOK_ALLOW_PRIVATE"),
+        allow_http=env.flag("CARGOTRACK_WEBHOOK_ALLOW_HTTP", not production),
+        retention_days=env.integer("CARGOTRACK_WEBHOOK_RETENTION_DAYS", 30, minimum=1),
+    )
+    if webhooks.backoff_max_s < webhooks.backoff_s:
+        env.errors.append(
+            f"CARGOTRACK_WEBHOOK_BACKOFF_MAX_S={webhooks.backoff_max_s:g}: must be at least"
+            f" CARGOTRACK_WEBHOOK_BACKOFF_S ({webhooks.backoff_s:g})"
+        )
+    if production and webhooks.allow_private:
+        env.errors.append(
+            "CARGOTRACK_WEBHOOK_ALLOW_PRIVATE=1 with CARGOTRACK_PRODUCTION=1: private and"
+            " loopback webhook targets are a development setting"
+        )
     gateway = GatewaySettings(
         http_port=env.integer("CARGOTRACK_HTTP_PORT", 8080, minimum=0),
         tracking_target=env.text("CARGOTRACK_GATEWAY_TRACKING_TARGET", "127.0.0.1:50054"),
@@ -569,6 +622,7 @@ def load_settings(
         grpc=grpc_settings,
         alerts=alerts,
         learner=learner,
+        webhooks=webhooks,
         metrics_port=env.integer("CARGOTRACK_METRICS_PORT", 0, minimum=0),
         log_format=env.choice("CARGOTRACK_LOG_FORMAT", "json", ("json", "console")),
         log_level=env.choice("CARGOTRACK_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -16,9 +16,9 @@ import grpc
 from shared.auth import Role, mint_token
 from shared.pb import shipment_pb2, tracking_pb2, tracking_pb2_grpc
 
-#: The gateway's HTTP port in `cargotrack dev`: its gRPC (health) port + 22, so
+#: The gateway's HTTP port in `cargotrack dev`: its gRPC (health) port + 21, so
 #: 50080 with the default port base.
-DEV_HTTP_OFFSET = 22
+DEV_HTTP_OFFSET = 21
 #: Statuses of a shipment worth watching on its tracking page.
 _UNDERWAY = [
     shipment_pb2.SHIPMENT_STATUS_IN_TRANSIT,

@@ -38,7 +38,13 @@ from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.kafka import make_producer
 from shared.projection import ProjectionRunner, load_offsets
-from shared.readmodel import alert_outbox, learner_state, model_snapshots, vehicle_positions
+from shared.readmodel import (
+    alert_outbox,
+    learner_state,
+    model_snapshots,
+    vehicle_positions,
+    webhooks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +165,13 @@ async def rebuild(
             # Carry over publication: the rebuild never re-announces the past.
             await alert_outbox.carry_publication(live, live_schema, new_schema)
             # Other consumers' state (the speed learner: its state, model versions and
-            # offsets) is not rebuilt: carry it over as it stands. Their commits wait
-            # on the lock above; one that lands in the old schema meanwhile is fenced
-            # on its next batch and replayed from these offsets.
+            # offsets; webhooks: endpoints, deliveries, offsets) is not rebuilt: carry
+            # it over as it stands. Their commits wait on the lock above; one that
+            # lands in the old schema meanwhile is fenced on its next batch and
+            # replayed from these offsets.
             await learner_state.copy_to_schema(live, live_schema, new_schema)
             await model_snapshots.copy_to_schema(live, live_schema, new_schema)
+            await webhooks.copy_to_schema(live, live_schema, new_schema)
             await live.execute(
                 f'INSERT INTO "{new_schema}".projection_offsets SELECT * FROM'
                 f' "{live_schema}".projection_offsets WHERE projection <> $1'

@@ -23,6 +23,8 @@ TABLES = (
     "eta_models",
     "learner_state",
     "alert_outbox",
+    "webhook_endpoints",
+    "webhook_deliveries",
 )
 SQL = re.compile(
     r"\b(?:FROM|INTO|UPDATE|JOIN|TABLE)\s+(?:\"?[\w{}]+\"?\.)?(" + "|".join(TABLES) + r")\b"

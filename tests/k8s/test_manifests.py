@@ -33,9 +33,11 @@ SERVICES = {
     "dispatch": 50055,
     "projector": 50056,
     "learner": 50057,
-    "http-gateway": 50058,
+    "webhooks": 50058,
+    "http-gateway": 50059,
 }
-GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner")]
+#: Scaled on CPU by an HPA (the consumers are not; webhooks has a fixed replica count).
+GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner", "webhooks")]
 #: Ports besides the gRPC and metrics ones: the http-gateway's HTTP port.
 EXTRA_PORTS = {"http-gateway": {8080}}
 METRICS_PORT = 9090
@@ -198,6 +200,7 @@ KAFKA_ACCESS = {
     "dispatch": {"cargotrack.shipment-alerts": "Read"},
     # Dead letters: the same ProjectionRunner as the projector (shared/projection.py).
     "learner": {"cargotrack.gps-points": "Read", "cargotrack.dead-letters": "Write"},
+    "webhooks": {"cargotrack.shipment-alerts": "Read", "cargotrack.dead-letters": "Write"},
 }
 #: The consumer groups each Kafka user may join (pattern type, name): the runner's group
 #: is the topic prefix plus the projection's name; the projector's user also covers
@@ -209,6 +212,7 @@ KAFKA_GROUPS = {
     "projector": {("literal", "cargotrack.tracking"), ("prefix", "cargotrack-")},
     "dispatch": set(),
     "learner": {("literal", "cargotrack.learner")},
+    "webhooks": {("literal", "cargotrack.webhooks")},
 }
 #: Each workload's database role (None: no database credentials at all).
 DATABASE_ROLE = {
@@ -219,6 +223,7 @@ DATABASE_ROLE = {
     "tracking-query": "cargotrack_query",
     "projector": "cargotrack_projector",
     "learner": "cargotrack_learner",
+    "webhooks": "cargotrack_webhooks",
     "http-gateway": None,
 }
 
@@ -272,6 +277,7 @@ def test_each_workload_has_its_own_database_role_over_verified_tls(
     # creates and drops partitions.
     assert roles["cargotrack_projector"]["inRoles"] == ["cargotrack"]
     assert roles["cargotrack_learner"]["inRoles"] == ["cargotrack"]
+    assert roles["cargotrack_webhooks"]["inRoles"] == ["cargotrack"]
     assert "inRoles" not in roles["cargotrack_query"]
     workloads = {**of_kind(overlay, "Deployment"), **of_kind(overlay, "Job")}
     for name, workload in workloads.items():
@@ -359,7 +365,14 @@ def test_network_policies_open_only_the_service_ports(overlay: list[Resource]) -
             called = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
             assert called == {SERVICES["tracking-query"], SERVICES["dispatch"]}
             continue
-        assert "egress" not in policy
+        if name == "webhooks":  # tenants' endpoints: public addresses only
+            (rule,) = policy["egress"]
+            blocks = {b["ipBlock"]["cidr"]: set(b["ipBlock"]["except"]) for b in rule["to"]}
+            assert set(blocks) == {"0.0.0.0/0", "::/0"}
+            assert {"10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16"} <= blocks["0.0.0.0/0"]
+            assert {"::1/128", "fc00::/7", "fe80::/10"} <= blocks["::/0"]
+        else:
+            assert "egress" not in policy
         assert opened == {port, METRICS_PORT}
     baseline = policies["cargotrack-baseline"]["spec"]
     assert "ingress" not in baseline
@@ -477,7 +490,12 @@ def test_dev_is_small(rendered: dict[str, list[Resource]]) -> None:
     (auth,) = [s for s in secrets if s["metadata"]["name"].startswith("cargotrack-auth")]
     assert set(auth["data"]) == {"CARGOTRACK_JWT_SECRET"}
     roles = {s["metadata"]["name"] for s in secrets if s["type"] == "kubernetes.io/basic-auth"}
-    assert roles == {"cargotrack-db-projector", "cargotrack-db-learner", "cargotrack-db-query"}
+    assert roles == {
+        "cargotrack-db-projector",
+        "cargotrack-db-learner",
+        "cargotrack-db-webhooks",
+        "cargotrack-db-query",
+    }
     for deployment in of_kind(dev, "Deployment").values():
         prod_like = of_kind(rendered["prod"], "Deployment")[deployment["metadata"]["name"]]
         assert container(deployment)["resources"] != container(prod_like)["resources"]
