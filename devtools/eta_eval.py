@@ -49,6 +49,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -136,12 +137,20 @@ def _austin(path: Path) -> list[Trip]:
 
 
 PORTO_FIX_INTERVAL_S = 15.0
+#: Above the learner's top speed (`SpeedParams.max_speed_mps`): fixes were lost.
+PORTO_MAX_SPEED_MPS = 40.0
+
+
+def _gap(a: Fix, b: Fix) -> bool:
+    return haversine_m(a.lat, a.lon, b.lat, b.lon) > PORTO_MAX_SPEED_MPS * (b.t - a.t)
 
 
 def _porto(path: Path) -> list[Trip]:
     """ECML/PKDD 2015 Porto taxi rows: one trip per row; ``POLYLINE`` is a JSON list of
     ``[lon, lat]`` taken every 15 s from ``TIMESTAMP`` (epoch seconds). Rows flagged
-    ``MISSING_DATA`` (fixes lost, so the 15 s clock no longer holds) are skipped."""
+    ``MISSING_DATA`` (fixes lost, so the 15 s clock no longer holds) are skipped, and so
+    are rows whose cleaned track still jumps faster than ``PORTO_MAX_SPEED_MPS`` between
+    two fixes: fixes were lost there too, unflagged (a lone outlier is already gone)."""
     trips: list[Trip] = []
     with path.open(newline="") as fh:
         for row in csv.DictReader(fh):
@@ -152,8 +161,11 @@ def _porto(path: Path) -> list[Trip]:
                 Fix(start + timedelta(seconds=i * PORTO_FIX_INTERVAL_S), float(lat), float(lon))
                 for i, (lon, lat) in enumerate(json.loads(row["POLYLINE"]))
             ]
+            track = clean_track(fixes)
+            if any(_gap(a, b) for a, b in pairwise(track)):
+                continue  # fixes lost without the flag: the 15 s clock no longer holds
             trip_id = f"{row['TAXI_ID']}/{row['TRIP_ID']}"
-            trips.append(Trip("taxi", trip_id, tuple(clean_track(fixes))))
+            trips.append(Trip("taxi", trip_id, tuple(track)))
     return trips
 
 

@@ -322,10 +322,13 @@ def service_env(stack: LocalStack, base: Mapping[str, str], port: int) -> dict[s
         "CARGOTRACK_TOPIC_PARTITIONS": base.get("CARGOTRACK_TOPIC_PARTITIONS", "3"),
         "CARGOTRACK_LOG_FORMAT": "json",
         "CARGOTRACK_SHUTDOWN_GRACE_S": "5",
-        # A new model version every simulated minute, so the view shows it advance.
+        # A first model version within a minute, then one every 30 s, so the view
+        # shows the learner catch up and the version advance (README).
         "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": base.get(
-            "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", "60"
+            "CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", "30"
         ),
+        "CARGOTRACK_LEARNER_SETTLE_S": base.get("CARGOTRACK_LEARNER_SETTLE_S", "10"),
+        "CARGOTRACK_MODEL_POLL_S": base.get("CARGOTRACK_MODEL_POLL_S", "2"),
         # Webhooks to a receiver on this machine (development only; refused in production).
         "CARGOTRACK_WEBHOOK_ALLOW_PRIVATE": base.get("CARGOTRACK_WEBHOOK_ALLOW_PRIVATE", "1"),
     }

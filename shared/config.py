@@ -212,6 +212,8 @@ class LearnerSettings:
     max_cells: int = 50_000
     #: Event time between two model versions.
     snapshot_every_s: float = 600.0
+    #: How long a point waits for its tenant's earlier points before it is learned.
+    settle_s: float = 120.0
     #: Model versions kept per tenant (older ones are deleted when a new one is stored).
     keep_versions: int = 10
     #: The time zone hours of week are counted in.
@@ -559,6 +561,7 @@ def load_settings(
         half_life_days=env.number("CARGOTRACK_LEARNER_HALF_LIFE_DAYS", 14.0, minimum=0.001),
         max_cells=env.integer("CARGOTRACK_LEARNER_MAX_CELLS", 50_000, minimum=1),
         snapshot_every_s=env.number("CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", 600.0, minimum=1.0),
+        settle_s=env.number("CARGOTRACK_LEARNER_SETTLE_S", 120.0, minimum=0.0),
         keep_versions=env.integer("CARGOTRACK_LEARNER_KEEP_VERSIONS", 10, minimum=2),
         timezone=env.text("CARGOTRACK_LEARNER_TIMEZONE", "UTC"),
         model_poll_s=env.number("CARGOTRACK_MODEL_POLL_S", 5.0, minimum=0.1),

@@ -51,6 +51,10 @@ ROWS = {
     "4.http.rps",
     "4.query.p99",
     "6.rebuild",
+    "7.consume",
+    "7.learner",
+    "7.eta.fleet",
+    "7.eta.learner",
 }
 SERVICES = {"projector", "gps-ingest", "shipment-events", "tracking-query", "gps-ingest-only"}
 
