@@ -37,13 +37,11 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import argparse
 import asyncio
-import importlib
 import logging
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
 
 from services.registry import SERVICES
 from shared.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
@@ -121,14 +119,15 @@ def _configure_logging(settings: Settings | None = None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from shared.runtime import note_stop_signals, run_service
+
+    note_stop_signals()  # a SIGTERM from here on drains and exits 0
     spec = SERVICES.get(args.name)
     if spec is None:
         raise UsageError(f"unknown service {args.name!r}; one of: {', '.join(SERVICES)}")
     settings = _settings(spec.default_port, database_optional=spec.database_optional)
     _configure_logging(settings)
-    module = importlib.import_module(spec.module)
-    run: Callable[[Settings], Coroutine[Any, Any, None]] = module.run
-    asyncio.run(run(settings))
+    run_service(spec.module, settings)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import asyncpg
 
 from shared.config import DatabaseSettings
+from shared.runtime import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after any connection failure."""
-        backoff = RECONNECT_BACKOFF_S
+        backoff = Backoff(RECONNECT_BACKOFF_S, RECONNECT_BACKOFF_MAX_S)
         failures = 0
         while True:
             try:
@@ -200,8 +201,7 @@ class ChangeFeed:
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
                     log.warning("cannot connect for LISTEN (attempt %d): %r", failures, error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+                await backoff.sleep()
                 continue
             established = self.connections
             try:
@@ -212,9 +212,9 @@ class ChangeFeed:
                 await self._set_listening(False)
                 await _close_quietly(connection)
             if self.connections > established:  # it worked for a while: retry promptly
-                backoff, failures = RECONNECT_BACKOFF_S, 0
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+                backoff.reset()
+                failures = 0
+            await backoff.sleep()
 
     async def _listen(self, connection: asyncpg.Connection[Any]) -> None:
         """LISTEN, wake everyone, then hold the connection until it fails (raises)."""

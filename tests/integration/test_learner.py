@@ -14,11 +14,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from services.learner.app import build_runner
+from services.learner.app import LearnerServer
 from services.learner.projection import learner_params
-from services.projector.live import LiveTracker
+from services.projector.app import ProjectorServer
 from services.projector.models import ModelStore
-from services.projector.projection import TrackingProjection
 from services.projector.rebuild import rebuild
 from shared import tracking_store as store
 from shared.config import Settings
@@ -70,17 +69,11 @@ def _points(log: list[envelope_pb2.Envelope]) -> dict[str, list[tuple[str, Fix]]
 
 @contextlib.asynccontextmanager
 async def running_learner(settings: Settings) -> AsyncIterator[ProjectionRunner]:
-    pool = await create_pool(settings.database)
-    async with producer_for(settings) as producer:
-        runner = build_runner(settings, pool, producer)
-        task = asyncio.create_task(runner.run())
-        try:
-            yield runner
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await pool.close()
+    """The learner as production wires it (LearnerServer), yielding its runner once it
+    owns its partitions (so that what a test produces next is learned while it runs)."""
+    async with LearnerServer(settings) as running:
+        await asyncio.wait_for(running.runner.assigned.wait(), 60)
+        yield running.runner
 
 
 async def _caught_up(runner: ProjectionRunner, settings: Settings) -> None:
@@ -288,29 +281,18 @@ async def test_every_stored_eta_records_the_model_version_it_came_from(
     try:
         async with pool.acquire() as connection:
             await model_snapshots.insert_snapshot(connection, "acme", snapshot, keep=3)
-        models = ModelStore(pool, 60.0)
-        await models.refresh()
         log = lifecycle("acme", "s1", "v1", T0) + lifecycle("globex", "s1", "v1", T0)
         for tenant in ("acme", "globex"):
             points = [(T0 + timedelta(seconds=30 * i), 53.40 + 0.001 * i, -2.99) for i in range(8)]
             log.append(gps_envelope(tenant, "v1", "phone", 1, points))
         async with producer_for(settings) as producer:
             await send_all(producer, settings, log)
-            projection = TrackingProjection(
-                settings.topics, LiveTracker(settings.alerts, models=models)
-            )
-            runner = ProjectionRunner(
-                projection, pool, settings.kafka, settings.topics.dead_letters, producer,
-                group_id=f"{settings.topics.prefix}projector",
-            )  # fmt: skip
-            task = asyncio.create_task(runner.run())
-            try:
-                offsets = await end_offsets(settings, projection.topics)
-                await wait_caught_up(pool, projection.name, offsets, timeout_s=90)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # The projector as production wires it: its models loaded at start.
+        group_id = f"{settings.topics.prefix}projector"
+        async with ProjectorServer(settings, group_id=group_id) as projector:
+            projection = projector.runner.projection
+            offsets = await end_offsets(settings, projection.topics)
+            await wait_caught_up(pool, projection.name, offsets, timeout_s=90)
         async with pool.acquire() as connection:
             history = await connection.fetch(
                 "SELECT tenant_id, model_version FROM eta_history ORDER BY tenant_id"
