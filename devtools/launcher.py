@@ -85,7 +85,6 @@ from services.http_gateway.links import dev_http_port
 from services.registry import SERVICES, ServiceSpec, available_services
 from shared.auth import Role, mint_token
 from shared.config import load_settings
-from shared.lifecycle import cancel_and_wait
 from shared.running_stack import (
     remove_running_stack,
     state_dir_from_env,
@@ -540,14 +539,12 @@ async def _live(
                 simulator.add_done_callback(lambda task: _simulator_ended(task, stats))
                 if "http-gateway" in where and "tracking-query" in where:
                     base = f"http://127.0.0.1:{dev_http_port(where_ports(services))}"
-                    exits.push_async_callback(
-                        cancel_and_wait,
-                        asyncio.create_task(
-                            gateway_links.print_tracking_link(
-                                base, where["tracking-query"], secret, DEV_TENANT
-                            )
-                        ),
+                    links = asyncio.create_task(
+                        gateway_links.print_tracking_link(
+                            base, where["tracking-query"], secret, DEV_TENANT
+                        )
                     )
+                    exits.callback(links.cancel)
             try:
                 every_s = getattr(args, "status_every", 5.0)
                 await _show(monitor, stop, headless=headless, every_s=every_s)

@@ -52,9 +52,8 @@ from services.http_gateway.routes import (
 )
 from shared import metrics, readiness
 from shared.config import Settings
-from shared.lifecycle import StackedServer
 from shared.rpc import GrpcApp
-from shared.runtime import Supervisor
+from shared.runtime import ServiceServer, serve
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +85,17 @@ def _error_response(status: Any) -> web.Response:
 class Gateway:
     """The HTTP application: routes from the protos onto two gRPC channels."""
 
-    def __init__(self, settings: Settings, channels: dict[str, grpc.aio.Channel]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        channels: dict[str, grpc.aio.Channel],
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.settings = settings
         self.routes = routes()
         self._channels = channels
         self.closing = asyncio.Event()
-        self.ready = False
+        self.ready = ready
         self._openapi = openapi.document(self.routes)
 
     def channel_for(self, route: Route) -> grpc.aio.Channel:
@@ -115,7 +119,7 @@ class Gateway:
         return web.json_response({"status": "alive"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self.ready and not self.closing.is_set():
+        if self.ready() and not self.closing.is_set():
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready"}, status=503)
 
@@ -319,82 +323,68 @@ def _health_check(channel: grpc.aio.Channel, service: str) -> Callable[[], Await
     return check
 
 
-class GatewayServer(StackedServer):
-    """One http-gateway, running (see the module doc). `port` is the gRPC health
-    port, `http_port` the HTTP one (port 0 picks free ones)."""
+class GatewayServer(ServiceServer):
+    """One http-gateway, running (a `ServiceServer`; see the module doc). `port` is the
+    gRPC health port, `http_port` the HTTP one (port 0 picks free ones)."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.settings = settings
+        super().__init__(settings, LABEL)
         self.http_port: int | None = None
         self.gateway: Gateway | None = None
-        self._supervisor = Supervisor(LABEL)
-        self._supervised: asyncio.Task[None] | None = None
+        self._passing: dict[str, bool] = {}
+
+    def _recorded(self, name: str, check: Callable[[], Awaitable[None]]) -> readiness.Check:
+        """The check, remembering its last outcome for /readyz."""
+
+        async def recorded() -> None:
+            try:
+                await check()
+            except BaseException:
+                self._passing[name] = False
+                raise
+            self._passing[name] = True
+
+        self._passing[name] = False
+        return recorded
+
+    def ready(self) -> bool:
+        return bool(self._passing) and all(self._passing.values())
 
     async def _start(self) -> None:
         settings = self.settings
-        await self._stack.enter_async_context(metrics.service_telemetry(settings, LABEL))
         tracking_name, dispatch_name = (service.full_name for service in SERVICES)
         channels = {
             tracking_name: _channel(settings, settings.gateway.tracking_target),
             dispatch_name: _channel(settings, settings.gateway.dispatch_target),
         }
         for channel in channels.values():
-            self._stack.push_async_callback(channel.close)
-        gateway = Gateway(settings, channels)
+            self.on_stop(channel.close)
+        gateway = Gateway(settings, channels, self.ready)
         self.gateway = gateway
-        health = GrpcApp(settings.grpc, settings.auth, [], {})
-        self._stack.push_async_callback(health.stop)
-        self.port = await health.start()
-        await health.set_serving(False)
-
+        await self.serve_grpc(GrpcApp(settings.grpc, settings.auth, [], {}))  # health only
         runner = web.AppRunner(
             gateway.application(), access_log=None, handle_signals=False, shutdown_timeout=5.0
         )
         await runner.setup()
-        self._stack.push_async_callback(runner.cleanup)
+        self.on_stop(runner.cleanup)
         site = web.TCPSite(runner, settings.grpc.host, settings.gateway.http_port)
         await site.start()
         server = site._server
         assert server is not None
         self.http_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-
-        async def set_serving(serving: bool) -> None:
-            gateway.ready = serving
-            await health.set_serving(serving)
-
-        self._supervisor.spawn(
-            "readiness",
-            readiness.monitor(
-                {
-                    "tracking-query": _health_check(channels[tracking_name], tracking_name),
-                    "dispatch": _health_check(channels[dispatch_name], dispatch_name),
-                },
-                set_serving,
-            ),
-        )
-        self._supervised = asyncio.create_task(self._supervisor.run(), name=f"{LABEL}:supervisor")
-        self._stack.push_async_callback(self._stop_tasks)
-        self._stack.callback(gateway.closing.set)  # open streams end first
-        self._stack.push_async_callback(health.health.enter_graceful_shutdown)
+        for name, target in (("tracking-query", tracking_name), ("dispatch", dispatch_name)):
+            self.check(name, self._recorded(name, _health_check(channels[target], target)))
         log.info(
-            "%s listening on %s:%d (HTTP), gRPC health on %d",
+            "%s HTTP on %s:%d",
             LABEL,
             settings.grpc.host,
             self.http_port,
-            self.port,
             extra={"service": LABEL, "port": self.http_port},
         )
 
-    async def wait(self) -> None:
-        assert self._supervised is not None, "start() first"
-        await asyncio.shield(self._supervised)
-
-    async def _stop_tasks(self) -> None:
-        assert self._supervised is not None
-        self._supervisor.request_stop()
-        with contextlib.suppress(Exception):
-            await self._supervised
+    async def _drain(self) -> None:
+        if self.gateway is not None:
+            self.gateway.closing.set()  # open streams end now; clients resume elsewhere
 
 
 def server(settings: Settings) -> GatewayServer:
@@ -404,12 +394,5 @@ def server(settings: Settings) -> GatewayServer:
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT. Prints "http-gateway listening on host:port" (the
-    gRPC health port, as every service does) and the HTTP address."""
-    async with GatewayServer(settings) as running:
-        host = settings.grpc.host
-        print(f"{LABEL} listening on {host}:{running.port}", flush=True)
-        print(f"{LABEL} HTTP on http://{host}:{running.http_port}/", flush=True)
-        supervisor = Supervisor(LABEL)
-        supervisor.install_signal_handlers()
-        supervisor.spawn("serve", running.wait())
-        await supervisor.run()
+    gRPC health port, as every service does); the HTTP address is logged."""
+    await serve(GatewayServer(settings))
