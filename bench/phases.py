@@ -1080,6 +1080,39 @@ class Bench:
             )
         )
         self._row(Row("4.query.p99", "GetShipment p99", p99 * 1e3, "ms", "1.pg.p99"))
+        if self.stack.http_port is not None:
+            await self._http_query(ids, rps)
+
+    async def _http_query(self, ids: list[str], grpc_rps: float) -> None:
+        """GetShipment as JSON through the http-gateway, against gRPC GetShipment."""
+        o = self.options
+        result = await run_client(
+            "bench.query_client",
+            {
+                "mode": "http",
+                "target": f"http://127.0.0.1:{self.stack.http_port}",
+                "shipments": ids,
+                "duration_s": o.query_s,
+                "concurrency": o.query_concurrency,
+            },
+            timeout_s=o.query_s + 60,
+        )
+        errors = result["errors"]
+        if errors > max(10, 0.01 * (result["calls"] + errors)) or not result["calls"]:
+            raise RuntimeError(f"http query: {errors} failed calls: {result['error_samples']}")
+        rps = result["calls"] / result["seconds"]
+        p50 = percentile(result["latencies"], 0.5)
+        self._row(
+            Row(
+                "4.http.rps",
+                f"GetShipment as JSON via the http-gateway, {o.query_concurrency} in flight",
+                rps,
+                "requests/s",
+                "4.query.rps",
+                note=f"aiohttp client, p50 {p50 * 1e3:.1f} ms; gRPC {grpc_rps:,.0f}/s"
+                + (f", {errors} failed calls" if errors else ""),
+            )
+        )
 
     async def _ghz(
         self, ghz: str, target: str, ids: list[str]

@@ -47,7 +47,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,8 @@ from devtools.view import (
     summary_line,
     wait_subscribed,
 )
+from services.http_gateway import links as gateway_links
+from services.http_gateway.links import dev_http_port
 from services.registry import SERVICES, ServiceSpec, available_services
 from shared.auth import Role, mint_token
 from shared.config import load_settings
@@ -217,7 +219,7 @@ def dev_service_ports(environ: Mapping[str, str] = os.environ) -> dict[str, int]
     """The port of every service of `cargotrack dev`, by name.
 
     Service `spec` listens on base + (spec.default_port - 50051), where base is
-    CARGOTRACK_DEV_PORT_BASE (default 50051): the defaults are 50051..50058. Raises
+    CARGOTRACK_DEV_PORT_BASE (default 50051): the defaults are 50051..50059. Raises
     DevStackError naming the variable when the base is not a port or the last
     service's port would not be one.
     """
@@ -258,6 +260,10 @@ def check_ports(environ: Mapping[str, str], service_ports: Mapping[str, int]) ->
     for spec in available_services():
         ensure_port_free(
             service_ports[spec.name], what=f"{spec.name} gRPC", env_var=DEV_PORT_BASE_ENV
+        )
+    if "http-gateway" in service_ports:
+        ensure_port_free(
+            dev_http_port(service_ports), what="http-gateway HTTP", env_var=DEV_PORT_BASE_ENV
         )
 
 
@@ -370,6 +376,8 @@ async def running_services(
         for spec in specs:
             port = ports[spec.name]
             env = service_env(stack, environ, port)
+            if spec.name == "http-gateway":
+                env.update(gateway_links.dev_env(ports))
             log_path = log_dir / f"{spec.name}.log"
             process = _spawn_service(spec, env, log_path)
             running.append(RunningService(spec, port, process, env, log_path))
@@ -427,6 +435,8 @@ async def run_dev(args: argparse.Namespace, environ: Mapping[str, str] = os.envi
                         f"{service.spec.name:<24} 127.0.0.1:{service.port}"
                         f"  ({service.spec.summary})"
                     )
+                if "http-gateway" in ports:
+                    print(f"dispatch board  http://127.0.0.1:{dev_http_port(ports)}/dispatch")
                 print(f"logs        {state_dir / 'logs'}")
                 write_running_stack(state_dir, operator_env(stack, environ))
                 print("ready; Ctrl-C stops everything", flush=True)
@@ -527,6 +537,14 @@ async def _live(
                     simulate(config, targets, stats=stats, stop=simulator_stop), name="simulator"
                 )
                 simulator.add_done_callback(lambda task: _simulator_ended(task, stats))
+                if "http-gateway" in where and "tracking-query" in where:
+                    base = f"http://127.0.0.1:{dev_http_port(where_ports(services))}"
+                    links = asyncio.create_task(
+                        gateway_links.print_tracking_link(
+                            base, where["tracking-query"], secret, DEV_TENANT
+                        )
+                    )
+                    exits.callback(links.cancel)
             try:
                 every_s = getattr(args, "status_every", 5.0)
                 await _show(monitor, stop, headless=headless, every_s=every_s)
@@ -538,6 +556,10 @@ async def _live(
                         simulator.cancel()
                         await asyncio.wait({simulator})
     return supervisor.failure
+
+
+def where_ports(services: Sequence[RunningService]) -> dict[str, int]:
+    return {s.spec.name: s.port for s in services}
 
 
 def _simulator_ended(task: asyncio.Task[SimulatorStats], stats: SimulatorStats) -> None:

@@ -46,6 +46,13 @@ SERVICES: dict[str, ServiceSpec] = {
         ServiceSpec("projector", "services.projector.app", 50056, "folds the streams into state"),
         ServiceSpec("learner", "services.learner.app", 50057, "learns speeds, publishes models"),
         ServiceSpec("webhooks", "services.webhooks.app", 50058, "signed webhook deliveries"),
+        ServiceSpec(
+            "http-gateway",
+            "services.http_gateway.app",
+            50059,
+            "HTTP/JSON, SSE, tracking page, dispatch board",
+            database_optional=True,
+        ),
     )
 }
 

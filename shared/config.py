@@ -253,6 +253,24 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """The http-gateway (services/http_gateway): where it listens for HTTP and which
+    gRPC services it forwards to."""
+
+    #: HTTP port (on CARGOTRACK_GRPC_HOST); gRPC health stays on CARGOTRACK_GRPC_PORT.
+    http_port: int = 8080
+    #: host:port of tracking-query and of dispatch (plaintext gRPC, in-cluster).
+    tracking_target: str = "127.0.0.1:50054"
+    dispatch_target: str = "127.0.0.1:50055"
+    #: A comment line on an idle stream this often, so proxies keep it open.
+    heartbeat_s: float = 15.0
+    #: Map tiles of the tracking page ({z}/{x}/{y} template); empty: a blank background.
+    tile_url: str = ""
+    #: CA certificate that verifies the services' TLS certificates; None: plaintext.
+    tls_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings
     database: DatabaseSettings
@@ -262,6 +280,7 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     learner: LearnerSettings = field(default_factory=LearnerSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     metrics_port: int = 0
     log_format: str = "json"
     log_level: str = "INFO"
@@ -575,8 +594,31 @@ def load_settings(
             "CARGOTRACK_WEBHOOK_ALLOW_PRIVATE=1 with CARGOTRACK_PRODUCTION=1: private and"
             " loopback webhook targets are a development setting"
         )
+    gateway = GatewaySettings(
+        http_port=env.integer("CARGOTRACK_HTTP_PORT", 8080, minimum=0),
+        tracking_target=env.text("CARGOTRACK_GATEWAY_TRACKING_TARGET", "127.0.0.1:50054"),
+        dispatch_target=env.text("CARGOTRACK_GATEWAY_DISPATCH_TARGET", "127.0.0.1:50055"),
+        heartbeat_s=env.number("CARGOTRACK_GATEWAY_HEARTBEAT_S", 15.0, minimum=0.1),
+        tile_url=env.text("CARGOTRACK_MAP_TILE_URL", ""),
+        tls_ca_file=env.optional("CARGOTRACK_GATEWAY_TLS_CA_FILE"),
+    )
+    for name, target in (
+        ("CARGOTRACK_GATEWAY_TRACKING_TARGET", gateway.tracking_target),
+        ("CARGOTRACK_GATEWAY_DISPATCH_TARGET", gateway.dispatch_target),
+    ):
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            env.errors.append(f"{name}={target!r}: expected host:port")
+    if gateway.tile_url and not (
+        gateway.tile_url.startswith(("https://", "http://", "/")) and "{z}" in gateway.tile_url
+    ):
+        env.errors.append(
+            f"CARGOTRACK_MAP_TILE_URL={gateway.tile_url!r}: expected an http(s) URL template"
+            " with {z}, {x} and {y}"
+        )
     settings = Settings(
         kafka=kafka,
+        gateway=gateway,
         database=database,
         topics=topics,
         auth=auth,

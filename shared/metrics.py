@@ -107,6 +107,19 @@ GRPC_IN_FLIGHT = Gauge(
     ["service", "method"],
 )
 
+# --- HTTP gateway (services/http_gateway) ---------------------------------------------
+
+HTTP_REQUESTS = Counter(
+    "cargotrack_http_requests",
+    "HTTP requests answered by the http-gateway, by RPC method (or page) and HTTP status.",
+    ["method", "code"],
+)
+HTTP_OPEN_STREAMS = Gauge(
+    "cargotrack_http_open_streams",
+    "Server-Sent Events / NDJSON streams the http-gateway holds open, by RPC method.",
+    ["method"],
+)
+
 # --- Kafka writes (shared.kafka, shared.ingest) ---------------------------------------
 
 PRODUCE_LATENCY = Histogram(

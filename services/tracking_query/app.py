@@ -32,7 +32,7 @@ ROLES = {
     for method in ("GetShipment", "ListShipments", "GetTimeline", "WatchShipment")
 }
 #: The tracking token is the secret: no bearer token needed.
-PUBLIC_METHODS = (f"/{SERVICE_NAME}/TrackByToken",)
+PUBLIC_METHODS = (f"/{SERVICE_NAME}/TrackByToken", f"/{SERVICE_NAME}/WatchByToken")
 
 
 class QueryServer(ServiceServer):

@@ -48,6 +48,7 @@ ROWS = {
     "1.pg.rps",
     "1.pg.p99",
     "4.query.rps",
+    "4.http.rps",
     "4.query.p99",
     "6.rebuild",
     "7.consume",

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from devtools.devstack import DevStackError
@@ -92,6 +93,17 @@ async def test_shipments_move_alerts_reach_dispatch_and_ctrl_c_stops_everything(
     assert float(fields["points/s"]) > 0
     assert float(fields["gps_records/s"]) > 0
     assert any(" alert LATE critical " in seen for seen in first.lines), first.output()
+
+    # It printed the dispatch board and the tracking page of a simulated shipment, and
+    # both answer (the page's data from the public route).
+    (board,) = [seen.split()[-1] for seen in first.lines if seen.startswith("dispatch board ")]
+    page = (await first.wait_for(lambda seen: seen.startswith("tracking page  http"), 30)).split()[
+        -1
+    ]
+    async with aiohttp.ClientSession() as http:
+        for url in (board, page, page.replace("/t/", "/v1/track/")):
+            async with http.get(url) as response:
+                assert response.status == 200, (url, await response.text())
     print(
         f"ready {ready_at - launched_at:.0f}s after launch; first LATE alert at dispatch"
         f" {took:.0f}s after ready: {line}"

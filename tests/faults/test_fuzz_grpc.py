@@ -549,7 +549,8 @@ def absurd_bearers(draw: st.DrawFn) -> tuple[Metadata, str]:
 
 @pytest.mark.parametrize(
     "endpoint",
-    [e for e in ENDPOINTS if e.method.name != "TrackByToken"],  # public: no bearer token
+    # Public: no bearer token.
+    [e for e in ENDPOINTS if e.method.name not in ("TrackByToken", "WatchByToken")],
     ids=str,
 )
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
@@ -592,6 +593,15 @@ def _valid_calls(fuzzed: Fuzzed) -> dict[str, Callable[[], Any]]:
         )
         first = await call.read()
         assert first.shipment.shipment_id == fuzzed.shipment_id
+        call.cancel()
+
+    async def watch_by_token() -> None:
+        call = tracking.WatchByToken(
+            tracking_pb2.WatchByTokenRequest(tracking_token=fuzzed.tracking_token),
+            timeout=UNARY_TIMEOUT_S,
+        )
+        first = await call.read()
+        assert first.shipment.status
         call.cancel()
 
     async def subscribe() -> None:
@@ -663,6 +673,7 @@ def _valid_calls(fuzzed: Fuzzed) -> dict[str, Callable[[], Any]]:
             tracking_pb2.TrackByTokenRequest(tracking_token=fuzzed.tracking_token),
             timeout=UNARY_TIMEOUT_S,
         ),
+        "/cargotrack.v1.TrackingService/WatchByToken": watch_by_token,
         "/cargotrack.v1.DispatchService/SubscribeDelays": subscribe,
         "/cargotrack.v1.WebhookService/CreateWebhook": create_webhook,
         "/cargotrack.v1.WebhookService/ListWebhooks": lambda: hooks.ListWebhooks(

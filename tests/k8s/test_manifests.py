@@ -34,9 +34,12 @@ SERVICES = {
     "projector": 50056,
     "learner": 50057,
     "webhooks": 50058,
+    "http-gateway": 50059,
 }
 #: Scaled on CPU by an HPA (the consumers are not; webhooks has a fixed replica count).
 GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner", "webhooks")]
+#: Ports besides the gRPC and metrics ones: the http-gateway's HTTP port.
+EXTRA_PORTS = {"http-gateway": {8080}}
 METRICS_PORT = 9090
 TOPIC_RETENTION_MS = {
     "cargotrack.gps-points": 7 * 24 * 3600 * 1000,
@@ -120,9 +123,10 @@ def test_every_service_is_deployed_with_its_port(overlay: list[Resource]) -> Non
         assert c["args"] == ["serve", name]
         assert env(deployments[name])["CARGOTRACK_GRPC_PORT"]["value"] == str(port)
         health = config(overlay).get("CARGOTRACK_GRPC_HEALTH_PORT")  # prod: TLS probes
-        expected = {port, METRICS_PORT} | ({int(health)} if health else set())
+        extra = EXTRA_PORTS.get(name, set())
+        expected = {port, METRICS_PORT} | extra | ({int(health)} if health else set())
         assert {p["containerPort"] for p in c["ports"]} == expected
-        assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT}
+        assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT} | extra
     assert config(overlay)["CARGOTRACK_METRICS_PORT"] == str(METRICS_PORT)
     assert config(overlay)["CARGOTRACK_GRPC_HOST"] == "0.0.0.0"
     assert config(overlay)["CARGOTRACK_LOG_FORMAT"] == "json"
@@ -220,6 +224,7 @@ DATABASE_ROLE = {
     "projector": "cargotrack_projector",
     "learner": "cargotrack_learner",
     "webhooks": "cargotrack_webhooks",
+    "http-gateway": None,
 }
 
 
@@ -352,6 +357,14 @@ def test_network_policies_open_only_the_service_ports(overlay: list[Resource]) -
     for name, port in SERVICES.items():
         policy = policies[name]["spec"]
         assert policy["policyTypes"] == ["Ingress", "Egress"]
+        opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+        if name == "http-gateway":
+            # HTTP and metrics only (its gRPC port serves the probes); egress to the
+            # two services it calls, on their gRPC ports.
+            assert opened == {8080, METRICS_PORT}
+            called = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+            assert called == {SERVICES["tracking-query"], SERVICES["dispatch"]}
+            continue
         if name == "webhooks":  # tenants' endpoints: public addresses only
             (rule,) = policy["egress"]
             blocks = {b["ipBlock"]["cidr"]: set(b["ipBlock"]["except"]) for b in rule["to"]}
@@ -360,12 +373,23 @@ def test_network_policies_open_only_the_service_ports(overlay: list[Resource]) -
             assert {"::1/128", "fc00::/7", "fe80::/10"} <= blocks["::/0"]
         else:
             assert "egress" not in policy
-        opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
         assert opened == {port, METRICS_PORT}
     baseline = policies["cargotrack-baseline"]["spec"]
     assert "ingress" not in baseline
     egress_ports = {p["port"] for rule in baseline["egress"] for p in rule["ports"]}
     assert egress_ports == {53, 9093, 5432}
+
+
+def test_the_gateway_ingress_does_not_buffer_streams(overlay: list[Resource]) -> None:
+    ingress = of_kind(overlay, "Ingress")["http-gateway"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "http-gateway", "port": {"name": "http"}}
+    assert config(overlay)["CARGOTRACK_GATEWAY_TRACKING_TARGET"] == "tracking-query:50054"
+    assert config(overlay)["CARGOTRACK_GATEWAY_DISPATCH_TARGET"] == "dispatch:50055"
 
 
 def test_every_resource_carries_the_common_labels(overlay: list[Resource]) -> None:
