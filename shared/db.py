@@ -42,6 +42,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+#: What asyncpg raises when PostgreSQL cannot be reached or went away mid-call (e.g.
+#: "connection is closed" between two calls): worth a retry, never a client's fault.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+)
+
+
 class DatabaseUnavailable(Exception):
     """PostgreSQL did not answer within the time allowed; the message says how long."""
 

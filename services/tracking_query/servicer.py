@@ -38,7 +38,7 @@ from services.tracking_query.paging import (
     encode_page_token,
 )
 from services.tracking_query.queries import ListFilter, Scope, ShipmentView
-from services.tracking_query.watch import CONNECTION_ERRORS, ChangeFeed
+from services.tracking_query.watch import ChangeFeed
 from shared.auth import current_principal
 from shared.db import Connection
 from shared.domain import polyline
@@ -47,6 +47,7 @@ from shared.domain.visibility import Audience, clip_route
 from shared.envelopes import to_datetime
 from shared.pb import shipment_pb2, tracking_pb2, tracking_pb2_grpc
 from shared.rpc import Context, abort_invalid
+from shared.rpc_db import pooled_connection
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self._feed = feed
         self._page_token_key = page_token_key
 
-    @contextlib.asynccontextmanager
-    async def _connection(self, context: Context) -> AsyncIterator[Connection]:
+    def _connection(self, context: Context) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A pooled connection; UNAVAILABLE when the database cannot be reached."""
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as connection:
-                yield connection
-        except CONNECTION_ERRORS as error:
-            log.warning("database unavailable: %r", error)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is unavailable, retry")
-            raise  # pragma: no cover  (abort raises; never swallow the error)
+        return pooled_connection(self._pool, context, timeout_s=ACQUIRE_TIMEOUT_S)
 
     @staticmethod
     async def _not_found(context: Context, what: str = "shipment not found") -> NoReturn:

@@ -33,6 +33,7 @@ from typing import Any
 import asyncpg
 
 from shared.config import DatabaseSettings
+from shared.db import CONNECTION_ERRORS
 from shared.runtime import Backoff
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ RECONNECT_BACKOFF_S = 0.1
 RECONNECT_BACKOFF_MAX_S = 5.0
 
 #: Failures that mean "the connection is gone or unusable": reconnect.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    # e.g. "connection is closed" when the server went away between two calls.
-    asyncpg.InterfaceError,
-)
 
 Connect = Callable[[], Awaitable["asyncpg.Connection[Any]"]]
 

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import NoReturn
 
@@ -38,6 +37,7 @@ from shared.envelopes import timestamp
 from shared.pb import alerts_pb2, webhooks_pb2, webhooks_pb2_grpc
 from shared.readmodel import webhooks as store
 from shared.rpc import Context, abort_invalid
+from shared.rpc_db import pooled_connection
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ MAX_WEBHOOKS_PER_TENANT = 100
 MAX_DESCRIPTION_LENGTH = 500
 #: How long a request waits for a pooled connection before UNAVAILABLE.
 ACQUIRE_TIMEOUT_S = 5.0
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-)
 
 STATUS_NAMES = {
     webhooks_pb2.DELIVERY_STATUS_PENDING: store.PENDING,
@@ -155,16 +149,9 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
         self._pool = pool
         self._settings = settings
 
-    @contextlib.asynccontextmanager
-    async def _connection(self, context: Context) -> AsyncIterator[Connection]:
+    def _connection(self, context: Context) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A pooled connection; UNAVAILABLE when the database cannot be reached."""
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as connection:
-                yield connection
-        except CONNECTION_ERRORS as error:
-            log.warning("database unavailable: %r", error)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is unavailable, retry")
-            raise  # pragma: no cover  (abort raises)
+        return pooled_connection(self._pool, context, timeout_s=ACQUIRE_TIMEOUT_S)
 
     @staticmethod
     async def _not_found(context: Context) -> NoReturn:

@@ -182,12 +182,13 @@ async def test_a_second_run_reuses_the_state_and_reset_starts_afresh(
 
 
 def test_service_ports_follow_the_base() -> None:
-    assert list(dev_service_ports({}).values()) == list(range(50051, 50059))
+    assert list(dev_service_ports({}).values()) == list(range(50051, 50060))
     moved = dev_service_ports({DEV_PORT_BASE_ENV: "41000"})
     assert moved["gps-ingest"] == 41000
     assert moved["projector"] == 41005
     assert moved["learner"] == 41006
     assert moved["webhooks"] == 41007
+    assert moved["http-gateway"] == 41008
     with pytest.raises(DevStackError, match=DEV_PORT_BASE_ENV):
         dev_service_ports({DEV_PORT_BASE_ENV: "nope"})
     with pytest.raises(DevStackError, match=DEV_PORT_BASE_ENV):

@@ -25,7 +25,6 @@ import os
 import random
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -47,6 +46,7 @@ from tests.projection_helpers import (
     T0,
     end_offsets,
     fold_log,
+    fresh_schema,
     gps_envelope,
     lifecycle,
     prepare,
@@ -97,20 +97,8 @@ def _tail(path: Path) -> str:
 @pytest.fixture
 async def reference_schema(database_url: str) -> AsyncIterator[str]:
     """A second fresh schema, for the projector run without a crash."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute(f'CREATE SCHEMA "{name}"')
-    finally:
-        await connection.close()
-    try:
+    async with fresh_schema(database_url) as name:
         yield name
-    finally:
-        connection = await asyncpg.connect(database_url)
-        try:
-            await connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await connection.close()
 
 
 Rows = dict[tuple[Any, ...], dict[str, Any]]
