@@ -29,6 +29,8 @@ WORKDIR /src
 # requirements*.lock matches nothing until the lock file exists; COPY accepts that
 # because the other sources are present.
 COPY pyproject.toml README.md requirements*.lock ./
+# The deployables only: not the development package devtools/ (also kept out of the
+# context by .dockerignore; tests/k8s/test_image.py checks both).
 COPY shared ./shared
 COPY services ./services
 

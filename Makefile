@@ -1,6 +1,6 @@
 # The two commands of the README: `make up` runs the suite, `make test` the tests.
 # Both set up everything they need on a fresh machine (virtualenv, pinned
-# packages, Kafka jars; `make test` also buf, grpcurl, promtool and kcat); tools are
+# packages, Kafka jars; `make test` also buf, grpcurl, promtool, kcat and chromium); tools are
 # cached outside the repository.
 
 PYTHON ?= python3
@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export CARGOTRACK_CACHE_DIR := $(CACHE)
 export PATH := $(TOOLS)/bin:$(TOOLS)/node_modules/.bin:$(PATH)
 
-.PHONY: up test lint protos bootstrap tools kcat promtool clean
+.PHONY: up test lint protos bootstrap tools kcat promtool chromium clean
 
 up: bootstrap
 	$(BIN)/cargotrack dev
@@ -44,7 +44,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,local]'
 	touch $@
 
-tools: $(BUF) $(GRPCURL) promtool kcat
+tools: $(BUF) $(GRPCURL) promtool kcat chromium
 
 # kcat reads topics in the README's example (tests/e2e/test_readme.py runs it). It is
 # a system package: installed quietly with apt-get where that works (Debian, as
@@ -75,6 +75,19 @@ promtool:
 	       && { $(APT_INSTALL) prometheus || { apt-get update -qq && $(APT_INSTALL) prometheus; }; } \
 	       >/dev/null 2>&1; } \
 	  || { echo "promtool not found: install Debian's prometheus package or put promtool on PATH"; exit 1; }
+
+# chromium runs the browser tests (tests/browser: the tracking page, the dispatch board),
+# driven by the pinned Python playwright launched on /usr/bin/chromium; never
+# `playwright install` (no browser downloads). Debian's package, installed quietly with
+# apt-get where that works (Debian, as root: CI). Not pinned to a version: Debian
+# ships chromium security updates in place and drops the old version from the archive,
+# so a pin would break installs; playwright talks to any current Chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { $(APT_INSTALL) chromium || { apt-get update -qq && $(APT_INSTALL) chromium; }; } \
+	       >/dev/null 2>&1; } \
+	  || { echo "chromium not found: install Debian's chromium package (the browser tests need it)"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .cargotrack .pytest_cache .mypy_cache .ruff_cache

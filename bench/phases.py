@@ -15,6 +15,9 @@
 5. alerts    during the latency phase, vehicles whose promised window has passed
              send two batches each (the second confirms LATE); outbox created_at to
              the dispatch subscriber's receipt.
+7. learner   the learner's replay of the raw phase's records against a raw consume of
+             them; the ETA estimate's cost with the learner's model against the
+             fleet average (bench/learner_rows.py).
 4. query     GetShipment under concurrent load, and the same statement on asyncpg.
 6. rebuild   `cargotrack rebuild` replays every topic into a fresh schema.
 """
@@ -44,7 +47,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from google.protobuf import descriptor_pb2
 
-from bench import profiling
+from bench import learner_rows, profiling
 from bench.measure import (
     JsonClient,
     Offsets,
@@ -112,6 +115,9 @@ class BenchOptions:
     #: Most records read back for the raw Kafka baseline, per batch size.
     baseline_records: int = 20_000
     baseline_latency_s: float = 10.0
+    #: Section 7's ETA cost: vehicles (100 km routes) and warm rounds per model.
+    eta_vehicles: int = 200
+    eta_rounds: int = 3
     rebuild: bool = True
     profile_dir: Path | None = None
     smoke: bool = False
@@ -133,6 +139,8 @@ class BenchOptions:
             lag_limit_points=5_000,
             baseline_records=2_000,
             baseline_latency_s=1.0,
+            eta_vehicles=10,
+            eta_rounds=1,
             smoke=True,
         )
 
@@ -194,6 +202,8 @@ class Bench:
         self.ingest_ranges: dict[int, tuple[dict[int, int], dict[int, int]]] = {}
         self.e2e_rates: dict[int, float] = {}
         self.failed: list[str] = []
+        #: Records copied to each raw topic by the raw phase, by batch size.
+        self.raw_records: dict[int, int] = {}
         self.pool: asyncpg.Pool | None = None
         self.offsets: Offsets | None = None
 
@@ -217,6 +227,7 @@ class Bench:
             await self._phase("setup", self.setup_fleet)
             await self._phase("ingest", self.ingest)
             await self._phase("raw", self.baselines)
+            await self._phase("learner", self.learner)
             await self._phase("e2e", self.e2e)
             await self._phase("latency", self.latency_and_alerts)
             await self._phase("query", self.query)
@@ -453,6 +464,7 @@ class Bench:
             finally:
                 await producer.stop()
             consume_s = await _consume_all(kafka.client_options(), topic, len(records) + PARTITIONS)
+            self.raw_records[batch] = len(records)
             mean_bytes = sum(len(v) for _, _, v, _ in records) / len(records)
             detail = (
                 f"{len(records):,} records of {mean_bytes / 1024:.1f} KiB, {PARTITIONS} partitions"
@@ -554,6 +566,24 @@ class Bench:
             1.0 / self.report.value(f"1.consume.{b}") + 1.0 / self.report.value("1.copy")
         )
         self._row(Row("1.replay", "raw replay: consume + COPY, serial", replay, "points/s"))
+
+    # --- 7. learner -------------------------------------------------------------------
+
+    async def learner(self) -> None:
+        """Section 7 (see bench/learner_rows.py): the learner's replay against a raw
+        consume of the same records, and the ETA estimate's cost with its model."""
+        b = max(self.options.ingest_batches)
+        count = self.raw_records.get(b)
+        if not count:
+            raise RuntimeError("learner: the raw phase copied no records to replay")
+        topic = f"{self.stack.raw_prefix}gps-{b}"
+        options = self.settings.kafka.client_options()
+        for row in await learner_rows.replay_rows(options, topic, PARTITIONS, count + PARTITIONS):
+            self._row(row)
+        o = self.options
+        rows = await asyncio.to_thread(learner_rows.eta_rows, o.eta_vehicles, o.eta_rounds)
+        for row in rows:
+            self._row(row)
 
     def _latency_rate(self) -> float:
         """The latency phase's offered rate: the target, or 70 % of what e2e sustained
@@ -1050,6 +1080,39 @@ class Bench:
             )
         )
         self._row(Row("4.query.p99", "GetShipment p99", p99 * 1e3, "ms", "1.pg.p99"))
+        if self.stack.http_port is not None:
+            await self._http_query(ids, rps)
+
+    async def _http_query(self, ids: list[str], grpc_rps: float) -> None:
+        """GetShipment as JSON through the http-gateway, against gRPC GetShipment."""
+        o = self.options
+        result = await run_client(
+            "bench.query_client",
+            {
+                "mode": "http",
+                "target": f"http://127.0.0.1:{self.stack.http_port}",
+                "shipments": ids,
+                "duration_s": o.query_s,
+                "concurrency": o.query_concurrency,
+            },
+            timeout_s=o.query_s + 60,
+        )
+        errors = result["errors"]
+        if errors > max(10, 0.01 * (result["calls"] + errors)) or not result["calls"]:
+            raise RuntimeError(f"http query: {errors} failed calls: {result['error_samples']}")
+        rps = result["calls"] / result["seconds"]
+        p50 = percentile(result["latencies"], 0.5)
+        self._row(
+            Row(
+                "4.http.rps",
+                f"GetShipment as JSON via the http-gateway, {o.query_concurrency} in flight",
+                rps,
+                "requests/s",
+                "4.query.rps",
+                note=f"aiohttp client, p50 {p50 * 1e3:.1f} ms; gRPC {grpc_rps:,.0f}/s"
+                + (f", {errors} failed calls" if errors else ""),
+            )
+        )
 
     async def _ghz(
         self, ghz: str, target: str, ids: list[str]

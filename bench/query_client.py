@@ -1,11 +1,14 @@
-"""Query load client: GetShipment over gRPC, or the same read straight from PostgreSQL.
+"""Query load client: GetShipment over gRPC, over the http-gateway's JSON, or the same
+read straight from PostgreSQL.
 
 Run as `python -m bench.query_client`; reads one JSON job (see `Job`) on stdin and
 prints one JSON result line. `mode="grpc"` calls tracking-query's GetShipment with
 `concurrency` calls in flight; `mode="pg"` runs the statement GetShipment runs
-(services/tracking_query/queries.py) with an asyncpg pool of the same concurrency,
-which is the raw limit the service is compared with. Ids are drawn from `shipments`
-round-robin from a random start.
+(shared/readmodel/shipments.py) with an asyncpg pool of the same concurrency,
+which is the raw limit the service is compared with. `mode="http"` GETs
+`{target}/v1/shipments/{id}` (the gateway's JSON, the same RPC behind it) with
+`concurrency` requests in flight over one keep-alive connection pool. Ids are drawn
+from `shipments` round-robin from a random start.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 
 from bench.workload import TENANT
-from services.tracking_query import queries
 from shared.auth import Role, mint_token
 from shared.config import DEV_JWT_SECRET
 from shared.pb import tracking_pb2
+from shared.readmodel import shipments
 
 
 @dataclass
@@ -124,6 +128,26 @@ async def _grpc(job: Job) -> Result:
             await channel.close()
 
 
+async def _http(job: Job) -> Result:
+    token = mint_token(
+        DEV_JWT_SECRET, role=Role.OPS, tenant_id=TENANT, subject="bench-ops", ttl_s=6 * 3600
+    )
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    connector = aiohttp.TCPConnector(limit=job.concurrency)
+    async with aiohttp.ClientSession(job.target, connector=connector, headers=headers) as http:
+
+        async def call(shipment_id: str) -> None:
+            async with http.get(f"/v1/shipments/{shipment_id}", timeout=TIMEOUT) as response:
+                body = await response.json()
+                if response.status != 200 or "shipment" not in body:
+                    raise RuntimeError(f"HTTP {response.status}: {body}")
+
+        return await _drive(job, call)
+
+
+TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
 async def _pg(job: Job) -> Result:
     pool = await asyncpg.create_pool(
         job.dsn,
@@ -132,7 +156,7 @@ async def _pg(job: Job) -> Result:
         server_settings={"search_path": job.schema},
     )
     assert pool is not None
-    sql = queries._SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2"
+    sql = shipments.SELECT_WITH_TRACKING + " WHERE s.tenant_id = $1 AND s.shipment_id = $2"
     try:
 
         async def call(shipment_id: str) -> None:
@@ -147,7 +171,8 @@ async def _pg(job: Job) -> Result:
 
 async def _main() -> None:
     job = Job(**json.loads(sys.stdin.readline()))
-    result = await (_grpc(job) if job.mode == "grpc" else _pg(job))
+    modes = {"grpc": _grpc, "http": _http, "pg": _pg}
+    result = await modes[job.mode](job)
     out: dict[str, Any] = asdict(result)
     print(json.dumps(out), flush=True)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import asyncpg
 
-from services.launcher import wait_serving
+from devtools.devstack import LocalStack
+from devtools.devstack.ports import free_ports
+from devtools.devstack.process import ChildProcess
+from devtools.launcher import wait_serving
 from shared.config import Settings, load_settings
-from shared.devstack import LocalStack
-from shared.devstack.ports import free_ports
-from shared.devstack.process import ChildProcess
 from shared.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class BenchStack(Lifecycle):
             postgres_fsync=options.fsync,
         )
         self.services: dict[str, Service] = {}
+        #: The http-gateway's HTTP port (None: no gateway in this run).
+        self.http_port: int | None = None
         self._started: list[Service] = []
         self.settings: Settings | None = None
         self.ingest_settings: Settings | None = None
@@ -159,6 +161,9 @@ class BenchStack(Lifecycle):
             rest.append("dispatch")
         await self._spawn(rest)
         await self._spawn(["gps-ingest-only"])
+        # The HTTP face of tracking-query (4.http.rps); ready once dispatch is too.
+        if "dispatch" in self.services:
+            await self._spawn(["http-gateway"])
 
     @staticmethod
     def _has_dispatch() -> bool:
@@ -182,12 +187,18 @@ class BenchStack(Lifecycle):
         for name, port in zip(names, ports, strict=True):
             kind = _service_of(name)
             prefix = self.ingest_prefix if name == "gps-ingest-only" else self.prefix
+            env = self.env(prefix, port)
+            if kind == "http-gateway":
+                (self.http_port,) = free_ports(1)
+                env["CARGOTRACK_HTTP_PORT"] = str(self.http_port)
+                env["CARGOTRACK_GATEWAY_TRACKING_TARGET"] = self.services["tracking-query"].target
+                env["CARGOTRACK_GATEWAY_DISPATCH_TARGET"] = self.services["dispatch"].target
             process = ChildProcess.spawn(
                 [sys.executable, "-c", "from services.cli import main; main()", "serve", kind],
                 name=name,
                 log_path=self.run_dir / f"{name}.log",
                 append_log=False,
-                env=self.env(prefix, port),
+                env=env,
             )
             service = Service(name, kind, port, process)
             self._started.append(service)

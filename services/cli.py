@@ -17,6 +17,11 @@ does not set (Kafka, PostgreSQL, the signing key, ...) they take from the stack 
 of its state directory (CARGOTRACK_STATE_DIR, default ./.cargotrack), and say on
 stderr which stack they talk to.
 
+The development commands (dev, simulate, eta-eval) live in devtools/, which this
+module never imports: they are entry points of group ``cargotrack.commands``
+(pyproject.toml). Where that package is missing (the container image), each says in
+one line that it needs the development install.
+
 Expected failures (bad configuration, a port taken, no Java) print one line and
 exit with status 2; tracebacks are kept for bugs.
 """
@@ -32,68 +37,22 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import argparse
 import asyncio
-import importlib
 import logging
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from services.registry import SERVICES
 from shared.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
 
-if TYPE_CHECKING:
-    from services.fleet_simulator import SimulatorConfig
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    """A deployable: its module (with `async def run(settings)`) and default gRPC port."""
-
-    name: str
-    module: str
-    default_port: int
-    summary: str
-    #: It runs without PostgreSQL when DATABASE_URL is unset (see load_settings).
-    database_optional: bool = False
-
-
-SERVICES: dict[str, ServiceSpec] = {
-    spec.name: spec
-    for spec in (
-        ServiceSpec(
-            "gps-ingest", "services.gps_ingest.app", 50051, "GPS batches from drivers' apps"
-        ),
-        ServiceSpec(
-            "shipment-events", "services.shipment_events.app", 50052, "shipment lifecycle events"
-        ),
-        ServiceSpec(
-            "delivery-confirmations",
-            "services.delivery_confirmations.app",
-            50053,
-            "proofs of delivery",
-            database_optional=True,
-        ),
-        ServiceSpec("tracking-query", "services.tracking_query.app", 50054, "shipment queries"),
-        ServiceSpec("dispatch", "services.dispatch.app", 50055, "delay alert subscriptions"),
-        ServiceSpec("projector", "services.projector.app", 50056, "folds the streams into state"),
-        ServiceSpec("learner", "services.learner.app", 50057, "learns speeds, publishes models"),
-    )
-}
-
-
-def available_services() -> list[ServiceSpec]:
-    """The services whose code exists in this checkout, in start order."""
-    found = []
-    for spec in SERVICES.values():
-        try:
-            importlib.import_module(spec.module)
-        except ModuleNotFoundError as error:
-            if error.name and spec.module.startswith(error.name):
-                continue
-            raise
-        found.append(spec)
-    return found
+#: Entry-point group of the subcommands other packages add: the development commands
+#: of devtools/ (pyproject.toml). Each entry point adds its subparser to `commands`.
+COMMAND_GROUP = "cargotrack.commands"
+#: How to get the development commands (one line, named in their error message).
+DEV_INSTALL = (
+    "install the dev extra from a checkout: pip install -e '.[dev,local]' (make bootstrap)"
+)
 
 
 class UsageError(Exception):
@@ -108,18 +67,18 @@ def _settings(default_port: int = 0, *, database_optional: bool = False) -> Sett
 
 
 def _state_dir() -> Path:
-    from shared.devstack.running import state_dir_from_env
+    from shared.running_stack import state_dir_from_env
 
     return state_dir_from_env(os.environ)
 
 
-def _operator_environ(*, talks_to_servers: bool = True) -> dict[str, str]:
+def operator_environ(*, talks_to_servers: bool = True) -> dict[str, str]:
     """This process's environment, completed from a running `cargotrack dev` stack.
 
     Prints to stderr which Kafka and PostgreSQL the command talks to and where those
     settings came from (with `talks_to_servers=False`, only when the stack's were used).
     """
-    from shared.devstack.running import redact_url, stack_environment
+    from shared.running_stack import redact_url, stack_environment
 
     environ, stack, taken = stack_environment(os.environ, _state_dir())
     if not talks_to_servers and not taken:
@@ -143,7 +102,7 @@ def _operator_environ(*, talks_to_servers: bool = True) -> dict[str, str]:
 def _operator_settings() -> Settings:
     """Settings of an operator command: the environment, completed from a running stack."""
     try:
-        return load_settings(_operator_environ(), default_grpc_port=0)
+        return load_settings(operator_environ(), default_grpc_port=0)
     except ConfigError as error:
         raise UsageError(
             f"{error} (or start `cargotrack dev` / `make up` in this directory: operator "
@@ -160,14 +119,15 @@ def _configure_logging(settings: Settings | None = None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from shared.runtime import note_stop_signals, run_service
+
+    note_stop_signals()  # a SIGTERM from here on drains and exits 0
     spec = SERVICES.get(args.name)
     if spec is None:
         raise UsageError(f"unknown service {args.name!r}; one of: {', '.join(SERVICES)}")
     settings = _settings(spec.default_port, database_optional=spec.database_optional)
     _configure_logging(settings)
-    module = importlib.import_module(spec.module)
-    run: Callable[[Settings], Coroutine[Any, Any, None]] = module.run
-    asyncio.run(run(settings))
+    run_service(spec.module, settings)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -195,7 +155,7 @@ def cmd_create_topics(_args: argparse.Namespace) -> None:
 def cmd_token(args: argparse.Namespace) -> None:
     from shared.auth import Role, mint_token
 
-    environ = _operator_environ(talks_to_servers=False)
+    environ = operator_environ(talks_to_servers=False)
     secret = environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET
     try:
         token = mint_token(
@@ -212,84 +172,6 @@ def cmd_token(args: argparse.Namespace) -> None:
     print(token)
 
 
-def cmd_dev(args: argparse.Namespace) -> None:
-    from services.launcher import run_dev
-
-    if args.status_every <= 0:
-        raise UsageError("--status-every must be a positive number of seconds")
-    if args.give_up_after < 1 or args.give_up_window <= 0:
-        raise UsageError("--give-up-after must be at least 1 and --give-up-window positive")
-    if not args.no_simulator:
-        _simulator_config(args)  # a bad option fails before anything starts
-    _configure_logging()
-    asyncio.run(run_dev(args))
-
-
-def _simulator_config(args: argparse.Namespace, **overrides: Any) -> SimulatorConfig:
-    """The SimulatorConfig of the command line (ValueError → one-line usage error)."""
-    from services.fleet_simulator import SimulatorConfig
-
-    try:
-        return SimulatorConfig(
-            seed=args.seed, vehicles=args.vehicles, speedup=args.speedup, **overrides
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def cmd_simulate(args: argparse.Namespace) -> None:
-    from services.fleet_simulator import Targets
-    from services.fleet_simulator import run as simulate
-    from services.launcher import dev_service_ports
-
-    if args.report_every <= 0:
-        raise UsageError("--report-every must be a positive number of seconds")
-    environ = _operator_environ(talks_to_servers=False)
-    config = _simulator_config(
-        args,
-        rate_hz=args.rate,
-        datasets=tuple(args.dataset or ("liverpool",)),
-        tenant=args.tenant,
-        run_id=args.run_id,
-        jwt_secret=environ.get("CARGOTRACK_JWT_SECRET") or DEV_JWT_SECRET,
-    )
-    ports = dev_service_ports(environ)
-    targets = Targets(
-        gps=args.gps or f"127.0.0.1:{ports['gps-ingest']}",
-        events=args.events or f"127.0.0.1:{ports['shipment-events']}",
-        confirmations=args.confirmations or f"127.0.0.1:{ports['delivery-confirmations']}",
-    )
-    _configure_logging()
-
-    async def main() -> None:
-        import signal
-
-        from services.fleet_simulator import SimulatorStats
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        if args.exit_after:
-            loop.call_later(args.exit_after, stop.set)
-        stats = SimulatorStats()
-
-        async def report() -> None:
-            while True:
-                await asyncio.sleep(args.report_every)
-                print(f"[sim +{int(stats.elapsed_s())}s] {stats.summary()}", flush=True)
-
-        reporter = asyncio.create_task(report())
-        try:
-            await simulate(config, targets, stats=stats, stop=stop)
-        finally:
-            reporter.cancel()
-            await asyncio.wait({reporter})
-        print(f"[sim +{int(stats.elapsed_s())}s] stopped: {stats.summary()}", flush=True)
-
-    asyncio.run(main())
-
-
 def cmd_rebuild(args: argparse.Namespace) -> None:
     from services.projector.rebuild import rebuild
 
@@ -304,7 +186,7 @@ def cmd_rebuild(args: argparse.Namespace) -> None:
 
 
 def cmd_env(_args: argparse.Namespace) -> None:
-    from shared.devstack.running import read_running_stack
+    from shared.running_stack import read_running_stack
 
     stack = read_running_stack(_state_dir())
     if stack is None:
@@ -316,114 +198,58 @@ def cmd_env(_args: argparse.Namespace) -> None:
     print("\n".join(stack.export_lines()))
 
 
-def cmd_eta_eval(args: argparse.Namespace) -> None:
-    from shared.eta_eval import main as evaluate
-
-    code = evaluate(args.rest)
-    if code:
-        sys.exit(code)
-
-
 def cmd_eta_report(args: argparse.Namespace) -> None:
     from shared.eta_report import main as report
 
-    code = report(args.rest, environ=_operator_environ())
+    code = report(args.rest, environ=operator_environ())
     if code:
         sys.exit(code)
 
 
-def _simulator_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=1, help="same seed, same plan (default 1)")
-    parser.add_argument(
-        "--vehicles", type=int, default=8, metavar="N", help="fleet size (default 8)"
-    )
-    parser.add_argument(
-        "--speedup",
-        type=float,
-        default=30.0,
-        metavar="X",
-        help="replay recorded trips X times faster (default 30; vehicles never appear "
-        "faster than 25 m/s)",
-    )
+def _needs_dev_install(name: str) -> Callable[[argparse.Namespace], None]:
+    def handler(_args: argparse.Namespace) -> None:
+        raise UsageError(
+            f"`cargotrack {name}` is a development command, and this install has no"
+            f" development package (devtools/, which the image does not carry); {DEV_INSTALL}"
+        )
+
+    return handler
+
+
+def _add_commands_of_other_packages(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """The subcommands of entry-point group COMMAND_GROUP; one that cannot load because
+    its package is not installed stays listed and says which install it needs."""
+    for entry in entry_points(group=COMMAND_GROUP):
+        try:
+            add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = (
+                entry.load()
+            )
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.split(".")[0] != entry.module.split(".")[0]:
+                raise
+            missing = commands.add_parser(
+                entry.name, help="(needs the development install)", add_help=False
+            )
+            missing.add_argument("rest", nargs=argparse.REMAINDER)
+            missing.set_defaults(handler=_needs_dev_install(entry.name), delegated=True)
+        else:
+            add(commands)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cargotrack", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    dev = commands.add_parser("dev", help="run the whole suite locally")
-    dev.add_argument("--headless", action="store_true", help="summary lines instead of a live view")
-    dev.add_argument("--no-simulator", action="store_true", help="start no simulated fleet")
-    dev.add_argument("--reset", action="store_true", help="delete local state before starting")
-    dev.add_argument(
-        "--exit-after", type=float, default=0, metavar="S", help="stop by itself after S seconds"
-    )
-    dev.add_argument(
-        "--status-every",
-        type=float,
-        default=5.0,
-        metavar="S",
-        help="seconds between summary lines (--headless)",
-    )
-    dev.add_argument(
-        "--give-up-after",
-        type=int,
-        default=5,
-        metavar="N",
-        help="stop when one process exited N times within --give-up-window (default 5)",
-    )
-    dev.add_argument(
-        "--give-up-window",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="seconds over which --give-up-after counts exits (default 60)",
-    )
-    _simulator_options(dev)
-    dev.set_defaults(handler=cmd_dev)
-
-    simulate = commands.add_parser(
-        "simulate",
-        help="drive a simulated fleet against running ingest services",
-        description="Drivers' apps and a TMS as gRPC clients of the ingest services; "
-        "vehicles replay recorded trips (data/trajectories). Runs until Ctrl-C.",
-    )
-    _simulator_options(simulate)
-    simulate.add_argument(
-        "--rate",
-        type=float,
-        default=1.0,
-        metavar="HZ",
-        help="GPS fixes per vehicle per second, interpolated between recorded ones "
-        "(0: recorded fixes only; default 1)",
-    )
-    simulate.add_argument(
-        "--dataset",
-        action="append",
-        choices=["liverpool", "austin"],
-        help="recorded trips to drive (repeat for both; default liverpool)",
-    )
-    simulate.add_argument("--tenant", default="demo")
-    simulate.add_argument(
-        "--run-id", default="", help="tag of shipment and device ids (default: the start time)"
-    )
-    for name, service in (
-        ("gps", "gps-ingest"),
-        ("events", "shipment-events"),
-        ("confirmations", "delivery-confirmations"),
-    ):
-        simulate.add_argument(
-            f"--{name}",
-            metavar="HOST:PORT",
-            help=f"{service} (default: its cargotrack dev port)",
-        )
-    simulate.add_argument(
-        "--exit-after", type=float, default=0, metavar="S", help="stop by itself after S seconds"
-    )
-    simulate.add_argument(
-        "--report-every", type=float, default=10.0, metavar="S", help="seconds between reports"
-    )
-    simulate.set_defaults(handler=cmd_simulate)
+    _add_commands_of_other_packages(commands)
 
     serve = commands.add_parser("serve", help="run one service")
     serve.add_argument("name", choices=sorted(SERVICES))
@@ -466,34 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
         "`cargotrack dev` runs in CARGOTRACK_STATE_DIR (default ./.cargotrack).",
     ).set_defaults(handler=cmd_env)
 
-    evaluate = commands.add_parser(
-        "eta-eval",
-        help="score the ETA model on recorded trajectories (see docs/eta.md)",
-        add_help=False,
-    )
-    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
-    evaluate.set_defaults(handler=cmd_eta_eval)
-
     accuracy = commands.add_parser(
         "eta-report",
         help="live ETA accuracy on real arrivals, per tenant and horizon (see docs/eta.md)",
         add_help=False,
     )
     accuracy.add_argument("rest", nargs=argparse.REMAINDER)
-    accuracy.set_defaults(handler=cmd_eta_report)
+    # The report parses its own options (shared/eta_report.py build_parser).
+    accuracy.set_defaults(handler=cmd_eta_report, delegated=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eta-eval"]:
-        # The evaluation parses its own options.
-        cmd_eta_eval(argparse.Namespace(rest=argv[1:]))
-        return
-    if argv[:1] == ["eta-report"]:
-        cmd_eta_report(argparse.Namespace(rest=argv[1:]))
-        return
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    command = _subcommands(parser).get(argv[0]) if argv else None
+    if command is not None and command.get_default("delegated"):
+        # The command parses its own options (`--help` included).
+        args = argparse.Namespace(handler=command.get_default("handler"), rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.handler(args)
     except KeyboardInterrupt:
@@ -501,12 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as error:
         print(f"cargotrack: {error}", file=sys.stderr)
         sys.exit(2)
-    except Exception as error:
-        # Expected environment failures carry a one-line message; anything else is a bug.
-        from shared.devstack import DevStackError
-
-        if isinstance(error, DevStackError):
-            print(f"cargotrack: {error}", file=sys.stderr)
-            sys.exit(2)
+    except Exception:
+        # Expected failures carry a one-line message (UsageError); anything else is a bug.
         logging.getLogger("cargotrack").exception("failed")
         sys.exit(1)

@@ -3,7 +3,7 @@
 `load_settings()` reads the environment at start-up and either returns a
 `Settings` or raises `ConfigError` naming every bad variable, so a service never
 starts half-configured. No service reads `os.environ` for configuration anywhere
-else; the local stack (shared/devstack), the launcher, `cargotrack token` /
+else; the local stack and the launcher (devtools/), `cargotrack token` /
 `simulate`, the benchmark and the tests read a few variables of their own where
 they use them. docs/operations.md lists them all (tests/contracts/test_docs.py).
 """
@@ -212,12 +212,62 @@ class LearnerSettings:
     max_cells: int = 50_000
     #: Event time between two model versions.
     snapshot_every_s: float = 600.0
+    #: How long a point waits for its tenant's earlier points before it is learned.
+    settle_s: float = 120.0
     #: Model versions kept per tenant (older ones are deleted when a new one is stored).
     keep_versions: int = 10
     #: The time zone hours of week are counted in.
     timezone: str = "UTC"
     #: How often the projector looks for new model versions.
     model_poll_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """The webhook delivery worker (services/webhooks; docs/webhooks.md)."""
+
+    #: Attempts of one delivery before it is dead-lettered.
+    max_attempts: int = 8
+    #: Wait after the first failed attempt; doubles with each failure, up to backoff_max_s.
+    backoff_s: float = 10.0
+    backoff_max_s: float = 3600.0
+    #: Time to connect (after DNS), and for a whole attempt (connect, send, response head).
+    connect_timeout_s: float = 5.0
+    timeout_s: float = 10.0
+    #: Deliveries attempted at once by one worker.
+    concurrency: int = 16
+    #: How often the sender looks for due deliveries when it has nothing to do.
+    poll_s: float = 1.0
+    #: Development only: loopback and private targets are allowed (refused by default).
+    allow_private: bool = False
+    #: Plain http:// URLs are allowed (default: everywhere but production).
+    allow_http: bool = True
+    #: Finished deliveries (and deleted endpoints without any) older than this are pruned.
+    retention_days: int = 30
+
+    @property
+    def lease_s(self) -> float:
+        """How long a worker holds a delivery it attempts: past that (the worker died
+        mid-attempt) another worker may attempt it again (at least once)."""
+        return 2 * self.timeout_s + 30.0
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The http-gateway (services/http_gateway): where it listens for HTTP and which
+    gRPC services it forwards to."""
+
+    #: HTTP port (on CARGOTRACK_GRPC_HOST); gRPC health stays on CARGOTRACK_GRPC_PORT.
+    http_port: int = 8080
+    #: host:port of tracking-query and of dispatch (plaintext gRPC, in-cluster).
+    tracking_target: str = "127.0.0.1:50054"
+    dispatch_target: str = "127.0.0.1:50055"
+    #: A comment line on an idle stream this often, so proxies keep it open.
+    heartbeat_s: float = 15.0
+    #: Map tiles of the tracking page ({z}/{x}/{y} template); empty: a blank background.
+    tile_url: str = ""
+    #: CA certificate that verifies the services' TLS certificates; None: plaintext.
+    tls_ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +279,8 @@ class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     learner: LearnerSettings = field(default_factory=LearnerSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     metrics_port: int = 0
     log_format: str = "json"
     log_level: str = "INFO"
@@ -509,6 +561,7 @@ def load_settings(
         half_life_days=env.number("CARGOTRACK_LEARNER_HALF_LIFE_DAYS", 14.0, minimum=0.001),
         max_cells=env.integer("CARGOTRACK_LEARNER_MAX_CELLS", 50_000, minimum=1),
         snapshot_every_s=env.number("CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S", 600.0, minimum=1.0),
+        settle_s=env.number("CARGOTRACK_LEARNER_SETTLE_S", 120.0, minimum=0.0),
         keep_versions=env.integer("CARGOTRACK_LEARNER_KEEP_VERSIONS", 10, minimum=2),
         timezone=env.text("CARGOTRACK_LEARNER_TIMEZONE", "UTC"),
         model_poll_s=env.number("CARGOTRACK_MODEL_POLL_S", 5.0, minimum=0.1),
@@ -519,14 +572,60 @@ def load_settings(
         env.errors.append(
             f"CARGOTRACK_LEARNER_TIMEZONE={learner.timezone!r}: expected an IANA time zone"
         )
+    webhooks = WebhookSettings(
+        max_attempts=env.integer("CARGOTRACK_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1),
+        backoff_s=env.number("CARGOTRACK_WEBHOOK_BACKOFF_S", 10.0, minimum=0.01),
+        backoff_max_s=env.number("CARGOTRACK_WEBHOOK_BACKOFF_MAX_S", 3600.0, minimum=0.01),
+        connect_timeout_s=env.number("CARGOTRACK_WEBHOOK_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
+        timeout_s=env.number("CARGOTRACK_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
+        concurrency=env.integer("CARGOTRACK_WEBHOOK_CONCURRENCY", 16, minimum=1),
+        poll_s=env.number("CARGOTRACK_WEBHOOK_POLL_S", 1.0, minimum=0.01),
+        allow_private=env.flag("CARGOTRACK_WEBHOOK_ALLOW_PRIVATE"),
+        allow_http=env.flag("CARGOTRACK_WEBHOOK_ALLOW_HTTP", not production),
+        retention_days=env.integer("CARGOTRACK_WEBHOOK_RETENTION_DAYS", 30, minimum=1),
+    )
+    if webhooks.backoff_max_s < webhooks.backoff_s:
+        env.errors.append(
+            f"CARGOTRACK_WEBHOOK_BACKOFF_MAX_S={webhooks.backoff_max_s:g}: must be at least"
+            f" CARGOTRACK_WEBHOOK_BACKOFF_S ({webhooks.backoff_s:g})"
+        )
+    if production and webhooks.allow_private:
+        env.errors.append(
+            "CARGOTRACK_WEBHOOK_ALLOW_PRIVATE=1 with CARGOTRACK_PRODUCTION=1: private and"
+            " loopback webhook targets are a development setting"
+        )
+    gateway = GatewaySettings(
+        http_port=env.integer("CARGOTRACK_HTTP_PORT", 8080, minimum=0),
+        tracking_target=env.text("CARGOTRACK_GATEWAY_TRACKING_TARGET", "127.0.0.1:50054"),
+        dispatch_target=env.text("CARGOTRACK_GATEWAY_DISPATCH_TARGET", "127.0.0.1:50055"),
+        heartbeat_s=env.number("CARGOTRACK_GATEWAY_HEARTBEAT_S", 15.0, minimum=0.1),
+        tile_url=env.text("CARGOTRACK_MAP_TILE_URL", ""),
+        tls_ca_file=env.optional("CARGOTRACK_GATEWAY_TLS_CA_FILE"),
+    )
+    for name, target in (
+        ("CARGOTRACK_GATEWAY_TRACKING_TARGET", gateway.tracking_target),
+        ("CARGOTRACK_GATEWAY_DISPATCH_TARGET", gateway.dispatch_target),
+    ):
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            env.errors.append(f"{name}={target!r}: expected host:port")
+    if gateway.tile_url and not (
+        gateway.tile_url.startswith(("https://", "http://", "/")) and "{z}" in gateway.tile_url
+    ):
+        env.errors.append(
+            f"CARGOTRACK_MAP_TILE_URL={gateway.tile_url!r}: expected an http(s) URL template"
+            " with {z}, {x} and {y}"
+        )
     settings = Settings(
         kafka=kafka,
+        gateway=gateway,
         database=database,
         topics=topics,
         auth=auth,
         grpc=grpc_settings,
         alerts=alerts,
         learner=learner,
+        webhooks=webhooks,
         metrics_port=env.integer("CARGOTRACK_METRICS_PORT", 0, minimum=0),
         log_format=env.choice("CARGOTRACK_LOG_FORMAT", "json", ("json", "console")),
         log_level=env.choice("CARGOTRACK_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -21,6 +21,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.config import DatabaseSettings
+from shared.runtime import Backoff
 
 #: A connection as handed out by a pool or opened directly; every query helper takes either.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -39,6 +40,17 @@ NOT_ANSWERING: tuple[type[BaseException], ...] = (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+#: What asyncpg raises when PostgreSQL cannot be reached or went away mid-call (e.g.
+#: "connection is closed" between two calls): worth a retry, never a client's fault.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+)
 
 
 class DatabaseUnavailable(Exception):
@@ -61,7 +73,7 @@ async def when_answering(
     once wait_s has passed. Other errors propagate at once.
     """
     start = clock()
-    delay = 1.0
+    backoff = Backoff(1.0, 10.0)
     attempts = 0
     while True:
         attempts += 1
@@ -76,7 +88,7 @@ async def when_answering(
                     f"{what} did not answer in {waited:.0f} s ({attempts} attempt(s),"
                     f" allowed {wait_s:g} s); last error: {reason}"
                 ) from error
-            pause = min(delay, left)
+            pause = min(backoff.next(), left)
             log.warning(
                 "%s not answering (%s); attempt %d in %.0f s, giving up in %.0f s",
                 what,
@@ -86,7 +98,6 @@ async def when_answering(
                 left,
             )
             await sleep(pause)
-            delay = min(delay * 2, 10.0)
 
 
 def migrations() -> list[tuple[int, str, str]]:

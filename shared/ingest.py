@@ -10,9 +10,9 @@ do not depend on which payload is ingested:
   after a bounded wait, never a hang.
 - `KafkaLink.write_in_order` writes several records of one key so that none is
   stored unless every record before it is: the GPS stream relies on it.
-- `IngestServer` is one running service: Kafka link, `GrpcApp`, readiness task. It
-  is what `app.run` serves until SIGTERM and what the tests start in-process, so
-  the tests exercise the production wiring.
+- `IngestServer` is one running service (a `shared.runtime.ServiceServer`): Kafka
+  link, `GrpcApp`, readiness check. It is what `app.run` serves until SIGTERM and
+  what the tests start in-process, so the tests exercise the production wiring.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared import metrics, tracing
+from shared import metrics, runtime, tracing
 from shared.auth import Principal, Role
 from shared.config import KafkaSettings, Settings
 from shared.domain.validation import Violation
@@ -54,10 +54,10 @@ from shared.kafka import (
     topic_record_limits,
     topic_specs,
 )
-from shared.lifecycle import Lifecycle, StackedServer, cancel_and_wait
+from shared.lifecycle import Lifecycle
 from shared.pb import envelope_pb2
 from shared.rpc import Context, GrpcApp, Registrar, abort_invalid
-from shared.runtime import Supervisor
+from shared.runtime import Backoff, ServiceServer
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class KafkaLink(Lifecycle):
         return True
 
     async def _connect(self) -> None:
-        backoff = CONNECT_BACKOFF_S
+        backoff = Backoff(CONNECT_BACKOFF_S, CONNECT_BACKOFF_MAX_S)
         attempt = 0
         while True:
             attempt += 1
@@ -219,8 +219,7 @@ class KafkaLink(Lifecycle):
                         attempt,
                         error,
                     )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, CONNECT_BACKOFF_MAX_S)
+                await backoff.sleep()
                 continue
             if created:
                 log.info("created topics %s", ", ".join(created))
@@ -520,104 +519,70 @@ class TopicWriter:
             await self._kafka.write_many(self._topic, list(records), budget)
 
 
-class IngestServer(StackedServer):
-    """One ingest service, running: Kafka link, gRPC server, readiness.
+class IngestServer(ServiceServer):
+    """One ingest service, running: Kafka link, gRPC server, readiness (a
+    `ServiceServer`).
 
     `topic` is the one topic the service writes: the Kafka link creates (if need
     be), describes and probes that topic only. `start()` starts the Kafka link (in
     the background), builds the service, starts
     the gRPC server on settings.grpc (port 0 picks a free one: see `port`) with
-    health NOT_SERVING, and starts the readiness task, which probes Kafka every
-    READINESS_INTERVAL_S and sets health SERVING or NOT_SERVING.
+    health NOT_SERVING, and the readiness check, which probes Kafka every
+    READINESS_INTERVAL_S (at once when the link connects) and sets health SERVING
+    or NOT_SERVING. A connection failure that is not transient (see
+    `KafkaLink.raise_if_failed`) fails the service.
 
-    `stop()` shuts down in order: readiness task, health NOT_SERVING and
-    server.stop(grace) (in-flight RPCs finish), then the producer is flushed and
-    closed. Idempotent and safe after a failed start; `async with` does both.
+    `stop()` shuts down in order: health NOT_SERVING, readiness, server.stop(grace)
+    (in-flight RPCs finish), the service's resources, then the producer is flushed
+    and closed. Idempotent and safe after a failed start; `async with` does both.
     """
 
     def __init__(
         self, settings: Settings, builder: ServiceBuilder, label: str, topic: str | None = None
     ) -> None:
-        super().__init__()
-        self.settings = settings
-        self.label = label
+        super().__init__(settings, label, readiness_interval_s=READINESS_INTERVAL_S)
         self._builder = builder
-        self._readiness: asyncio.Task[None] | None = None
         # Only the topic the service writes (all of them when None): with one Kafka
         # user per service, its ACLs let it see and write that topic and no other.
         specs = [spec for spec in topic_specs(settings.topics) if topic in (None, spec.name)]
         self.kafka = KafkaLink(settings.kafka, specs)
-        self.app: GrpcApp | None = None
 
     async def _start(self) -> None:
-        # Exit callbacks run in reverse: readiness, then the server, then Kafka, then
-        # metrics and tracing (so they cover the whole shutdown).
-        await self._stack.enter_async_context(metrics.service_telemetry(self.settings, self.label))
-        await self._stack.enter_async_context(self.kafka)
+        await self.enter(self.kafka)
         service = self._builder(self.settings, self.kafka)
         for resource in service.resources:
-            await self._stack.enter_async_context(resource)
-        app = GrpcApp(
-            self.settings.grpc,
-            self.settings.auth,
-            [(service.name, service.register)],
-            service.roles,
+            await self.enter(resource)
+        await self.serve_grpc(
+            GrpcApp(
+                self.settings.grpc,
+                self.settings.auth,
+                [(service.name, service.register)],
+                service.roles,
+            )
         )
-        self._stack.push_async_callback(app.stop)
-        self.port = await app.start()
-        self.app = app
-        await app.set_serving(False)
-        self._readiness = asyncio.create_task(self._watch_readiness(app), name="readiness")
-        self._stack.push_async_callback(self._stop_readiness)
-        log.info(
-            "%s listening on %s:%d",
-            self.label,
-            self.settings.grpc.host,
-            self.port,
-            extra={"service": self.label, "port": self.port},
-        )
+        self.check("kafka", self._kafka_ready, pause=self._until_next_probe)
+        self.spawn("kafka-link", self._watch_link())
 
-    async def _watch_readiness(self, app: GrpcApp) -> None:
-        serving = False  # as start() set it
+    async def _kafka_ready(self) -> None:
+        if not await self.kafka.probe():
+            raise ConnectionError("Kafka is unreachable")
+
+    async def _until_next_probe(self, interval_s: float) -> None:
+        if self.kafka.connected:
+            await asyncio.sleep(interval_s)
+        else:  # probe again as soon as the link connects
+            await self.kafka.wait_connected(interval_s)
+
+    async def _watch_link(self) -> None:
+        """Fail the service when the link's connection attempts ended in an error."""
         while True:
             self.kafka.raise_if_failed()
-            ok = await self.kafka.probe()
-            if ok != serving:
-                await app.set_serving(ok)
-                if ok:
-                    log.info("%s is SERVING: Kafka is reachable", self.label)
-                else:
-                    log.warning("%s is NOT_SERVING: Kafka is unreachable", self.label)
-                serving = ok
-            if self.kafka.connected:
-                await asyncio.sleep(READINESS_INTERVAL_S)
-            else:  # probe again as soon as the link connects
-                await self.kafka.wait_connected(READINESS_INTERVAL_S)
-
-    async def _stop_readiness(self) -> None:
-        await cancel_and_wait(self._readiness)
-
-    async def wait(self) -> None:
-        """Run until cancelled; raise the readiness task's error if it fails.
-
-        (Not server.wait_for_termination(): cancelling that cancels the future the
-        server's own stop() waits on, which then fails with CancelledError.)
-        """
-        assert self._readiness is not None, "start() first"
-        await asyncio.shield(self._readiness)
+            await asyncio.sleep(READINESS_INTERVAL_S)
 
 
 async def serve(
     settings: Settings, builder: ServiceBuilder, label: str, topic: str | None = None
 ) -> None:
-    """Run one ingest service until SIGTERM/SIGINT, then shut down in order.
-
-    Prints "<label> listening on host:port" to stdout once serving, so a launcher
-    that asked for port 0 can find the port.
-    """
-    async with IngestServer(settings, builder, label, topic) as server:
-        print(f"{label} listening on {settings.grpc.host}:{server.port}", flush=True)
-        supervisor = Supervisor(label)
-        supervisor.install_signal_handlers()
-        supervisor.spawn("grpc", server.wait())
-        await supervisor.run()
+    """Run one ingest service until SIGTERM/SIGINT, then shut down in order
+    (`shared.runtime.serve`)."""
+    await runtime.serve(IngestServer(settings, builder, label, topic))

@@ -4,15 +4,14 @@ A component with `start()` and `stop()` (servers, the local stack, the dev view,
 the simulator's uplinks) gets `async with component:` from `Lifecycle`: start on
 entry, stop on exit, and stop when `start()` fails half way, so nothing it
 launched before the failure is left running. `stop()` must therefore be safe
-after a partial start, and idempotent.
+after a partial start, and idempotent. Services build on it through
+`shared.runtime.ServiceServer`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 
 class Lifecycle:
@@ -42,46 +41,3 @@ class Lifecycle:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-class StackedServer(Lifecycle):
-    """A gRPC service whose `_start()` registers each teardown on `self._stack` as it
-    starts things, so `stop()` undoes exactly what was started, in reverse order,
-    whatever point a failed start reached.
-
-    `start()` runs `_start()` once (twice is an error) and returns `self.port`, which
-    `_start()` must set.
-    """
-
-    def __init__(self) -> None:
-        self._stack = contextlib.AsyncExitStack()
-        self._started = False
-        self.port: int | None = None
-
-    async def start(self) -> int:
-        """Start everything; return the gRPC port."""
-        if self._started:
-            raise RuntimeError(f"{type(self).__name__}.start() called twice")
-        self._started = True
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        assert self.port is not None, "_start() must set the port"
-        return self.port
-
-    async def _start(self) -> None:
-        raise NotImplementedError
-
-    async def stop(self) -> None:
-        await self._stack.aclose()
-
-
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a helper task (if any) and wait until it is done; its cancellation is
-    not an error here."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

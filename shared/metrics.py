@@ -16,7 +16,8 @@ Who records what:
 - `services.gps_ingest.servicer`: GPS batches and points;
 - `shared.projection.ProjectionRunner`: the projector's batches, records applied,
   fold and commit latency, dead letters, offset conflicts, consumer lag;
-- `services.projector.outbox`: alerts published by kind.
+- `services.projector.outbox`: alerts published by kind;
+- `services.webhooks`: webhook deliveries recorded, attempts by outcome and latency.
 
 `serve_metrics(settings, label)` runs `MetricsServer` for a service's lifetime when
 CARGOTRACK_METRICS_PORT is above 0. docs/operations.md lists every series and what
@@ -104,6 +105,19 @@ GRPC_IN_FLIGHT = Gauge(
     "cargotrack_grpc_server_in_flight",
     "gRPC calls in progress (open streams included).",
     ["service", "method"],
+)
+
+# --- HTTP gateway (services/http_gateway) ---------------------------------------------
+
+HTTP_REQUESTS = Counter(
+    "cargotrack_http_requests",
+    "HTTP requests answered by the http-gateway, by RPC method (or page) and HTTP status.",
+    ["method", "code"],
+)
+HTTP_OPEN_STREAMS = Gauge(
+    "cargotrack_http_open_streams",
+    "Server-Sent Events / NDJSON streams the http-gateway holds open, by RPC method.",
+    ["method"],
 )
 
 # --- Kafka writes (shared.kafka, shared.ingest) ---------------------------------------
@@ -243,6 +257,24 @@ OUTBOX_BACKLOG_AGE = Gauge(
     "Age of the oldest alert decided but not yet published, as this relay last saw it"
     " (0 when the outbox was empty or another relay held the outbox lock).",
 )
+# --- webhooks (services.webhooks) ------------------------------------------------------
+
+WEBHOOK_DELIVERIES = Counter(
+    "cargotrack_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: delivered (2xx), retry (failed, attempted"
+    " again later), dead (failed for the last time: dead-lettered)",
+    ["outcome"],
+)
+WEBHOOK_ATTEMPT_LATENCY = Histogram(
+    "cargotrack_webhook_attempt_seconds",
+    "Duration of one webhook attempt: address check, connect, request, response head",
+    buckets=LATENCY_BUCKETS,
+)
+WEBHOOK_RECORDED = Counter(
+    "cargotrack_webhook_deliveries_recorded_total",
+    "Deliveries the webhook consumer recorded (one per matching endpoint and alert)",
+)
+
 ETA_ERROR = Histogram(
     "cargotrack_eta_error_seconds",
     "Absolute difference between a shipment's actual arrival and the ETA it was shown,"

@@ -7,6 +7,9 @@ each record's effect is applied once, whatever crashes or rebalances happen:
   transaction; offsets live in `projection_offsets`, never in Kafka;
 - on partition assignment the consumer seeks to the stored offset + 1 (or the
   beginning of the topic when there is none: a new projection replays history);
+  records a poll fetched before that seek completed (the consumer starts at the
+  group's offsets in Kafka, which may be another schema's) are never applied:
+  the runner seeks again and fetches them anew;
 - the offset update is conditional on the offset the runner last saw
   (optimistic fencing): if another instance, or a rebuild, moved it meanwhile,
   the transaction rolls back and the runner re-seeks. A zombie instance can
@@ -23,7 +26,7 @@ each record's effect is applied once, whatever crashes or rebalances happen:
   confirmations, co-partitioned by shipment id, are folded by one instance;
 - after each PostgreSQL commit the offsets are also committed to Kafka, best
   effort and only for monitoring (consumer-lag exporters, KEDA); they are never
-  read back.
+  read back (the consumer may fetch from them until the seek, see above).
 
 Observability: shared.metrics counts batches, records, dead letters and offset
 conflicts, times fold and commit, and keeps the consumer lag of each owned
@@ -221,6 +224,10 @@ class ProjectionRunner:
         self.stats = RunnerStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.assigned = asyncio.Event()
+        #: Counts completed seeks (see `seek_to_stored`): records fetched by a getmany
+        #: that began before the last seek completed are not applied (see `_apply`).
+        self.seeks = 0
+        self._polled_at_seek = 0
 
     async def seek_to_stored(self, partitions: Sequence[TopicPartition]) -> None:
         """Point the consumer at stored + 1 for each partition (beginning if none)."""
@@ -238,6 +245,9 @@ class ProjectionRunner:
                 self.expected.pop(tp, None)
         if unknown:
             await self.consumer.seek_to_beginning(*unknown)
+        # Whatever a poll under way fetched from the old positions (after an assignment:
+        # Kafka's committed offsets, which can be another schema's) is now stale.
+        self.seeks += 1
         log.info(
             "%s assigned %d partitions (%d resume after stored offsets, %d from the beginning)",
             self.group_id,
@@ -264,6 +274,7 @@ class ProjectionRunner:
         await self.consumer.start()
         try:
             while True:
+                self._polled_at_seek = self.seeks
                 batches = await self.consumer.getmany(
                     timeout_ms=self.poll_timeout_ms, max_records=self.max_records
                 )
@@ -292,6 +303,13 @@ class ProjectionRunner:
         async with self.batch_lock:
             assert self.consumer is not None
             owned = set(self.consumer.assignment())
+            if self._polled_at_seek != self.seeks:
+                # Fetched (at least partly) before a seek to the stored offsets completed:
+                # from positions that were not ours (the group's Kafka offsets), so
+                # applying it could put a log's tail before its head and drop the head
+                # as applied. Seek again: what was fetched after the seek is fetched anew.
+                await self.seek_to_stored(list(owned))
+                return
             # Records at or below the last applied offset were fetched before a seek
             # (a rebalance, a conflict): applying them again would repeat their effect.
             batches = {

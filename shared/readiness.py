@@ -45,8 +45,14 @@ async def monitor(
     checks: dict[str, Check],
     set_serving: Callable[[bool], Awaitable[None]],
     interval_s: float = 2.0,
+    *,
+    pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> None:
-    """Run the checks forever; report SERVING only while all pass. Logs each change."""
+    """Run the checks forever; report SERVING only while all pass. Logs each change.
+
+    Between rounds it awaits `pause(interval_s)` (a service may return sooner, e.g.
+    when its Kafka link connects). The one readiness loop: `ServiceServer` runs it
+    with the checks each service names."""
     serving: bool | None = None
     while True:
         failures = []
@@ -63,4 +69,4 @@ async def monitor(
                 log.warning("not ready: %s", "; ".join(failures))
             await set_serving(now_serving)
             serving = now_serving
-        await asyncio.sleep(interval_s)
+        await pause(interval_s)

@@ -26,7 +26,8 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from shared.devstack import DevStackError, KafkaBroker, LocalStack
+from devtools.devstack import DevStackError, KafkaBroker, LocalStack
+from tests.projection_helpers import fresh_schema
 
 # Shared machines are noisy: no per-example deadline. The explain phase is left out
 # because on Python 3.11 it can take longer than the test timeout after a failure,
@@ -114,20 +115,8 @@ async def pg_schema(database_url: str) -> AsyncIterator[str]:
 
     No connection is held in between, so a test may stop and restart PostgreSQL.
     """
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(f'CREATE SCHEMA "{name}"')
-    finally:
-        await conn.close()
-    try:
+    async with fresh_schema(database_url) as name:
         yield name
-    finally:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await conn.close()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from shared.devstack.ports import free_ports, port_in_use
+from devtools.devstack.ports import free_ports, port_in_use
 
 CARGOTRACK = Path(sys.executable).parent / "cargotrack"
 SUMMARY = re.compile(r"^\[dev \+(\d+)s\] shipments=")

@@ -27,7 +27,7 @@ import grpc
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli import SERVICES
+from services.registry import SERVICES
 from shared.auth import Role, mint_token
 from shared.config import DEV_JWT_SECRET, Settings, load_settings
 from shared.envelopes import decode, timestamp, utc_now
@@ -102,7 +102,7 @@ async def wait_health(
 async def running_service(
     name: str, settings: Settings, *, wait_serving: bool = True
 ) -> AsyncIterator[RunningService]:
-    """Start service `name` (a key of services.cli.SERVICES) in-process; stop it after.
+    """Start service `name` (a key of services.registry.SERVICES) in-process; stop it after.
 
     With wait_serving, returns once health reports SERVING (Kafka reachable, topics
     created). The service is stopped as in production (health NOT_SERVING, drain,

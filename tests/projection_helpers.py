@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared.config import Settings, load_settings
@@ -189,3 +191,24 @@ def fold_log(
             if state is not None:
                 shipments[key] = state
     return shipments, vehicles
+
+
+@contextlib.asynccontextmanager
+async def fresh_schema(database_url: str) -> AsyncIterator[str]:
+    """A new, empty schema with a unique name, dropped with everything in it on exit.
+
+    No connection is held in between, so the caller may stop and restart PostgreSQL."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await connection.close()
+    try:
+        yield name
+    finally:
+        connection = await asyncpg.connect(database_url)
+        try:
+            await connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await connection.close()

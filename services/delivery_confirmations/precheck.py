@@ -5,7 +5,7 @@ confirmation delivers: it refuses, as an anomaly, one naming a vehicle other tha
 the shipment's assigned vehicle at that point of the log, and one for a shipment
 whose proof is settled. This pre-check only gives the caller a clear status in the
 common case, before anything is written: it reads the shipment's row of the read
-model (PostgreSQL `shipments`, through shared.tracking_store) and refuses
+model (PostgreSQL `shipments`, through shared.readmodel.shipments) and refuses
 
 - a confirmation naming a vehicle while the read model assigns the shipment to
   another one: PERMISSION_DENIED for a driver (the shipment is not its vehicle's),
@@ -34,10 +34,11 @@ from types import TracebackType
 import asyncpg
 
 from shared import db
-from shared import tracking_store as store
 from shared.config import DatabaseSettings
 from shared.domain.tracking import FINAL
 from shared.metrics import CONFIRMATION_PRECHECKS
+from shared.readmodel import shipments
+from shared.readmodel.rows import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Verdict:
 
 
 def verdict(
-    assignment: store.Assignment | None,
+    assignment: Assignment | None,
     shipment_id: str,
     vehicle_id: str,
     confirmation_id: str,
@@ -132,7 +133,7 @@ class ReadModelPrecheck:
                 asyncio.timeout(READ_TIMEOUT_S),
                 self._pool.acquire() as connection,
             ):
-                assignment = await store.load_assignment(connection, tenant_id, shipment_id)
+                assignment = await shipments.load_assignment(connection, tenant_id, shipment_id)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             log.debug("read model not consulted, confirmation accepted unchecked: %r", error)
             result = Verdict(Outcome.UNAVAILABLE)

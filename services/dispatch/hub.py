@@ -60,6 +60,7 @@ from shared.config import KafkaSettings
 from shared.envelopes import HEADER_TENANT_ID, PoisonRecord, decode
 from shared.kafka import TopicSpec, ensure_topics
 from shared.pb import alerts_pb2, envelope_pb2
+from shared.runtime import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ class AlertHub:
         Lookups get their own connection: on the reader's, a ListOffsets request
         would queue behind the broker's long-polled Fetch (up to fetch_max_wait_ms).
         """
-        backoff = CONNECT_BACKOFF_S
+        backoff = Backoff(CONNECT_BACKOFF_S, CONNECT_BACKOFF_MAX_S)
         attempt = 0
         while True:
             attempt += 1
@@ -425,8 +426,7 @@ class AlertHub:
                         attempt,
                         error,
                     )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, CONNECT_BACKOFF_MAX_S)
+                await backoff.sleep()
                 continue
             return reader, lookup
 

@@ -1,24 +1,28 @@
-"""The learner process: one consumer group member on gps-points, health for probes."""
+"""The learner process: one consumer group member on gps-points, health for probes.
+
+`LearnerServer` is one running learner (a `shared.runtime.ServiceServer`); it is what
+`run` serves until SIGTERM and what the tests start in-process (`server(settings)`).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from services.learner.projection import LearnerProjection
-from shared import metrics, readiness
+from shared import readiness
 from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.kafka import ensure_topics, make_producer, topic_specs
 from shared.projection import ProjectionRunner
 from shared.rpc import GrpcApp
-from shared.runtime import Supervisor
+from shared.runtime import ServiceServer, serve
 
 log = logging.getLogger(__name__)
 
+LABEL = "learner"
 #: Records per transaction: a batch saves every touched tenant's whole state, so the
 #: learner prefers fewer, larger batches than the projector.
 LEARNER_MAX_RECORDS = 20_000
@@ -29,7 +33,7 @@ LEARNER_POLL_MS = 1000
 def build_runner(
     settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer
 ) -> ProjectionRunner:
-    """The learner's runner, as production builds it (tests use this too)."""
+    """The learner's runner, as production builds it."""
     return ProjectionRunner(
         LearnerProjection(settings.topics, settings.learner),
         pool,
@@ -42,33 +46,43 @@ def build_runner(
     )
 
 
-async def run(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT or the first failure (which is re-raised)."""
-    supervisor = Supervisor("learner")
-    supervisor.install_signal_handlers()
-    await migrate(settings.database)
-    await ensure_topics(settings.kafka, topic_specs(settings.topics))
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(metrics.service_telemetry(settings, "learner"))
-        pool = await create_pool(settings.database)
-        stack.push_async_callback(pool.close)
-        producer = make_producer(settings.kafka)  # dead letters
+class LearnerServer(ServiceServer):
+    """The learner, running: schema and topics ensured, pool, producer (dead
+    letters), health only on settings.grpc, the learning runner and readiness
+    (Kafka and PostgreSQL). Once started, `pool`, `producer` and `runner` are the
+    running parts. `stop()`: health NOT_SERVING, the runner stops (an unfinished
+    batch rolls back), the health server, the producer, the pool."""
+
+    # Set by start().
+    pool: asyncpg.Pool
+    producer: AIOKafkaProducer
+    runner: ProjectionRunner
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, LABEL)
+
+    async def _start(self) -> None:
+        settings = self.settings
+        await migrate(settings.database)
+        await ensure_topics(settings.kafka, topic_specs(settings.topics))
+        pool = self.pool = await create_pool(settings.database)
+        self.on_stop(pool.close)
+        producer = self.producer = make_producer(settings.kafka)  # dead letters
         await producer.start()
-        stack.push_async_callback(producer.stop)
-        app = GrpcApp(settings.grpc, settings.auth, services=[], roles={})
-        port = await app.start()
-        stack.push_async_callback(app.stop)
-        log.info("learner health on port %d", port)
-        runner = build_runner(settings, pool, producer)
-        supervisor.spawn("learning", runner.run())
-        supervisor.spawn(
-            "readiness",
-            readiness.monitor(
-                {
-                    "kafka": readiness.kafka_check(producer),
-                    "postgres": readiness.postgres_check(pool),
-                },
-                app.set_serving,
-            ),
-        )
-        await supervisor.run()
+        self.on_stop(producer.stop)
+        await self.serve_grpc(GrpcApp(settings.grpc, settings.auth, services=[], roles={}))
+        self.runner = build_runner(settings, pool, producer)
+        self.spawn("learning", self.runner.run())
+        self.check("kafka", readiness.kafka_check(producer))
+        self.check("postgres", readiness.postgres_check(pool))
+
+
+def server(settings: Settings) -> LearnerServer:
+    """The service, not started: `async with server(settings) as running: running.runner`."""
+    return LearnerServer(settings)
+
+
+async def run(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT or the first failure (re-raised after an ordered
+    shutdown): what `cargotrack serve learner` runs."""
+    await serve(LearnerServer(settings))

@@ -36,6 +36,7 @@ def learner_params(settings: LearnerSettings) -> LearnerParams:
         half_life_s=settings.half_life_days * 86400.0,
         max_cells=settings.max_cells,
         snapshot_every_s=settings.snapshot_every_s,
+        settle_s=settings.settle_s,
     )
 
 

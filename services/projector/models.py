@@ -76,6 +76,9 @@ class ModelStore:
         self._fallback_at = -1e18
         self._fallback: dict[str, LoadedModel] = {}
         self.loaded_event = asyncio.Event()
+        self._refreshing = asyncio.Lock()
+        # Two refreshes at once could publish an older version after a newer one.
+        self._refreshing = asyncio.Lock()
 
     async def run(self) -> None:
         """Poll until cancelled. Raises on a database failure (the supervisor stops)."""
@@ -85,7 +88,12 @@ class ModelStore:
 
     async def refresh(self) -> ModelSet:
         """Load what changed and publish a new set (the old one stays valid for whoever
-        holds it). Returns the set now current."""
+        holds it). Returns the set now current. Refreshes run one at a time: two at
+        once could publish an older version after a newer one."""
+        async with self._refreshing:
+            return await self._refresh()
+
+    async def _refresh(self) -> ModelSet:
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         async with self.pool.acquire() as connection:

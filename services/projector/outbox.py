@@ -28,6 +28,7 @@ from shared.config import Settings
 from shared.envelopes import encode, timestamp
 from shared.kafka import produce_many
 from shared.pb import alerts_pb2, envelope_pb2
+from shared.readmodel import alert_outbox
 
 log = logging.getLogger(__name__)
 
@@ -53,48 +54,37 @@ class OutboxRelay:
         """Publish one batch of unpublished alerts; return how many (0 also when another
         relay is publishing right now)."""
         async with self.pool.acquire() as connection, connection.transaction():
-            mine = await connection.fetchval(
-                "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.alert_outbox'))"
-            )
-            if not mine:
+            if not await alert_outbox.try_lock_relay(connection):
                 # The relay holding the lock reports the backlog; max() over pods reads it.
                 metrics.OUTBOX_BACKLOG_AGE.set(0)
                 return 0
-            rows = await connection.fetch(
-                "SELECT id, alert_id, tenant_id, shipment_id, payload, created_at"
-                " FROM alert_outbox WHERE published_at IS NULL ORDER BY id"
-                " LIMIT $1 FOR UPDATE",
-                self.batch_size,
-            )
+            rows = await alert_outbox.claim_unpublished(connection, self.batch_size)
             if not rows:
                 metrics.OUTBOX_BACKLOG_AGE.set(0)
                 return 0
-            oldest = rows[0]["created_at"]
+            oldest = rows[0].created_at
             metrics.OUTBOX_BACKLOG_AGE.set(max((datetime.now(UTC) - oldest).total_seconds(), 0))
             records = []
             kinds = []
             for row in rows:
-                alert = alerts_pb2.Alert.FromString(row["payload"])
+                alert = alerts_pb2.Alert.FromString(row.payload)
                 kinds.append(alert.kind)
                 envelope = envelope_pb2.Envelope(
-                    event_id=row["alert_id"],
-                    tenant_id=row["tenant_id"],
+                    event_id=row.alert_id,
+                    tenant_id=row.tenant_id,
                     principal="projector",
                     alert=alert,
                 )
                 envelope.occurred_at.CopyFrom(alert.detected_at)
                 envelope.recorded_at.CopyFrom(timestamp(datetime.now(UTC)))
-                records.append(encode(envelope, key=row["shipment_id"]))
+                records.append(encode(envelope, key=row.shipment_id))
             await produce_many(
                 self.producer,
                 self.settings.topics.shipment_alerts,
                 records,
                 self.settings.kafka.request_timeout_s,
             )
-            await connection.execute(
-                "UPDATE alert_outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
-                [row["id"] for row in rows],
-            )
+            await alert_outbox.mark_published(connection, [row.id for row in rows])
         self.published += len(rows)
         metrics.count_alerts_published(kinds)
         return len(rows)

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from itertools import repeat
 
 from services.projector.live import LiveTracker
-from shared import tracking_store as store
 from shared.config import TopicSettings
 from shared.db import Connection
 from shared.domain import tracking
 from shared.domain.tracking import Position, ShipmentState, VehicleState
 from shared.pb import envelope_pb2
 from shared.projection import Delivered
+from shared.readmodel import shipments, vehicle_positions, vehicles
+from shared.readmodel.rows import ShipmentKey, VehicleKey
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ FOLD_YIELD_EVERY = 64
 SHIPMENT_PAYLOADS = ("shipment_event", "delivery_confirmation")
 
 
-def shipment_key(envelope: envelope_pb2.Envelope) -> store.ShipmentKey:
+def shipment_key(envelope: envelope_pb2.Envelope) -> ShipmentKey:
     payload = envelope.WhichOneof("payload")
     shipment_id = (
         envelope.shipment_event.shipment_id
@@ -70,11 +71,11 @@ def merge_by_recorded_time(records: Sequence[Delivered]) -> list[Delivered]:
 class BatchEffect:
     """What one batch changed (for metrics and tests)."""
 
-    shipments: dict[store.ShipmentKey, ShipmentState] = field(default_factory=dict)
-    vehicles_moved: dict[store.VehicleKey, VehicleState] = field(default_factory=dict)
+    shipments: dict[ShipmentKey, ShipmentState] = field(default_factory=dict)
+    vehicles_moved: dict[VehicleKey, VehicleState] = field(default_factory=dict)
     history_points: int = 0
     #: The history rows added, per vehicle: (event id, position).
-    new_points: dict[store.VehicleKey, list[tuple[str, Position]]] = field(default_factory=dict)
+    new_points: dict[VehicleKey, list[tuple[str, Position]]] = field(default_factory=dict)
     ignored: int = 0
 
 
@@ -130,7 +131,7 @@ class TrackingProjection:
     async def _fold_shipments(
         self, connection: Connection, records: list[Delivered], effect: BatchEffect
     ) -> None:
-        states: dict[store.ShipmentKey, ShipmentState] = await store.load_shipments(
+        states: dict[ShipmentKey, ShipmentState] = await shipments.load_shipments(
             connection, (shipment_key(r.envelope) for r in records)
         )
         for record in records:
@@ -140,19 +141,19 @@ class TrackingProjection:
             if after is not None and after is not before:
                 states[key] = after
                 effect.shipments[key] = after
-        await store.save_shipments(connection, list(effect.shipments.values()))
+        await shipments.save_shipments(connection, list(effect.shipments.values()))
 
     async def _fold_vehicles(
         self, connection: Connection, records: list[Delivered], effect: BatchEffect
     ) -> None:
-        def key_of(envelope: envelope_pb2.Envelope) -> store.VehicleKey:
+        def key_of(envelope: envelope_pb2.Envelope) -> VehicleKey:
             return envelope.tenant_id, envelope.gps_batch.vehicle_id
 
-        states: dict[store.VehicleKey, VehicleState] = await store.load_vehicles(
+        states: dict[VehicleKey, VehicleState] = await vehicles.load_vehicles(
             connection, (key_of(r.envelope) for r in records)
         )
         loaded_positions = {k: s.last_position for k, s in states.items()}
-        changed: dict[store.VehicleKey, VehicleState] = {}
+        changed: dict[VehicleKey, VehicleState] = {}
         history = effect.new_points
         for n, record in enumerate(records):
             if n and n % FOLD_YIELD_EVERY == 0:
@@ -169,8 +170,8 @@ class TrackingProjection:
             if after is not before:
                 states[key] = after
                 changed[key] = after
-        await store.save_vehicles(connection, list(changed.values()))
-        effect.history_points = await store.append_history(connection, history)
+        await vehicles.save_vehicles(connection, list(changed.values()))
+        effect.history_points = await vehicle_positions.append_history(connection, history)
         effect.vehicles_moved = {
             key: state
             for key, state in changed.items()

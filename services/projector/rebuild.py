@@ -34,12 +34,17 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from services.projector.live import LiveTracker
 from services.projector.models import ModelStore
 from services.projector.projection import TrackingProjection
-from shared import tracking_store as store
 from shared.config import Settings
 from shared.db import create_pool, migrate
 from shared.kafka import make_producer
 from shared.projection import ProjectionRunner, load_offsets
-from shared.readmodel import learner_state, model_snapshots
+from shared.readmodel import (
+    alert_outbox,
+    learner_state,
+    model_snapshots,
+    vehicle_positions,
+    webhooks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ async def rebuild(
         # The history's day partitions before the replay, as the live projector keeps
         # them: a point replayed into the DEFAULT partition would make creating its
         # day's partition fail later, and the projector would crash-loop.
-        await store.maintain_position_partitions(
+        await vehicle_positions.maintain_position_partitions(
             connection, datetime.now(UTC), settings.position_retention_days
         )
     producer = make_producer(settings.kafka)
@@ -158,20 +163,15 @@ async def rebuild(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             # Carry over publication: the rebuild never re-announces the past.
-            await live.execute(
-                f'UPDATE "{new_schema}".alert_outbox n SET published_at ='
-                f' coalesce((SELECT o.published_at FROM "{live_schema}".alert_outbox o'
-                "   WHERE o.alert_id = n.alert_id), now())"
-                " WHERE n.published_at IS NULL AND NOT EXISTS ("
-                f'   SELECT 1 FROM "{live_schema}".alert_outbox o'
-                "   WHERE o.alert_id = n.alert_id AND o.published_at IS NULL)"
-            )
+            await alert_outbox.carry_publication(live, live_schema, new_schema)
             # Other consumers' state (the speed learner: its state, model versions and
-            # offsets) is not rebuilt: carry it over as it stands. Their commits wait
-            # on the lock above; one that lands in the old schema meanwhile is fenced
-            # on its next batch and replayed from these offsets.
+            # offsets; webhooks: endpoints, deliveries, offsets) is not rebuilt: carry
+            # it over as it stands. Their commits wait on the lock above; one that
+            # lands in the old schema meanwhile is fenced on its next batch and
+            # replayed from these offsets.
             await learner_state.copy_to_schema(live, live_schema, new_schema)
             await model_snapshots.copy_to_schema(live, live_schema, new_schema)
+            await webhooks.copy_to_schema(live, live_schema, new_schema)
             await live.execute(
                 f'INSERT INTO "{new_schema}".projection_offsets SELECT * FROM'
                 f' "{live_schema}".projection_offsets WHERE projection <> $1'

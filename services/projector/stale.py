@@ -21,7 +21,6 @@ after assignment) are considered: without a position there is no "last seen".
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -29,18 +28,14 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from services.projector.live import PendingAlert, write_alerts
-from shared import statecodec
 from shared.config import AlertSettings
 from shared.domain import alerts
-from shared.domain.alerts import AlertConditions
-from shared.domain.tracking import IN_TRANSIT, OUT_FOR_DELIVERY, PICKED_UP, Position, ShipmentState
 from shared.envelopes import utc_now
+from shared.readmodel import shipment_tracking
 from shared.runtime import periodically
 
 log = logging.getLogger(__name__)
 
-#: Statuses in which the vehicle is expected to report: the goods are on board.
-MOVING_STATUSES = (PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY)
 SCAN_INTERVAL_S = 30.0
 
 
@@ -82,47 +77,27 @@ class StaleScanner:
 
     async def _scan_batch(self, now: datetime) -> tuple[int, int]:
         async with self.pool.acquire() as connection, connection.transaction():
-            rows = await connection.fetch(
-                "SELECT t.tenant_id, t.shipment_id, t.position, t.conditions, s.state"
-                " FROM shipment_tracking t JOIN shipments s USING (tenant_id, shipment_id)"
-                " WHERE s.status = ANY($1::smallint[])"
-                " AND (t.position->>'recorded_at')::timestamptz <= $2"
-                # Already raised for this position: skip (observe_silence would too).
-                " AND (t.conditions->>'stale_since') IS DISTINCT FROM t.position->>'recorded_at'"
-                " ORDER BY t.tenant_id, t.shipment_id"
-                " LIMIT $3 FOR UPDATE OF t SKIP LOCKED",
-                list(MOVING_STATUSES),
-                now - self.stale_after,
-                self.batch_size,
+            rows = await shipment_tracking.stale_candidates(
+                connection, now - self.stale_after, self.batch_size
             )
             pending: list[PendingAlert] = []
             marks = []
             for row in rows:
-                position = statecodec.decode_as(Position, json.loads(row["position"]))
-                conditions = statecodec.decode_as(AlertConditions, json.loads(row["conditions"]))
                 updated, decisions = alerts.observe_silence(
-                    conditions,
-                    position.recorded_at,
+                    row.conditions,
+                    row.position.recorded_at,
                     now,
                     stale_after_s=self.stale_after.total_seconds(),
-                    tenant_id=row["tenant_id"],
-                    shipment_id=row["shipment_id"],
+                    tenant_id=row.tenant_id,
+                    shipment_id=row.shipment_id,
                 )
-                if updated == conditions:
+                if updated == row.conditions:
                     continue
-                shipment = statecodec.decode_as(ShipmentState, json.loads(row["state"]))
-                pending.extend(
-                    PendingAlert(shipment, d, None, (position.lat, position.lon), now)
-                    for d in decisions
-                )
-                marks.append((row["tenant_id"], row["shipment_id"], updated.stale_since))
+                where = (row.position.lat, row.position.lon)
+                pending.extend(PendingAlert(row.shipment, d, None, where, now) for d in decisions)
+                marks.append((row.tenant_id, row.shipment_id, updated.stale_since))
             raised = await write_alerts(connection, pending)
-            await connection.executemany(
-                "UPDATE shipment_tracking SET"
-                " conditions = jsonb_set(conditions, '{stale_since}', to_jsonb($3::text))"
-                " WHERE tenant_id = $1 AND shipment_id = $2",
-                marks,
-            )
+            await shipment_tracking.mark_stale(connection, marks)
         return raised, len(rows)
 
     async def run(self) -> None:

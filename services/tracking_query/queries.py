@@ -1,4 +1,4 @@
-"""The query service's reads of the tracking projection (tables: shared/migrations).
+"""The query service's reads of the tracking projection (SQL: shared/readmodel/shipments.py).
 
 Every read takes a `Scope`, built from the caller's verified token: the tenant, and
 for a customer its customer id. A shipment outside the scope reads exactly like one
@@ -6,15 +6,14 @@ that does not exist (None, or absent from a listing), so the service can answer
 NOT_FOUND without telling which. Only `by_tracking_token` reads across tenants: the
 public tracking token is the secret.
 
-Statements are parameterized; the only text assembled at run time is the choice
-among fixed WHERE conditions of `list_shipments`.
+Statements are parameterized (shared/readmodel/shipments.py holds them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,12 +22,13 @@ import asyncpg
 
 from services.tracking_query.paging import Cursor
 from shared import statecodec
-from shared import tracking_store as store
 from shared.auth import Principal, Role
 from shared.db import Connection
 from shared.domain.tracking import ShipmentState
 from shared.domain.visibility import Audience, redact_shipment, redact_timeline
 from shared.pb import tracking_pb2
+from shared.readmodel import messages, shipment_tracking, shipments
+from shared.readmodel.rows import TrackingView
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,13 @@ class ShipmentView:
     """
 
     state: ShipmentState
-    tracking: dict[str, Any] | None
+    tracking: TrackingView | None
     #: The row's updated_at column: the sort key of listings.
     updated_at: datetime
 
     def message(self) -> tracking_pb2.Shipment:
         """Every field (the staff view); callers answer with `message_for`."""
-        return store.shipment_message(self.state, self.tracking)
+        return messages.shipment_message(self.state, self.tracking)
 
     def message_for(self, audience: Audience) -> tracking_pb2.Shipment:
         """The fields `audience` may see, as shared.domain.visibility decides."""
@@ -78,7 +78,7 @@ class ShipmentView:
 
     def timeline_for(self, audience: Audience) -> list[tracking_pb2.TimelineEntry]:
         """The timeline entries and fields `audience` may see (needs a whole-state view)."""
-        return redact_timeline(store.timeline_messages(self.state), audience)
+        return redact_timeline(messages.timeline_messages(self.state), audience)
 
     @property
     def cursor(self) -> Cursor:
@@ -112,29 +112,18 @@ class ListFilter:
         return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-_SELECT = (
-    "SELECT s.state, s.updated_at, t.position, t.progress, t.eta"
-    " FROM shipments s LEFT JOIN shipment_tracking t USING (tenant_id, shipment_id)"
-)
-
-
 #: State fields a Shipment message does not show (the timeline has its own RPC).
 _NOT_IN_MESSAGE = ("timeline", "applied_event_ids")
 
 
-def _view(row: asyncpg.Record, whole_state: bool = True) -> ShipmentView:
+def _view(row: asyncpg.Record | Mapping[str, Any], whole_state: bool = True) -> ShipmentView:
+    """A row of shared.readmodel.shipments' query reads as a view."""
     data = json.loads(row["state"])
     if not whole_state:
         for name in _NOT_IN_MESSAGE:
             data.pop(name, None)
     state = statecodec.decode_as(ShipmentState, data)
-    tracking = None
-    if row["position"] is not None or row["progress"] is not None or row["eta"] is not None:
-        tracking = {
-            name: json.loads(row[name]) if row[name] is not None else None
-            for name in ("position", "progress", "eta")
-        }
-    return ShipmentView(state, tracking, row["updated_at"])
+    return ShipmentView(state, shipment_tracking.view_of(row), row["updated_at"])
 
 
 async def get_shipment(
@@ -142,25 +131,15 @@ async def get_shipment(
 ) -> ShipmentView | None:
     """The shipment with its live tracking; None if absent or outside the scope.
     `whole_state=False`: a view for `message()` only (see ShipmentView)."""
-    if scope.customer_id is None:
-        row = await connection.fetchrow(
-            _SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2",
-            scope.tenant_id,
-            shipment_id,
-        )
-    else:
-        row = await connection.fetchrow(
-            _SELECT + " WHERE s.tenant_id = $1 AND s.shipment_id = $2 AND s.customer_id = $3",
-            scope.tenant_id,
-            shipment_id,
-            scope.customer_id,
-        )
+    row = await shipments.fetch_with_tracking(
+        connection, scope.tenant_id, shipment_id, scope.customer_id
+    )
     return _view(row, whole_state) if row is not None else None
 
 
 async def by_tracking_token(connection: Connection, token: str) -> ShipmentView | None:
     """The shipment whose public tracking token is `token`, in any tenant; None if none."""
-    row = await connection.fetchrow(_SELECT + " WHERE s.tracking_token = $1", token)
+    row = await shipments.fetch_by_tracking_token(connection, token)
     return _view(row) if row is not None else None
 
 
@@ -176,32 +155,17 @@ async def list_shipments(
     (updated_at DESC, shipment_id DESC), starting strictly after `after`.
     `whole_state=False`: views for `message()` and `cursor` only (see ShipmentView).
 
-    Served by the index shipments_by_update (tenant_id, updated_at DESC,
-    shipment_id DESC): the cursor is a row comparison on its columns, so a page
-    costs the same however deep it is. Empty when nothing (more) matches.
+    Served by the index shipments_by_update (see shared.readmodel.shipments.fetch_page):
+    a page costs the same however deep it is. Empty when nothing (more) matches.
     """
-    args: list[Any] = [filters.scope.tenant_id]
-
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
-    conditions = ["s.tenant_id = $1"]
-    if filters.scope.customer_id is not None:
-        conditions.append(f"s.customer_id = {arg(filters.scope.customer_id)}")
-    if filters.customer_id is not None:
-        conditions.append(f"s.customer_id = {arg(filters.customer_id)}")
-    if filters.statuses:
-        conditions.append(f"s.status = ANY({arg(list(filters.statuses))}::smallint[])")
-    if filters.updated_since is not None:
-        conditions.append(f"s.updated_at >= {arg(filters.updated_since)}")
-    if after is not None:
-        conditions.append(
-            f"(s.updated_at, s.shipment_id) < ({arg(after.updated_at)}, {arg(after.shipment_id)})"
-        )
-    sql = (
-        f"{_SELECT} WHERE {' AND '.join(conditions)}"
-        f" ORDER BY s.updated_at DESC, s.shipment_id DESC LIMIT {arg(limit)}"
+    customers = [filters.scope.customer_id, filters.customer_id]
+    rows = await shipments.fetch_page(
+        connection,
+        filters.scope.tenant_id,
+        customer_ids=[c for c in customers if c is not None],
+        statuses=filters.statuses,
+        updated_since=filters.updated_since,
+        after=(after.updated_at, after.shipment_id) if after is not None else None,
+        limit=limit,
     )
-    rows: Sequence[asyncpg.Record] = await connection.fetch(sql, *args)
     return [_view(row, whole_state) for row in rows]

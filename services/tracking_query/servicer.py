@@ -10,7 +10,8 @@ Contract (docs/query.md has the client's view):
 - Bad arguments answer INVALID_ARGUMENT with a google.rpc.BadRequest naming each
   field; nothing is read.
 - A database that cannot be reached answers UNAVAILABLE (retry), not INTERNAL.
-- TrackByToken needs no bearer token; it returns only `PublicShipment` fields.
+- TrackByToken and WatchByToken need no bearer token; they return only
+  `PublicShipment` fields.
 - Which fields each caller sees is decided in one place, by audience (staff,
   customer, public) and the shipment's status: shared.domain.visibility. Every RPC
   answers through `ShipmentView.message_for` / `timeline_for`.
@@ -37,14 +38,16 @@ from services.tracking_query.paging import (
     encode_page_token,
 )
 from services.tracking_query.queries import ListFilter, Scope, ShipmentView
-from services.tracking_query.watch import CONNECTION_ERRORS, ChangeFeed
+from services.tracking_query.watch import ChangeFeed
 from shared.auth import current_principal
 from shared.db import Connection
+from shared.domain import polyline
 from shared.domain.validation import MAX_ID_LENGTH, Violation
-from shared.domain.visibility import Audience
+from shared.domain.visibility import Audience, clip_route
 from shared.envelopes import to_datetime
 from shared.pb import shipment_pb2, tracking_pb2, tracking_pb2_grpc
 from shared.rpc import Context, abort_invalid
+from shared.rpc_db import pooled_connection
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,18 @@ def public_shipment(view: ShipmentView) -> tracking_pb2.PublicShipment:
             setattr(public, field.name, getattr(visible, field.name))
         elif visible.HasField(field.name):
             getattr(public, field.name).CopyFrom(getattr(visible, field.name))
+    if public.planned_route and public.HasField("destination"):
+        try:
+            route = polyline.decode(public.planned_route)
+        except ValueError:  # validated at ingest; never show what cannot be read
+            route = []
+        end = (public.destination.latitude, public.destination.longitude)
+        public.planned_route = polyline.encode(clip_route(route, end)) if route else ""
+    if public.HasField("progress") and public.HasField("eta") and public.eta.remaining_m > 0:
+        # Progress towards this stop, like the route: the round's length after it is
+        # other customers' business.
+        public.progress.remaining_m = public.eta.remaining_m
+        public.progress.route_length_m = public.progress.travelled_m + public.eta.remaining_m
     public.timeline.extend(view.timeline_for(Audience.PUBLIC))
     return public
 
@@ -94,16 +109,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self._feed = feed
         self._page_token_key = page_token_key
 
-    @contextlib.asynccontextmanager
-    async def _connection(self, context: Context) -> AsyncIterator[Connection]:
+    def _connection(self, context: Context) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A pooled connection; UNAVAILABLE when the database cannot be reached."""
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as connection:
-                yield connection
-        except CONNECTION_ERRORS as error:
-            log.warning("database unavailable: %r", error)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is unavailable, retry")
-            raise  # pragma: no cover  (abort raises; never swallow the error)
+        return pooled_connection(self._pool, context, timeout_s=ACQUIRE_TIMEOUT_S)
 
     @staticmethod
     async def _not_found(context: Context, what: str = "shipment not found") -> NoReturn:
@@ -232,7 +240,39 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     async def TrackByToken(
         self, request: tracking_pb2.TrackByTokenRequest, context: Context
     ) -> tracking_pb2.TrackByTokenResponse:
-        token = request.tracking_token
+        view = await self._by_token(request.tracking_token, context)
+        if view is None:
+            await self._not_found(context, "unknown tracking token")
+        return tracking_pb2.TrackByTokenResponse(shipment=public_shipment(view))
+
+    async def WatchByToken(
+        self, request: tracking_pb2.WatchByTokenRequest, context: Context
+    ) -> AsyncIterator[tracking_pb2.WatchByTokenResponse]:
+        """TrackByToken, live: the current PublicShipment, then each change the public
+        may see (consecutive equal views are sent once), until the client cancels or
+        the server shuts down (the page watches again: the first message is the
+        current view, so nothing is lost)."""
+        view = await self._by_token(request.tracking_token, context)
+        if view is None:
+            await self._not_found(context, "unknown tracking token")
+        with self._feed.subscribe(view.state.tenant_id, view.state.shipment_id) as changes:
+            # Read again after subscribing: a change between the reads is then seen.
+            view = await self._by_token(request.tracking_token, context)
+            if view is None:
+                await self._not_found(context, "unknown tracking token")
+            last = public_shipment(view)
+            yield tracking_pb2.WatchByTokenResponse(shipment=last)
+            while await changes.changed():
+                view = await self._by_token(request.tracking_token, context)
+                if view is None:
+                    continue
+                current = public_shipment(view)
+                if current != last:
+                    last = current
+                    yield tracking_pb2.WatchByTokenResponse(shipment=current)
+
+    async def _by_token(self, token: str, context: Context) -> ShipmentView | None:
+        """The shipment holding this tracking token (INVALID_ARGUMENT when malformed)."""
         if not token or len(token) > MAX_TRACKING_TOKEN_LENGTH:
             await abort_invalid(
                 context,
@@ -250,7 +290,4 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 "invalid tracking token",
             )
         async with self._connection(context) as connection:
-            view = await queries.by_tracking_token(connection, token)
-        if view is None:
-            await self._not_found(context, "unknown tracking token")
-        return tracking_pb2.TrackByTokenResponse(shipment=public_shipment(view))
+            return await queries.by_tracking_token(connection, token)

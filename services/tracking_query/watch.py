@@ -33,6 +33,8 @@ from typing import Any
 import asyncpg
 
 from shared.config import DatabaseSettings
+from shared.db import CONNECTION_ERRORS
+from shared.runtime import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +47,6 @@ RECONNECT_BACKOFF_S = 0.1
 RECONNECT_BACKOFF_MAX_S = 5.0
 
 #: Failures that mean "the connection is gone or unusable": reconnect.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    # e.g. "connection is closed" when the server went away between two calls.
-    asyncpg.InterfaceError,
-)
 
 Connect = Callable[[], Awaitable["asyncpg.Connection[Any]"]]
 
@@ -187,7 +181,7 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after any connection failure."""
-        backoff = RECONNECT_BACKOFF_S
+        backoff = Backoff(RECONNECT_BACKOFF_S, RECONNECT_BACKOFF_MAX_S)
         failures = 0
         while True:
             try:
@@ -200,8 +194,7 @@ class ChangeFeed:
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
                     log.warning("cannot connect for LISTEN (attempt %d): %r", failures, error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+                await backoff.sleep()
                 continue
             established = self.connections
             try:
@@ -212,9 +205,9 @@ class ChangeFeed:
                 await self._set_listening(False)
                 await _close_quietly(connection)
             if self.connections > established:  # it worked for a while: retry promptly
-                backoff, failures = RECONNECT_BACKOFF_S, 0
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX_S)
+                backoff.reset()
+                failures = 0
+            await backoff.sleep()
 
     async def _listen(self, connection: asyncpg.Connection[Any]) -> None:
         """LISTEN, wake everyone, then hold the connection until it fails (raises)."""

@@ -54,6 +54,8 @@ from shared.domain.speeds import (
     SpeedParams,
     _cell,
     _sector,
+    area_of,
+    area_paces,
     hour_of_week,
     utc_offset_s,
 )
@@ -456,9 +458,13 @@ def build_speeds(
     cell_pace: dict[CellKey, float] = {}
     cell_dir: dict[tuple[int, int, int], float] = {}
     cell_dir_how: dict[tuple[int, int, int, int], float] = {}
+    area = area_paces(
+        ((key, c.acc[0] * decay, c.acc[1] * decay) for key, c in sorted(cells.items())), p, g
+    )
     for key in sorted(cells):
         c = cells[key]
-        base = cell_pace[key] = shrink(c.acc, g, p.prior_m)
+        prior = area[area_of(key, p.area_cells)] if area else g
+        base = cell_pace[key] = shrink(c.acc, prior, p.prior_m)
         for sector in sorted(c.by_dir):
             cell_dir[(key[0], key[1], sector)] = shrink(c.by_dir[sector], base, p.prior_m)
         for sector, h in sorted(c.by_dir_how):
@@ -468,7 +474,7 @@ def build_speeds(
             )
     return HistoricalSpeeds(
         p, g, how_factor, cell_pace, cell_dir, cell_dir_how,
-        total[0] * decay, total[1] * decay,
+        total[0] * decay, total[1] * decay, area,
     )  # fmt: skip
 
 

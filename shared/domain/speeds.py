@@ -11,8 +11,11 @@ pseudo-distance, so a cell seen once barely moves away from its prior):
 1. (grid cell, heading sector, hour of week)
 2. (grid cell, heading sector)
 3. grid cell
-4. hour of week (all cells) — applied to levels 2–3 as a time-of-day factor
-5. global, itself shrunk toward ``default_speed_mps``
+4. area: ``area_cells`` x ``area_cells`` grid cells (about 1.2 km square by default), so
+   an unseen or thinly seen cell starts from the speed of its neighbourhood, not of the
+   whole fleet (a city centre is slower than its ring road)
+5. hour of week (all cells) — applied to levels 2–3 as a time-of-day factor
+6. global, itself shrunk toward ``default_speed_mps``
 
 Grid cells are about ``cell_m`` square (latitude rows, each row's longitude step
 widened by ``1/cos(lat)``), so they work for any route through the same streets, not
@@ -67,6 +70,9 @@ class SpeedParams:
     max_jump_mps: float = 60.0
     stationary_m: float = 15.0
     timezone: str = "UTC"
+    #: Side of an area in grid cells (level 4); 0: no area level (cells shrink toward
+    #: the global pace).
+    area_cells: int = 4
 
     def __post_init__(self) -> None:
         for name in ("cell_m", "prior_m", "global_prior_m", "default_speed_mps", "max_gap_s"):
@@ -77,6 +83,8 @@ class SpeedParams:
             raise ValueError("need 0 < min_speed_mps <= default_speed_mps <= max_speed_mps")
         if self.sectors < 1:
             raise ValueError("SpeedParams.sectors must be >= 1")
+        if self.area_cells < 0:
+            raise ValueError("SpeedParams.area_cells must be >= 0")
         ZoneInfo(self.timezone)  # raises for an unknown zone
 
 
@@ -94,6 +102,33 @@ def _cells_many(lats: FloatArray, lons: FloatArray, cell_m: float) -> list[CellK
     dlon = dlat / np.maximum(np.cos(np.radians((rows + 0.5) * dlat)), 1e-6)
     cols = np.floor(lons / dlon)
     return list(zip(rows.astype(np.int64).tolist(), cols.astype(np.int64).tolist(), strict=True))
+
+
+def area_of(cell: CellKey, area_cells: int) -> CellKey:
+    """The area (level 4) a grid cell belongs to: ``area_cells`` rows by
+    ``area_cells`` columns of cells."""
+    return cell[0] // area_cells, cell[1] // area_cells
+
+
+def area_paces(
+    cells: Iterable[tuple[CellKey, float, float]], params: SpeedParams, global_pace: float
+) -> dict[CellKey, float]:
+    """Level 4: each area's pace from its cells' (distance, time) sums, shrunk toward
+    ``global_pace`` by ``prior_m`` (empty when ``area_cells`` is 0)."""
+    k = params.area_cells
+    if not k:
+        return {}
+    sums: dict[CellKey, list[float]] = {}
+    for cell, d, t in cells:
+        acc = sums.setdefault(area_of(cell, k), [0.0, 0.0])
+        acc[0] += d
+        acc[1] += t
+    lo, hi = 1.0 / params.max_speed_mps, 1.0 / params.min_speed_mps
+    prior = params.prior_m
+    return {
+        a: min(max((t + prior * global_pace) / (d + prior), lo), hi)
+        for a, (d, t) in sorted(sums.items())
+    }
 
 
 def _sector(heading: float, sectors: int) -> int:
@@ -138,6 +173,8 @@ class HistoricalSpeeds:
     cell_dir_how_pace: Mapping[tuple[int, int, int, int], float]
     observed_m: float = 0.0
     observed_s: float = 0.0
+    #: Level 4, by area key (:func:`area_of`); empty in models built before it.
+    area_pace: Mapping[CellKey, float] = field(default_factory=dict)
     _zone: ZoneInfo = field(init=False, repr=False, compare=False)
     #: The (row, col, sector) keys that have an hour-of-week pace, built when first
     #: needed (see `piece_paces`).
@@ -152,7 +189,9 @@ class HistoricalSpeeds:
     def uniform(self) -> bool:
         """True when nothing was learned per cell: every piece then has the same pace
         in a given hour (:meth:`hour_pace`)."""
-        return not (self.cell_pace or self.cell_dir_pace or self.cell_dir_how_pace)
+        return not (
+            self.cell_pace or self.cell_dir_pace or self.cell_dir_how_pace or self.area_pace
+        )
 
     def hour_pace(self, how: int) -> float:
         """The pace of every piece during ``how`` when :attr:`uniform`: what
@@ -185,8 +224,15 @@ class HistoricalSpeeds:
         f = self.how_factor.get(how, 1.0)
         base = self.cell_dir_pace.get((cell[0], cell[1], sector))
         if base is None:
-            base = self.cell_pace.get(cell, self.global_pace)
+            base = self.cell_pace.get(cell)
+        if base is None:
+            base = self._area_or_global(cell)
         return self._clamp(base * f)
+
+    def _area_or_global(self, cell: CellKey) -> float:
+        if self.area_pace:
+            return self.area_pace.get(area_of(cell, self.params.area_cells), self.global_pace)
+        return self.global_pace
 
     def pace_at(self, lat: float, lon: float, heading_deg: float, t: float) -> float:
         """:meth:`pace` for a position, heading and instant (epoch seconds)."""
@@ -212,13 +258,27 @@ class HistoricalSpeeds:
         ``pace(cell_i, sector_i, how)``."""
         keys = self.piece_keys(lats, lons, headings)
         cdp, cp, g = self.cell_dir_pace, self.cell_pace, self.global_pace
-        base = np.array(
-            [
-                v if (v := cdp.get((c[0], c[1], sec))) is not None else cp.get(c, g)
-                for c, sec in keys
-            ],
-            dtype=np.float64,
-        )
+        if self.area_pace:
+            ap, k = self.area_pace, self.params.area_cells
+            base = np.array(
+                [
+                    v
+                    if (v := cdp.get((c[0], c[1], sec))) is not None
+                    else v
+                    if (v := cp.get(c)) is not None
+                    else ap.get((c[0] // k, c[1] // k), g)
+                    for c, sec in keys
+                ],
+                dtype=np.float64,
+            )
+        else:
+            base = np.array(
+                [
+                    v if (v := cdp.get((c[0], c[1], sec))) is not None else cp.get(c, g)
+                    for c, sec in keys
+                ],
+                dtype=np.float64,
+            )
         hourly = self._hourly_keys
         if hourly is None:
             hourly = frozenset((k[0], k[1], k[2]) for k in self.cell_dir_how_pace)
@@ -242,6 +302,7 @@ class HistoricalSpeeds:
             "cell_pace": [[*k, v] for k, v in sorted(self.cell_pace.items())],
             "cell_dir_pace": [[*k, v] for k, v in sorted(self.cell_dir_pace.items())],
             "cell_dir_how_pace": [[*k, v] for k, v in sorted(self.cell_dir_how_pace.items())],
+            "area_pace": [[*k, v] for k, v in sorted(self.area_pace.items())],
         }
 
     @classmethod
@@ -259,6 +320,8 @@ class HistoricalSpeeds:
             },
             float(data["observed_m"]),
             float(data["observed_s"]),
+            # Absent from models published before the area level: none.
+            {(int(a), int(b)): float(v) for a, b, v in data.get("area_pace", ())},
         )
 
 
@@ -397,14 +460,19 @@ class SpeedLearner:
 
         g = shrink(self._global, 1.0 / p.default_speed_mps, p.global_prior_m)
         how_factor = {h: shrink(a, g, p.global_prior_m) / g for h, a in self._how.items()}
-        cell = {c: shrink(a, g, p.prior_m) for c, a in self._cell.items()}
+        area = area_paces(((c, a.d, a.t) for c, a in sorted(self._cell.items())), p, g)
+        k = p.area_cells
+        cell = {
+            c: shrink(a, area[area_of(c, k)] if area else g, p.prior_m)
+            for c, a in self._cell.items()
+        }
         cell_dir = {k: shrink(a, cell[(k[0], k[1])], p.prior_m) for k, a in self._cell_dir.items()}
         cell_dir_how = {
             k: shrink(a, cell_dir[(k[0], k[1], k[2])] * how_factor[k[3]], p.prior_m)
             for k, a in self._cell_dir_how.items()
         }
         return HistoricalSpeeds(
-            p, g, how_factor, cell, cell_dir, cell_dir_how, self._global.d, self._global.t
+            p, g, how_factor, cell, cell_dir, cell_dir_how, self._global.d, self._global.t, area
         )
 
 

@@ -119,6 +119,11 @@ FINAL = frozenset({DELIVERED, CANCELLED})
 #: The goods are on board: a delivery outcome is possible.
 HOLDING = frozenset({PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY, DELIVERY_FAILED})
 _OPEN = frozenset({CREATED, ASSIGNED}) | HOLDING
+#: A vehicle carries the shipment, so live progress and ETA apply (read-model queries
+#: pass it to SQL as a list; the projector's live tracking tests membership).
+ACTIVE = frozenset({ASSIGNED, PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY, DELIVERY_FAILED})
+#: The goods are on board and the vehicle is expected to report (the stale scan).
+MOVING = frozenset({PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY})
 
 #: For each status a lifecycle event moves to, the statuses it may be entered from.
 ALLOWED_FROM: dict[Status, frozenset[Status]] = {

@@ -14,8 +14,11 @@ the vehicle and driver ids, the ETA) is shown to a customer only while the goods
 on the way to it: PICKED_UP, IN_TRANSIT, OUT_FOR_DELIVERY. Before pickup the van
 carries other customers' goods; after delivery (or a failed attempt, when the van
 carries on with its round) where it goes is none of this customer's business. The
-public (anyone holding the tracking token) never sees a vehicle, driver, customer or
-position, only the ETA while the goods are on the way. Back-office matters
+public (anyone holding the tracking token: the tracking page) never sees a vehicle id,
+driver or customer; it sees the destination, and while the goods are on the way the
+ETA, the progress and the planned route up to its own destination (cut there by the
+reader: `clip_route`), and the vehicle's position only while it is in transit or out
+for delivery (issue 15). Back-office matters
 (anomalies, event ids, the planned route, which can pass other customers' stops) are
 staff-only.
 
@@ -26,7 +29,8 @@ generated messages in place and return them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
 from google.protobuf.message import Message
@@ -81,11 +85,18 @@ _CUSTOMER_ALWAYS = frozenset(
     }
 )
 #: Fields the public sees in every status (the PublicShipment message's own fields).
-_PUBLIC_ALWAYS = frozenset({"status", "reference", "promised_window", "delivered_at", "updated_at"})
+_PUBLIC_ALWAYS = frozenset(
+    {"status", "reference", "promised_window", "delivered_at", "updated_at", "destination"}
+)
 #: Shown to a customer only while the goods are on the way.
 _CUSTOMER_ON_THE_WAY = frozenset({"vehicle_id", "driver_id", "last_position", "progress", "eta"})
 #: Shown to the public only while the goods are on the way.
-_PUBLIC_ON_THE_WAY = frozenset({"eta"})
+_PUBLIC_ON_THE_WAY = frozenset({"eta", "progress", "planned_route"})
+#: The vehicle is moving towards the recipient: the public sees where it is.
+MOVING = frozenset(
+    {shipment_pb2.SHIPMENT_STATUS_IN_TRANSIT, shipment_pb2.SHIPMENT_STATUS_OUT_FOR_DELIVERY}
+)
+_PUBLIC_MOVING = frozenset({"last_position"})
 
 #: Subfields cleared inside a visible field (the proof names the vehicle that confirmed).
 HIDDEN_SUBFIELDS: dict[Audience, dict[str, frozenset[str]]] = {
@@ -100,7 +111,8 @@ def visible_fields(audience: Audience, status: Status) -> frozenset[str]:
 
     Staff see every field in every status. A customer sees `_CUSTOMER_ALWAYS`, plus the
     live fields while ON_THE_WAY, plus the proof (without its vehicle id) once
-    DELIVERED. The public sees `_PUBLIC_ALWAYS`, plus the ETA while ON_THE_WAY. A
+    DELIVERED. The public sees `_PUBLIC_ALWAYS`, plus ETA, progress and (clipped)
+    route while ON_THE_WAY, plus the vehicle's position while MOVING. A
     field not listed is cleared, whatever the stored state holds. Total: every
     (audience, status number) has an answer, an unknown status the most restrictive.
     """
@@ -114,7 +126,8 @@ def visible_fields(audience: Audience, status: Status) -> frozenset[str]:
         if status == shipment_pb2.SHIPMENT_STATUS_DELIVERED:
             fields |= {"proof"}
         return fields
-    return _PUBLIC_ALWAYS | (_PUBLIC_ON_THE_WAY if on_the_way else frozenset())
+    fields = _PUBLIC_ALWAYS | (_PUBLIC_ON_THE_WAY if on_the_way else frozenset())
+    return fields | (_PUBLIC_MOVING if status in MOVING else frozenset())
 
 
 def visible_timeline(audience: Audience) -> tuple[frozenset[str], bool]:
@@ -164,3 +177,22 @@ def redact_timeline(
                 generic.ClearField(field.name)
         shown.append(entry)
     return shown
+
+
+def clip_route(
+    route: Sequence[tuple[float, float]], destination: tuple[float, float]
+) -> list[tuple[float, float]]:
+    """The route's points up to the one nearest `destination` (inclusive), then the
+    destination itself (unless that point is it): what the public sees of a
+    multi-drop round's planned route. The stops after this shipment's are other
+    customers' business. Empty in, empty out."""
+    if not route:
+        return []
+    lat, lon = destination
+    scale = math.cos(math.radians(lat))
+    nearest = min(
+        range(len(route)),
+        key=lambda i: (route[i][0] - lat) ** 2 + ((route[i][1] - lon) * scale) ** 2,
+    )
+    clipped = list(route[: nearest + 1])
+    return clipped if clipped[-1] == (lat, lon) else [*clipped, (lat, lon)]

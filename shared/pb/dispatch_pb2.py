@@ -25,21 +25,24 @@ _sym_db = _symbol_database.Default()
 
 from shared.pb import alerts_pb2 as cargotrack_dot_v1_dot_alerts__pb2
 from shared.pb import common_pb2 as cargotrack_dot_v1_dot_common__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rgotrack/v1/dispatch.proto\x12\rcargotrack.v1\x1a\x1a\x63\x61rgotrack/v1/alerts.proto\x1a\x1a\x63\x61rgotrack/v1/common.proto\"\xa3\x01\n\x0b\x41lertFilter\x12-\n\x0cmin_severity\x18\x01 \x01(\x0e\x32\x17.cargotrack.v1.Severity\x12\'\n\x05kinds\x18\x02 \x03(\x0e\x32\x18.cargotrack.v1.AlertKind\x12&\n\x06region\x18\x03 \x01(\x0b\x32\x16.cargotrack.v1.Polygon\x12\x14\n\x0cshipment_ids\x18\x04 \x03(\t\"r\n\x16SubscribeDelaysRequest\x12*\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1a.cargotrack.v1.AlertFilter\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x16\n\x0e\x66rom_beginning\x18\x03 \x01(\x08\"T\n\x17SubscribeDelaysResponse\x12#\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x14.cargotrack.v1.Alert\x12\x14\n\x0cresume_token\x18\x02 \x01(\t2u\n\x0f\x44ispatchService\x12\x62\n\x0fSubscribeDelays\x12%.cargotrack.v1.SubscribeDelaysRequest\x1a&.cargotrack.v1.SubscribeDelaysResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rgotrack/v1/dispatch.proto\x12\rcargotrack.v1\x1a\x1a\x63\x61rgotrack/v1/alerts.proto\x1a\x1a\x63\x61rgotrack/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\"\xa3\x01\n\x0b\x41lertFilter\x12-\n\x0cmin_severity\x18\x01 \x01(\x0e\x32\x17.cargotrack.v1.Severity\x12\'\n\x05kinds\x18\x02 \x03(\x0e\x32\x18.cargotrack.v1.AlertKind\x12&\n\x06region\x18\x03 \x01(\x0b\x32\x16.cargotrack.v1.Polygon\x12\x14\n\x0cshipment_ids\x18\x04 \x03(\t\"r\n\x16SubscribeDelaysRequest\x12*\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1a.cargotrack.v1.AlertFilter\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x16\n\x0e\x66rom_beginning\x18\x03 \x01(\x08\"T\n\x17SubscribeDelaysResponse\x12#\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x14.cargotrack.v1.Alert\x12\x14\n\x0cresume_token\x18\x02 \x01(\t2\xaf\x01\n\x0f\x44ispatchService\x12\x9b\x01\n\x0fSubscribeDelays\x12%.cargotrack.v1.SubscribeDelaysRequest\x1a&.cargotrack.v1.SubscribeDelaysResponse\"7\x82\xd3\xe4\x93\x02\x31\x12\x14/v1/alerts:subscribeZ\x19\"\x14/v1/alerts:subscribe:\x01*0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.pb.dispatch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALERTFILTER']._serialized_start=104
-  _globals['_ALERTFILTER']._serialized_end=267
-  _globals['_SUBSCRIBEDELAYSREQUEST']._serialized_start=269
-  _globals['_SUBSCRIBEDELAYSREQUEST']._serialized_end=383
-  _globals['_SUBSCRIBEDELAYSRESPONSE']._serialized_start=385
-  _globals['_SUBSCRIBEDELAYSRESPONSE']._serialized_end=469
-  _globals['_DISPATCHSERVICE']._serialized_start=471
-  _globals['_DISPATCHSERVICE']._serialized_end=588
+  _globals['_DISPATCHSERVICE'].methods_by_name['SubscribeDelays']._loaded_options = None
+  _globals['_DISPATCHSERVICE'].methods_by_name['SubscribeDelays']._serialized_options = b'\202\323\344\223\0021\022\024/v1/alerts:subscribeZ\031\"\024/v1/alerts:subscribe:\001*'
+  _globals['_ALERTFILTER']._serialized_start=134
+  _globals['_ALERTFILTER']._serialized_end=297
+  _globals['_SUBSCRIBEDELAYSREQUEST']._serialized_start=299
+  _globals['_SUBSCRIBEDELAYSREQUEST']._serialized_end=413
+  _globals['_SUBSCRIBEDELAYSRESPONSE']._serialized_start=415
+  _globals['_SUBSCRIBEDELAYSRESPONSE']._serialized_end=499
+  _globals['_DISPATCHSERVICE']._serialized_start=502
+  _globals['_DISPATCHSERVICE']._serialized_end=677
 # @@protoc_insertion_point(module_scope)

@@ -52,6 +52,8 @@ class DispatchServiceServicer:
         after a resume an alert may repeat; `alert.alert_id` identifies it. A
         subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes with
         its last token.
+        Over HTTP: GET with the filter in the query (`filter.kinds`, `filter.min_severity`,
+        ...) or POST with the whole request as the JSON body (a region needs the body).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

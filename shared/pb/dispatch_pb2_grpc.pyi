@@ -39,6 +39,8 @@ class DispatchServiceStub:
     after a resume an alert may repeat; `alert.alert_id` identifies it. A
     subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes with
     its last token.
+    Over HTTP: GET with the filter in the query (`filter.kinds`, `filter.min_severity`,
+    ...) or POST with the whole request as the JSON body (a region needs the body).
     """
 
 @_typing.type_check_only
@@ -51,6 +53,8 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     after a resume an alert may repeat; `alert.alert_id` identifies it. A
     subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes with
     its last token.
+    Over HTTP: GET with the filter in the query (`filter.kinds`, `filter.min_severity`,
+    ...) or POST with the whole request as the JSON body (a region needs the body).
     """
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -66,6 +70,8 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         after a resume an alert may repeat; `alert.alert_id` identifies it. A
         subscriber that falls too far behind gets RESOURCE_EXHAUSTED and resumes with
         its last token.
+        Over HTTP: GET with the filter in the query (`filter.kinds`, `filter.min_severity`,
+        ...) or POST with the whole request as the JSON body (a region needs the body).
         """
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

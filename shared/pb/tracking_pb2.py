@@ -26,44 +26,61 @@ _sym_db = _symbol_database.Default()
 from shared.pb import common_pb2 as cargotrack_dot_v1_dot_common__pb2
 from shared.pb import delivery_pb2 as cargotrack_dot_v1_dot_delivery__pb2
 from shared.pb import shipment_pb2 as cargotrack_dot_v1_dot_shipment__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rgotrack/v1/tracking.proto\x12\rcargotrack.v1\x1a\x1a\x63\x61rgotrack/v1/common.proto\x1a\x1c\x63\x61rgotrack/v1/delivery.proto\x1a\x1c\x63\x61rgotrack/v1/shipment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x07\x41nomaly\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdb\x05\n\x08Shipment\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12%\n\x06origin\x18\x04 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12*\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12\x32\n\x0fpromised_window\x18\x06 \x01(\x0b\x32\x19.cargotrack.v1.TimeWindow\x12\x15\n\rplanned_route\x18\x07 \x01(\t\x12\x11\n\treference\x18\x08 \x01(\t\x12\x12\n\nvehicle_id\x18\t \x01(\t\x12\x11\n\tdriver_id\x18\n \x01(\t\x12.\n\rlast_position\x18\x0b \x01(\x0b\x32\x17.cargotrack.v1.Position\x12)\n\x08progress\x18\x0c \x01(\x0b\x32\x17.cargotrack.v1.Progress\x12\x1f\n\x03\x65ta\x18\r \x01(\x0b\x32\x12.cargotrack.v1.Eta\x12\x30\n\x0c\x64\x65livered_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x05proof\x18\x0f \x01(\x0b\x32#.cargotrack.v1.DeliveryConfirmation\x12)\n\tanomalies\x18\x10 \x03(\x0b\x32\x16.cargotrack.v1.Anomaly\x12.\n\ncreated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etracking_token\x18\x13 \x01(\t\x12\x19\n\x11\x64\x65livery_attempts\x18\x14 \x01(\r\"\xe1\x01\n\rTimelineEntry\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brecorded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07\x61nomaly\x18\x07 \x01(\x08\")\n\x12GetShipmentRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"@\n\x13GetShipmentResponse\x12)\n\x08shipment\x18\x01 \x01(\x0b\x32\x17.cargotrack.v1.Shipment\"\xb6\x01\n\x14ListShipmentsRequest\x12/\n\x08statuses\x18\x01 \x03(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x31\n\rupdated_since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\\\n\x15ListShipmentsResponse\x12*\n\tshipments\x18\x01 \x03(\x0b\x32\x17.cargotrack.v1.Shipment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x12GetTimelineRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"D\n\x13GetTimelineResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.cargotrack.v1.TimelineEntry\"+\n\x14WatchShipmentRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"B\n\x15WatchShipmentResponse\x12)\n\x08shipment\x18\x01 \x01(\x0b\x32\x17.cargotrack.v1.Shipment\"-\n\x13TrackByTokenRequest\x12\x16\n\x0etracking_token\x18\x01 \x01(\t\"\xb9\x02\n\x0ePublicShipment\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12\x1f\n\x03\x65ta\x18\x02 \x01(\x0b\x32\x12.cargotrack.v1.Eta\x12\x32\n\x0fpromised_window\x18\x03 \x01(\x0b\x32\x19.cargotrack.v1.TimeWindow\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08timeline\x18\x06 \x03(\x0b\x32\x1c.cargotrack.v1.TimelineEntry\x12\x11\n\treference\x18\x07 \x01(\t\"G\n\x14TrackByTokenResponse\x12/\n\x08shipment\x18\x01 \x01(\x0b\x32\x1d.cargotrack.v1.PublicShipment2\xd0\x03\n\x0fTrackingService\x12T\n\x0bGetShipment\x12!.cargotrack.v1.GetShipmentRequest\x1a\".cargotrack.v1.GetShipmentResponse\x12Z\n\rListShipments\x12#.cargotrack.v1.ListShipmentsRequest\x1a$.cargotrack.v1.ListShipmentsResponse\x12T\n\x0bGetTimeline\x12!.cargotrack.v1.GetTimelineRequest\x1a\".cargotrack.v1.GetTimelineResponse\x12\\\n\rWatchShipment\x12#.cargotrack.v1.WatchShipmentRequest\x1a$.cargotrack.v1.WatchShipmentResponse0\x01\x12W\n\x0cTrackByToken\x12\".cargotrack.v1.TrackByTokenRequest\x1a#.cargotrack.v1.TrackByTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61rgotrack/v1/tracking.proto\x12\rcargotrack.v1\x1a\x1a\x63\x61rgotrack/v1/common.proto\x1a\x1c\x63\x61rgotrack/v1/delivery.proto\x1a\x1c\x63\x61rgotrack/v1/shipment.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x07\x41nomaly\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdb\x05\n\x08Shipment\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12%\n\x06origin\x18\x04 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12*\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12\x32\n\x0fpromised_window\x18\x06 \x01(\x0b\x32\x19.cargotrack.v1.TimeWindow\x12\x15\n\rplanned_route\x18\x07 \x01(\t\x12\x11\n\treference\x18\x08 \x01(\t\x12\x12\n\nvehicle_id\x18\t \x01(\t\x12\x11\n\tdriver_id\x18\n \x01(\t\x12.\n\rlast_position\x18\x0b \x01(\x0b\x32\x17.cargotrack.v1.Position\x12)\n\x08progress\x18\x0c \x01(\x0b\x32\x17.cargotrack.v1.Progress\x12\x1f\n\x03\x65ta\x18\r \x01(\x0b\x32\x12.cargotrack.v1.Eta\x12\x30\n\x0c\x64\x65livered_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x05proof\x18\x0f \x01(\x0b\x32#.cargotrack.v1.DeliveryConfirmation\x12)\n\tanomalies\x18\x10 \x03(\x0b\x32\x16.cargotrack.v1.Anomaly\x12.\n\ncreated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etracking_token\x18\x13 \x01(\t\x12\x19\n\x11\x64\x65livery_attempts\x18\x14 \x01(\r\"\xe1\x01\n\rTimelineEntry\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brecorded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07\x61nomaly\x18\x07 \x01(\x08\")\n\x12GetShipmentRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"@\n\x13GetShipmentResponse\x12)\n\x08shipment\x18\x01 \x01(\x0b\x32\x17.cargotrack.v1.Shipment\"\xb6\x01\n\x14ListShipmentsRequest\x12/\n\x08statuses\x18\x01 \x03(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x31\n\rupdated_since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\\\n\x15ListShipmentsResponse\x12*\n\tshipments\x18\x01 \x03(\x0b\x32\x17.cargotrack.v1.Shipment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x12GetTimelineRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"D\n\x13GetTimelineResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.cargotrack.v1.TimelineEntry\"+\n\x14WatchShipmentRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"B\n\x15WatchShipmentResponse\x12)\n\x08shipment\x18\x01 \x01(\x0b\x32\x17.cargotrack.v1.Shipment\"-\n\x13TrackByTokenRequest\x12\x16\n\x0etracking_token\x18\x01 \x01(\t\"\xd7\x03\n\x0ePublicShipment\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.cargotrack.v1.ShipmentStatus\x12\x1f\n\x03\x65ta\x18\x02 \x01(\x0b\x32\x12.cargotrack.v1.Eta\x12\x32\n\x0fpromised_window\x18\x03 \x01(\x0b\x32\x19.cargotrack.v1.TimeWindow\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08timeline\x18\x06 \x03(\x0b\x32\x1c.cargotrack.v1.TimelineEntry\x12\x11\n\treference\x18\x07 \x01(\t\x12*\n\x0b\x64\x65stination\x18\x08 \x01(\x0b\x32\x15.cargotrack.v1.LatLng\x12.\n\rlast_position\x18\t \x01(\x0b\x32\x17.cargotrack.v1.Position\x12)\n\x08progress\x18\n \x01(\x0b\x32\x17.cargotrack.v1.Progress\x12\x15\n\rplanned_route\x18\x0b \x01(\t\"G\n\x14TrackByTokenResponse\x12/\n\x08shipment\x18\x01 \x01(\x0b\x32\x1d.cargotrack.v1.PublicShipment\"-\n\x13WatchByTokenRequest\x12\x16\n\x0etracking_token\x18\x01 \x01(\t\"G\n\x14WatchByTokenResponse\x12/\n\x08shipment\x18\x01 \x01(\x0b\x32\x1d.cargotrack.v1.PublicShipment2\x91\x06\n\x0fTrackingService\x12y\n\x0bGetShipment\x12!.cargotrack.v1.GetShipmentRequest\x1a\".cargotrack.v1.GetShipmentResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/shipments/{shipment_id}\x12q\n\rListShipments\x12#.cargotrack.v1.ListShipmentsRequest\x1a$.cargotrack.v1.ListShipmentsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/shipments\x12\x82\x01\n\x0bGetTimeline\x12!.cargotrack.v1.GetTimelineRequest\x1a\".cargotrack.v1.GetTimelineResponse\",\x82\xd3\xe4\x93\x02&\x12$/v1/shipments/{shipment_id}/timeline\x12\x87\x01\n\rWatchShipment\x12#.cargotrack.v1.WatchShipmentRequest\x1a$.cargotrack.v1.WatchShipmentResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/shipments/{shipment_id}:watch0\x01\x12{\n\x0cTrackByToken\x12\".cargotrack.v1.TrackByTokenRequest\x1a#.cargotrack.v1.TrackByTokenResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/track/{tracking_token}\x12\x83\x01\n\x0cWatchByToken\x12\".cargotrack.v1.WatchByTokenRequest\x1a#.cargotrack.v1.WatchByTokenResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/track/{tracking_token}:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.pb.tracking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ANOMALY']._serialized_start=168
-  _globals['_ANOMALY']._serialized_end=260
-  _globals['_SHIPMENT']._serialized_start=263
-  _globals['_SHIPMENT']._serialized_end=994
-  _globals['_TIMELINEENTRY']._serialized_start=997
-  _globals['_TIMELINEENTRY']._serialized_end=1222
-  _globals['_GETSHIPMENTREQUEST']._serialized_start=1224
-  _globals['_GETSHIPMENTREQUEST']._serialized_end=1265
-  _globals['_GETSHIPMENTRESPONSE']._serialized_start=1267
-  _globals['_GETSHIPMENTRESPONSE']._serialized_end=1331
-  _globals['_LISTSHIPMENTSREQUEST']._serialized_start=1334
-  _globals['_LISTSHIPMENTSREQUEST']._serialized_end=1516
-  _globals['_LISTSHIPMENTSRESPONSE']._serialized_start=1518
-  _globals['_LISTSHIPMENTSRESPONSE']._serialized_end=1610
-  _globals['_GETTIMELINEREQUEST']._serialized_start=1612
-  _globals['_GETTIMELINEREQUEST']._serialized_end=1653
-  _globals['_GETTIMELINERESPONSE']._serialized_start=1655
-  _globals['_GETTIMELINERESPONSE']._serialized_end=1723
-  _globals['_WATCHSHIPMENTREQUEST']._serialized_start=1725
-  _globals['_WATCHSHIPMENTREQUEST']._serialized_end=1768
-  _globals['_WATCHSHIPMENTRESPONSE']._serialized_start=1770
-  _globals['_WATCHSHIPMENTRESPONSE']._serialized_end=1836
-  _globals['_TRACKBYTOKENREQUEST']._serialized_start=1838
-  _globals['_TRACKBYTOKENREQUEST']._serialized_end=1883
-  _globals['_PUBLICSHIPMENT']._serialized_start=1886
-  _globals['_PUBLICSHIPMENT']._serialized_end=2199
-  _globals['_TRACKBYTOKENRESPONSE']._serialized_start=2201
-  _globals['_TRACKBYTOKENRESPONSE']._serialized_end=2272
-  _globals['_TRACKINGSERVICE']._serialized_start=2275
-  _globals['_TRACKINGSERVICE']._serialized_end=2739
+  _globals['_TRACKINGSERVICE'].methods_by_name['GetShipment']._loaded_options = None
+  _globals['_TRACKINGSERVICE'].methods_by_name['GetShipment']._serialized_options = b'\202\323\344\223\002\035\022\033/v1/shipments/{shipment_id}'
+  _globals['_TRACKINGSERVICE'].methods_by_name['ListShipments']._loaded_options = None
+  _globals['_TRACKINGSERVICE'].methods_by_name['ListShipments']._serialized_options = b'\202\323\344\223\002\017\022\r/v1/shipments'
+  _globals['_TRACKINGSERVICE'].methods_by_name['GetTimeline']._loaded_options = None
+  _globals['_TRACKINGSERVICE'].methods_by_name['GetTimeline']._serialized_options = b'\202\323\344\223\002&\022$/v1/shipments/{shipment_id}/timeline'
+  _globals['_TRACKINGSERVICE'].methods_by_name['WatchShipment']._loaded_options = None
+  _globals['_TRACKINGSERVICE'].methods_by_name['WatchShipment']._serialized_options = b'\202\323\344\223\002#\022!/v1/shipments/{shipment_id}:watch'
+  _globals['_TRACKINGSERVICE'].methods_by_name['TrackByToken']._loaded_options = None
+  _globals['_TRACKINGSERVICE'].methods_by_name['TrackByToken']._serialized_options = b'\202\323\344\223\002\034\022\032/v1/track/{tracking_token}'
+  _globals['_TRACKINGSERVICE'].methods_by_name['WatchByToken']._loaded_options = None
+  _globals['_TRACKINGSERVICE'].methods_by_name['WatchByToken']._serialized_options = b'\202\323\344\223\002\"\022 /v1/track/{tracking_token}:watch'
+  _globals['_ANOMALY']._serialized_start=198
+  _globals['_ANOMALY']._serialized_end=290
+  _globals['_SHIPMENT']._serialized_start=293
+  _globals['_SHIPMENT']._serialized_end=1024
+  _globals['_TIMELINEENTRY']._serialized_start=1027
+  _globals['_TIMELINEENTRY']._serialized_end=1252
+  _globals['_GETSHIPMENTREQUEST']._serialized_start=1254
+  _globals['_GETSHIPMENTREQUEST']._serialized_end=1295
+  _globals['_GETSHIPMENTRESPONSE']._serialized_start=1297
+  _globals['_GETSHIPMENTRESPONSE']._serialized_end=1361
+  _globals['_LISTSHIPMENTSREQUEST']._serialized_start=1364
+  _globals['_LISTSHIPMENTSREQUEST']._serialized_end=1546
+  _globals['_LISTSHIPMENTSRESPONSE']._serialized_start=1548
+  _globals['_LISTSHIPMENTSRESPONSE']._serialized_end=1640
+  _globals['_GETTIMELINEREQUEST']._serialized_start=1642
+  _globals['_GETTIMELINEREQUEST']._serialized_end=1683
+  _globals['_GETTIMELINERESPONSE']._serialized_start=1685
+  _globals['_GETTIMELINERESPONSE']._serialized_end=1753
+  _globals['_WATCHSHIPMENTREQUEST']._serialized_start=1755
+  _globals['_WATCHSHIPMENTREQUEST']._serialized_end=1798
+  _globals['_WATCHSHIPMENTRESPONSE']._serialized_start=1800
+  _globals['_WATCHSHIPMENTRESPONSE']._serialized_end=1866
+  _globals['_TRACKBYTOKENREQUEST']._serialized_start=1868
+  _globals['_TRACKBYTOKENREQUEST']._serialized_end=1913
+  _globals['_PUBLICSHIPMENT']._serialized_start=1916
+  _globals['_PUBLICSHIPMENT']._serialized_end=2387
+  _globals['_TRACKBYTOKENRESPONSE']._serialized_start=2389
+  _globals['_TRACKBYTOKENRESPONSE']._serialized_end=2460
+  _globals['_WATCHBYTOKENREQUEST']._serialized_start=2462
+  _globals['_WATCHBYTOKENREQUEST']._serialized_end=2507
+  _globals['_WATCHBYTOKENRESPONSE']._serialized_start=2509
+  _globals['_WATCHBYTOKENRESPONSE']._serialized_end=2580
+  _globals['_TRACKINGSERVICE']._serialized_start=2583
+  _globals['_TRACKINGSERVICE']._serialized_end=3368
 # @@protoc_insertion_point(module_scope)

@@ -398,8 +398,16 @@ class PublicShipment(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     TIMELINE_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    LAST_POSITION_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    PLANNED_ROUTE_FIELD_NUMBER: _builtins.int
     status: _shipment_pb2.ShipmentStatus.ValueType
     reference: _builtins.str
+    planned_route: _builtins.str
+    """The planned route (encoded polyline) up to this shipment's destination, only
+    while the goods are on the way; what the vehicle does after it is not shown.
+    """
     @_builtins.property
     def eta(self) -> _common_pb2.Eta: ...
     @_builtins.property
@@ -410,6 +418,18 @@ class PublicShipment(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineEntry]: ...
+    @_builtins.property
+    def destination(self) -> _common_pb2.LatLng:
+        """Where the goods go (the recipient's own address)."""
+
+    @_builtins.property
+    def last_position(self) -> _common_pb2.Position:
+        """The vehicle's last position, only while in transit or out for delivery."""
+
+    @_builtins.property
+    def progress(self) -> _common_pb2.Progress:
+        """Progress along the route, only while the goods are on the way."""
+
     def __init__(
         self,
         *,
@@ -420,10 +440,14 @@ class PublicShipment(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         timeline: _abc.Iterable[Global___TimelineEntry] | None = ...,
         reference: _builtins.str = ...,
+        destination: _common_pb2.LatLng | None = ...,
+        last_position: _common_pb2.Position | None = ...,
+        progress: _common_pb2.Progress | None = ...,
+        planned_route: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "eta", b"eta", "promised_window", b"promised_window", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "destination", b"destination", "eta", b"eta", "last_position", b"last_position", "progress", b"progress", "promised_window", b"promised_window", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "eta", b"eta", "promised_window", b"promised_window", "reference", b"reference", "status", b"status", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "destination", b"destination", "eta", b"eta", "last_position", b"last_position", "planned_route", b"planned_route", "progress", b"progress", "promised_window", b"promised_window", "reference", b"reference", "status", b"status", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -448,3 +472,42 @@ class TrackByTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrackByTokenResponse: _TypeAlias = TrackByTokenResponse  # noqa: Y015
+
+@_typing.final
+class WatchByTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACKING_TOKEN_FIELD_NUMBER: _builtins.int
+    tracking_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        tracking_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tracking_token", b"tracking_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchByTokenRequest: _TypeAlias = WatchByTokenRequest  # noqa: Y015
+
+@_typing.final
+class WatchByTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHIPMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shipment(self) -> Global___PublicShipment: ...
+    def __init__(
+        self,
+        *,
+        shipment: Global___PublicShipment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shipment", b"shipment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shipment", b"shipment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchByTokenResponse: _TypeAlias = WatchByTokenResponse  # noqa: Y015

@@ -28,6 +28,8 @@ if _version_not_supported:
 
 class TrackingServiceStub:
     """The customer portal and operations query shipment state here.
+    The `google.api.http` options are the HTTP/JSON routes of the http-gateway
+    (services/http_gateway, docs/http.md).
     """
 
     def __init__(self, channel):
@@ -61,10 +63,17 @@ class TrackingServiceStub:
                 request_serializer=cargotrack_dot_v1_dot_tracking__pb2.TrackByTokenRequest.SerializeToString,
                 response_deserializer=cargotrack_dot_v1_dot_tracking__pb2.TrackByTokenResponse.FromString,
                 _registered_method=True)
+        self.WatchByToken = channel.unary_stream(
+                '/cargotrack.v1.TrackingService/WatchByToken',
+                request_serializer=cargotrack_dot_v1_dot_tracking__pb2.WatchByTokenRequest.SerializeToString,
+                response_deserializer=cargotrack_dot_v1_dot_tracking__pb2.WatchByTokenResponse.FromString,
+                _registered_method=True)
 
 
 class TrackingServiceServicer:
     """The customer portal and operations query shipment state here.
+    The `google.api.http` options are the HTTP/JSON routes of the http-gateway
+    (services/http_gateway, docs/http.md).
     """
 
     def GetShipment(self, request, context):
@@ -100,6 +109,14 @@ class TrackingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchByToken(self, request, context):
+        """Public tracking, live: the current PublicShipment, then every change the public
+        may see, until the client cancels. No bearer token needed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrackingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +145,11 @@ def add_TrackingServiceServicer_to_server(servicer, server):
                     request_deserializer=cargotrack_dot_v1_dot_tracking__pb2.TrackByTokenRequest.FromString,
                     response_serializer=cargotrack_dot_v1_dot_tracking__pb2.TrackByTokenResponse.SerializeToString,
             ),
+            'WatchByToken': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchByToken,
+                    request_deserializer=cargotrack_dot_v1_dot_tracking__pb2.WatchByTokenRequest.FromString,
+                    response_serializer=cargotrack_dot_v1_dot_tracking__pb2.WatchByTokenResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'cargotrack.v1.TrackingService', rpc_method_handlers)
@@ -138,6 +160,8 @@ def add_TrackingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrackingService:
     """The customer portal and operations query shipment state here.
+    The `google.api.http` options are the HTTP/JSON routes of the http-gateway
+    (services/http_gateway, docs/http.md).
     """
 
     @staticmethod
@@ -265,6 +289,33 @@ class TrackingService:
             '/cargotrack.v1.TrackingService/TrackByToken',
             cargotrack_dot_v1_dot_tracking__pb2.TrackByTokenRequest.SerializeToString,
             cargotrack_dot_v1_dot_tracking__pb2.TrackByTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchByToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cargotrack.v1.TrackingService/WatchByToken',
+            cargotrack_dot_v1_dot_tracking__pb2.WatchByTokenRequest.SerializeToString,
+            cargotrack_dot_v1_dot_tracking__pb2.WatchByTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TrackingServiceStub:
-    """The customer portal and operations query shipment state here."""
+    """The customer portal and operations query shipment state here.
+    The `google.api.http` options are the HTTP/JSON routes of the http-gateway
+    (services/http_gateway, docs/http.md).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -42,10 +45,17 @@ class TrackingServiceStub:
     """The current state, then every change until the client cancels."""
     TrackByToken: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.TrackByTokenRequest, _tracking_pb2.TrackByTokenResponse]
     """Public tracking: no bearer token needed, the tracking token is the secret."""
+    WatchByToken: _grpc.UnaryStreamMultiCallable[_tracking_pb2.WatchByTokenRequest, _tracking_pb2.WatchByTokenResponse]
+    """Public tracking, live: the current PublicShipment, then every change the public
+    may see, until the client cancels. No bearer token needed.
+    """
 
 @_typing.type_check_only
 class TrackingServiceAsyncStub(TrackingServiceStub):
-    """The customer portal and operations query shipment state here."""
+    """The customer portal and operations query shipment state here.
+    The `google.api.http` options are the HTTP/JSON routes of the http-gateway
+    (services/http_gateway, docs/http.md).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetShipment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.GetShipmentRequest, _tracking_pb2.GetShipmentResponse]  # type: ignore[assignment]
@@ -56,9 +66,16 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     """The current state, then every change until the client cancels."""
     TrackByToken: _aio.UnaryUnaryMultiCallable[_tracking_pb2.TrackByTokenRequest, _tracking_pb2.TrackByTokenResponse]  # type: ignore[assignment]
     """Public tracking: no bearer token needed, the tracking token is the secret."""
+    WatchByToken: _aio.UnaryStreamMultiCallable[_tracking_pb2.WatchByTokenRequest, _tracking_pb2.WatchByTokenResponse]  # type: ignore[assignment]
+    """Public tracking, live: the current PublicShipment, then every change the public
+    may see, until the client cancels. No bearer token needed.
+    """
 
 class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The customer portal and operations query shipment state here."""
+    """The customer portal and operations query shipment state here.
+    The `google.api.http` options are the HTTP/JSON routes of the http-gateway
+    (services/http_gateway, docs/http.md).
+    """
 
     @_abc_1.abstractmethod
     def GetShipment(
@@ -97,5 +114,15 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.TrackByTokenResponse, _abc.Awaitable[_tracking_pb2.TrackByTokenResponse]]:
         """Public tracking: no bearer token needed, the tracking token is the secret."""
+
+    @_abc_1.abstractmethod
+    def WatchByToken(
+        self,
+        request: _tracking_pb2.WatchByTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tracking_pb2.WatchByTokenResponse], _abc.AsyncIterator[_tracking_pb2.WatchByTokenResponse]]:
+        """Public tracking, live: the current PublicShipment, then every change the public
+        may see, until the client cancels. No bearer token needed.
+        """
 
 def add_TrackingServiceServicer_to_server(servicer: TrackingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,9 @@ from datetime import UTC, datetime
 from shared.db import Connection
 from shared.domain.learner import ModelSnapshot, encode_speeds
 
+# The projector's fallback model reads it from here; its SQL is vehicle_positions'.
+from shared.readmodel.vehicle_positions import fleet_average_mps as fleet_average_mps
+
 
 @dataclass(frozen=True)
 class StoredModel:
@@ -84,30 +87,6 @@ async def versions_of(connection: Connection, tenant_id: str) -> list[StoredMode
         tenant_id,
     )
     return [StoredModel(**dict(row)) for row in rows]
-
-
-async def fleet_average_mps(connection: Connection, since: datetime) -> dict[str, float]:
-    """Per tenant, the space-mean speed (total distance / total time) of consecutive
-    positions of each vehicle since ``since`` (pairs at most 10 min apart, at most
-    40 m/s): the projector's fallback before a tenant has any model version."""
-    rows = await connection.fetch(
-        "SELECT tenant_id, sum(d)::float8 AS d, sum(dt)::float8 AS dt FROM ("
-        " SELECT tenant_id,"
-        "  2 * 6371008.8 * asin(sqrt(power(sin(radians(latitude - plat) / 2), 2)"
-        "   + cos(radians(plat)) * cos(radians(latitude))"
-        "   * power(sin(radians(longitude - plon) / 2), 2))) AS d,"
-        "  extract(epoch FROM recorded_at - pat)::float8 AS dt"
-        " FROM (SELECT tenant_id, latitude, longitude, recorded_at,"
-        "  lag(latitude) OVER w AS plat, lag(longitude) OVER w AS plon,"
-        "  lag(recorded_at) OVER w AS pat"
-        "  FROM vehicle_positions WHERE recorded_at >= $1"
-        "  WINDOW w AS (PARTITION BY tenant_id, vehicle_id ORDER BY recorded_at)) p"
-        " WHERE pat IS NOT NULL AND recorded_at > pat"
-        "  AND recorded_at - pat <= interval '10 minutes') q"
-        " WHERE d <= 40 * dt GROUP BY tenant_id",
-        since,
-    )
-    return {r["tenant_id"]: float(r["d"] / r["dt"]) for r in rows if r["dt"] and r["d"]}
 
 
 async def copy_to_schema(connection: Connection, source: str, target: str) -> None:

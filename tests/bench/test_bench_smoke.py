@@ -16,7 +16,7 @@ import pytest
 from bench.phases import BenchOptions
 from bench.run import run_bench
 from bench.workload import SPEED_MPS, encode_points, encode_request, route_of, vehicle_id
-from shared.devstack import LocalStack
+from devtools.devstack import LocalStack
 from shared.pb import gps_pb2
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,8 +48,13 @@ ROWS = {
     "1.pg.rps",
     "1.pg.p99",
     "4.query.rps",
+    "4.http.rps",
     "4.query.p99",
     "6.rebuild",
+    "7.consume",
+    "7.learner",
+    "7.eta.fleet",
+    "7.eta.learner",
 }
 SERVICES = {"projector", "gps-ingest", "shipment-events", "tracking-query", "gps-ingest-only"}
 

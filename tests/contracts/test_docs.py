@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools import eta_eval
 from services.cli import build_parser
-from shared import eta_eval, eta_report
+from shared import eta_report
 from shared.config import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +164,7 @@ def variables_read_elsewhere() -> dict[str, str]:
     Makefile and scripts/.
     """
     found: dict[str, str] = {}
-    for path in python_files("shared", "services", "bench", "tests"):
+    for path in python_files("shared", "services", "devtools", "bench", "tests"):
         if path.name.startswith("test_"):
             continue
         for value in string_constants(path):
@@ -222,8 +223,8 @@ def test_every_variable_named_in_the_docs_and_k8s_is_read_by_the_code() -> None:
                 if name not in known:
                     problems.append(
                         f"{rel(path)}:{number}: {name} is read nowhere in the code"
-                        " (shared/config.py, shared/, services/, bench/, tests/, Makefile):"
-                        " correct the name, or remove it"
+                        " (shared/config.py, shared/, services/, devtools/, bench/, tests/,"
+                        " Makefile): correct the name, or remove it"
                     )
     report(problems, "variables named in the docs or k8s/ that the code does not read")
 
@@ -298,13 +299,13 @@ def _literal_strings(node: ast.expr | None, constants: Mapping[str, ast.expr]) -
 
 @functools.cache
 def exported_metrics() -> dict[str, Metric]:
-    """Every `cargotrack_*` metric defined with prometheus_client in shared/ and services/.
+    """Every `cargotrack_*` metric defined with prometheus_client in shared/, services/, devtools/.
 
     Read from the source (constructor calls with a literal name), so modules that are
     expensive or optional to import count too.
     """
     metrics: dict[str, Metric] = {}
-    for path in python_files("shared", "services"):
+    for path in python_files("shared", "services", "devtools"):
         tree = parse(path)
         imported = {
             alias.asname or alias.name

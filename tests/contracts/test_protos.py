@@ -104,6 +104,148 @@ def _python_files(folder: str) -> list[Path]:
     return [p for p in (ROOT / folder).rglob("*.py") if "pb" not in p.relative_to(ROOT).parts]
 
 
+#: Where the project's Python lives; every file under them is checked below.
+PACKAGES = ("shared", "services", "devtools", "bench", "tests", "protos")
+#: Not the project's own code: generated (shared/pb) or tool state.
+SKIPPED_PARTS = {"pb", "__pycache__", "node_modules", ".venv", "build"}
+
+
+def _project_files() -> list[Path]:
+    """Every Python file of the project: folders and top-level files alike."""
+    found = [
+        path
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if not SKIPPED_PARTS.intersection(path.relative_to(ROOT).parts)
+    ]
+    strays = [
+        str(path.relative_to(ROOT))
+        for path in ROOT.glob("*.py")
+        if path.is_file() and not path.name.startswith(".")
+    ]
+    assert strays == [], f"Python files outside {PACKAGES}: give them a package"
+    return sorted(found)
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(_module_of(path))
+
+
+def _project_module(module: str) -> str | None:
+    """The project module (a file) that an imported name is, or None (third-party,
+    the standard library, generated code, or a name inside a module)."""
+    parts = module.split(".")
+    if parts[0] not in PACKAGES or SKIPPED_PARTS.intersection(parts):
+        return None
+    base = ROOT.joinpath(*parts)
+    if (base / "__init__.py").is_file() or base.with_suffix(".py").is_file():
+        return module
+    return None
+
+
+def _project_imports(path: Path) -> set[str]:
+    """The project modules the file imports, at module level or inside functions."""
+    own = _module_name(path)
+    return {m for m in map(_project_module, _imports(path)) if m and m != own}
+
+
+#: Layer of a file (the longest matching prefix) -> the layers it may import from.
+#: Deployables (shared, services) never import the dev package, the benchmark or the
+#: tests; the dev package never imports the benchmark or the tests; the benchmark
+#: shares helpers with the tests one way only: tests import bench, never the reverse.
+#: The domain imports, of the project, only itself and the generated messages: none
+#: of the modules that do I/O (shared.db, shared.kafka, shared.readmodel, ...).
+LAYERS: dict[str, set[str]] = {
+    "shared.domain": {"shared.domain", "shared.pb"},
+    "shared": {"shared"},
+    "services": {"services", "shared"},
+    "devtools": {"devtools", "services", "shared"},
+    "bench": {"bench", "devtools", "services", "shared"},
+    "tests": {"tests", "bench", "devtools", "services", "shared"},
+    "protos": {"protos"},
+}
+
+
+def _layer(module: str) -> str:
+    matches = [layer for layer in LAYERS if module == layer or module.startswith(f"{layer}.")]
+    assert matches, f"{module}: in no layer of LAYERS (tests/contracts/test_protos.py)"
+    return max(matches, key=len)
+
+
+def test_every_file_is_in_a_layer_and_imports_only_what_its_layer_may() -> None:
+    files = _project_files()
+    top_level = {f"{p}/{f.name}" for p in ("services", "shared") for f in (ROOT / p).glob("*.py")}
+    assert top_level <= {str(f.relative_to(ROOT)) for f in files}  # not only subfolders
+    offenders = {}
+    for path in files:
+        allowed = LAYERS[_layer(_module_name(path))]
+        bad = sorted(
+            module
+            for module in _project_imports(path)
+            if not any(module == a or module.startswith(f"{a}.") for a in allowed)
+        )
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = bad
+    assert offenders == {}
+
+
+def test_the_import_rules_see_an_offender() -> None:
+    """The rule above reads relative, aliased and function-level imports."""
+    assert _layer("shared.domain.eta") == "shared.domain"
+    assert _layer("services.cli") == "services"
+    assert _project_module("shared.domain.eta.EtaModel") is None
+    assert _project_module("devtools.launcher") == "devtools.launcher"
+    assert "devtools.launcher" not in LAYERS["services"]
+    imports = _project_imports(ROOT / "devtools" / "commands.py")
+    assert {"services.cli", "devtools.launcher"} <= imports  # the latter inside a function
+
+
+def _import_graph() -> dict[str, set[str]]:
+    return {_module_name(path): _project_imports(path) for path in _project_files()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles_among_project_modules() -> None:
+    """Counting imports inside functions too: a lazy import only hides a circle."""
+    graph = _import_graph()
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles(graph) == []
+
+
 def test_shared_never_imports_services() -> None:
     offenders = {
         str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.split(".")[0] == "services")
@@ -127,16 +269,20 @@ def test_domain_logic_imports_no_io_library() -> None:
 
 
 def test_services_never_import_each_other() -> None:
+    """Every file of services/: a service's package imports no other service and no
+    top-level module of services/; registry.py imports no service; cli.py (the
+    console script) may import the services it dispatches to."""
     offenders = {}
-    for folder in (ROOT / "services").iterdir():
-        if not folder.is_dir() or folder.name.startswith("__"):
-            continue
-        for path in folder.rglob("*.py"):
-            others = {
-                m
-                for m in _imports(path)
-                if m.startswith("services.") and m.split(".")[1] != folder.name
-            }
-            if others:
-                offenders[str(path.relative_to(ROOT))] = sorted(others)
+    for path in _python_files("services"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        mine = f"services.{parts[1]}"
+        imported = {m for m in _project_imports(path) if m.startswith("services.")}
+        if len(parts) > 2 and parts[1] != "__init__":  # a service's package
+            others = {m for m in imported if m != mine and not m.startswith(f"{mine}.")}
+        elif mine == "services.registry":
+            others = imported
+        else:
+            others = set()
+        if others:
+            offenders[str(path.relative_to(ROOT))] = sorted(others)
     assert offenders == {}

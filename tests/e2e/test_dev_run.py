@@ -16,9 +16,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from services.launcher import (
+from devtools.devstack import DevStackError
+from devtools.launcher import (
     DEV_PORT_BASE_ENV,
     LOCK_FILE,
     check_ports,
@@ -26,7 +28,6 @@ from services.launcher import (
     locked_state_dir,
     reset_state,
 )
-from shared.devstack import DevStackError
 from tests.dev_helpers import (
     SUMMARY,
     DevRun,
@@ -92,6 +93,17 @@ async def test_shipments_move_alerts_reach_dispatch_and_ctrl_c_stops_everything(
     assert float(fields["points/s"]) > 0
     assert float(fields["gps_records/s"]) > 0
     assert any(" alert LATE critical " in seen for seen in first.lines), first.output()
+
+    # It printed the dispatch board and the tracking page of a simulated shipment, and
+    # both answer (the page's data from the public route).
+    (board,) = [seen.split()[-1] for seen in first.lines if seen.startswith("dispatch board ")]
+    page = (await first.wait_for(lambda seen: seen.startswith("tracking page  http"), 30)).split()[
+        -1
+    ]
+    async with aiohttp.ClientSession() as http:
+        for url in (board, page, page.replace("/t/", "/v1/track/")):
+            async with http.get(url) as response:
+                assert response.status == 200, (url, await response.text())
     print(
         f"ready {ready_at - launched_at:.0f}s after launch; first LATE alert at dispatch"
         f" {took:.0f}s after ready: {line}"
@@ -170,11 +182,13 @@ async def test_a_second_run_reuses_the_state_and_reset_starts_afresh(
 
 
 def test_service_ports_follow_the_base() -> None:
-    assert list(dev_service_ports({}).values()) == list(range(50051, 50058))
+    assert list(dev_service_ports({}).values()) == list(range(50051, 50060))
     moved = dev_service_ports({DEV_PORT_BASE_ENV: "41000"})
     assert moved["gps-ingest"] == 41000
     assert moved["projector"] == 41005
     assert moved["learner"] == 41006
+    assert moved["webhooks"] == 41007
+    assert moved["http-gateway"] == 41008
     with pytest.raises(DevStackError, match=DEV_PORT_BASE_ENV):
         dev_service_ports({DEV_PORT_BASE_ENV: "nope"})
     with pytest.raises(DevStackError, match=DEV_PORT_BASE_ENV):

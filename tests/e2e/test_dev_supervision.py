@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import available_services
-from services.dev_view import PROJECTION
+from devtools.view import PROJECTION
+from services.registry import available_services
 from shared.config import Settings, load_settings
 from shared.db import connect
-from shared.devstack.running import RUNNING_STACK_FILE, read_running_stack
 from shared.projection import load_offsets
+from shared.running_stack import RUNNING_STACK_FILE, read_running_stack
 from tests.dev_helpers import (
     CARGOTRACK,
     SUMMARY,

@@ -19,12 +19,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.cli import SERVICES
-from services.launcher import wait_serving
+from devtools.devstack.ports import free_ports
+from devtools.devstack.process import ChildProcess
+from devtools.launcher import wait_serving
+from services.registry import SERVICES
 from shared.auth import Role
 from shared.db import create_pool
-from shared.devstack.ports import free_ports
-from shared.devstack.process import ChildProcess
 from shared.envelopes import timestamp, utc_now
 from shared.pb import (
     delivery_pb2_grpc,

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import SERVICES
-from services.launcher import dev_service_ports
-from shared.devstack.ports import DEFAULT_KAFKA_PORT
+from devtools.devstack.ports import DEFAULT_KAFKA_PORT
+from devtools.launcher import dev_service_ports
+from services.http_gateway.links import dev_http_port
+from services.registry import SERVICES
 from tests.dev_helpers import SUMMARY, DevRun, as_int, dev_env, summary_fields
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,8 @@ def addresses(env: dict[str, str]) -> dict[str, str]:
         for name, spec in SERVICES.items()
     }
     moved[f"127.0.0.1:{DEFAULT_KAFKA_PORT}"] = f"127.0.0.1:{env['CARGOTRACK_KAFKA_PORT']}"
+    defaults = {name: spec.default_port for name, spec in SERVICES.items()}
+    moved[f"127.0.0.1:{dev_http_port(defaults)}"] = f"127.0.0.1:{dev_http_port(ports)}"
     return moved
 
 
@@ -99,6 +102,9 @@ def test_the_readme_shows_the_portal_dispatch_and_kafka_calls() -> None:
         "cargotrack.v1.TrackingService/GetShipment",
         "cargotrack.v1.DispatchService/SubscribeDelays",
         "kcat -b 127.0.0.1:19092",
+        "curl",
+        "/v1/track/",
+        "/v1/alerts:subscribe",
     ):
         assert needed in code
     assert all(b.expect for b in blocks[1:])

@@ -32,10 +32,10 @@ import grpc
 from aiokafka import TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.devstack import DevStackError, KafkaBroker, PostgresServer
+from devtools.devstack.ports import free_ports
+from devtools.devstack.process import ChildProcess
 from shared.db import create_pool
-from shared.devstack import DevStackError, KafkaBroker, PostgresServer
-from shared.devstack.ports import free_ports
-from shared.devstack.process import ChildProcess
 from shared.projection import load_offsets, wait_caught_up
 from tests.faults.checker import Report, check
 from tests.faults.workload import Size, Targets, Workload, make_plan

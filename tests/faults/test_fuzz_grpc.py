@@ -75,6 +75,8 @@ from shared.pb import (
     shipment_pb2_grpc,
     tracking_pb2,
     tracking_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from tests.faults.inputs import FUZZ_EXAMPLES, messages, nested
 from tests.ingest_helpers import (
@@ -152,7 +154,13 @@ _SERVICES: dict[str, tuple[Any, Metadata]] = {
         dispatch_pb2.DESCRIPTOR.services_by_name["DispatchService"],
         bearer(Role.DISPATCHER, tenant=TENANT),
     ),
+    "webhooks": (
+        webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"],
+        bearer(Role.DISPATCHER, tenant=TENANT),
+    ),
 }
+#: Services that need the database (on the fuzz's own schema).
+_WITH_DATABASE = ("tracking-query", "webhooks")
 ENDPOINTS = [
     Endpoint(name, method, metadata)
     for name, (service, metadata) in _SERVICES.items()
@@ -196,7 +204,7 @@ async def fuzzed(kafka_bootstrap: str, database_url: str) -> AsyncIterator[Fuzze
             channels = {}
             for name in _SERVICES:
                 running = await stack.enter_async_context(
-                    running_service(name, query if name == "tracking-query" else common)
+                    running_service(name, query if name in _WITH_DATABASE else common)
                 )
                 channels[name] = running.channel
             # One shipment to read (the query service migrated the schema at start).
@@ -335,6 +343,7 @@ _OTHER_TYPES = [
     delivery_pb2.ConfirmDeliveryRequest(confirmation=delivery_confirmation()),
     tracking_pb2.ListShipmentsRequest(page_size=3, page_token="x"),
     dispatch_pb2.SubscribeDelaysRequest(resume_token="y", from_beginning=True),
+    webhooks_pb2.CreateWebhookRequest(url="https://93.184.215.14/", secret="s" * 40),
 ]
 
 
@@ -540,7 +549,8 @@ def absurd_bearers(draw: st.DrawFn) -> tuple[Metadata, str]:
 
 @pytest.mark.parametrize(
     "endpoint",
-    [e for e in ENDPOINTS if e.method.name != "TrackByToken"],  # public: no bearer token
+    # Public: no bearer token.
+    [e for e in ENDPOINTS if e.method.name not in ("TrackByToken", "WatchByToken")],
     ids=str,
 )
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
@@ -585,6 +595,15 @@ def _valid_calls(fuzzed: Fuzzed) -> dict[str, Callable[[], Any]]:
         assert first.shipment.shipment_id == fuzzed.shipment_id
         call.cancel()
 
+    async def watch_by_token() -> None:
+        call = tracking.WatchByToken(
+            tracking_pb2.WatchByTokenRequest(tracking_token=fuzzed.tracking_token),
+            timeout=UNARY_TIMEOUT_S,
+        )
+        first = await call.read()
+        assert first.shipment.status
+        call.cancel()
+
     async def subscribe() -> None:
         call = dispatch.SubscribeDelays(
             dispatch_pb2.SubscribeDelaysRequest(), metadata=ops, timeout=UNARY_TIMEOUT_S
@@ -597,6 +616,18 @@ def _valid_calls(fuzzed: Fuzzed) -> dict[str, Callable[[], Any]]:
         except TimeoutError:
             return
         assert await call.code() == grpc.StatusCode.OK
+
+    hooks = webhooks_pb2_grpc.WebhookServiceStub(channels["webhooks"])
+    created: list[str] = []
+
+    async def create_webhook() -> None:
+        # A public IP literal: no DNS needed, allowed without the development setting.
+        reply = await hooks.CreateWebhook(
+            webhooks_pb2.CreateWebhookRequest(url="https://93.184.215.14/hook"),
+            metadata=ops,
+            timeout=UNARY_TIMEOUT_S,
+        )
+        created.append(reply.webhook.webhook_id)
 
     events = shipment_pb2_grpc.ShipmentEventsServiceStub(channels["shipment-events"])
     confirmations = delivery_pb2_grpc.DeliveryConfirmationsServiceStub(
@@ -642,7 +673,22 @@ def _valid_calls(fuzzed: Fuzzed) -> dict[str, Callable[[], Any]]:
             tracking_pb2.TrackByTokenRequest(tracking_token=fuzzed.tracking_token),
             timeout=UNARY_TIMEOUT_S,
         ),
+        "/cargotrack.v1.TrackingService/WatchByToken": watch_by_token,
         "/cargotrack.v1.DispatchService/SubscribeDelays": subscribe,
+        "/cargotrack.v1.WebhookService/CreateWebhook": create_webhook,
+        "/cargotrack.v1.WebhookService/ListWebhooks": lambda: hooks.ListWebhooks(
+            webhooks_pb2.ListWebhooksRequest(page_size=5), metadata=ops, timeout=UNARY_TIMEOUT_S
+        ),
+        "/cargotrack.v1.WebhookService/ListDeliveries": lambda: hooks.ListDeliveries(
+            webhooks_pb2.ListDeliveriesRequest(webhook_id=created[-1]),
+            metadata=ops,
+            timeout=UNARY_TIMEOUT_S,
+        ),
+        "/cargotrack.v1.WebhookService/DeleteWebhook": lambda: hooks.DeleteWebhook(
+            webhooks_pb2.DeleteWebhookRequest(webhook_id=created[-1]),
+            metadata=ops,
+            timeout=UNARY_TIMEOUT_S,
+        ),
     }
 
 

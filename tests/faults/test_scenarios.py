@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.devstack import KafkaBroker, PostgresServer
+from devtools.devstack import KafkaBroker, PostgresServer
 from tests.faults.checker import Report
 from tests.faults.harness import Rig, ServiceProcess, start_server
 from tests.faults.workload import FULL, REDUCED, Size

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +21,7 @@ import grpc
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from devtools.devstack import KafkaBroker
 from services.dispatch.app import DispatchServer
 from services.projector.live import LiveTracker
 from services.projector.outbox import OutboxRelay
@@ -29,7 +29,6 @@ from services.projector.projection import TrackingProjection
 from services.projector.stale import StaleScanner
 from shared.config import Settings
 from shared.db import create_pool
-from shared.devstack import KafkaBroker
 from shared.domain.polyline import encode as encode_polyline
 from shared.envelopes import timestamp, utc_now
 from shared.kafka import KafkaUnavailable
@@ -46,6 +45,7 @@ from tests.projection_helpers import (
     T0,
     end_offsets,
     envelope_for,
+    fresh_schema,
     gps_envelope,
     prepare,
     producer_for,
@@ -193,24 +193,6 @@ async def pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             relay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relay_task
-
-
-@contextlib.asynccontextmanager
-async def fresh_schema(database_url: str) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute(f'CREATE SCHEMA "{name}"')
-    finally:
-        await connection.close()
-    try:
-        yield name
-    finally:
-        connection = await asyncpg.connect(database_url)
-        try:
-            await connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await connection.close()
 
 
 def settings_for(

@@ -11,9 +11,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.dev_supervisor import Event, Exited, Restarted, RestartPolicy, Supervisor
-from services.launcher import StackServer
-from shared.devstack import PostgresServer
+from devtools.devstack import PostgresServer
+from devtools.launcher import StackServer
+from devtools.supervisor import Event, Exited, Restarted, RestartPolicy, Supervisor
 
 
 @pytest.mark.timeout(120)

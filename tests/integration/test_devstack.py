@@ -21,8 +21,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from shared.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
-from shared.devstack.ports import KAFKA_PORT_ENV, POSTGRES_PORT_ENV
+from devtools.devstack import DevStackError, KafkaBroker, LocalStack, PostgresServer
+from devtools.devstack.ports import KAFKA_PORT_ENV, POSTGRES_PORT_ENV
 
 # -- helpers ----------------------------------------------------------------------
 

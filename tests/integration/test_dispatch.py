@@ -24,14 +24,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.devstack.ports import free_ports
+from devtools.devstack.process import ChildProcess
+from devtools.launcher import wait_serving
 from services.dispatch import tokens
 from services.dispatch.app import SERVICE_NAME, DispatchServer
 from services.dispatch.hub import DEFAULT_BUFFER_SIZE
-from services.launcher import wait_serving
 from shared.auth import Role
 from shared.config import Settings
-from shared.devstack.ports import free_ports
-from shared.devstack.process import ChildProcess
 from shared.envelopes import encode, timestamp
 from shared.pb import alerts_pb2, common_pb2, dispatch_pb2, dispatch_pb2_grpc, envelope_pb2
 from shared.rpc import field_violations

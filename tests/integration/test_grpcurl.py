@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from devtools.devstack.kafka import default_cache_dir
 from shared.auth import Role
-from shared.devstack.kafka import default_cache_dir
 from shared.envelopes import utc_now
 from tests.ingest_helpers import (
     RunningService,

@@ -12,9 +12,9 @@ from aiokafka import TopicPartition
 from aiokafka.errors import OutOfOrderSequenceNumber
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.devstack import KafkaBroker
+from devtools.devstack.ports import free_ports
 from shared.auth import Role
-from shared.devstack import KafkaBroker
-from shared.devstack.ports import free_ports
 from shared.envelopes import EncodedRecord
 from shared.ingest import KafkaLink
 from shared.kafka import KafkaUnavailable, topic_specs

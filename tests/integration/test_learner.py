@@ -14,11 +14,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from services.learner.app import build_runner
+from services.learner.app import LearnerServer
 from services.learner.projection import learner_params
-from services.projector.live import LiveTracker
+from services.projector.app import ProjectorServer
 from services.projector.models import ModelStore
-from services.projector.projection import TrackingProjection
 from services.projector.rebuild import rebuild
 from shared import tracking_store as store
 from shared.config import Settings
@@ -70,17 +69,11 @@ def _points(log: list[envelope_pb2.Envelope]) -> dict[str, list[tuple[str, Fix]]
 
 @contextlib.asynccontextmanager
 async def running_learner(settings: Settings) -> AsyncIterator[ProjectionRunner]:
-    pool = await create_pool(settings.database)
-    async with producer_for(settings) as producer:
-        runner = build_runner(settings, pool, producer)
-        task = asyncio.create_task(runner.run())
-        try:
-            yield runner
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await pool.close()
+    """The learner as production wires it (LearnerServer), yielding its runner once it
+    owns its partitions (so that what a test produces next is learned while it runs)."""
+    async with LearnerServer(settings) as running:
+        await asyncio.wait_for(running.runner.assigned.wait(), 60)
+        yield running.runner
 
 
 async def _caught_up(runner: ProjectionRunner, settings: Settings) -> None:
@@ -156,38 +149,91 @@ async def test_restart_resumes_and_a_rebuild_learns_the_same_model(
 async def test_projector_models_swap_whole_versions_between_batches(
     kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
 ) -> None:
-    """While the learner publishes versions, the projector's store keeps swapping; every
-    set it hands out holds, per tenant, one complete model of one version."""
+    """While the learner publishes versions, the projector's store, polling as in
+    production, keeps swapping; every set it hands out holds, per tenant, one complete
+    model of one stored version.
+
+    The log goes in chunks; after each chunk the test waits for the learner to commit
+    it (a version is stored in the same transaction as the offsets) and for the polling
+    store to hand out that version. Waiting on those two events, not on how fast the
+    learner happens to run, is what makes a swap certain after every chunk even on a
+    loaded machine, while a sampler reads the store as fast as it can meanwhile."""
     extra = {"CARGOTRACK_LEARNER_SNAPSHOT_EVERY_S": "60", "CARGOTRACK_LEARNER_KEEP_VERSIONS": "3"}
     settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema, **extra)
     await prepare(settings)
     log = _log(120)
     pool = await create_pool(settings.database)
+    async with pool.acquire() as connection:
+        # Every payload ever stored, kept even after the learner deletes old versions,
+        # to check each model the store handed out against the version it claimed.
+        await connection.execute(
+            "CREATE TABLE archived_models AS SELECT tenant_id, version, payload"
+            " FROM eta_models WITH NO DATA;"
+            " CREATE FUNCTION archive_model() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN INSERT INTO archived_models VALUES (NEW.tenant_id, NEW.version,"
+            " NEW.payload); RETURN NEW; END $$;"
+            " CREATE TRIGGER archive_model AFTER INSERT ON eta_models"
+            " FOR EACH ROW EXECUTE FUNCTION archive_model();"
+        )
     store = ModelStore(pool, 0.01)
     seen: dict[int, object] = {}
+    mixed: list[tuple[int, int]] = []
+
+    async def sample() -> None:
+        while True:
+            loaded = store.current.of("acme")
+            seen.setdefault(loaded.version, loaded.model)
+            if loaded.model.version != loaded.version:
+                mixed.append((loaded.version, loaded.model.version))
+            await asyncio.sleep(0.002)
+
+    async def handed_out(version: int) -> None:
+        while store.current.of("acme").version < version:
+            store.loaded_event.clear()  # set again by the poller's next refresh
+            await store.loaded_event.wait()
+
+    swapped_to: list[int] = []
+    poller = asyncio.create_task(store.run())
+    sampler = asyncio.create_task(sample())
     try:
-        async with running_learner(settings) as runner:
-            async with producer_for(settings) as producer:
-                for k in range(0, len(log), 12):  # produce while it learns
-                    await send_all(producer, settings, log[k : k + 12])
-                    current = await store.refresh()
-                    loaded = current.of("acme")
-                    seen.setdefault(loaded.version, loaded.model)
-            await _caught_up(runner, settings)
-        final = await store.refresh()
+        async with running_learner(settings) as runner, producer_for(settings) as producer:
+            for k in range(0, len(log), 24):  # 20 minutes of event time a chunk
+                await send_all(producer, settings, log[k : k + 24])
+                await _caught_up(runner, settings)
+                async with pool.acquire() as connection:
+                    newest = (await model_snapshots.versions_of(connection, "acme"))[0]
+                await asyncio.wait_for(handed_out(newest.version), timeout=60)
+                swapped_to.append(store.current.of("acme").version)
+        final = store.current
         async with pool.acquire() as connection:
             stored = await model_snapshots.versions_of(connection, "acme")
+            archived = {
+                row["version"]: row["payload"]
+                for row in await connection.fetch(
+                    "SELECT version, payload FROM archived_models WHERE tenant_id = 'acme'"
+                )
+            }
     finally:
+        for task in (sampler, poller):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await pool.close()
     assert len(stored) <= 3
-    newest = final.of("acme")
-    assert newest.version == stored[0].version
-    # The loaded model is exactly the stored payload, never a mix of two versions.
-    assert newest.model.speeds == learner.decode_speeds(stored[0].payload)
-    assert len([v for v in seen if v > 0]) >= 2  # it did swap while loading
+    newest_loaded = final.of("acme")
+    assert newest_loaded.version == stored[0].version
+    # Each chunk brought a newer version, handed out without a restart.
+    assert len(swapped_to) == math.ceil(len(log) / 24)
+    assert swapped_to == sorted(set(swapped_to))
+    assert swapped_to[0] > 0
+    assert not mixed
+    # Every model handed out is exactly the payload of the version it claimed: never a
+    # mix of two versions, never half a model.
+    assert set(swapped_to) <= set(seen)
     for version, model in seen.items():
-        assert math.isfinite(model.speeds.global_pace)  # type: ignore[attr-defined]
         assert version == 0 or version % 60 == 0
+        if version > 0:
+            assert model.speeds == learner.decode_speeds(archived[version])  # type: ignore[attr-defined]
 
 
 async def test_before_any_version_the_projector_uses_the_fleet_average(
@@ -235,29 +281,18 @@ async def test_every_stored_eta_records_the_model_version_it_came_from(
     try:
         async with pool.acquire() as connection:
             await model_snapshots.insert_snapshot(connection, "acme", snapshot, keep=3)
-        models = ModelStore(pool, 60.0)
-        await models.refresh()
         log = lifecycle("acme", "s1", "v1", T0) + lifecycle("globex", "s1", "v1", T0)
         for tenant in ("acme", "globex"):
             points = [(T0 + timedelta(seconds=30 * i), 53.40 + 0.001 * i, -2.99) for i in range(8)]
             log.append(gps_envelope(tenant, "v1", "phone", 1, points))
         async with producer_for(settings) as producer:
             await send_all(producer, settings, log)
-            projection = TrackingProjection(
-                settings.topics, LiveTracker(settings.alerts, models=models)
-            )
-            runner = ProjectionRunner(
-                projection, pool, settings.kafka, settings.topics.dead_letters, producer,
-                group_id=f"{settings.topics.prefix}projector",
-            )  # fmt: skip
-            task = asyncio.create_task(runner.run())
-            try:
-                offsets = await end_offsets(settings, projection.topics)
-                await wait_caught_up(pool, projection.name, offsets, timeout_s=90)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # The projector as production wires it: its models loaded at start.
+        group_id = f"{settings.topics.prefix}projector"
+        async with ProjectorServer(settings, group_id=group_id) as projector:
+            projection = projector.runner.projection
+            offsets = await end_offsets(settings, projection.topics)
+            await wait_caught_up(pool, projection.name, offsets, timeout_s=90)
         async with pool.acquire() as connection:
             history = await connection.fetch(
                 "SELECT tenant_id, model_version FROM eta_history ORDER BY tenant_id"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.devstack.ports import free_ports
+from devtools.devstack.ports import free_ports
 
 CARGOTRACK = Path(sys.executable).parent / "cargotrack"
 

@@ -13,16 +13,18 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
+import grpc
 from aiokafka import AIOKafkaConsumer
 
-from services.projector.live import LiveTracker
-from services.projector.projection import TrackingProjection
+from services.projector.app import ProjectorServer
 from shared import tracking_store as store
 from shared.config import Settings
-from shared.db import create_pool
 from shared.domain.tracking import IN_TRANSIT
+from shared.envelopes import utc_now
 from shared.kafka import HEADER_DLQ_REASON
+from shared.pb import alerts_pb2
 from shared.projection import ProjectionRunner, wait_caught_up
+from tests.ingest_helpers import consume_envelopes, wait_health
 from tests.projection_helpers import (
     T0,
     end_offsets,
@@ -38,25 +40,9 @@ from tests.projection_helpers import (
 
 @contextlib.asynccontextmanager
 async def running_projection(settings: Settings) -> AsyncIterator[ProjectionRunner]:
-    pool = await create_pool(settings.database)
-    async with producer_for(settings) as producer:
-        projection = TrackingProjection(settings.topics, LiveTracker(settings.alerts))
-        runner = ProjectionRunner(
-            projection,
-            pool,
-            settings.kafka,
-            settings.topics.dead_letters,
-            producer,
-            group_id=f"{settings.topics.prefix}projector",
-        )
-        task = asyncio.create_task(runner.run())
-        try:
-            yield runner
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await pool.close()
+    """The projector as production wires it (ProjectorServer), yielding its runner."""
+    async with ProjectorServer(settings, group_id=f"{settings.topics.prefix}projector") as running:
+        yield running.runner
 
 
 async def caught_up(runner: ProjectionRunner, settings: Settings) -> None:
@@ -263,3 +249,77 @@ async def test_retention_drops_exactly_the_days_before_the_horizon(
         datetime(2026, 11, 22, 11, 0, tzinfo=UTC),
     ]
     assert dropped_again == []
+
+
+async def _history_partitions(pool: asyncpg.Pool) -> list[str]:
+    rows = await pool.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'vehicle_positions'"
+        " AND p.relnamespace = to_regnamespace(current_schema()) AND c.relname ~ '[0-9]{8}$'"
+        " ORDER BY c.relname"
+    )
+    return [row["relname"] for row in rows]
+
+
+async def test_a_projector_server_runs_relay_stale_scan_maintenance_and_readiness(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """The production wiring in-process (services/projector/app.py ProjectorServer):
+    health turns SERVING, the history's partitions are made at start and kept by the
+    periodic maintenance, a silent moving shipment is found by the stale scan and its
+    alert reaches the alerts topic through the outbox relay."""
+    settings = projector_settings(
+        kafka_bootstrap,
+        database_url,
+        topic_prefix,
+        pg_schema,
+        CARGOTRACK_GRPC_HOST="127.0.0.1",
+        CARGOTRACK_GRPC_PORT="0",
+        CARGOTRACK_STALE_AFTER_MIN="10",
+    )
+    now = utc_now()
+    start = now - timedelta(minutes=40)
+    silent_since = now - timedelta(minutes=15)
+    points = [
+        (start + timedelta(minutes=5, seconds=30 * i), 53.40, -2.99 + 0.001 * i)
+        for i in range(20)
+        if start + timedelta(minutes=5, seconds=30 * i) <= silent_since
+    ]
+    async with ProjectorServer(
+        settings,
+        readiness_interval_s=0.2,
+        stale_scan_interval_s=0.2,
+        maintenance_interval_s=0.2,
+        outbox_idle_s=0.05,
+    ) as projector:
+        # Readiness: the health server answers SERVING once Kafka and PostgreSQL do.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{projector.port}") as channel:
+            await wait_health(channel)
+        # Maintenance: partitions made at start; one dropped comes back.
+        made = await _history_partitions(projector.pool)
+        assert len(made) == settings.position_retention_days + 3, made
+        await projector.pool.execute(f'DROP TABLE "{made[-1]}"')
+        async with asyncio.timeout(30):
+            while await _history_partitions(projector.pool) != made:  # noqa: ASYNC110 - polls the database
+                await asyncio.sleep(0.05)
+        # Stale scan and outbox relay: a moving shipment silent for 15 minutes.
+        async with producer_for(settings) as producer:
+            await send_all(producer, settings, lifecycle("acme", "s1", "v1", start))
+            await send_all(producer, settings, [gps_envelope("acme", "v1", "phone", 1, points)])
+        stale = alerts_pb2.ALERT_KIND_STALE_TRACKING
+        published = await consume_envelopes(
+            kafka_bootstrap,
+            settings.topics.shipment_alerts,
+            until=lambda found: any(e.envelope.alert.kind == stale for e in found),
+            timeout_s=60,
+        )
+        assert projector.scanner.raised >= 1
+        envelope = next(e.envelope for e in published if e.envelope.alert.kind == stale)
+        assert (envelope.tenant_id, envelope.alert.shipment_id) == ("acme", "s1")
+        # Only the relay writes the alerts topic; it marks what it published.
+        marked = "SELECT published_at IS NOT NULL FROM alert_outbox WHERE alert_id = $1"
+        async with asyncio.timeout(30):
+            while not await projector.pool.fetchval(marked, envelope.event_id):  # noqa: ASYNC110 - polls the database
+                await asyncio.sleep(0.05)
+        # Leaving the block drains it; nothing it ran is left behind.
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("projector:")] == []

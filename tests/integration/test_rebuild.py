@@ -12,6 +12,7 @@ import pytest
 from services.projector.rebuild import rebuild
 from shared import tracking_store as store
 from shared.db import create_pool
+from shared.projection import load_offsets
 from tests.integration.test_projector import caught_up, running_projection
 from tests.projection_helpers import (
     T0,
@@ -71,7 +72,44 @@ async def test_rebuild_while_queries_run_equals_the_live_state(
             queries = asyncio.create_task(query_forever())
             try:
                 answered_before = answered
-                report = await rebuild(settings, switch_lag=0, progress=lambda _line: None)
+                # A batch in flight across the switch: the live projector fetches a GPS
+                # record but cannot commit it (its batch lock is held here) until the
+                # rebuild has applied that record too and switched. The live projector's
+                # offsets are then behind the rebuilt ones: its commit must be fenced
+                # (roll back, re-seek). The folds are idempotent (a GPS record applied
+                # again adds no points), so the data cannot show a second application:
+                # the refused commit itself is asserted.
+                in_flight = gps_envelope(
+                    "acme",
+                    "v2",
+                    "phone",
+                    11,
+                    [
+                        (T0 + timedelta(minutes=30, seconds=20 * i), 53.412, -2.99 + 0.0005 * i)
+                        for i in range(5)
+                    ],
+                )
+                async with runner.batch_lock:
+                    expected_before = dict(runner.expected)
+                    await send_all(producer, settings, [in_flight])
+                    log.append(in_flight)
+                    report = await rebuild(settings, switch_lag=0, progress=lambda _line: None)
+                    async with runner.pool.acquire() as connection:
+                        rebuilt_offsets = await load_offsets(
+                            connection, "tracking", list(expected_before)
+                        )
+                # Only the in-flight record's partition moved past the live projector.
+                moved = {
+                    tp for tp, offset in rebuilt_offsets.items() if offset != expected_before[tp]
+                }
+                assert [tp.topic for tp in moved] == [settings.topics.gps_points]
+                # The rebuilt tables hold the record already: wait for the live projector
+                # to have dealt with its batch, then see how.
+                async with asyncio.timeout(30):
+                    while runner.expected != rebuilt_offsets:  # noqa: ASYNC110 - polls the runner
+                        await asyncio.sleep(0.01)
+                # Its commit was refused once, and it resumed from the rebuilt offsets.
+                assert runner.stats.conflicts == 1, "the live projector was not fenced"
                 answered_at_switch = answered
                 more = lifecycle("acme", "late-arrival", "v1", T0 + timedelta(hours=1))
                 # GPS after the switch: v1 drives the new shipment (in transit since +3 min).
@@ -125,7 +163,8 @@ async def test_rebuild_while_queries_run_equals_the_live_state(
     assert report.records >= len(log) - len(more)  # more: written after the rebuild
     assert stored == expected_shipments
     assert vehicles == expected_vehicles
-    assert history == 10 * 3 * 5 + 5
+    # Every point once, the in-flight record's too.
+    assert history == 10 * 3 * 5 + 5 + 5
     assert schemas == 0  # the old schema was dropped
     assert errors == []
     # Queries ran while the rebuild ran (before the switch) and after it.

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.config import Settings
@@ -291,11 +292,29 @@ async def test_a_record_postgres_cannot_store_deep_in_a_batch_is_isolated_alone(
 
 
 async def test_a_new_member_resumes_at_stored_plus_one_and_commits_to_kafka_for_monitoring(
-    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+    kafka_bootstrap: str,
+    database_url: str,
+    topic_prefix: str,
+    pg_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A runner in a NEW consumer group (no offsets in Kafka) starts at the offset
-    stored in PostgreSQL + 1, not at the beginning; after each batch it commits the
-    next offsets to Kafka too (for lag exporters and KEDA), equal to the log's end."""
+    """A runner in a NEW consumer group (no offsets in Kafka) seeks to the offset
+    stored in PostgreSQL + 1, not the beginning, and applies only what follows; after
+    each batch it commits the next offsets to Kafka too (for lag exporters and KEDA),
+    equal to the log's end.
+
+    Before that seek lands, the consumer may already have fetched from the group's
+    reset position (the beginning): such a poll is never applied (see
+    `test_records_fetched_before_the_seek_to_stored_offsets_are_not_applied`), so the
+    oracle is the seek itself and what was applied, not what was fetched."""
+    sought: list[tuple[TopicPartition, int]] = []
+    seek = AIOKafkaConsumer.seek
+
+    def recording_seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        sought.append((tp, offset))
+        seek(consumer, tp, offset)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "seek", recording_seek)
     async with recording_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema) as s:
         topic = s.topics.shipment_events
         await write(s, topic, [("k", n, None) for n in range(5)])
@@ -325,6 +344,47 @@ async def test_a_new_member_resumes_at_stored_plus_one_and_commits_to_kafka_for_
                 await monitor.stop()
         rows = await recorded(s)
     assert ends[tp] == 8
-    assert min(fetched) == 5, "the new member fetched from the beginning, not stored + 1"
+    assert (tp, 5) in sought, f"the new member did not seek to stored + 1: {sought}"
+    assert {5, 6, 7} <= set(fetched), "the new member did not fetch what follows the stored offset"
     applied = sorted((r["member"], r["record_offset"]) for r in rows)
     assert applied == [("first", n) for n in range(5)] + [("second", n) for n in range(5, 8)]
+
+
+async def test_records_fetched_before_the_seek_to_stored_offsets_are_not_applied(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """A projection store new to a consumer group whose Kafka offsets are ahead (another
+    schema's runner in the same group committed them for monitoring, as the crash test's
+    reference projector does): the consumer starts fetching at Kafka's committed offset
+    until the runner's seek to the stored offsets lands. What it fetched meanwhile must
+    not be applied: it would put the log's tail before its head (a vehicle's last GPS
+    records before its first: live tracking then decides from the tail), and the head,
+    then at or below the applied offset, would be dropped as applied already."""
+    async with recording_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema) as s:
+        topic = s.topics.shipment_events
+        await write(s, topic, [("k", n, None) for n in range(10)])
+        [(tp, end)] = [(tp, end) for tp, end in (await end_offsets(s, [topic])).items() if end]
+        group = f"{s.topics.prefix}recorder"
+        other = AIOKafkaConsumer(
+            **s.kafka.client_options(), group_id=group, enable_auto_commit=False
+        )
+        await other.start()
+        try:
+            other.assign([tp])
+            await other.commit({tp: 6})
+        finally:
+            await other.stop()
+        projection = Recorder([topic], "fresh")
+        async with running(s, projection, group="recorder") as runner:
+            seek = runner.seek_to_stored
+
+            async def slow_seek(partitions: Sequence[TopicPartition]) -> None:
+                # A slow database at assignment: the fetch at Kafka's offset lands first.
+                await asyncio.sleep(1.0)
+                await seek(partitions)
+
+            runner.seek_to_stored = slow_seek  # type: ignore[method-assign]
+            await caught_up(s, [topic])
+        rows = await recorded(s)
+    assert end == 10
+    assert [r["record_offset"] for r in rows] == list(range(10))

@@ -822,6 +822,43 @@ async def test_track_by_token_hides_the_eta_once_delivered(query: Query) -> None
     assert not public.HasField("eta")
 
 
+async def test_watch_by_token_streams_the_public_view_and_hides_the_van_after_delivery(
+    query: Query,
+) -> None:
+    log = shipment_log(TENANT, "s1", customer="cust-secret-3", vehicle="veh-secret-7")
+    log.append(moving(TENANT, "veh-secret-7", 1, T0 + timedelta(minutes=10)))
+    await project(query.settings, log)
+    full = (
+        await query.stub.GetShipment(
+            tracking_pb2.GetShipmentRequest(shipment_id="s1"), metadata=OPS
+        )
+    ).shipment
+    call = query.stub.WatchByToken(
+        tracking_pb2.WatchByTokenRequest(tracking_token=full.tracking_token), timeout=30
+    )
+    first = (await call.read()).shipment
+    assert first.status == shipment_pb2.SHIPMENT_STATUS_IN_TRANSIT
+    assert first.HasField("last_position")
+    assert first.HasField("destination")
+    assert first.last_position == full.last_position
+    assert b"veh-secret-7" not in first.SerializeToString()
+    await project(
+        query.settings,
+        [
+            event(
+                TENANT, "s1", "s1-done", T0 + timedelta(hours=1), delivered=shipment_pb2.Delivered()
+            )
+        ],
+    )
+    second = (await call.read()).shipment
+    call.cancel()
+    assert second.status == shipment_pb2.SHIPMENT_STATUS_DELIVERED
+    assert not second.HasField("last_position"), "no position after delivery"
+    assert not second.HasField("eta")
+    assert not second.planned_route
+    assert second.HasField("destination")
+
+
 async def test_track_by_token_answers(query: Query) -> None:
     unknown = await rpc_error(
         query.stub.TrackByToken(tracking_pb2.TrackByTokenRequest(tracking_token="A" * 22))

@@ -33,8 +33,13 @@ SERVICES = {
     "dispatch": 50055,
     "projector": 50056,
     "learner": 50057,
+    "webhooks": 50058,
+    "http-gateway": 50059,
 }
-GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner")]
+#: Scaled on CPU by an HPA (the consumers are not; webhooks has a fixed replica count).
+GRPC_SERVICES = [name for name in SERVICES if name not in ("projector", "learner", "webhooks")]
+#: Ports besides the gRPC and metrics ones: the http-gateway's HTTP port.
+EXTRA_PORTS = {"http-gateway": {8080}}
 METRICS_PORT = 9090
 TOPIC_RETENTION_MS = {
     "cargotrack.gps-points": 7 * 24 * 3600 * 1000,
@@ -118,9 +123,10 @@ def test_every_service_is_deployed_with_its_port(overlay: list[Resource]) -> Non
         assert c["args"] == ["serve", name]
         assert env(deployments[name])["CARGOTRACK_GRPC_PORT"]["value"] == str(port)
         health = config(overlay).get("CARGOTRACK_GRPC_HEALTH_PORT")  # prod: TLS probes
-        expected = {port, METRICS_PORT} | ({int(health)} if health else set())
+        extra = EXTRA_PORTS.get(name, set())
+        expected = {port, METRICS_PORT} | extra | ({int(health)} if health else set())
         assert {p["containerPort"] for p in c["ports"]} == expected
-        assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT}
+        assert {p["port"] for p in services[name]["spec"]["ports"]} == {port, METRICS_PORT} | extra
     assert config(overlay)["CARGOTRACK_METRICS_PORT"] == str(METRICS_PORT)
     assert config(overlay)["CARGOTRACK_GRPC_HOST"] == "0.0.0.0"
     assert config(overlay)["CARGOTRACK_LOG_FORMAT"] == "json"
@@ -194,6 +200,7 @@ KAFKA_ACCESS = {
     "dispatch": {"cargotrack.shipment-alerts": "Read"},
     # Dead letters: the same ProjectionRunner as the projector (shared/projection.py).
     "learner": {"cargotrack.gps-points": "Read", "cargotrack.dead-letters": "Write"},
+    "webhooks": {"cargotrack.shipment-alerts": "Read", "cargotrack.dead-letters": "Write"},
 }
 #: The consumer groups each Kafka user may join (pattern type, name): the runner's group
 #: is the topic prefix plus the projection's name; the projector's user also covers
@@ -205,6 +212,7 @@ KAFKA_GROUPS = {
     "projector": {("literal", "cargotrack.tracking"), ("prefix", "cargotrack-")},
     "dispatch": set(),
     "learner": {("literal", "cargotrack.learner")},
+    "webhooks": {("literal", "cargotrack.webhooks")},
 }
 #: Each workload's database role (None: no database credentials at all).
 DATABASE_ROLE = {
@@ -215,6 +223,8 @@ DATABASE_ROLE = {
     "tracking-query": "cargotrack_query",
     "projector": "cargotrack_projector",
     "learner": "cargotrack_learner",
+    "webhooks": "cargotrack_webhooks",
+    "http-gateway": None,
 }
 
 
@@ -267,6 +277,7 @@ def test_each_workload_has_its_own_database_role_over_verified_tls(
     # creates and drops partitions.
     assert roles["cargotrack_projector"]["inRoles"] == ["cargotrack"]
     assert roles["cargotrack_learner"]["inRoles"] == ["cargotrack"]
+    assert roles["cargotrack_webhooks"]["inRoles"] == ["cargotrack"]
     assert "inRoles" not in roles["cargotrack_query"]
     workloads = {**of_kind(overlay, "Deployment"), **of_kind(overlay, "Job")}
     for name, workload in workloads.items():
@@ -346,13 +357,39 @@ def test_network_policies_open_only_the_service_ports(overlay: list[Resource]) -
     for name, port in SERVICES.items():
         policy = policies[name]["spec"]
         assert policy["policyTypes"] == ["Ingress", "Egress"]
-        assert "egress" not in policy
         opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+        if name == "http-gateway":
+            # HTTP and metrics only (its gRPC port serves the probes); egress to the
+            # two services it calls, on their gRPC ports.
+            assert opened == {8080, METRICS_PORT}
+            called = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+            assert called == {SERVICES["tracking-query"], SERVICES["dispatch"]}
+            continue
+        if name == "webhooks":  # tenants' endpoints: public addresses only
+            (rule,) = policy["egress"]
+            blocks = {b["ipBlock"]["cidr"]: set(b["ipBlock"]["except"]) for b in rule["to"]}
+            assert set(blocks) == {"0.0.0.0/0", "::/0"}
+            assert {"10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16"} <= blocks["0.0.0.0/0"]
+            assert {"::1/128", "fc00::/7", "fe80::/10"} <= blocks["::/0"]
+        else:
+            assert "egress" not in policy
         assert opened == {port, METRICS_PORT}
     baseline = policies["cargotrack-baseline"]["spec"]
     assert "ingress" not in baseline
     egress_ports = {p["port"] for rule in baseline["egress"] for p in rule["ports"]}
     assert egress_ports == {53, 9093, 5432}
+
+
+def test_the_gateway_ingress_does_not_buffer_streams(overlay: list[Resource]) -> None:
+    ingress = of_kind(overlay, "Ingress")["http-gateway"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "http-gateway", "port": {"name": "http"}}
+    assert config(overlay)["CARGOTRACK_GATEWAY_TRACKING_TARGET"] == "tracking-query:50054"
+    assert config(overlay)["CARGOTRACK_GATEWAY_DISPATCH_TARGET"] == "dispatch:50055"
 
 
 def test_every_resource_carries_the_common_labels(overlay: list[Resource]) -> None:
@@ -453,7 +490,12 @@ def test_dev_is_small(rendered: dict[str, list[Resource]]) -> None:
     (auth,) = [s for s in secrets if s["metadata"]["name"].startswith("cargotrack-auth")]
     assert set(auth["data"]) == {"CARGOTRACK_JWT_SECRET"}
     roles = {s["metadata"]["name"] for s in secrets if s["type"] == "kubernetes.io/basic-auth"}
-    assert roles == {"cargotrack-db-projector", "cargotrack-db-learner", "cargotrack-db-query"}
+    assert roles == {
+        "cargotrack-db-projector",
+        "cargotrack-db-learner",
+        "cargotrack-db-webhooks",
+        "cargotrack-db-query",
+    }
     for deployment in of_kind(dev, "Deployment").values():
         prod_like = of_kind(rendered["prod"], "Deployment")[deployment["metadata"]["name"]]
         assert container(deployment)["resources"] != container(prod_like)["resources"]

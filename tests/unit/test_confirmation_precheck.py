@@ -8,11 +8,11 @@ from typing import cast
 
 import pytest
 
-from services.cli import SERVICES
+from devtools.devstack import LocalStack
+from devtools.launcher import service_env
 from services.delivery_confirmations.precheck import Outcome, verdict
-from services.launcher import service_env
+from services.registry import SERVICES
 from shared.config import ConfigError, load_settings
-from shared.devstack import LocalStack
 from shared.domain.tracking import (
     ASSIGNED,
     CANCELLED,
@@ -69,7 +69,7 @@ def test_the_wrong_vehicle_is_refused_before_the_settled_proof() -> None:
     assert judge(Assignment(DELIVERED, OTHER, "conf-1")) is Outcome.NOT_ASSIGNED
 
 
-def test_only_delivery_confirmations_may_run_without_a_database() -> None:
+def test_only_delivery_confirmations_and_the_gateway_may_run_without_a_database() -> None:
     environ = {
         "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
         "CARGOTRACK_JWT_SECRET": "unit-test-hs256-secret-0123456789abcdef",
@@ -78,7 +78,8 @@ def test_only_delivery_confirmations_may_run_without_a_database() -> None:
     with pytest.raises(ConfigError, match="DATABASE_URL is not set"):
         load_settings(environ)
     optional = {name for name, spec in SERVICES.items() if spec.database_optional}
-    assert optional == {"delivery-confirmations"}
+    # The http-gateway reads no database at all: it calls the gRPC services.
+    assert optional == {"delivery-confirmations", "http-gateway"}
 
 
 def test_cargotrack_dev_gives_delivery_confirmations_the_database() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from services.dev_supervisor import (
+from devtools.devstack import DevStackError
+from devtools.supervisor import (
     Event,
     Exited,
     GaveUp,
@@ -23,8 +24,7 @@ from services.dev_supervisor import (
     UnitStatus,
     describe_exit,
 )
-from services.dev_view import STATUSES, Snapshot, render, summary_line
-from shared.devstack import DevStackError
+from devtools.view import STATUSES, Snapshot, render, summary_line
 from tests.dev_helpers import summary_fields
 
 POLICY = RestartPolicy(max_failures=5, window_s=60.0, first_delay_s=0.5, max_delay_s=4.0)

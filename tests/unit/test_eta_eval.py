@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.domain.geo import Fix, LocalProjection
-from shared.eta_eval import (
+from devtools.eta_eval import (
     CHECKPOINTS,
     DATASETS,
     METHODS,
@@ -19,6 +18,7 @@ from shared.eta_eval import (
     main,
     trim_terminal_dwell,
 )
+from shared.domain.geo import Fix, LocalProjection
 
 
 @pytest.fixture(scope="module")

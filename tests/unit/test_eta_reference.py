@@ -1,6 +1,6 @@
 """The optimised ETA model gives exactly the estimates of the reference implementation.
 
-``tests/unit/eta_reference`` is the model as it was before its hot path was optimised
+``bench/eta_reference`` is the model as it was before its hot path was optimised
 (projection memo on the fixes, closed-form travel time, compact per-route tables).
 Seeded random scenarios (routes that bend, double back on themselves or cross
 themselves; noisy, jumping, shuffled, off-route and partly future tracks; learned
@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.eta_reference import eta as ref_eta
+from bench.eta_reference import geo as ref_geo
+from bench.eta_reference import speeds as ref_speeds
 from shared.domain.eta import EtaModel, EtaParams, Stop
 from shared.domain.geo import Fix, LatLon, LocalProjection, Route
 from shared.domain.speeds import HistoricalSpeeds, SpeedParams, learn_speeds
-from tests.unit.eta_reference import eta as ref_eta
-from tests.unit.eta_reference import geo as ref_geo
-from tests.unit.eta_reference import speeds as ref_speeds
 
 PROJ = LocalProjection(51.5, -0.1)
 T0 = datetime(2026, 3, 6, 22, 17, 31, tzinfo=UTC)  # a Friday night: hours and days turn
@@ -110,13 +110,27 @@ def _speeds(rng: random.Random, routes: list[Route]) -> HistoricalSpeeds:
         return HistoricalSpeeds.empty(SpeedParams(default_speed_mps=rng.choice([8.0, 12.0])))
     zone = "UTC" if kind == "learned" else rng.choice(["Asia/Kolkata", "America/New_York"])
     params = SpeedParams(
-        timezone=zone, cell_m=rng.choice([150.0, 300.0]), sectors=rng.choice([4, 8])
+        timezone=zone,
+        cell_m=rng.choice([150.0, 300.0]),
+        sectors=rng.choice([4, 8]),
+        area_cells=0,  # the reference predates the area level
     )
     traces = []
     for route in routes:
         for h in range(rng.randint(1, 4)):
             traces.append(_trip(rng, route, T0 - timedelta(hours=h * rng.uniform(1, 30))))
     return learn_speeds(traces, params)
+
+
+def reference_speeds(speeds: HistoricalSpeeds) -> ref_speeds.HistoricalSpeeds:
+    """The same speeds for the reference, which predates the area level: only
+    models without areas can be compared."""
+    data = speeds.to_dict()
+    assert not data.pop("area_pace"), "the reference has no area level"
+    data["params"] = {
+        k: v for k, v in data["params"].items() if k in ref_speeds.SpeedParams.__dataclass_fields__
+    }
+    return ref_speeds.HistoricalSpeeds.from_dict(data)
 
 
 def _params(rng: random.Random) -> EtaParams:
@@ -143,7 +157,7 @@ def _scenario(seed: int) -> int:
     params = _params(rng)
     new_model = EtaModel(speeds, params)
     ref_model = ref_eta.EtaModel(
-        ref_speeds.HistoricalSpeeds.from_dict(speeds.to_dict()),
+        reference_speeds(speeds),
         ref_eta.EtaParams(
             **{f: getattr(params, f) for f in ref_eta.EtaParams.__dataclass_fields__}
         ),

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.eta_reference.geo import clean_track as reference_clean_track
 from shared.domain.geo import (
     EARTH_RADIUS_M,
     Fix,
@@ -25,7 +26,6 @@ from shared.domain.geo import (
     route_from_polyline,
 )
 from shared.domain.polyline import PolylineError, decode, encode
-from tests.unit.eta_reference.geo import clean_track as reference_clean_track
 
 PROJ = LocalProjection(53.4, -2.9)
 T0 = datetime(2026, 1, 26, 12, 0, tzinfo=UTC)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.devstack.running import (
+from shared.running_stack import (
     RUNNING_STACK_FILE,
     read_running_stack,
     redact_url,

@@ -20,9 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from services.dev_view import STATUSES, AlertSeen, EtaRow, Snapshot, render, summary_line
-from services.fleet_simulator.config import SimulatorConfig
-from services.fleet_simulator.plan import (
+from devtools.fleet_simulator.config import SimulatorConfig
+from devtools.fleet_simulator.plan import (
     LOAD_S,
     RoundPlan,
     Scenario,
@@ -30,9 +29,10 @@ from services.fleet_simulator.plan import (
     plan_round,
     trip_order,
 )
-from services.fleet_simulator.routes import RecordedTrip, load_trips
-from services.fleet_simulator.stats import SimulatorStats
-from services.fleet_simulator.uplink import GpsUplink
+from devtools.fleet_simulator.routes import RecordedTrip, load_trips
+from devtools.fleet_simulator.stats import SimulatorStats
+from devtools.fleet_simulator.uplink import GpsUplink
+from devtools.view import STATUSES, AlertSeen, EtaRow, Snapshot, render, summary_line
 from services.projector.live import OBSERVE_EVERY_S
 from shared.config import AlertSettings
 from shared.domain.alerts import AlertConditions, AlertKind, observe_delay
@@ -283,8 +283,8 @@ def test_austin_trips_work_too() -> None:
 
 
 def test_bad_points_are_refused_by_the_ingest_rules() -> None:
-    from services.fleet_simulator.plan import BadPoint
-    from services.fleet_simulator.vehicle import Vehicle
+    from devtools.fleet_simulator.plan import BadPoint
+    from devtools.fleet_simulator.vehicle import Vehicle
 
     now = datetime.now(UTC)
     good = gps_pb2.GpsPoint(

@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from shared.domain.geo import Fix, LocalProjection
-from shared.domain.speeds import HistoricalSpeeds, PiecePaces, SpeedParams, learn_speeds
+from shared.domain.speeds import (
+    HistoricalSpeeds,
+    PiecePaces,
+    SpeedParams,
+    _cell,
+    learn_speeds,
+)
 
 PROJ = LocalProjection(40.4, -3.7)
 T0 = datetime(2026, 2, 2, 0, 0, tzinfo=UTC)
@@ -54,3 +60,40 @@ def test_without_cells_every_piece_has_the_hour_pace() -> None:
     assert [hourly.hour_pace(h) for h in (2, 3, 4)] == [
         hourly.pace((0, 0), 0, h) for h in (2, 3, 4)
     ]
+
+
+def _drive(y: float, speed: float, start: datetime) -> list[Fix]:
+    """East along the line y, 10 s apart, at ``speed``."""
+    return [
+        Fix(start + timedelta(seconds=10 * i), *PROJ.to_latlon(10 * speed * i, y))
+        for i in range(40)
+    ]
+
+
+def test_an_unseen_cell_takes_its_areas_pace_not_the_fleets() -> None:
+    # A slow street (3 m/s) and, far away, a fast road (20 m/s): the fleet average is
+    # in between. A cell next to the slow street, never driven, is in its area.
+    params = SpeedParams(cell_m=300.0)
+    speeds = learn_speeds([_drive(0.0, 3.0, T0), _drive(20_000.0, 20.0, T0)], params)
+    lat, lon = PROJ.to_latlon(200.0, 350.0)  # beside the slow street's first cell
+    cell = _cell(lat, lon, params.cell_m)
+    assert cell not in speeds.cell_pace
+    unseen = speeds.pace(cell, 2, 100)  # an hour with nothing learned
+    assert unseen > speeds.global_pace * 1.5  # much slower than the fleet average
+    without = learn_speeds(
+        [_drive(0.0, 3.0, T0), _drive(20_000.0, 20.0, T0)],
+        SpeedParams(cell_m=300.0, area_cells=0),
+    )
+    assert without.pace(cell, 2, 100) == without.global_pace
+    assert not without.area_pace
+
+
+def test_a_model_published_before_the_area_level_still_loads() -> None:
+    speeds = learn_speeds([_drive(0.0, 3.0, T0)], SpeedParams())
+    data = speeds.to_dict()
+    del data["area_pace"]
+    del data["params"]["area_cells"]
+    old = HistoricalSpeeds.from_dict(data)
+    assert not old.area_pace
+    assert old.pace((10**6, 10**6), 0, 100) == old.global_pace  # unseen: the fleet's pace
+    assert HistoricalSpeeds.from_dict(speeds.to_dict()) == speeds

@@ -1,4 +1,4 @@
-"""The projector's in-memory recent tracks (services/projector/live.py), without I/O.
+"""The projector's in-memory recent tracks (services/projector/track_cache.py), without I/O.
 
 A cached track must answer exactly what the history query would: the rows after
 an instant, in (recorded_at, latitude, longitude) order, with each GPS record's
@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.projector.live import CachedTrack, TrackCache
+from services.projector.track_cache import CachedTrack, TrackCache
 from shared.domain.geo import Fix
 from shared.domain.tracking import Position
 

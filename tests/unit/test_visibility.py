@@ -19,6 +19,7 @@ from shared.domain.visibility import (
     TIMELINE_FIELDS,
     Audience,
     Status,
+    clip_route,
     redact_shipment,
     redact_timeline,
     visible_fields,
@@ -104,7 +105,19 @@ def test_no_position_vehicle_or_driver_before_pickup_or_after_delivery(
 def test_the_public_never_sees_identities_and_only_public_fields(status: Status) -> None:
     visible = visible_fields(Audience.PUBLIC, status)
     assert visible <= PUBLIC_FIELDS
-    assert not visible & {"driver_id", "vehicle_id", "customer_id", "proof", "last_position"}
+    assert not visible & {"driver_id", "vehicle_id", "customer_id", "proof", "tracking_token"}
+    if "last_position" in visible:  # the vehicle only while it moves towards the recipient
+        assert status in (
+            shipment_pb2.SHIPMENT_STATUS_IN_TRANSIT,
+            shipment_pb2.SHIPMENT_STATUS_OUT_FOR_DELIVERY,
+        )
+
+
+def test_the_public_route_ends_at_its_own_destination() -> None:
+    route = [(52.0, 13.0), (52.1, 13.0), (52.2, 13.0), (52.3, 13.0), (52.4, 13.0)]
+    clipped = clip_route(route, (52.21, 13.001))
+    assert clipped == [(52.0, 13.0), (52.1, 13.0), (52.2, 13.0), (52.21, 13.001)]
+    assert clip_route([], (52.0, 13.0)) == []
 
 
 def test_staff_see_everything_in_every_status() -> None:

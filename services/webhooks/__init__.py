@@ -1,0 +1,1 @@
+"""The webhooks service: WebhookService on gRPC, and the delivery worker (docs/webhooks.md)."""
