@@ -417,7 +417,11 @@ async def test_two_projectors_and_two_query_replicas_one_of_each_killed(
         await updates.stop()
     row = measure(report, workload, updates, queries, started=started, restarts=rig.keeper.total)
     print(f"gaps: {row}")
-    assert_clean(report, rig, restarts=range(1))
+    # No Kafka fault here, but slow clients: a driver's stream outlives the workload's
+    # 30 s stream deadline (DEADLINE_EXCEEDED), and a write issued just before it is
+    # answered UNAVAILABLE (ingest leaves the write only what remains of the deadline).
+    stream_deadline = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE"})
+    assert_clean(report, rig, restarts=range(1), client_errors=stream_deadline)
     assert writing_at_kill, "the kills came after the stream"
     answered_after = sum(1 for t in queries.answered if t > killed_at)
     assert answered_before > 0
