@@ -257,10 +257,11 @@ def tile_source(tile_url: str) -> str | None:
 
 def page_policy(tile_url: str) -> str:
     """Content-Security-Policy of the HTML pages: scripts, styles and connections
-    from the gateway only (the pages have no inline script or style), images from it
-    and from the map tiles' origin, no plugins, no framing, forms only to itself."""
+    from the gateway only (the pages have no inline script or style), images from it,
+    from the map tiles' origin and `data:` (Leaflet shows a tile that failed to load
+    as an empty `data:` GIF), no plugins, no framing, forms only to itself."""
     tiles = tile_source(tile_url)
-    images = "'self'" + (f" {tiles}" if tiles else "")
+    images = "'self' data:" + (f" {tiles}" if tiles else "")
     return (
         f"default-src 'none'; script-src 'self'; style-src 'self'; img-src {images}; "
         "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"

@@ -285,7 +285,7 @@ async def test_every_response_carries_the_security_headers(guarded: Web) -> None
             if response.content_type == "text/html":
                 policy = found["Content-Security-Policy"]
                 assert "script-src 'self';" in policy
-                assert "img-src 'self' https://*.tile.example.org;" in policy
+                assert "img-src 'self' data: https://*.tile.example.org;" in policy
                 assert "unsafe" not in policy
                 markup = _Markup()
                 markup.feed(await response.text())
