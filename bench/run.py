@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         type=service_setting,
         help="a CARGOTRACK_ setting for every service (repeatable), e.g. to compare a"
-        " setting's two values in two runs",
+        " setting's two values in two runs; CARGOTRACK_PROCESSES reaches only the services"
+        " that run several processes (gps-ingest, tracking-query)",
     )
     parser.add_argument(
         "--projectors",
