@@ -106,6 +106,9 @@ class BenchOptions:
     latency_batch: int = 50
     ingest_batches: tuple[int, ...] = (50, 500)
     query_concurrency: int = 32
+    #: gRPC connections the query clients spread their calls over. A connection stays
+    #: with one tracking-query worker (CARGOTRACK_PROCESSES), so N workers need several.
+    query_connections: int = 2
     #: "auto" (ghz when found, else Python), "ghz" or "python".
     query_client: str = "auto"
     #: The e2e client pauses while the projection lags by more than this many points.
@@ -1055,6 +1058,7 @@ class Bench:
                     "shipments": ids,
                     "duration_s": o.query_s,
                     "concurrency": o.query_concurrency,
+                    "channels": o.query_connections,
                 },
                 timeout_s=o.query_s + 60,
             )
@@ -1142,7 +1146,7 @@ class Bench:
                     "-c",
                     str(o.query_concurrency),
                     "--connections",
-                    "2",
+                    str(o.query_connections),
                     "-z",
                     f"{seconds:g}s",
                     "--format",

@@ -35,6 +35,8 @@ MIN_PAGE_TOKEN_KEY = 32
 
 #: The shortest HS256 key accepted (RFC 7518 3.2: at least the hash size, 256 bits).
 MIN_HS256_SECRET_BYTES = 32
+#: Most worker processes one `cargotrack serve` runs (CARGOTRACK_PROCESSES).
+MAX_PROCESSES = 64
 
 
 class ConfigError(Exception):
@@ -191,6 +193,10 @@ class GrpcSettings:
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 10.0
     limits: GrpcLimits = field(default_factory=GrpcLimits)
+    #: Bind the gRPC and health ports with SO_REUSEPORT, shared with this service's
+    #: other worker processes (`Settings.for_worker`); never read from the environment:
+    #: a lone process must fail when its port is taken, not share it.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,6 +321,27 @@ class Settings:
     #: Key of the MAC on ListShipments page tokens (tracking-query); None: derived from
     #: the JWT secret, and required when there is none (see page_token_key_bytes()).
     page_token_key: str | None = None
+    #: Worker processes of `cargotrack serve` behind one port (shared/workers.py); more
+    #: than 1 only for the services that allow it (services/registry.py).
+    processes: int = 1
+
+    #: Where the metrics server binds; None: the gRPC host. Not from the environment:
+    #: a worker's metrics stay on loopback, for its parent to collect (`for_worker`).
+    metrics_host: str | None = None
+
+    def for_worker(self, index: int) -> Settings:
+        """The settings of worker `index` (0-based) of `processes`: the gRPC and health
+        ports shared with the other workers (SO_REUSEPORT); metrics (unless off) on
+        127.0.0.1:`metrics_port + 1 + index`, where the parent collects them to serve
+        all workers' on `metrics_port` (shared/workers.py)."""
+        if not 0 <= index < self.processes:
+            raise ValueError(f"worker {index} of {self.processes}")
+        return replace(
+            self,
+            grpc=replace(self.grpc, reuse_port=True),
+            metrics_port=self.metrics_port + 1 + index if self.metrics_port else 0,
+            metrics_host="127.0.0.1",
+        )
 
     def page_token_key_bytes(self) -> bytes | None:
         """The key that MACs page tokens: CARGOTRACK_PAGE_TOKEN_KEY, else one derived
@@ -730,7 +757,23 @@ def load_settings(
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
         page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
+        processes=env.integer("CARGOTRACK_PROCESSES", 1, minimum=1),
     )
+    if settings.processes > MAX_PROCESSES:
+        env.errors.append(
+            f"CARGOTRACK_PROCESSES={settings.processes}: at most {MAX_PROCESSES}"
+            " (one per core of the pod; scale further with replicas)"
+        )
+    if (
+        settings.processes > 1
+        and settings.metrics_port
+        and settings.metrics_port + settings.processes > 65535
+    ):
+        env.errors.append(
+            f"CARGOTRACK_METRICS_PORT={settings.metrics_port}: with CARGOTRACK_PROCESSES="
+            f"{settings.processes} the workers also use the {settings.processes} ports above"
+            " it (on 127.0.0.1), which must be at most 65535"
+        )
     if settings.page_token_key is not None and len(settings.page_token_key) < MIN_PAGE_TOKEN_KEY:
         env.errors.append(
             f"CARGOTRACK_PAGE_TOKEN_KEY: must be at least {MIN_PAGE_TOKEN_KEY} characters"

@@ -378,16 +378,19 @@ def _version() -> str:
 async def serve_metrics(settings: Settings, label: str) -> AsyncIterator[MetricsServer | None]:
     """Expose the metrics of service `label` on settings.metrics_port for the block's
     duration (yields None when the port is 0: metrics off). Binds the gRPC host, so the
-    local suite serves on loopback and Kubernetes (0.0.0.0) on every interface."""
+    local suite serves on loopback and Kubernetes (0.0.0.0) on every interface; a
+    worker of several processes binds loopback (settings.metrics_host), and its parent
+    serves all workers' metrics (shared/workers.py)."""
     SERVICE_INFO.info({"service": label, "version": _version()})
     record_certificate_expiry("grpc_server", settings.grpc.tls_cert_file)
     record_certificate_expiry("kafka_ca", settings.kafka.ssl_cafile)
     if settings.metrics_port <= 0:
         yield None
         return
-    server = MetricsServer(settings.metrics_port, settings.grpc.host)
+    host = settings.metrics_host or settings.grpc.host
+    server = MetricsServer(settings.metrics_port, host)
     port = server.start()
-    log.info("%s metrics on %s:%d/metrics", label, settings.grpc.host, port)
+    log.info("%s metrics on %s:%d/metrics", label, host, port)
     try:
         yield server
     finally:
