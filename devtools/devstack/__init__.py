@@ -7,7 +7,7 @@ failures raise :class:`DevStackError`, whose message is one line naming the fix.
 
 from devtools.devstack.errors import DevStackError
 from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker, ensure_kafka_jars
-from devtools.devstack.postgres import PostgresServer
+from devtools.devstack.postgres import PostgresServer, PostgresStandby, multi_host_dsn
 from devtools.devstack.stack import LocalStack
 
 __all__ = [
@@ -16,5 +16,7 @@ __all__ = [
     "KafkaBroker",
     "LocalStack",
     "PostgresServer",
+    "PostgresStandby",
     "ensure_kafka_jars",
+    "multi_host_dsn",
 ]

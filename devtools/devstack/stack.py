@@ -3,6 +3,10 @@
 Either server is replaced by an existing one when its environment variable is set:
 ``KAFKA_BOOTSTRAP_SERVERS`` (no broker started) and ``DATABASE_URL`` (no PostgreSQL
 started). External servers are used as they are: never started, stopped or wiped.
+
+``CARGOTRACK_POSTGRES_STANDBY=1`` adds a streaming standby of the local PostgreSQL
+(:class:`PostgresStandby`, on the next port) and points ``DATABASE_URL`` at both with
+``target_session_attrs=read-write``, so the services follow a promotion.
 """
 
 from __future__ import annotations
@@ -23,15 +27,16 @@ from devtools.devstack.ports import (
     POSTGRES_PORT_ENV,
     port_from_env,
 )
-from devtools.devstack.postgres import PostgresServer
+from devtools.devstack.postgres import PostgresServer, PostgresStandby, multi_host_dsn
 from shared.lifecycle import Lifecycle
 
-__all__ = ["DATABASE_URL_ENV", "KAFKA_BOOTSTRAP_SERVERS_ENV", "LocalStack"]
+__all__ = ["DATABASE_URL_ENV", "KAFKA_BOOTSTRAP_SERVERS_ENV", "POSTGRES_STANDBY_ENV", "LocalStack"]
 
 _log = logging.getLogger(__name__)
 
 KAFKA_BOOTSTRAP_SERVERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "DATABASE_URL"
+POSTGRES_STANDBY_ENV = "CARGOTRACK_POSTGRES_STANDBY"
 
 
 class LocalStack(Lifecycle):
@@ -50,6 +55,10 @@ class LocalStack(Lifecycle):
       because consumers store their Kafka offsets in PostgreSQL: offsets kept in a
       database whose topics were wiped would point past the end of the new topics.
 
+    * ``postgres_standby=True`` also runs a hot standby of that PostgreSQL, started
+      after it, on the port after its port (or a free one), with state in
+      ``<state_dir>/postgres-standby``; :attr:`database_url` then names both.
+
     State lives in ``<state_dir>/kafka`` and ``<state_dir>/postgres``.
     """
 
@@ -65,6 +74,7 @@ class LocalStack(Lifecycle):
         keep_data: bool = True,
         postgres_fsync: bool = True,
         kafka_version: str = DEFAULT_KAFKA_VERSION,
+        postgres_standby: bool = False,
     ) -> None:
         """``bootstrap_servers`` / ``database_url``, when given, are external servers to
         use instead of starting our own. Ports left as None are chosen free at start."""
@@ -83,10 +93,19 @@ class LocalStack(Lifecycle):
                 kafka_port,
                 controller_port=kafka_controller_port,
             )
+        self.postgres_standby: PostgresStandby | None = None
+        """The standby of :attr:`postgres`, when asked for."""
         if database_url is None:
             self.postgres = PostgresServer(
                 self._state_dir / "postgres", postgres_port, fsync=postgres_fsync
             )
+            if postgres_standby:
+                self.postgres_standby = PostgresStandby(
+                    self._state_dir / "postgres-standby",
+                    self.postgres,
+                    None if postgres_port is None else postgres_port + 1,
+                    fsync=postgres_fsync,
+                )
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -112,6 +131,7 @@ class LocalStack(Lifecycle):
             bootstrap_servers=environ.get(KAFKA_BOOTSTRAP_SERVERS_ENV) or None,
             database_url=environ.get(DATABASE_URL_ENV) or None,
             keep_data=not reset,
+            postgres_standby=environ.get(POSTGRES_STANDBY_ENV) == "1",
         )
 
     @classmethod
@@ -143,6 +163,8 @@ class LocalStack(Lifecycle):
         if self.postgres is None:
             assert self._external_database_url is not None
             return self._external_database_url
+        if self.postgres_standby is not None:
+            return multi_host_dsn([self.postgres, self.postgres_standby])
         return self.postgres.dsn
 
     def env(self) -> dict[str, str]:
@@ -168,6 +190,11 @@ class LocalStack(Lifecycle):
             lines.append(f"PostgreSQL  {self.database_url} (external, {DATABASE_URL_ENV})")
         else:
             lines.append(f"PostgreSQL  {self.database_url} (log {self.postgres.log_path})")
+            if self.postgres_standby is not None:
+                lines.append(
+                    f"PostgreSQL  standby on port {self.postgres_standby.port}, streaming "
+                    f"(log {self.postgres_standby.log_path})"
+                )
         return lines
 
     async def start(self) -> None:
@@ -184,11 +211,7 @@ class LocalStack(Lifecycle):
                     asyncio.create_task(self.kafka.start(keep_data=self._keep_data), name="kafka")
                 )
             if self.postgres is not None:
-                tasks.append(
-                    asyncio.create_task(
-                        self.postgres.start(keep_data=self._keep_data), name="postgres"
-                    )
-                )
+                tasks.append(asyncio.create_task(self._start_postgres(), name="postgres"))
             try:
                 # Without return_exceptions, gather raises the first failure at once.
                 await asyncio.gather(*tasks)
@@ -203,6 +226,12 @@ class LocalStack(Lifecycle):
             for line in self.describe():
                 _log.info("devstack: %s", line)
 
+    async def _start_postgres(self) -> None:
+        assert self.postgres is not None
+        await self.postgres.start(keep_data=self._keep_data)
+        if self.postgres_standby is not None:  # its first start copies the primary
+            await self.postgres_standby.start(keep_data=self._keep_data)
+
     async def stop(self) -> None:
         """Stop the servers this stack started (both, even if one fails). Idempotent."""
         async with self._lock:
@@ -211,7 +240,7 @@ class LocalStack(Lifecycle):
 
     async def _stop_servers(self) -> None:
         servers: list[KafkaBroker | PostgresServer] = [
-            s for s in (self.kafka, self.postgres) if s is not None
+            s for s in (self.kafka, self.postgres, self.postgres_standby) if s is not None
         ]
         results = await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
         for result in results:
