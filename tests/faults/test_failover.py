@@ -4,7 +4,9 @@ The services reach PostgreSQL through one multi-host URL
 (`postgresql://…@primary,standby/…?target_session_attrs=read-write`), as issue 17
 asks, so after the promotion they find the new primary by themselves: the projector
 exits when its connections break and is restarted (as a pod), then connects to
-whichever host accepts writes.
+whichever host accepts writes; a tracking-query process keeps running, its pool
+replaces the broken connections, and a client asking it for a shipment throughout
+gets only answers or UNAVAILABLE (retry), never another error.
 
 Replication is asynchronous, so a primary can die with committed transactions its
 standby never received. This scenario makes that certain rather than lucky: mid-way
@@ -24,25 +26,35 @@ cluster suite) or CARGOTRACK_FAULTS_FULL=1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
+import grpc
 import pytest
 from aiokafka import TopicPartition
 
 from devtools.devstack import PostgresServer, PostgresStandby, multi_host_dsn
+from shared.auth import Role
+from shared.pb import tracking_pb2, tracking_pb2_grpc
 from shared.projection import load_offsets
 from tests.faults.conftest import CLUSTER_ENV, FULL_ENV
 from tests.faults.gaps import GapMeter
 from tests.faults.harness import Rig, start_server
 from tests.faults.test_scenarios import assert_clean
-from tests.faults.workload import FULL, REDUCED, Size
+from tests.faults.workload import FULL, REDUCED, TENANT, Size
+from tests.ingest_helpers import bearer
 
 pytestmark = pytest.mark.timeout(900)
 
 SCHEMA = "cargotrack"
+#: What tracking-query may answer while the database fails over: the shipment, not
+#: yet (before its first event is projected), or "retry".
+QUERY_ANSWERS = frozenset({"OK", "NOT_FOUND"})
+QUERY_RETRY = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
 @pytest.fixture(
@@ -106,6 +118,50 @@ async def wait_primary_ahead(
         await asyncio.sleep(0.05)
 
 
+class QueryProbe:
+    """Asks tracking-query for one shipment every `interval_s`, as a portal would;
+    counts the outcomes by status and notes when each answer came."""
+
+    def __init__(self, target: str, shipment_id: str, *, interval_s: float = 0.1) -> None:
+        self.target = target
+        self.shipment_id = shipment_id
+        self.interval_s = interval_s
+        self.codes: Counter[str] = Counter()
+        #: time.monotonic() of every call answered (OK or NOT_FOUND).
+        self.answered: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> QueryProbe:
+        self._task = asyncio.create_task(self._run(), name="query-probe")
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def longest_gap(self) -> float:
+        pairs = zip(self.answered, self.answered[1:], strict=False)
+        return max((later - earlier for earlier, later in pairs), default=0.0)
+
+    async def _run(self) -> None:
+        metadata = bearer(Role.OPS, tenant=TENANT)
+        request = tracking_pb2.GetShipmentRequest(shipment_id=self.shipment_id)
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = tracking_pb2_grpc.TrackingServiceStub(channel)
+            while True:
+                try:
+                    await stub.GetShipment(request, metadata=metadata, timeout=5)
+                    code = "OK"
+                except grpc.aio.AioRpcError as error:
+                    code = error.code().name
+                self.codes[code] += 1
+                if code in QUERY_ANSWERS:
+                    self.answered.append(time.monotonic())
+                await asyncio.sleep(self.interval_s)
+
+
 async def test_postgres_failover_to_a_lagging_standby(
     size: Size, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
@@ -132,8 +188,14 @@ async def test_postgres_failover_to_a_lagging_standby(
         ) as rig:
             await rig.ingest_in_process()
             rig.projector()
+            query = rig.spawn("tracking-query", "tracking-query")
+            await query.wait_serving()
             workload = rig.start_workload()
-            async with GapMeter(workload.ledger, database_url, SCHEMA) as meter:
+            shipment = rig.plan.shipments[0].shipment_id
+            async with (
+                GapMeter(workload.ledger, database_url, SCHEMA) as meter,
+                QueryProbe(f"127.0.0.1:{query.port}", shipment) as probe,
+            ):
                 await workload.wait_progress(0.25)
                 await rig.wait_commit()
                 assert await standby.in_recovery()
@@ -154,6 +216,11 @@ async def test_postgres_failover_to_a_lagging_standby(
                 await standby.promote()
                 promoted_at = time.monotonic()
                 await rig.recovered()
+                # tracking-query answers from the new primary (its pool reconnected).
+                async with asyncio.timeout(60):
+                    while not probe.answered or probe.answered[-1] < promoted_at:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                query_tail = "" if query.running else query.tail()
                 report = await rig.finish()
                 final = await snapshot(standby, rig.topics)
             regained = meter.updates.first_after(killed_at)
@@ -171,6 +238,8 @@ async def test_postgres_failover_to_a_lagging_standby(
                         f"{at_kill.history_rows}/{on_standby.history_rows}"
                     ),
                     "WAL bytes the standby lacked": primary_lsn - standby_lsn,
+                    "queries by status": dict(probe.codes),
+                    "longest query gap s": round(probe.longest_gap(), 2),
                 }
             )
             print(f"failover notes: {report.notes}")
@@ -195,6 +264,11 @@ async def test_postgres_failover_to_a_lagging_standby(
     # restarted until the standby is promoted; none after it recovered. Ingest does
     # not use PostgreSQL: its clients see no error at all.
     assert_clean(report, rig, restarts=range(1, 1000))
+    # tracking-query was never restarted (the keeper does not keep it) and told its
+    # client only answers or "retry", also while no host accepted writes.
+    assert not query_tail, f"tracking-query exited:\n{query_tail}"
+    assert set(probe.codes) <= QUERY_ANSWERS | QUERY_RETRY, probe.codes
+    assert probe.codes["OK"] > 0
     # No state can be new between the kill and the promotion: the meter must see
     # at least that pause (else it measures nothing). Acknowledgements went on.
     assert meter.updates.longest_gap() >= promoted_at - killed_at
