@@ -474,29 +474,38 @@ class PostgresStandby(PostgresServer):
         """Stop receiving WAL from the primary; return the WAL position replayed (bytes).
 
         ``primary_conninfo`` is emptied (``ALTER SYSTEM``, then a reload): PostgreSQL
-        stops the WAL receiver and does not start another. Returns once there is no
-        receiver and everything received has been replayed, so the standby's data no
-        longer changes: what it holds is what a promotion would give now. This stands
-        for a standby that lags at the moment its primary dies.
+        stops the WAL receiver and starts no other. Returns once the receiver is gone
+        and the startup process, having replayed every complete record it received,
+        waits for more (wait event ``RecoveryRetrieveRetryInterval``), so the
+        standby's data no longer changes: what it holds is what a promotion would
+        give now. (The received position may stay ahead of the replayed one: the
+        stream can stop in the middle of a record.) This stands for a standby that
+        lags at the moment its primary dies.
         """
         conn = await self.connect()
         try:
             await conn.execute("ALTER SYSTEM SET primary_conninfo = ''")
             await conn.execute("SELECT pg_reload_conf()")
             deadline = time.monotonic() + timeout_s
+            previous = None
             while True:
-                receiving = await conn.fetchval("SELECT count(*) FROM pg_stat_wal_receiver")
-                behind = await conn.fetchval(
-                    "SELECT pg_last_wal_replay_lsn() < pg_last_wal_receive_lsn()"
+                row = await conn.fetchrow(
+                    "SELECT (SELECT count(*) FROM pg_stat_wal_receiver) AS receivers,"
+                    " (SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'startup')"
+                    " AS waiting, pg_last_wal_replay_lsn() AS replayed"
                 )
-                if not receiving and not behind:
-                    return int(await conn.fetchval("SELECT pg_last_wal_replay_lsn()"))
+                assert row is not None
+                replayed = int(row["replayed"])
+                idle = row["receivers"] == 0 and row["waiting"] == "RecoveryRetrieveRetryInterval"
+                if idle and replayed == previous:
+                    return replayed
                 if time.monotonic() >= deadline:
                     raise DevStackError(
                         f"the standby on port {self._port} still streams or replays after "
-                        f"{timeout_s:g} s; see {self.log_path}"
+                        f"{timeout_s:g} s ({dict(row)}); see {self.log_path}"
                     )
-                await asyncio.sleep(0.05)
+                previous = replayed
+                await asyncio.sleep(0.1)
         finally:
             await conn.close()
 

@@ -42,7 +42,7 @@ from shared.auth import Role
 from shared.pb import tracking_pb2, tracking_pb2_grpc
 from shared.projection import load_offsets
 from tests.faults.conftest import CLUSTER_ENV, FULL_ENV
-from tests.faults.gaps import GapMeter
+from tests.faults.failover_gaps import GapMeter
 from tests.faults.harness import Rig, start_server
 from tests.faults.test_scenarios import assert_clean
 from tests.faults.workload import FULL, REDUCED, TENANT, Size
@@ -163,12 +163,14 @@ class QueryProbe:
 
 
 async def test_postgres_failover_to_a_lagging_standby(
-    size: Size, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    size: Size, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, state_dir: Path
 ) -> None:
     """SIGKILL the primary mid-stream while its standby lags, promote the standby: the
     services reconnect through the multi-host URL and the lost tail is re-applied."""
-    primary = PostgresServer(tmp_path / "pg-primary", fsync=False)
-    standby = PostgresStandby(tmp_path / "pg-standby", primary, fsync=False)
+    # Not under tmp_path: PostgreSQL runs as another user when we are root, and any
+    # pytest session starting meanwhile makes pytest's root private again.
+    primary = PostgresServer(state_dir / "pg-primary", fsync=False)
+    standby = PostgresStandby(state_dir / "pg-standby", primary, fsync=False)
     await start_server(primary, keep_data=False)
     await start_server(standby, keep_data=False)
     database_url = multi_host_dsn([primary, standby])

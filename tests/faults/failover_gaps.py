@@ -1,4 +1,5 @@
-"""What users feel during a fault: the longest pause in acknowledgements and in new state.
+"""What users feel during a database failover: the longest pause in acknowledgements
+and in new state (tests/faults/test_failover.py).
 
 "Nothing lost" says nothing about how long the clients waited for an answer, or how
 long the read model stood still. `GapMeter` samples both while a scenario runs:
