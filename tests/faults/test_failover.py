@@ -107,7 +107,10 @@ async def snapshot(server: PostgresServer, topics: list[str]) -> Snapshot:
 async def wait_primary_ahead(
     primary: PostgresServer, frozen: Snapshot, topics: list[str], timeout_s: float = 60
 ) -> Snapshot:
-    """Until the primary has committed batches the (detached) standby will never see."""
+    """Until the primary has committed batches the (detached) standby will never see.
+
+    Polls every 0.25 s: a snapshot reads the whole history, in the process that also
+    runs the ingest services and the clients."""
     deadline = time.monotonic() + timeout_s
     while True:
         now = await snapshot(primary, topics)
@@ -115,7 +118,7 @@ async def wait_primary_ahead(
             return now
         if time.monotonic() >= deadline:
             raise AssertionError(f"the primary committed nothing new in {timeout_s:g}s")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.25)
 
 
 class QueryProbe:
