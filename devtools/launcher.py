@@ -191,6 +191,8 @@ def stack_servers(stack: LocalStack) -> list[StackServer]:
         servers.append(StackServer(name, broker))
     if stack.postgres is not None:
         servers.append(StackServer("postgresql", stack.postgres))
+    if stack.postgres_standby is not None:
+        servers.append(StackServer("postgresql-standby", stack.postgres_standby))
     return servers
 
 

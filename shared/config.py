@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 T = TypeVar("T")
@@ -488,6 +488,83 @@ def _tile_url_ok(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(_TILE_HOST.fullmatch(parts.netloc))
 
 
+#: The `target_session_attrs` values of a DATABASE_URL (libpq's, which asyncpg takes).
+TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+#: Those that pick the writable server when the URL names several: every service
+#: needs the primary (the projector, the learner and webhooks write; tracking-query
+#: LISTENs, which a standby refuses).
+PRIMARY_SESSION_ATTRS = ("read-write", "primary")
+
+
+def database_hosts(url: str) -> list[tuple[str, int | None]]:
+    """The (host, port) pairs a postgresql:// URL names, in the order they are tried.
+
+    One host (``postgresql://u@db:5432/x``) or several
+    (``postgresql://u@db1:5432,db2:5433/x``, as libpq and asyncpg take them), or
+    the ``host=``/``port=`` query parameters when the URL names none (``host=/run/pg``,
+    a unix socket); port None when not given (5432, or the ``port=`` list).
+    ValueError naming the first malformed part.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("expected a postgresql:// URL")
+    # Not parts.hostname/port: they understand one host only.
+    userinfo, at, hostspec = parts.netloc.rpartition("@")
+    if at and "@" in userinfo:
+        raise ValueError("an '@' in the user or password must be percent-encoded (%40)")
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    if not hostspec:
+        hostspec = query.get("host", [""])[-1]
+    if not hostspec:
+        return [("", None)]  # libpq's default: the local unix socket
+    hosts: list[tuple[str, int | None]] = []
+    for spec in hostspec.split(","):
+        if spec.startswith("["):  # [IPv6]:port
+            address, bracket, rest = spec[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"malformed IPv6 host {spec!r}")
+            port_text = rest[1:]
+        elif spec.startswith("/"):  # a unix socket directory
+            address, port_text = spec, ""
+        else:
+            address, _, port_text = spec.partition(":")
+        if not address:
+            raise ValueError(f"empty host in {hostspec!r}")
+        port = None
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"port {port_text!r} of host {address!r} is not a TCP port")
+            port = int(port_text)
+        hosts.append((address, port))
+    return hosts
+
+
+def database_url_problems(url: str) -> list[str]:
+    """What keeps `url` from being a usable DATABASE_URL, one line each; [] if nothing.
+
+    Beyond the syntax (`database_hosts`, the query string), a URL naming several
+    hosts must say `target_session_attrs=read-write` (or `primary`): without it a
+    client keeps the first host that answers, which after a failover may be a
+    standby that refuses writes.
+    """
+    try:
+        hosts = database_hosts(url)
+        query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    except ValueError as error:
+        return [str(error)]
+    attrs = query.get("target_session_attrs", [None])[-1]
+    if attrs is not None and attrs not in TARGET_SESSION_ATTRS:
+        return [
+            f"target_session_attrs={attrs!r}: expected one of {', '.join(TARGET_SESSION_ATTRS)}"
+        ]
+    if len(hosts) > 1 and attrs not in PRIMARY_SESSION_ATTRS:
+        return [
+            f"names {len(hosts)} hosts but not target_session_attrs=read-write: add it, "
+            "so that every service connects to the primary among them"
+        ]
+    return []
+
+
 def _opentelemetry_installed() -> bool:
     try:
         return importlib.util.find_spec("opentelemetry.sdk.trace") is not None
@@ -534,8 +611,8 @@ def load_settings(
         pool_min=env.integer("CARGOTRACK_DB_POOL_MIN", 1, minimum=0),
         pool_max=env.integer("CARGOTRACK_DB_POOL_MAX", 10, minimum=1),
     )
-    if database.url and not database.url.startswith(("postgres://", "postgresql://")):
-        env.errors.append("DATABASE_URL: expected a postgresql:// URL")
+    if database.url:
+        env.errors += [f"DATABASE_URL: {p}" for p in database_url_problems(database.url)]
     password = env.optional("CARGOTRACK_DB_PASSWORD")
     if password is not None and database.url:
         try:

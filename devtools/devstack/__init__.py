@@ -13,7 +13,7 @@ from devtools.devstack.kafka import (
     PartitionState,
     ensure_kafka_jars,
 )
-from devtools.devstack.postgres import PostgresServer
+from devtools.devstack.postgres import PostgresServer, PostgresStandby, multi_host_dsn
 from devtools.devstack.stack import LocalStack
 
 __all__ = [
@@ -24,5 +24,7 @@ __all__ = [
     "LocalStack",
     "PartitionState",
     "PostgresServer",
+    "PostgresStandby",
     "ensure_kafka_jars",
+    "multi_host_dsn",
 ]

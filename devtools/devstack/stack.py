@@ -7,6 +7,10 @@ started). External servers are used as they are: never started, stopped or wiped
 ``CARGOTRACK_KAFKA_BROKERS=3`` runs Kafka as a 3-node cluster (:class:`KafkaCluster`)
 instead of one broker; the services then create their topics with replication factor
 3 and ``min.insync.replicas=2`` (:meth:`LocalStack.topic_env`).
+
+``CARGOTRACK_POSTGRES_STANDBY=1`` adds a streaming standby of the local PostgreSQL
+(:class:`PostgresStandby`, on the next port) and points ``DATABASE_URL`` at both with
+``target_session_attrs=read-write``, so the services follow a promotion.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ from devtools.devstack.ports import (
     POSTGRES_PORT_ENV,
     port_from_env,
 )
-from devtools.devstack.postgres import PostgresServer
+from devtools.devstack.postgres import PostgresServer, PostgresStandby, multi_host_dsn
 from shared.lifecycle import Lifecycle
 
 __all__ = [
     "DATABASE_URL_ENV",
     "KAFKA_BOOTSTRAP_SERVERS_ENV",
     "KAFKA_BROKERS_ENV",
+    "POSTGRES_STANDBY_ENV",
     "LocalStack",
     "kafka_brokers_from_env",
 ]
@@ -43,6 +48,7 @@ _log = logging.getLogger(__name__)
 
 KAFKA_BOOTSTRAP_SERVERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "DATABASE_URL"
+POSTGRES_STANDBY_ENV = "CARGOTRACK_POSTGRES_STANDBY"
 KAFKA_BROKERS_ENV = "CARGOTRACK_KAFKA_BROKERS"
 #: Node counts the local stack supports: one broker, or a cluster that survives
 #: losing any one node with min.insync.replicas=2.
@@ -84,6 +90,9 @@ class LocalStack(Lifecycle):
       ``<state_dir>/kafka/node-N``) instead of one :class:`KafkaBroker`; the first
       node listens on ``kafka_port``/``kafka_controller_port``, the others two ports
       further each.
+    * ``postgres_standby=True`` also runs a hot standby of that PostgreSQL, started
+      after it, on the port after its port (or a free one), with state in
+      ``<state_dir>/postgres-standby``; :attr:`database_url` then names both.
 
     State lives in ``<state_dir>/kafka`` and ``<state_dir>/postgres``.
     """
@@ -101,6 +110,7 @@ class LocalStack(Lifecycle):
         postgres_fsync: bool = True,
         kafka_version: str = DEFAULT_KAFKA_VERSION,
         kafka_brokers: int = 1,
+        postgres_standby: bool = False,
     ) -> None:
         """``bootstrap_servers`` / ``database_url``, when given, are external servers to
         use instead of starting our own. Ports left as None are chosen free at start."""
@@ -127,10 +137,19 @@ class LocalStack(Lifecycle):
                 kafka_port,
                 controller_port=kafka_controller_port,
             )
+        self.postgres_standby: PostgresStandby | None = None
+        """The standby of :attr:`postgres`, when asked for."""
         if database_url is None:
             self.postgres = PostgresServer(
                 self._state_dir / "postgres", postgres_port, fsync=postgres_fsync
             )
+            if postgres_standby:
+                self.postgres_standby = PostgresStandby(
+                    self._state_dir / "postgres-standby",
+                    self.postgres,
+                    None if postgres_port is None else postgres_port + 1,
+                    fsync=postgres_fsync,
+                )
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -158,6 +177,7 @@ class LocalStack(Lifecycle):
             database_url=environ.get(DATABASE_URL_ENV) or None,
             keep_data=not reset,
             kafka_brokers=kafka_brokers_from_env(environ),
+            postgres_standby=environ.get(POSTGRES_STANDBY_ENV) == "1",
         )
 
     @classmethod
@@ -190,6 +210,8 @@ class LocalStack(Lifecycle):
         if self.postgres is None:
             assert self._external_database_url is not None
             return self._external_database_url
+        if self.postgres_standby is not None:
+            return multi_host_dsn([self.postgres, self.postgres_standby])
         return self.postgres.dsn
 
     @property
@@ -235,6 +257,11 @@ class LocalStack(Lifecycle):
             lines.append(f"PostgreSQL  {self.database_url} (external, {DATABASE_URL_ENV})")
         else:
             lines.append(f"PostgreSQL  {self.database_url} (log {self.postgres.log_path})")
+            if self.postgres_standby is not None:
+                lines.append(
+                    f"PostgreSQL  standby on port {self.postgres_standby.port}, streaming "
+                    f"(log {self.postgres_standby.log_path})"
+                )
         return lines
 
     async def start(self) -> None:
@@ -251,11 +278,7 @@ class LocalStack(Lifecycle):
                     asyncio.create_task(self.kafka.start(keep_data=self._keep_data), name="kafka")
                 )
             if self.postgres is not None:
-                tasks.append(
-                    asyncio.create_task(
-                        self.postgres.start(keep_data=self._keep_data), name="postgres"
-                    )
-                )
+                tasks.append(asyncio.create_task(self._start_postgres(), name="postgres"))
             try:
                 # Without return_exceptions, gather raises the first failure at once.
                 await asyncio.gather(*tasks)
@@ -270,6 +293,12 @@ class LocalStack(Lifecycle):
             for line in self.describe():
                 _log.info("devstack: %s", line)
 
+    async def _start_postgres(self) -> None:
+        assert self.postgres is not None
+        await self.postgres.start(keep_data=self._keep_data)
+        if self.postgres_standby is not None:  # its first start copies the primary
+            await self.postgres_standby.start(keep_data=self._keep_data)
+
     async def stop(self) -> None:
         """Stop the servers this stack started (both, even if one fails). Idempotent."""
         async with self._lock:
@@ -278,7 +307,7 @@ class LocalStack(Lifecycle):
 
     async def _stop_servers(self) -> None:
         servers: list[KafkaBroker | KafkaCluster | PostgresServer] = [
-            s for s in (self.kafka, self.postgres) if s is not None
+            s for s in (self.kafka, self.postgres, self.postgres_standby) if s is not None
         ]
         results = await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
         for result in results:

@@ -33,7 +33,8 @@ from tests.faults import gaps
 from tests.faults.checker import REPORTS, table
 
 FULL_ENV = "CARGOTRACK_FAULTS_FULL"
-#: Every Kafka cluster scenario at full size (test_cluster.py); unset: the tiny leader kill.
+#: Every Kafka cluster scenario at full size (test_cluster.py), and the PostgreSQL
+#: failover's full size (test_failover.py); unset: the reduced leader kill and failover.
 CLUSTER_ENV = "CARGOTRACK_FAULTS_CLUSTER"
 
 
