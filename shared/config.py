@@ -33,6 +33,10 @@ MIN_PAGE_TOKEN_KEY = 32
 #: The shortest HS256 key accepted (RFC 7518 3.2: at least the hash size, 256 bits).
 MIN_HS256_SECRET_BYTES = 32
 
+#: Largest CARGOTRACK_QUERY_CACHE_MB accepted (64 GiB): a larger figure is more likely
+#: a number of bytes than a number of MiB.
+MAX_QUERY_CACHE_MB = 65536
+
 
 class ConfigError(Exception):
     """One or more environment variables are missing or malformed.
@@ -293,6 +297,9 @@ class Settings:
     #: Key of the MAC on ListShipments page tokens (tracking-query); None: derived from
     #: the JWT secret, and required when there is none (see page_token_key_bytes()).
     page_token_key: str | None = None
+    #: Memory (MiB, per process) of tracking-query's GetShipment / TrackByToken answer
+    #: cache (services/tracking_query/cache.py); 0 turns it off.
+    query_cache_mb: int = 64
 
     def page_token_key_bytes(self) -> bytes | None:
         """The key that MACs page tokens: CARGOTRACK_PAGE_TOKEN_KEY, else one derived
@@ -633,10 +640,16 @@ def load_settings(
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
         page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
+        query_cache_mb=env.integer("CARGOTRACK_QUERY_CACHE_MB", 64, minimum=0),
     )
     if settings.page_token_key is not None and len(settings.page_token_key) < MIN_PAGE_TOKEN_KEY:
         env.errors.append(
             f"CARGOTRACK_PAGE_TOKEN_KEY: must be at least {MIN_PAGE_TOKEN_KEY} characters"
+        )
+    if settings.query_cache_mb > MAX_QUERY_CACHE_MB:
+        env.errors.append(
+            f"CARGOTRACK_QUERY_CACHE_MB={settings.query_cache_mb}: counts MiB, at most"
+            f" {MAX_QUERY_CACHE_MB} (was a number of bytes meant?)"
         )
     if settings.tracing and not _opentelemetry_installed():
         env.errors.append(
