@@ -112,6 +112,8 @@ class BenchStack(Lifecycle):
         self.services: dict[str, Service] = {}
         #: The http-gateway's HTTP port (None: no gateway in this run).
         self.http_port: int | None = None
+        #: tracking-query's Prometheus port (its response cache's hit counts).
+        self.query_metrics_port: int | None = None
         self._started: list[Service] = []
         self.settings: Settings | None = None
         self.ingest_settings: Settings | None = None
@@ -188,6 +190,9 @@ class BenchStack(Lifecycle):
             kind = _service_of(name)
             prefix = self.ingest_prefix if name == "gps-ingest-only" else self.prefix
             env = self.env(prefix, port)
+            if kind == "tracking-query":
+                (self.query_metrics_port,) = free_ports(1)
+                env["CARGOTRACK_METRICS_PORT"] = str(self.query_metrics_port)
             if kind == "http-gateway":
                 (self.http_port,) = free_ports(1)
                 env["CARGOTRACK_HTTP_PORT"] = str(self.http_port)
