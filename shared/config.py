@@ -38,6 +38,10 @@ MIN_HS256_SECRET_BYTES = 32
 #: Most worker processes one `cargotrack serve` runs (CARGOTRACK_PROCESSES).
 MAX_PROCESSES = 64
 
+#: Largest CARGOTRACK_QUERY_CACHE_MB accepted (64 GiB): a larger figure is more likely
+#: a number of bytes than a number of MiB.
+MAX_QUERY_CACHE_MB = 65536
+
 
 class ConfigError(Exception):
     """One or more environment variables are missing or malformed.
@@ -324,6 +328,10 @@ class Settings:
     #: Worker processes of `cargotrack serve` behind one port (shared/workers.py); more
     #: than 1 only for the services that allow it (services/registry.py).
     processes: int = 1
+
+    #: Memory (MiB, per process) of tracking-query's GetShipment / TrackByToken answer
+    #: cache (services/tracking_query/cache.py); 0 turns it off.
+    query_cache_mb: int = 64
 
     #: Where the metrics server binds; None: the gRPC host. Not from the environment:
     #: a worker's metrics stay on loopback, for its parent to collect (`for_worker`).
@@ -835,6 +843,7 @@ def load_settings(
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
         page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
         processes=env.integer("CARGOTRACK_PROCESSES", 1, minimum=1),
+        query_cache_mb=env.integer("CARGOTRACK_QUERY_CACHE_MB", 64, minimum=0),
     )
     if settings.processes > MAX_PROCESSES:
         env.errors.append(
@@ -854,6 +863,11 @@ def load_settings(
     if settings.page_token_key is not None and len(settings.page_token_key) < MIN_PAGE_TOKEN_KEY:
         env.errors.append(
             f"CARGOTRACK_PAGE_TOKEN_KEY: must be at least {MIN_PAGE_TOKEN_KEY} characters"
+        )
+    if settings.query_cache_mb > MAX_QUERY_CACHE_MB:
+        env.errors.append(
+            f"CARGOTRACK_QUERY_CACHE_MB={settings.query_cache_mb}: counts MiB, at most"
+            f" {MAX_QUERY_CACHE_MB} (was a number of bytes meant?)"
         )
     if settings.tracing and not _opentelemetry_installed():
         env.errors.append(

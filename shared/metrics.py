@@ -13,6 +13,7 @@ Who records what:
   is measured there;
 - `shared.kafka` / `shared.ingest.KafkaLink`: every write to Kafka (produce latency,
   records, failures) by topic;
+- `services.tracking_query.cache`: the response cache's hits, misses and size;
 - `services.gps_ingest.servicer`: GPS batches and points;
 - `shared.projection.ProjectionRunner`: the projector's batches, records applied,
   fold and commit latency, dead letters, offset conflicts, consumer lag;
@@ -105,6 +106,20 @@ GRPC_IN_FLIGHT = Gauge(
     "cargotrack_grpc_server_in_flight",
     "gRPC calls in progress (open streams included).",
     ["service", "method"],
+)
+
+# --- tracking-query's response cache (services/tracking_query/cache.py) ------------
+
+QUERY_CACHE_LOOKUPS = Counter(
+    "cargotrack_query_cache_lookups",
+    "GetShipment and TrackByToken calls by what the response cache did: hit (answered"
+    " from memory), miss (read PostgreSQL), bypass (cache off, or the change feed not"
+    " listening).",
+    ["outcome"],
+)
+QUERY_CACHE_BYTES = Gauge(
+    "cargotrack_query_cache_bytes",
+    "Memory counted against CARGOTRACK_QUERY_CACHE_MB: cached answers plus their overhead.",
 )
 
 # --- HTTP gateway (services/http_gateway) ---------------------------------------------
