@@ -30,7 +30,7 @@ from shared.domain.eta import (
     late_probability,
 )
 from shared.domain.eta_accuracy import geofence_arrival
-from shared.domain.geo import Fix, Route, haversine_m, route_from_polyline
+from shared.domain.geo import Fix, Route, TrackMemo, haversine_m, route_from_polyline
 from shared.domain.tracking import ACTIVE, Position, ShipmentState
 from shared.envelopes import timestamp
 from shared.pb import alerts_pb2, common_pb2
@@ -85,6 +85,10 @@ class Track(Protocol):
 
     def at(self, moment: datetime) -> tuple[float, float] | None:
         """Where the newest fix at or before `moment` was."""
+
+    @property
+    def memo(self) -> TrackMemo:
+        """What the ETA model worked out about these fix objects, kept between calls."""
 
 
 @dataclass(frozen=True)
@@ -290,8 +294,14 @@ def decide(
     def estimate_at(
         moment: datetime, previous: EtaEstimate | None, fixes: list[Fix]
     ) -> EtaEstimate | None:
+        assert track is not None
         return model.estimate(
-            now=moment, destination=destination, positions=fixes, route=route, previous=previous
+            now=moment,
+            destination=destination,
+            positions=fixes,
+            route=route,
+            previous=previous,
+            memo=track.memo,
         )
 
     # Observations: what the debouncer sees, independent of batching.
