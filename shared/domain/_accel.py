@@ -13,21 +13,28 @@ Pure and I/O-free, like the rest of the domain.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import compress, islice, repeat
 from operator import gt, is_not, or_
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import shapely
 from shapely.geometry import LineString
 
-if TYPE_CHECKING:
-    from shared.domain.geo import Fix, LocalProjection
-
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+
+
+class Projection(Protocol):
+    """What `project_points` needs of `geo.LocalProjection` (this module imports nothing
+    of geo.py, which imports it)."""
+
+    def to_xy_many(self, lats: FloatArray, lons: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Degrees to local metres."""
+        ...
+
 
 EARTH_RADIUS_M = 6_371_008.8
 """Mean Earth radius (IUGG), metres: `shared.domain.geo.EARTH_RADIUS_M` (a test checks)."""
@@ -60,9 +67,9 @@ def haversine_many(
 
 def unchecked_pairs(
     ids: Sequence[int],
-    fixes: Sequence[Fix],
-    nexts: dict[int, Fix],
-    next_mps: dict[int, float],
+    fixes: Sequence[object],
+    nexts: Mapping[int, object],
+    next_mps: Mapping[int, float],
     recheck_faster: bool,
     max_speed_mps: float,
 ) -> list[int]:
@@ -107,7 +114,7 @@ def screen_pairs(
 
 
 def project_points(
-    proj: LocalProjection, line: LineString, length: float, lats: FloatArray, lons: FloatArray
+    proj: Projection, line: LineString, length: float, lats: FloatArray, lons: FloatArray
 ) -> tuple[list[float], list[float]]:
     """The global projection of each point onto ``line`` (in ``proj``'s metres): its
     distance along, clamped to ``[0, length]``, and its offset. Elementwise numpy and
