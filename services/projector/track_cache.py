@@ -21,7 +21,6 @@ from itertools import pairwise
 
 from shared import metrics
 from shared.domain.geo import Fix, TrackMemo
-from shared.domain.tracking import Position
 from shared.readmodel.rows import VehicleKey
 
 
@@ -72,9 +71,11 @@ class CachedTrack:
     def covers(self, since: datetime) -> bool:
         return self.covered_from <= since
 
-    def with_points(self, points: Sequence[tuple[str, Position]]) -> CachedTrack:
-        """This track plus a batch's new history rows."""
-        added = [(_fix_of(point), event_id) for event_id, point in points]
+    def with_points(self, points: Sequence[tuple[str, Fix]]) -> CachedTrack:
+        """This track plus a batch's new history rows: the fixes the fold decoded, kept
+        as they are (a fix equals what reading its row back gives: see
+        `vehicle_positions.recent_fixes`)."""
+        added = [(fix, event_id) for event_id, fix in points]
         merged = list(zip(self.fixes, self.events, strict=True))
         in_order = not merged or _fix_order(merged[-1][0]) <= _fix_order(added[0][0])
         merged.extend(added)
@@ -102,13 +103,6 @@ class CachedTrack:
         for fix, event_id in zip(fixes, self.events[lo:], strict=True):
             newest[event_id] = fix.at  # time order: the last one of a record is its newest
         return VehicleTrack(fixes, [f.at for f in fixes], sorted(set(newest.values())), self.memo)
-
-
-def _fix_of(point: Position) -> Fix:
-    # Exactly what reading the row back gives: speeds are float32 on the wire and
-    # `real` in the table, so the value survives the round trip unchanged.
-    # The fold validated the point (tracking.gps_positions): no need to check it again.
-    return Fix.trusted(point.recorded_at, point.lat, point.lon, point.speed_mps or None)
 
 
 class TrackCache:

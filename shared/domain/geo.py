@@ -69,22 +69,39 @@ def bearing_deg(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return math.degrees(math.atan2(y, x)) % 360.0
 
 
+#: Field metadata of `Fix`'s optional readings, for shared.statecodec: a stored 0
+#: decodes as None (see `Fix`).
+_ZERO_IS_UNKNOWN = {"zero_is_none": True}
+
+
 @dataclass(frozen=True, slots=True)
 class Fix:
-    """One GPS position of a vehicle.
+    """One GPS position of a vehicle: the one type of a point from its decoding in the
+    projector to the ETA model (the vehicle fold's motion, the history rows, the track
+    cache and the model share the same objects).
 
-    ``at`` must be timezone-aware (any zone; compared as instants). ``speed_mps`` is the
-    device-reported ground speed, ``None`` when unknown.
+    ``at`` must be timezone-aware (any zone; compared as instants). ``speed_mps`` (the
+    device-reported ground speed), ``heading_deg`` (degrees clockwise from north) and
+    ``accuracy_m`` (horizontal accuracy radius) are ``None`` when unknown, else finite
+    and >= 0.
 
     A plain value: what the ETA model works out about a fix (its projection onto a
     route, whether the next fix of its track is plausible from it) is kept by the
     caller in a :class:`TrackMemo`, never on the fix.
+
+    Stored (shared.statecodec: vehicle states, tracking rows) under the keys the
+    earlier ``Position`` type used, so old rows and states read back: ``at`` as
+    ``recorded_at``, and a stored ``0`` for speed, heading or accuracy reads back as
+    ``None``: ``0`` meant unknown in what earlier versions stored (as it does on the
+    wire, gps.proto), and no fix decoded from the wire carries a known 0.
     """
 
-    at: datetime
+    at: datetime = field(metadata={"json_key": "recorded_at"})
     lat: float
     lon: float
-    speed_mps: float | None = None
+    speed_mps: float | None = field(default=None, metadata=_ZERO_IS_UNKNOWN)
+    heading_deg: float | None = field(default=None, metadata=_ZERO_IS_UNKNOWN)
+    accuracy_m: float | None = field(default=None, metadata=_ZERO_IS_UNKNOWN)
     #: ``at`` as epoch seconds (UTC), computed once: the ETA model reads it many times per
     #: fix. A plain slot, not a property: reading it is then about twice as fast.
     t: float = field(init=False, repr=False, compare=False)
@@ -93,23 +110,32 @@ class Fix:
         if self.at.tzinfo is None or self.at.utcoffset() is None:
             raise ValueError("Fix.at must be timezone-aware")
         check_lat_lon(self.lat, self.lon)
-        if self.speed_mps is not None and not (
-            math.isfinite(self.speed_mps) and self.speed_mps >= 0.0
-        ):
-            raise ValueError(f"speed_mps must be finite and >= 0, got {self.speed_mps!r}")
+        for name in ("speed_mps", "heading_deg", "accuracy_m"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be None or finite and >= 0, got {value!r}")
         _SET(self, "t", self.at.timestamp())
 
     @classmethod
-    def trusted(cls, at: datetime, lat: float, lon: float, speed_mps: float | None) -> Fix:
-        """``Fix(at, lat, lon, speed_mps)`` without its checks, for values already
-        validated: a timezone-aware ``at``, coordinates finite and in range, a speed
-        that is None or finite and >= 0 (the projector's decoded GPS points). Checking
-        every point again was a tenth of the projector's time."""
+    def trusted(
+        cls,
+        at: datetime,
+        lat: float,
+        lon: float,
+        speed_mps: float | None,
+        heading_deg: float | None = None,
+        accuracy_m: float | None = None,
+    ) -> Fix:
+        """``Fix(at, lat, lon, speed_mps, heading_deg, accuracy_m)`` without its checks,
+        for values already validated (the projector's decoded GPS points, its own
+        history rows). Checking every point again was a tenth of the projector's time."""
         fix = object.__new__(cls)
         _SET(fix, "at", at)
         _SET(fix, "lat", lat)
         _SET(fix, "lon", lon)
         _SET(fix, "speed_mps", speed_mps)
+        _SET(fix, "heading_deg", heading_deg)
+        _SET(fix, "accuracy_m", accuracy_m)
         _SET(fix, "t", at.timestamp())
         return fix
 
@@ -184,9 +210,23 @@ class TrackMemo:
         return table
 
 
-def fix_sort_key(f: Fix) -> tuple[float, float, float, float]:
-    """Total order on fixes: time, then position, then speed (unknown first)."""
-    return (f.t, f.lat, f.lon, -1.0 if f.speed_mps is None else f.speed_mps)
+def fix_sort_key(f: Fix) -> tuple[float, float, float, float, float, float]:
+    """Total order on fixes: time, then position, then speed, heading and accuracy
+    (unknown first)."""
+    return (
+        f.t,
+        f.lat,
+        f.lon,
+        -1.0 if f.speed_mps is None else f.speed_mps,
+        -1.0 if f.heading_deg is None else f.heading_deg,
+        -1.0 if f.accuracy_m is None else f.accuracy_m,
+    )
+
+
+def _same_reading(a: Fix, b: Fix) -> bool:
+    """Whether two fixes say the same to the ETA model: time, position and speed (it
+    reads no heading or accuracy)."""
+    return a.t == b.t and a.lat == b.lat and a.lon == b.lon and a.speed_mps == b.speed_mps
 
 
 def clean_track(
@@ -194,9 +234,10 @@ def clean_track(
 ) -> list[Fix]:
     """One vehicle's fixes in time order, without duplicates and isolated GPS jumps.
 
-    Deterministic for any input order (sorted by :func:`fix_sort_key`, exact duplicates
-    removed). A fix whose implied speed from the last kept fix exceeds ``max_speed_mps``
-    is dropped unless the next fix confirms it (plausible from it and implausible from
+    Deterministic for any input order (sorted by :func:`fix_sort_key`; of fixes with
+    the same time, position and speed, the first in that order is kept). A fix whose
+    implied speed from the last kept fix exceeds ``max_speed_mps`` is dropped unless
+    the next fix confirms it (plausible from it and implausible from
     the last kept one): a single outlier never survives, while a genuine relocation
     (two agreeing fixes) does, and then a lone first fix it contradicts is dropped.
     Fixes with equal times count as one second apart. ``memo`` (see :class:`TrackMemo`)
@@ -215,7 +256,10 @@ def clean_track(
     if all(a.t < b.t for a, b in pairwise(given)):
         pts = given  # already in time order, hence distinct: what sorting would give
     else:
-        pts = sorted(set(given), key=fix_sort_key)
+        pts = []
+        for f in sorted(given, key=fix_sort_key):
+            if not pts or not _same_reading(pts[-1], f):
+                pts.append(f)
 
     kept: list[Fix] = []
     for i, p in enumerate(pts):

@@ -207,7 +207,15 @@ def test_a_fix_is_a_plain_value() -> None:
     assert f == g
     assert hash(f) == hash(g)
     assert repr(f) == repr(g)
-    assert [x.name for x in dataclasses.fields(f)] == ["at", "lat", "lon", "speed_mps", "t"]
+    assert [x.name for x in dataclasses.fields(f)] == [
+        "at",
+        "lat",
+        "lon",
+        "speed_mps",
+        "heading_deg",
+        "accuracy_m",
+        "t",
+    ]
     for clone in (pickle.loads(pickle.dumps(f)), copy.deepcopy(f), dataclasses.replace(f)):
         assert clone == f
         assert clone.t == f.t
