@@ -20,7 +20,8 @@ from services.projector.live import LiveTracker
 from shared.config import TopicSettings
 from shared.db import Connection
 from shared.domain import tracking
-from shared.domain.tracking import Position, ShipmentState, VehicleState
+from shared.domain.geo import Fix
+from shared.domain.tracking import ShipmentState, VehicleState
 from shared.pb import envelope_pb2
 from shared.projection import Delivered
 from shared.readmodel import shipments, vehicle_positions, vehicles
@@ -74,8 +75,10 @@ class BatchEffect:
     shipments: dict[ShipmentKey, ShipmentState] = field(default_factory=dict)
     vehicles_moved: dict[VehicleKey, VehicleState] = field(default_factory=dict)
     history_points: int = 0
-    #: The history rows added, per vehicle: (event id, position).
-    new_points: dict[VehicleKey, list[tuple[str, Position]]] = field(default_factory=dict)
+    #: The history rows added, per vehicle: (event id, fix). The fix objects are the
+    #: ones the fold decoded: the history COPY, the vehicle's motion and the track
+    #: cache share them (one object per point).
+    new_points: dict[VehicleKey, list[tuple[str, Fix]]] = field(default_factory=dict)
     ignored: int = 0
 
 
