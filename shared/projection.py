@@ -132,8 +132,9 @@ class RunnerStats:
     records: int = 0
     dead_letters: int = 0
     conflicts: int = 0
-    #: Polled batches dropped unapplied: fetched before a seek, or gathered behind a
-    #: batch that failed to commit (each is followed by a seek to the stored offsets).
+    #: Polled batches dropped unapplied, whole or in part: fetched before a seek,
+    #: gathered behind a batch that failed to commit (both followed by a seek to the
+    #: stored offsets), or holding records of partitions no longer owned.
     dropped: int = 0
     positions: dict[TopicPartition, int] = field(default_factory=dict)
 
@@ -506,9 +507,12 @@ class ProjectionRunner:
                 self.stats.dropped += 1
                 await self.seek_to_stored(list(owned))
                 return
+            # Records of partitions revoked (or being revoked) are not ours to apply; the
+            # new assignment seeks those that come back.
+            if not owned.issuperset(polled.partitions):
+                self.stats.dropped += 1
             # Records at or below the last applied offset were fetched before a seek
             # (a rebalance, a conflict): applying them again would repeat their effect.
-            # Records of partitions revoked (or being revoked) are not ours to apply.
             batches = {
                 tp: fresh
                 for tp, fetched in polled.partitions.items()

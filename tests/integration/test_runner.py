@@ -467,6 +467,16 @@ async def test_records_polled_ahead_from_a_revoked_partition_are_never_applied(
             async with running(s, second, group="shared", max_records=10) as other:
                 await asyncio.wait_for(revoking.wait(), 60)
                 first.gate.set()
+                await until(
+                    lambda: (
+                        other.consumer is not None
+                        and runner.consumer is not None
+                        and other.consumer.assignment()
+                        and len(runner.consumer.assignment() | other.consumer.assignment()) == 3
+                    ),
+                    "the group settled with both members",
+                    timeout_s=60,
+                )
                 await caught_up(s, [topic])
                 assert other.consumer is not None
                 taken = {tp.partition for tp in other.consumer.assignment()}
