@@ -152,6 +152,7 @@ async def running(
             producer,
             group_id=f"{settings.topics.prefix}{group}",
             max_records=max_records,
+            pipelined=True,
         )
         if fetched is not None:
             apply_batches = runner._apply
