@@ -79,6 +79,9 @@ class TopicSettings:
     prefix: str = "cargotrack."
     partitions: int = 6
     replication_factor: int = 1
+    #: Replicas that must have a write before an acks=all producer is told it is
+    #: written (the topics' min.insync.replicas): 2 of 3 survives losing any one.
+    min_insync_replicas: int = 1
     gps_retention_hours: int = 7 * 24
     #: -1 keeps shipment events forever: that topic is the system of record.
     events_retention_hours: int = -1
@@ -374,6 +377,13 @@ class _Reader:
         return value
 
 
+def default_min_insync_replicas(replication_factor: int) -> int:
+    """min.insync.replicas when CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS is unset: one less
+    than the replication factor from 3 replicas on (3 -> 2: a write is on two brokers
+    and one broker may be down, restarted or lost), else 1."""
+    return replication_factor - 1 if replication_factor >= 3 else 1
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with `password` for its user (percent-encoded), so that the URL itself
     can be non-secret configuration (user, host, sslmode) and the password come
@@ -444,14 +454,26 @@ def load_settings(
             env.errors.append(f"CARGOTRACK_DB_PASSWORD: {error}")
     if not database.schema.isidentifier():
         env.errors.append(f"CARGOTRACK_DB_SCHEMA={database.schema!r}: expected an identifier")
+    replication_factor = env.integer("CARGOTRACK_TOPIC_REPLICATION_FACTOR", 1, minimum=1)
     topics = TopicSettings(
         prefix=env.text("CARGOTRACK_TOPIC_PREFIX", "cargotrack."),
         partitions=env.integer("CARGOTRACK_TOPIC_PARTITIONS", 6, minimum=1),
-        replication_factor=env.integer("CARGOTRACK_TOPIC_REPLICATION_FACTOR", 1, minimum=1),
+        replication_factor=replication_factor,
+        min_insync_replicas=env.integer(
+            "CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS",
+            default_min_insync_replicas(replication_factor),
+            minimum=1,
+        ),
         gps_retention_hours=env.integer("CARGOTRACK_GPS_RETENTION_HOURS", 7 * 24, minimum=-1),
         events_retention_hours=env.integer("CARGOTRACK_EVENTS_RETENTION_HOURS", -1, minimum=-1),
         alerts_retention_hours=env.integer("CARGOTRACK_ALERTS_RETENTION_HOURS", 720, minimum=-1),
     )
+    if topics.min_insync_replicas > topics.replication_factor:
+        env.errors.append(
+            f"CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS={topics.min_insync_replicas}: more than the "
+            f"{topics.replication_factor} replicas of CARGOTRACK_TOPIC_REPLICATION_FACTOR, so "
+            "every acks=all write would be refused"
+        )
     dev_mode = env.flag("CARGOTRACK_DEV_MODE")
     production = env.flag("CARGOTRACK_PRODUCTION")
     jwks_file = env.optional("CARGOTRACK_JWKS_FILE")
