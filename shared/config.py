@@ -322,6 +322,9 @@ class Settings:
     position_retention_days: int = 30
     #: Most records the projector applies in one transaction.
     projector_max_records: int = 5000
+    #: Receipt-to-state budget the projector sizes its batches by (shared.poll_sizing);
+    #: 0: no budget, every batch may hold projector_max_records.
+    projector_latency_budget_ms: int = 100
     #: Key of the MAC on ListShipments page tokens (tracking-query); None: derived from
     #: the JWT secret, and required when there is none (see page_token_key_bytes()).
     page_token_key: str | None = None
@@ -841,6 +844,9 @@ def load_settings(
         tracing=env.flag("CARGOTRACK_TRACING"),
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
+        projector_latency_budget_ms=env.integer(
+            "CARGOTRACK_PROJECTOR_LATENCY_BUDGET_MS", 100, minimum=0
+        ),
         page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
         processes=env.integer("CARGOTRACK_PROCESSES", 1, minimum=1),
         query_cache_mb=env.integer("CARGOTRACK_QUERY_CACHE_MB", 64, minimum=0),
