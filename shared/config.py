@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib.util
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -21,6 +23,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The signing secret of the local stack and the tests. Never accepted unless
 #: CARGOTRACK_DEV_MODE=1, so a production deployment cannot run with it by mistake.
@@ -79,6 +82,9 @@ class TopicSettings:
     prefix: str = "cargotrack."
     partitions: int = 6
     replication_factor: int = 1
+    #: Replicas that must have a write before an acks=all producer is told it is
+    #: written (the topics' min.insync.replicas): 2 of 3 survives losing any one.
+    min_insync_replicas: int = 1
     gps_retention_hours: int = 7 * 24
     #: -1 keeps shipment events forever: that topic is the system of record.
     events_retention_hours: int = -1
@@ -268,6 +274,22 @@ class GatewaySettings:
     tile_url: str = ""
     #: CA certificate that verifies the services' TLS certificates; None: plaintext.
     tls_ca_file: str | None = None
+    #: Peers whose X-Forwarded-For is believed (the Ingress); none: the socket peer
+    #: is the client (services/http_gateway/guard.py, `client_address`).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Tracking-token lookups and streams one client may start: a bucket of `rate_burst`
+    #: refilled at `rate_per_s` (0: no limit), for at most `rate_clients` clients.
+    rate_per_s: float = 2.0
+    rate_burst: int = 40
+    rate_clients: int = 50_000
+    #: SSE/NDJSON streams one client, and the process, may hold open.
+    max_streams_per_client: int = 16
+    max_streams: int = 10_000
+    #: Origins whose pages may call the API (`*`: any); empty: none.
+    cors_origins: tuple[str, ...] = ()
+    #: A connection that has not sent a whole request head this long after connecting
+    #: (or after its last response) is closed; a request body must arrive within it.
+    idle_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -371,6 +393,13 @@ class _Reader:
         return value
 
 
+def default_min_insync_replicas(replication_factor: int) -> int:
+    """min.insync.replicas when CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS is unset: one less
+    than the replication factor from 3 replicas on (3 -> 2: a write is on two brokers
+    and one broker may be down, restarted or lost), else 1."""
+    return replication_factor - 1 if replication_factor >= 3 else 1
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with `password` for its user (percent-encoded), so that the URL itself
     can be non-secret configuration (user, host, sslmode) and the password come
@@ -383,6 +412,53 @@ def with_password(url: str, password: str) -> str:
         raise ValueError("DATABASE_URL already carries a password")
     netloc = f"{user}:{quote(password, safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _networks(env: _Reader, name: str) -> tuple[IPNetwork, ...]:
+    """A comma-separated list of addresses and CIDR networks (`10.0.0.0/8`)."""
+    networks: list[IPNetwork] = []
+    for item in (part.strip() for part in env.text(name, "").split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as error:
+            env.errors.append(f"{name}: {item!r} is not an address or network ({error})")
+    return tuple(networks)
+
+
+_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?")
+
+
+def _origins(env: _Reader, name: str) -> tuple[str, ...]:
+    """`*`, or a comma-separated list of origins as browsers send them in `Origin`
+    (scheme://host[:port], lower case, no path)."""
+    origins = tuple(part.strip() for part in env.text(name, "").split(",") if part.strip())
+    if "*" in origins and len(origins) > 1:
+        env.errors.append(f"{name}: `*` allows every origin and stands alone")
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            env.errors.append(
+                f"{name}: {origin!r} is not an origin (scheme://host[:port], lower case,"
+                " no path or trailing slash)"
+            )
+    return origins
+
+
+#: The host of a tile URL template: a placeholder only as its whole first label.
+_TILE_HOST = re.compile(r"(\{[a-z]\}\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:[0-9]{1,5})?")
+
+
+def _tile_url_ok(url: str) -> bool:
+    """An http(s) URL template, or a path on the gateway (not `//host`), with `{z}`;
+    its host fit for a Content-Security-Policy source (the pages' img-src: no user
+    info, no `;`, `,` or spaces)."""
+    if "{z}" not in url:
+        return False
+    if url.startswith("/"):
+        return not url.startswith(("//", "/\\"))
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(_TILE_HOST.fullmatch(parts.netloc))
 
 
 def _opentelemetry_installed() -> bool:
@@ -441,14 +517,26 @@ def load_settings(
             env.errors.append(f"CARGOTRACK_DB_PASSWORD: {error}")
     if not database.schema.isidentifier():
         env.errors.append(f"CARGOTRACK_DB_SCHEMA={database.schema!r}: expected an identifier")
+    replication_factor = env.integer("CARGOTRACK_TOPIC_REPLICATION_FACTOR", 1, minimum=1)
     topics = TopicSettings(
         prefix=env.text("CARGOTRACK_TOPIC_PREFIX", "cargotrack."),
         partitions=env.integer("CARGOTRACK_TOPIC_PARTITIONS", 6, minimum=1),
-        replication_factor=env.integer("CARGOTRACK_TOPIC_REPLICATION_FACTOR", 1, minimum=1),
+        replication_factor=replication_factor,
+        min_insync_replicas=env.integer(
+            "CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS",
+            default_min_insync_replicas(replication_factor),
+            minimum=1,
+        ),
         gps_retention_hours=env.integer("CARGOTRACK_GPS_RETENTION_HOURS", 7 * 24, minimum=-1),
         events_retention_hours=env.integer("CARGOTRACK_EVENTS_RETENTION_HOURS", -1, minimum=-1),
         alerts_retention_hours=env.integer("CARGOTRACK_ALERTS_RETENTION_HOURS", 720, minimum=-1),
     )
+    if topics.min_insync_replicas > topics.replication_factor:
+        env.errors.append(
+            f"CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS={topics.min_insync_replicas}: more than the "
+            f"{topics.replication_factor} replicas of CARGOTRACK_TOPIC_REPLICATION_FACTOR, so "
+            "every acks=all write would be refused"
+        )
     dev_mode = env.flag("CARGOTRACK_DEV_MODE")
     production = env.flag("CARGOTRACK_PRODUCTION")
     jwks_file = env.optional("CARGOTRACK_JWKS_FILE")
@@ -601,6 +689,16 @@ def load_settings(
         heartbeat_s=env.number("CARGOTRACK_GATEWAY_HEARTBEAT_S", 15.0, minimum=0.1),
         tile_url=env.text("CARGOTRACK_MAP_TILE_URL", ""),
         tls_ca_file=env.optional("CARGOTRACK_GATEWAY_TLS_CA_FILE"),
+        trusted_proxies=_networks(env, "CARGOTRACK_GATEWAY_TRUSTED_PROXIES"),
+        rate_per_s=env.number("CARGOTRACK_GATEWAY_RATE_PER_S", 2.0),
+        rate_burst=env.integer("CARGOTRACK_GATEWAY_RATE_BURST", 40, minimum=1),
+        rate_clients=env.integer("CARGOTRACK_GATEWAY_RATE_CLIENTS", 50_000, minimum=1),
+        max_streams_per_client=env.integer(
+            "CARGOTRACK_GATEWAY_MAX_STREAMS_PER_CLIENT", 16, minimum=1
+        ),
+        max_streams=env.integer("CARGOTRACK_GATEWAY_MAX_STREAMS", 10_000, minimum=1),
+        cors_origins=_origins(env, "CARGOTRACK_GATEWAY_CORS_ORIGINS"),
+        idle_timeout_s=env.number("CARGOTRACK_GATEWAY_IDLE_TIMEOUT_S", 75.0, minimum=1.0),
     )
     for name, target in (
         ("CARGOTRACK_GATEWAY_TRACKING_TARGET", gateway.tracking_target),
@@ -609,12 +707,11 @@ def load_settings(
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             env.errors.append(f"{name}={target!r}: expected host:port")
-    if gateway.tile_url and not (
-        gateway.tile_url.startswith(("https://", "http://", "/")) and "{z}" in gateway.tile_url
-    ):
+    if gateway.tile_url and not _tile_url_ok(gateway.tile_url):
         env.errors.append(
             f"CARGOTRACK_MAP_TILE_URL={gateway.tile_url!r}: expected an http(s) URL template"
-            " with {z}, {x} and {y}"
+            " with {z}, {x} and {y} (a placeholder in the host only as its first label,"
+            " `{s}.`), or a path on the gateway"
         )
     settings = Settings(
         kafka=kafka,
