@@ -17,6 +17,7 @@ Who records what:
 - `services.gps_ingest.servicer`: GPS batches and points;
 - `shared.projection.ProjectionRunner`: the projector's batches, records applied,
   fold and commit latency, dead letters, offset conflicts, consumer lag;
+- `services.projector.freshness`: receipt-to-visible age of GPS records;
 - `services.projector.outbox`: alerts published by kind;
 - `services.webhooks`: webhook deliveries recorded, attempts by outcome and latency.
 
@@ -241,6 +242,30 @@ PROJECTOR_FRESHNESS = Histogram(
     "From the moment ingest accepted a record (its envelope's recorded_at) until the"
     " transaction that applied it committed; observed once per batch, for its oldest record.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0),
+)
+#: Seconds around the 100 ms receipt-to-visible target of issue #16, up to half a minute.
+FRESHNESS_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+PROJECTOR_GPS_FRESHNESS = Histogram(
+    "cargotrack_projector_gps_freshness_seconds",
+    "From gps-ingest accepting a GPS batch (its envelope's recorded_at) until the projector"
+    " transaction that applied it committed: one observation per GPS record, none for a"
+    " transaction that rolled back.",
+    buckets=FRESHNESS_BUCKETS,
 )
 PROJECTOR_LAG = Gauge(
     "cargotrack_projector_consumer_lag",

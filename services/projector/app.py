@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from services.projector.freshness import ReceiptAges
 from services.projector.live import LiveTracker
 from services.projector.models import ModelStore
 from services.projector.outbox import OutboxRelay
@@ -94,7 +95,9 @@ class ProjectorServer(ServiceServer):
         models = self.models = ModelStore(pool, settings.learner.model_poll_s)
         await models.refresh()
         projection = TrackingProjection(
-            settings.topics, LiveTracker(settings.alerts, models=models)
+            settings.topics,
+            LiveTracker(settings.alerts, models=models),
+            freshness=ReceiptAges(),
         )
         self.runner = ProjectionRunner(
             projection,

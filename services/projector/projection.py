@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
+from services.projector.freshness import ReceiptAges
 from services.projector.live import LiveTracker
 from shared.config import TopicSettings
 from shared.db import Connection
@@ -87,7 +88,13 @@ class TrackingProjection:
 
     name = "tracking"
 
-    def __init__(self, topics: TopicSettings, live: LiveTracker | None = None) -> None:
+    def __init__(
+        self,
+        topics: TopicSettings,
+        live: LiveTracker | None = None,
+        *,
+        freshness: ReceiptAges | None = None,
+    ) -> None:
         self.topics = (topics.shipment_events, topics.delivery_confirmations, topics.gps_points)
         #: What each topic carries: anything else there was written by mistake.
         self.payloads = {
@@ -96,6 +103,9 @@ class TrackingProjection:
             topics.gps_points: ("gps_batch",),
         }
         self.live = live
+        #: The running projector's receipt-to-visible ages; None where the records are
+        #: history being replayed (a rebuild), whose age says nothing about freshness.
+        self.freshness = freshness
         self.last_effect = BatchEffect()
 
     async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
@@ -119,15 +129,21 @@ class TrackingProjection:
             await self.live.update(
                 connection, effect.vehicles_moved, effect.shipments, effect.new_points
             )
+        if self.freshness is not None:
+            self.freshness.stage(gps_records)
         self.last_effect = effect
 
     def committed(self) -> None:
         """The transaction of the last `apply` committed."""
+        if self.freshness is not None:
+            self.freshness.committed()  # first: its clock reads as close to COMMIT as can be
         if self.live is not None:
             self.live.committed()
 
     def forget(self) -> None:
         """The last `apply` did not commit, or partitions changed hands."""
+        if self.freshness is not None:
+            self.freshness.forget()
         if self.live is not None:
             self.live.forget()
 
