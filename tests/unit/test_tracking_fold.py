@@ -748,7 +748,9 @@ def test_the_garbage_reaches_every_folded_payload() -> None:
     of them for the folded shipment or vehicle."""
     seen: list[str] = []
 
-    @settings(max_examples=30, database=None)
+    # Derandomised: a fixed sequence of examples, so the check cannot pass or fail
+    # by the luck of the draw; it fails when the strategy stops producing a kind.
+    @settings(max_examples=30, database=None, derandomize=True)
     @given(garbage_logs())
     def collect(envelopes: list[envelope_pb2.Envelope | None]) -> None:
         seen.extend(e.WhichOneof("payload") or "" for e in envelopes if e is not None)
