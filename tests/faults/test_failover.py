@@ -267,10 +267,13 @@ async def test_postgres_failover_to_a_lagging_standby(
     # once more (the checker: nothing lost, duplicated or diverged, all acknowledged).
     assert missing <= final.gps_batches
     assert all(final.offsets.get(tp, -1) >= o for tp, o in at_kill.offsets.items())
-    # The projector exits whenever PostgreSQL is gone or not yet writable and is
-    # restarted until the standby is promoted; none after it recovered. Ingest does
-    # not use PostgreSQL: its clients see no error at all.
-    assert_clean(report, rig, restarts=range(1, 1000))
+    # The projector exits whenever a transaction finds PostgreSQL gone or not yet
+    # writable, and is restarted until the standby is promoted. When the promotion
+    # completes before its next transaction it rides through on a fresh connection
+    # (seen in CI: 0 restarts), so any number of restarts is allowed; what is proven
+    # is the checker's verdict above. Ingest does not use PostgreSQL: its clients see
+    # no error at all.
+    assert_clean(report, rig, restarts=range(1000))
     # tracking-query was never restarted (the keeper does not keep it) and told its
     # client only answers or "retry", also while no host accepted writes.
     assert not query_tail, f"tracking-query exited:\n{query_tail}"
