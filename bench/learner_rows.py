@@ -70,10 +70,7 @@ async def _replay(
                         points += len(fixes)
                         if learn:
                             out = by_tenant.setdefault(env.tenant_id, [])
-                            out.extend(
-                                (gps.vehicle_id, Fix.trusted(p.recorded_at, p.lat, p.lon, None))
-                                for p in fixes
-                            )
+                            out.extend((gps.vehicle_id, fix) for fix in fixes)
                 for tenant, pts in by_tenant.items():
                     states[tenant], _ = learner.fold(
                         states.get(tenant, LearnerState()), pts, params

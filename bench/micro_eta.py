@@ -6,8 +6,9 @@ production :class:`~shared.domain.eta.EtaModel` on the same synthetic workload, 
 like the projector's: vehicles on 100 km planned routes (one route per vehicle, built
 once, as ``route_from_polyline`` caches them), 1 fix/s, each call getting the vehicle's
 last ``window_s`` (600 fixes) with the window sliding by 50 fixes between calls, the
-same ``Fix`` objects reused from call to call (as the projector's track cache does),
-and each estimate fed back as ``previous``.
+same ``Fix`` objects reused from call to call with the vehicle's ``TrackMemo`` (as the
+projector's track cache does, trimmed to the window), and each estimate fed back as
+``previous``.
 
 Calls are paired and interleaved: for every vehicle and round both models estimate
 from the same list, in alternating order, and each call is timed on its own; the
@@ -15,7 +16,7 @@ report gives µs per call for both and the ratio new/old, per round (the first r
 is the cold one: nothing memoised yet). Every pair of estimates is also compared, so
 the run doubles as an equality check on a large workload. It then measures the memory
 each model keeps per cached route (tracemalloc, the route object and the model's
-per-route state, after one estimate) and the memo the new model keeps per fix.
+per-route state, after one estimate) and what the new model's memo keeps per fix.
 
 No thresholds: this measures, it does not judge. The reference is imported from
 ``tests/unit`` where its equality test lives, so there is a single frozen copy.
@@ -45,7 +46,7 @@ from bench.workload import ROUTE_LENGTH_M, route_of
 from shared.domain import eta as new_eta
 from shared.domain import geo as new_geo
 from shared.domain import learner
-from shared.domain.geo import EARTH_RADIUS_M, Fix
+from shared.domain.geo import EARTH_RADIUS_M, Fix, TrackMemo
 from shared.domain.learner import LearnerParams, LearnerState
 from shared.domain.speeds import HistoricalSpeeds, learn_speeds
 
@@ -78,6 +79,7 @@ class Vehicle:
         self._along = rng.uniform(0.0, 0.6) * ROUTE_LENGTH_M
         self._t = 0
         self.fixes: list[Fix] = []
+        self.memo = TrackMemo()
         self.advance(window, window)
         self.old_prev: Any = None
         self.new_prev: new_eta.EtaEstimate | None = None
@@ -96,6 +98,7 @@ class Vehicle:
             self.fixes.append(Fix(at, lat, lon, SPEED_MPS if self._t % 3 else None))
             self._t += 1
         del self.fixes[:-window]
+        self.memo.retain(self.fixes)
 
     @property
     def now(self) -> datetime:
@@ -145,6 +148,7 @@ def run_calls(
                     positions=fixes,
                     route=v.new_route,
                     previous=v.new_prev,
+                    memo=v.memo,
                 )
 
             if (i + r) % 2:
@@ -264,10 +268,15 @@ def route_memory(count: int, window: int, learned: bool) -> None:
             out: list[Any] = []
             for v in vehicles:
                 route = new_geo.Route(v.points)
+                memo = TrackMemo()
                 new_model.estimate(
-                    now=v.now, destination=v.destination, positions=fixes(v), route=route
+                    now=v.now,
+                    destination=v.destination,
+                    positions=fixes(v),
+                    route=route,
+                    memo=memo,
                 )
-                out.append(route)
+                out.append((route, memo))
             return out
 
         return build
@@ -276,7 +285,7 @@ def route_memory(count: int, window: int, learned: bool) -> None:
     print(f"memory per cached route ({ROUTE_LENGTH_M / 1000:.0f} km, {count} routes):")
     # RSS first: freed memory that is reused later would hide growth.
     for label in ("RSS", "tracemalloc"):
-        # Fresh fixes each time, without memos.
+        # Fresh fixes and memos each time.
         rng = random.Random(7)
         vehicles[:] = [Vehicle(first + i, rng, window) for i in range(count)]
         if label == "tracemalloc":

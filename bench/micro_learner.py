@@ -69,12 +69,11 @@ def learn(recs: Sequence[tuple[bytes, Headers]], per_batch: int) -> int:
     state = LearnerState()
     n = 0
     for i in range(0, len(recs), per_batch):
-        points = []
+        points: list[tuple[str, Fix]] = []
         for value, headers in recs[i : i + per_batch]:
             env = decode(value, headers)
             vehicle = env.gps_batch.vehicle_id
-            for p in gps_positions(env.gps_batch):
-                points.append((vehicle, Fix.trusted(p.recorded_at, p.lat, p.lon, None)))
+            points.extend((vehicle, fix) for fix in gps_positions(env.gps_batch))
         n += len(points)
         state, _ = learner.fold(state, points, params)
     return n

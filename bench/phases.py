@@ -41,11 +41,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from google.protobuf import descriptor_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import learner_rows, profiling
 from bench.measure import (
@@ -106,6 +108,9 @@ class BenchOptions:
     latency_batch: int = 50
     ingest_batches: tuple[int, ...] = (50, 500)
     query_concurrency: int = 32
+    #: gRPC connections the query clients spread their calls over. A connection stays
+    #: with one tracking-query worker (CARGOTRACK_PROCESSES), so N workers need several.
+    query_connections: int = 2
     #: "auto" (ghz when found, else Python), "ghz" or "python".
     query_client: str = "auto"
     #: The e2e client pauses while the projection lags by more than this many points.
@@ -1036,6 +1041,7 @@ class Bench:
                     duration_s=max(1.0, o.query_s * 0.8),
                 )
             )
+        lookups_before = await self._cache_lookups()
         ghz_result = None
         if ghz is not None:
             try:
@@ -1055,6 +1061,7 @@ class Bench:
                     "shipments": ids,
                     "duration_s": o.query_s,
                     "concurrency": o.query_concurrency,
+                    "channels": o.query_connections,
                 },
                 timeout_s=o.query_s + 60,
             )
@@ -1068,6 +1075,7 @@ class Bench:
         total_calls = rps * o.query_s + errors
         if errors > max(10, 0.01 * total_calls):
             raise RuntimeError(f"query: {errors} failed calls")
+        cache = _hit_share(lookups_before, await self._cache_lookups())
         self._row(
             Row(
                 "4.query.rps",
@@ -1076,12 +1084,36 @@ class Bench:
                 "requests/s",
                 "1.pg.rps",
                 note=f"{client}, p50 {p50 * 1e3:.1f} ms"
-                + (f", {errors} failed calls" if errors else ""),
+                + (f", {errors} failed calls" if errors else "")
+                + (f"; {cache}" if cache else ""),
             )
         )
         self._row(Row("4.query.p99", "GetShipment p99", p99 * 1e3, "ms", "1.pg.p99"))
         if self.stack.http_port is not None:
             await self._http_query(ids, rps)
+
+    async def _cache_lookups(self) -> dict[str, float]:
+        """tracking-query's response cache lookups so far, by outcome (empty if unknown)."""
+        port = self.stack.query_metrics_port
+        if port is None:
+            return {}
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(
+                    f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=10)
+                ) as response,
+            ):
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return {}
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "cargotrack_query_cache_lookups":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        found[sample.labels["outcome"]] = sample.value
+        return found
 
     async def _http_query(self, ids: list[str], grpc_rps: float) -> None:
         """GetShipment as JSON through the http-gateway, against gRPC GetShipment."""
@@ -1142,7 +1174,7 @@ class Bench:
                     "-c",
                     str(o.query_concurrency),
                     "--connections",
-                    "2",
+                    str(o.query_connections),
                     "-z",
                     f"{seconds:g}s",
                     "--format",
@@ -1379,3 +1411,15 @@ def _commit_latencies(
             if i < len(seen):
                 latencies.append(seen[i][1] - at)
     return latencies
+
+
+def _hit_share(before: dict[str, float], after: dict[str, float]) -> str:
+    """The response cache's outcomes between two counts, as a note (empty if unknown)."""
+    delta = {outcome: after.get(outcome, 0.0) - before.get(outcome, 0.0) for outcome in after}
+    total = sum(delta.values())
+    if total <= 0:
+        return ""
+    share = ", ".join(
+        f"{outcome} {delta.get(outcome, 0.0) / total:.1%}" for outcome in ("hit", "miss", "bypass")
+    )
+    return f"response cache over the phase's {total:,.0f} calls (warm-up included): {share}"

@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--query-concurrency", type=int, help="GetShipment calls in flight (32)")
     parser.add_argument(
+        "--query-connections",
+        type=at_least_one,
+        help="gRPC connections of the GetShipment load (2); the kernel spreads connections,"
+        " not calls, over tracking-query's CARGOTRACK_PROCESSES workers",
+    )
+    parser.add_argument(
         "--query-client", choices=["auto", "ghz", "python"], help="load client for queries"
     )
     parser.add_argument("--no-rebuild", action="store_true", help="skip the rebuild phase")
@@ -179,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         type=service_setting,
         help="a CARGOTRACK_ setting for every service (repeatable), e.g. to compare a"
-        " setting's two values in two runs",
+        " setting's two values in two runs; CARGOTRACK_PROCESSES reaches only the services"
+        " that run several processes (gps-ingest, tracking-query)",
     )
     parser.add_argument(
         "--projectors",
@@ -224,6 +231,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         ("vehicles", "vehicles"),
         ("streams", "streams"),
         ("query_concurrency", "query_concurrency"),
+        ("query_connections", "query_connections"),
         ("query_client", "query_client"),
     ):
         value = getattr(args, arg)

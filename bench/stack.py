@@ -30,6 +30,7 @@ from devtools.devstack import LocalStack
 from devtools.devstack.ports import free_ports
 from devtools.devstack.process import ChildProcess
 from devtools.launcher import wait_serving
+from services.registry import SERVICES
 from shared.config import Settings, load_settings
 from shared.lifecycle import Lifecycle
 
@@ -112,6 +113,8 @@ class BenchStack(Lifecycle):
         self.services: dict[str, Service] = {}
         #: The http-gateway's HTTP port (None: no gateway in this run).
         self.http_port: int | None = None
+        #: tracking-query's Prometheus port (its response cache's hit counts).
+        self.query_metrics_port: int | None = None
         self._started: list[Service] = []
         self.settings: Settings | None = None
         self.ingest_settings: Settings | None = None
@@ -188,6 +191,13 @@ class BenchStack(Lifecycle):
             kind = _service_of(name)
             prefix = self.ingest_prefix if name == "gps-ingest-only" else self.prefix
             env = self.env(prefix, port)
+            if not SERVICES[kind].several_processes:
+                # `--service-env CARGOTRACK_PROCESSES=N` is for the services that run
+                # several processes (gps-ingest, tracking-query); the rest refuse it.
+                env.pop("CARGOTRACK_PROCESSES", None)
+            if kind == "tracking-query":
+                (self.query_metrics_port,) = free_ports(1)
+                env["CARGOTRACK_METRICS_PORT"] = str(self.query_metrics_port)
             if kind == "http-gateway":
                 (self.http_port,) = free_ports(1)
                 env["CARGOTRACK_HTTP_PORT"] = str(self.http_port)

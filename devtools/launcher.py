@@ -185,10 +185,14 @@ class StackServer:
 def stack_servers(stack: LocalStack) -> list[StackServer]:
     """The servers this run started (external ones are not ours to watch)."""
     servers = []
-    if stack.kafka is not None:
-        servers.append(StackServer("kafka", stack.kafka))
+    brokers = stack.kafka_brokers
+    for broker in brokers:  # a cluster's nodes are watched (and restarted) one by one
+        name = "kafka" if len(brokers) == 1 else f"kafka-{broker.node_id}"
+        servers.append(StackServer(name, broker))
     if stack.postgres is not None:
         servers.append(StackServer("postgresql", stack.postgres))
+    if stack.postgres_standby is not None:
+        servers.append(StackServer("postgresql-standby", stack.postgres_standby))
     return servers
 
 
@@ -206,6 +210,8 @@ def operator_env(stack: LocalStack, environ: Mapping[str, str]) -> dict[str, str
         "CARGOTRACK_DEV_MODE": "1",
         "CARGOTRACK_TOPIC_PREFIX": settings.topics.prefix,
         "CARGOTRACK_TOPIC_PARTITIONS": str(settings.topics.partitions),
+        "CARGOTRACK_TOPIC_REPLICATION_FACTOR": str(settings.topics.replication_factor),
+        "CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS": str(settings.topics.min_insync_replicas),
         "CARGOTRACK_DB_SCHEMA": settings.database.schema,
         DEV_PORT_BASE_ENV: str(min(dev_service_ports(environ).values())),
     }
@@ -312,6 +318,8 @@ def reset_state(state_dir: Path) -> None:
 def service_env(stack: LocalStack, base: Mapping[str, str], port: int) -> dict[str, str]:
     """The environment of one service process of the local suite."""
     return {
+        # A Kafka cluster's topic replication, unless the environment says otherwise.
+        **stack.topic_env(),
         **base,
         "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
         "DATABASE_URL": stack.database_url,

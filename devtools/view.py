@@ -57,6 +57,7 @@ from shared.pb import (
     tracking_pb2_grpc,
 )
 from shared.readmodel import eta_scores, model_snapshots, shipments
+from shared.runtime import Backoff
 
 __all__ = ["AlertFeed", "DevMonitor", "Snapshot", "render", "summary_line"]
 
@@ -79,6 +80,10 @@ RATE_WINDOW_S = 5.0
 SEEN_IDS = 10_000
 #: Initial metadata key of SubscribeDelays: the subscription exists (services/dispatch).
 SUBSCRIBED_HEADER = "cargotrack-subscription"
+#: Seconds before subscribing to dispatch again after the subscription ended: doubling
+#: from the first to the most, back to the first once an alert came through.
+RESUBSCRIBE_BACKOFF_S = 0.5
+RESUBSCRIBE_BACKOFF_MAX_S = 5.0
 
 
 def _metadata(secret: str, role: Role, tenant: str) -> tuple[tuple[str, str], ...]:
@@ -150,7 +155,7 @@ class AlertFeed(Lifecycle):
     async def _run(self) -> None:
         async with grpc.aio.insecure_channel(self.target) as channel:
             stub = dispatch_pb2_grpc.DispatchServiceStub(channel)
-            delay = 0.5
+            backoff = Backoff(RESUBSCRIBE_BACKOFF_S, RESUBSCRIBE_BACKOFF_MAX_S)
             while True:
                 call = stub.SubscribeDelays(
                     dispatch_pb2.SubscribeDelaysRequest(resume_token=self._resume),
@@ -166,15 +171,14 @@ class AlertFeed(Lifecycle):
                         if not self.subscribed.is_set():
                             self._subscribed()
                         self._take(response)
-                        delay = 0.5
+                        backoff.reset()
                     self.state = "ended by dispatch"
                 except grpc.aio.AioRpcError as error:
                     self.state = f"{error.code().name.lower()}: resubscribing"
                     log.info("alert subscription ended: %s %s", error.code(), error.details())
                 finally:
                     call.cancel()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep()
 
     def _subscribed(self) -> None:
         self.state = "subscribed"

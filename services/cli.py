@@ -2,7 +2,8 @@
 
     cargotrack dev                 local Kafka + PostgreSQL + every service + simulator
     cargotrack simulate            a simulated fleet against running ingest services
-    cargotrack serve NAME          one service (what a container runs)
+    cargotrack serve NAME          one service (what a container runs; gps-ingest and
+                                   tracking-query as CARGOTRACK_PROCESSES workers)
     cargotrack migrate             apply database migrations
     cargotrack create-topics       create the Kafka topics
     cargotrack token --role ROLE   mint a development bearer token
@@ -43,7 +44,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from services.registry import SERVICES
+from services.registry import SERVICES, ServiceSpec
 from shared.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
 
 #: Entry-point group of the subcommands other packages add: the development commands
@@ -119,15 +120,52 @@ def _configure_logging(settings: Settings | None = None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from shared.runtime import note_stop_signals, run_service
+    from shared.early_signals import note_stop_signals
+    from shared.runtime import run_service
 
+    # The console script (services/__main__.py) did this before its first import;
+    # `python -c "from services.cli import main; main()"` reaches this line first.
     note_stop_signals()  # a SIGTERM from here on drains and exits 0
     spec = SERVICES.get(args.name)
     if spec is None:
         raise UsageError(f"unknown service {args.name!r}; one of: {', '.join(SERVICES)}")
     settings = _settings(spec.default_port, database_optional=spec.database_optional)
     _configure_logging(settings)
+    if args.worker is not None:
+        try:
+            settings = settings.for_worker(args.worker)
+        except ValueError as error:
+            raise UsageError(f"--worker: {error} (CARGOTRACK_PROCESSES)") from None
+    elif settings.processes > 1:
+        code = _serve_workers(spec, settings)
+        if code:
+            sys.exit(code)
+        return
     run_service(spec.module, settings)
+
+
+def _serve_workers(spec: ServiceSpec, settings: Settings) -> int:
+    """CARGOTRACK_PROCESSES > 1: the workers of shared/workers.py; their exit status."""
+    from shared import workers
+
+    several = sorted(name for name, other in SERVICES.items() if other.several_processes)
+    if not spec.several_processes:
+        raise UsageError(
+            f"CARGOTRACK_PROCESSES={settings.processes}: {spec.name} runs as one process"
+            f" (only {' and '.join(several)} run several behind one port); scale it with"
+            " replicas, and set CARGOTRACK_PROCESSES on those Deployments only"
+        )
+    if not workers.supported():
+        raise UsageError(
+            f"CARGOTRACK_PROCESSES={settings.processes}: several processes behind one port"
+            " need Linux (SO_REUSEPORT); run 1 per container elsewhere"
+        )
+    try:
+        return workers.run_workers(
+            spec.name, settings, [sys.executable, "-m", "services", "serve", spec.name]
+        )
+    except OSError as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -253,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run one service")
     serve.add_argument("name", choices=sorted(SERVICES))
+    # Internal: worker I of CARGOTRACK_PROCESSES, started by the parent (shared/workers.py).
+    serve.add_argument("--worker", type=int, metavar="I", help=argparse.SUPPRESS)
     serve.set_defaults(handler=cmd_serve)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")

@@ -23,13 +23,22 @@ class ServiceSpec:
     summary: str
     #: It runs without PostgreSQL when DATABASE_URL is unset (see load_settings).
     database_optional: bool = False
+    #: It may run CARGOTRACK_PROCESSES > 1 worker processes behind one port
+    #: (shared/workers.py): a stateless gRPC front, where any worker can answer any
+    #: call. Not the projector, the learner or webhooks (consumer-group members, caches
+    #: and leases of their own), and not the others until measured.
+    several_processes: bool = False
 
 
 SERVICES: dict[str, ServiceSpec] = {
     spec.name: spec
     for spec in (
         ServiceSpec(
-            "gps-ingest", "services.gps_ingest.app", 50051, "GPS batches from drivers' apps"
+            "gps-ingest",
+            "services.gps_ingest.app",
+            50051,
+            "GPS batches from drivers' apps",
+            several_processes=True,
         ),
         ServiceSpec(
             "shipment-events", "services.shipment_events.app", 50052, "shipment lifecycle events"
@@ -41,7 +50,13 @@ SERVICES: dict[str, ServiceSpec] = {
             "proofs of delivery",
             database_optional=True,
         ),
-        ServiceSpec("tracking-query", "services.tracking_query.app", 50054, "shipment queries"),
+        ServiceSpec(
+            "tracking-query",
+            "services.tracking_query.app",
+            50054,
+            "shipment queries",
+            several_processes=True,
+        ),
         ServiceSpec("dispatch", "services.dispatch.app", 50055, "delay alert subscriptions"),
         ServiceSpec("projector", "services.projector.app", 50056, "folds the streams into state"),
         ServiceSpec("learner", "services.learner.app", 50057, "learns speeds, publishes models"),

@@ -13,14 +13,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib.util
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The signing secret of the local stack and the tests. Never accepted unless
 #: CARGOTRACK_DEV_MODE=1, so a production deployment cannot run with it by mistake.
@@ -32,6 +35,12 @@ MIN_PAGE_TOKEN_KEY = 32
 
 #: The shortest HS256 key accepted (RFC 7518 3.2: at least the hash size, 256 bits).
 MIN_HS256_SECRET_BYTES = 32
+#: Most worker processes one `cargotrack serve` runs (CARGOTRACK_PROCESSES).
+MAX_PROCESSES = 64
+
+#: Largest CARGOTRACK_QUERY_CACHE_MB accepted (64 GiB): a larger figure is more likely
+#: a number of bytes than a number of MiB.
+MAX_QUERY_CACHE_MB = 65536
 
 
 class ConfigError(Exception):
@@ -79,6 +88,9 @@ class TopicSettings:
     prefix: str = "cargotrack."
     partitions: int = 6
     replication_factor: int = 1
+    #: Replicas that must have a write before an acks=all producer is told it is
+    #: written (the topics' min.insync.replicas): 2 of 3 survives losing any one.
+    min_insync_replicas: int = 1
     gps_retention_hours: int = 7 * 24
     #: -1 keeps shipment events forever: that topic is the system of record.
     events_retention_hours: int = -1
@@ -185,6 +197,10 @@ class GrpcSettings:
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 10.0
     limits: GrpcLimits = field(default_factory=GrpcLimits)
+    #: Bind the gRPC and health ports with SO_REUSEPORT, shared with this service's
+    #: other worker processes (`Settings.for_worker`); never read from the environment:
+    #: a lone process must fail when its port is taken, not share it.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,6 +284,22 @@ class GatewaySettings:
     tile_url: str = ""
     #: CA certificate that verifies the services' TLS certificates; None: plaintext.
     tls_ca_file: str | None = None
+    #: Peers whose X-Forwarded-For is believed (the Ingress); none: the socket peer
+    #: is the client (services/http_gateway/guard.py, `client_address`).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Tracking-token lookups and streams one client may start: a bucket of `rate_burst`
+    #: refilled at `rate_per_s` (0: no limit), for at most `rate_clients` clients.
+    rate_per_s: float = 2.0
+    rate_burst: int = 40
+    rate_clients: int = 50_000
+    #: SSE/NDJSON streams one client, and the process, may hold open.
+    max_streams_per_client: int = 16
+    max_streams: int = 10_000
+    #: Origins whose pages may call the API (`*`: any); empty: none.
+    cors_origins: tuple[str, ...] = ()
+    #: A connection that has not sent a whole request head this long after connecting
+    #: (or after its last response) is closed; a request body must arrive within it.
+    idle_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -290,9 +322,37 @@ class Settings:
     position_retention_days: int = 30
     #: Most records the projector applies in one transaction.
     projector_max_records: int = 5000
+    #: Receipt-to-state budget the projector sizes its batches by (shared.poll_sizing);
+    #: 0: no budget, every batch may hold projector_max_records.
+    projector_latency_budget_ms: int = 100
     #: Key of the MAC on ListShipments page tokens (tracking-query); None: derived from
     #: the JWT secret, and required when there is none (see page_token_key_bytes()).
     page_token_key: str | None = None
+    #: Worker processes of `cargotrack serve` behind one port (shared/workers.py); more
+    #: than 1 only for the services that allow it (services/registry.py).
+    processes: int = 1
+
+    #: Memory (MiB, per process) of tracking-query's GetShipment / TrackByToken answer
+    #: cache (services/tracking_query/cache.py); 0 turns it off.
+    query_cache_mb: int = 64
+
+    #: Where the metrics server binds; None: the gRPC host. Not from the environment:
+    #: a worker's metrics stay on loopback, for its parent to collect (`for_worker`).
+    metrics_host: str | None = None
+
+    def for_worker(self, index: int) -> Settings:
+        """The settings of worker `index` (0-based) of `processes`: the gRPC and health
+        ports shared with the other workers (SO_REUSEPORT); metrics (unless off) on
+        127.0.0.1:`metrics_port + 1 + index`, where the parent collects them to serve
+        all workers' on `metrics_port` (shared/workers.py)."""
+        if not 0 <= index < self.processes:
+            raise ValueError(f"worker {index} of {self.processes}")
+        return replace(
+            self,
+            grpc=replace(self.grpc, reuse_port=True),
+            metrics_port=self.metrics_port + 1 + index if self.metrics_port else 0,
+            metrics_host="127.0.0.1",
+        )
 
     def page_token_key_bytes(self) -> bytes | None:
         """The key that MACs page tokens: CARGOTRACK_PAGE_TOKEN_KEY, else one derived
@@ -371,6 +431,13 @@ class _Reader:
         return value
 
 
+def default_min_insync_replicas(replication_factor: int) -> int:
+    """min.insync.replicas when CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS is unset: one less
+    than the replication factor from 3 replicas on (3 -> 2: a write is on two brokers
+    and one broker may be down, restarted or lost), else 1."""
+    return replication_factor - 1 if replication_factor >= 3 else 1
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with `password` for its user (percent-encoded), so that the URL itself
     can be non-secret configuration (user, host, sslmode) and the password come
@@ -383,6 +450,130 @@ def with_password(url: str, password: str) -> str:
         raise ValueError("DATABASE_URL already carries a password")
     netloc = f"{user}:{quote(password, safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _networks(env: _Reader, name: str) -> tuple[IPNetwork, ...]:
+    """A comma-separated list of addresses and CIDR networks (`10.0.0.0/8`)."""
+    networks: list[IPNetwork] = []
+    for item in (part.strip() for part in env.text(name, "").split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as error:
+            env.errors.append(f"{name}: {item!r} is not an address or network ({error})")
+    return tuple(networks)
+
+
+_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?")
+
+
+def _origins(env: _Reader, name: str) -> tuple[str, ...]:
+    """`*`, or a comma-separated list of origins as browsers send them in `Origin`
+    (scheme://host[:port], lower case, no path)."""
+    origins = tuple(part.strip() for part in env.text(name, "").split(",") if part.strip())
+    if "*" in origins and len(origins) > 1:
+        env.errors.append(f"{name}: `*` allows every origin and stands alone")
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            env.errors.append(
+                f"{name}: {origin!r} is not an origin (scheme://host[:port], lower case,"
+                " no path or trailing slash)"
+            )
+    return origins
+
+
+#: The host of a tile URL template: a placeholder only as its whole first label.
+_TILE_HOST = re.compile(r"(\{[a-z]\}\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:[0-9]{1,5})?")
+
+
+def _tile_url_ok(url: str) -> bool:
+    """An http(s) URL template, or a path on the gateway (not `//host`), with `{z}`;
+    its host fit for a Content-Security-Policy source (the pages' img-src: no user
+    info, no `;`, `,` or spaces)."""
+    if "{z}" not in url:
+        return False
+    if url.startswith("/"):
+        return not url.startswith(("//", "/\\"))
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(_TILE_HOST.fullmatch(parts.netloc))
+
+
+#: The `target_session_attrs` values of a DATABASE_URL (libpq's, which asyncpg takes).
+TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+#: Those that pick the writable server when the URL names several: every service
+#: needs the primary (the projector, the learner and webhooks write; tracking-query
+#: LISTENs, which a standby refuses).
+PRIMARY_SESSION_ATTRS = ("read-write", "primary")
+
+
+def database_hosts(url: str) -> list[tuple[str, int | None]]:
+    """The (host, port) pairs a postgresql:// URL names, in the order they are tried.
+
+    One host (``postgresql://u@db:5432/x``) or several
+    (``postgresql://u@db1:5432,db2:5433/x``, as libpq and asyncpg take them), or
+    the ``host=``/``port=`` query parameters when the URL names none (``host=/run/pg``,
+    a unix socket); port None when not given (5432, or the ``port=`` list).
+    ValueError naming the first malformed part.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("expected a postgresql:// URL")
+    # Not parts.hostname/port: they understand one host only.
+    userinfo, at, hostspec = parts.netloc.rpartition("@")
+    if at and "@" in userinfo:
+        raise ValueError("an '@' in the user or password must be percent-encoded (%40)")
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    if not hostspec:
+        hostspec = query.get("host", [""])[-1]
+    if not hostspec:
+        return [("", None)]  # libpq's default: the local unix socket
+    hosts: list[tuple[str, int | None]] = []
+    for spec in hostspec.split(","):
+        if spec.startswith("["):  # [IPv6]:port
+            address, bracket, rest = spec[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"malformed IPv6 host {spec!r}")
+            port_text = rest[1:]
+        elif spec.startswith("/"):  # a unix socket directory
+            address, port_text = spec, ""
+        else:
+            address, _, port_text = spec.partition(":")
+        if not address:
+            raise ValueError(f"empty host in {hostspec!r}")
+        port = None
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"port {port_text!r} of host {address!r} is not a TCP port")
+            port = int(port_text)
+        hosts.append((address, port))
+    return hosts
+
+
+def database_url_problems(url: str) -> list[str]:
+    """What keeps `url` from being a usable DATABASE_URL, one line each; [] if nothing.
+
+    Beyond the syntax (`database_hosts`, the query string), a URL naming several
+    hosts must say `target_session_attrs=read-write` (or `primary`): without it a
+    client keeps the first host that answers, which after a failover may be a
+    standby that refuses writes.
+    """
+    try:
+        hosts = database_hosts(url)
+        query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    except ValueError as error:
+        return [str(error)]
+    attrs = query.get("target_session_attrs", [None])[-1]
+    if attrs is not None and attrs not in TARGET_SESSION_ATTRS:
+        return [
+            f"target_session_attrs={attrs!r}: expected one of {', '.join(TARGET_SESSION_ATTRS)}"
+        ]
+    if len(hosts) > 1 and attrs not in PRIMARY_SESSION_ATTRS:
+        return [
+            f"names {len(hosts)} hosts but not target_session_attrs=read-write: add it, "
+            "so that every service connects to the primary among them"
+        ]
+    return []
 
 
 def _opentelemetry_installed() -> bool:
@@ -431,8 +622,8 @@ def load_settings(
         pool_min=env.integer("CARGOTRACK_DB_POOL_MIN", 1, minimum=0),
         pool_max=env.integer("CARGOTRACK_DB_POOL_MAX", 10, minimum=1),
     )
-    if database.url and not database.url.startswith(("postgres://", "postgresql://")):
-        env.errors.append("DATABASE_URL: expected a postgresql:// URL")
+    if database.url:
+        env.errors += [f"DATABASE_URL: {p}" for p in database_url_problems(database.url)]
     password = env.optional("CARGOTRACK_DB_PASSWORD")
     if password is not None and database.url:
         try:
@@ -441,14 +632,26 @@ def load_settings(
             env.errors.append(f"CARGOTRACK_DB_PASSWORD: {error}")
     if not database.schema.isidentifier():
         env.errors.append(f"CARGOTRACK_DB_SCHEMA={database.schema!r}: expected an identifier")
+    replication_factor = env.integer("CARGOTRACK_TOPIC_REPLICATION_FACTOR", 1, minimum=1)
     topics = TopicSettings(
         prefix=env.text("CARGOTRACK_TOPIC_PREFIX", "cargotrack."),
         partitions=env.integer("CARGOTRACK_TOPIC_PARTITIONS", 6, minimum=1),
-        replication_factor=env.integer("CARGOTRACK_TOPIC_REPLICATION_FACTOR", 1, minimum=1),
+        replication_factor=replication_factor,
+        min_insync_replicas=env.integer(
+            "CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS",
+            default_min_insync_replicas(replication_factor),
+            minimum=1,
+        ),
         gps_retention_hours=env.integer("CARGOTRACK_GPS_RETENTION_HOURS", 7 * 24, minimum=-1),
         events_retention_hours=env.integer("CARGOTRACK_EVENTS_RETENTION_HOURS", -1, minimum=-1),
         alerts_retention_hours=env.integer("CARGOTRACK_ALERTS_RETENTION_HOURS", 720, minimum=-1),
     )
+    if topics.min_insync_replicas > topics.replication_factor:
+        env.errors.append(
+            f"CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS={topics.min_insync_replicas}: more than the "
+            f"{topics.replication_factor} replicas of CARGOTRACK_TOPIC_REPLICATION_FACTOR, so "
+            "every acks=all write would be refused"
+        )
     dev_mode = env.flag("CARGOTRACK_DEV_MODE")
     production = env.flag("CARGOTRACK_PRODUCTION")
     jwks_file = env.optional("CARGOTRACK_JWKS_FILE")
@@ -601,6 +804,16 @@ def load_settings(
         heartbeat_s=env.number("CARGOTRACK_GATEWAY_HEARTBEAT_S", 15.0, minimum=0.1),
         tile_url=env.text("CARGOTRACK_MAP_TILE_URL", ""),
         tls_ca_file=env.optional("CARGOTRACK_GATEWAY_TLS_CA_FILE"),
+        trusted_proxies=_networks(env, "CARGOTRACK_GATEWAY_TRUSTED_PROXIES"),
+        rate_per_s=env.number("CARGOTRACK_GATEWAY_RATE_PER_S", 2.0),
+        rate_burst=env.integer("CARGOTRACK_GATEWAY_RATE_BURST", 40, minimum=1),
+        rate_clients=env.integer("CARGOTRACK_GATEWAY_RATE_CLIENTS", 50_000, minimum=1),
+        max_streams_per_client=env.integer(
+            "CARGOTRACK_GATEWAY_MAX_STREAMS_PER_CLIENT", 16, minimum=1
+        ),
+        max_streams=env.integer("CARGOTRACK_GATEWAY_MAX_STREAMS", 10_000, minimum=1),
+        cors_origins=_origins(env, "CARGOTRACK_GATEWAY_CORS_ORIGINS"),
+        idle_timeout_s=env.number("CARGOTRACK_GATEWAY_IDLE_TIMEOUT_S", 75.0, minimum=1.0),
     )
     for name, target in (
         ("CARGOTRACK_GATEWAY_TRACKING_TARGET", gateway.tracking_target),
@@ -609,12 +822,11 @@ def load_settings(
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             env.errors.append(f"{name}={target!r}: expected host:port")
-    if gateway.tile_url and not (
-        gateway.tile_url.startswith(("https://", "http://", "/")) and "{z}" in gateway.tile_url
-    ):
+    if gateway.tile_url and not _tile_url_ok(gateway.tile_url):
         env.errors.append(
             f"CARGOTRACK_MAP_TILE_URL={gateway.tile_url!r}: expected an http(s) URL template"
-            " with {z}, {x} and {y}"
+            " with {z}, {x} and {y} (a placeholder in the host only as its first label,"
+            " `{s}.`), or a path on the gateway"
         )
     settings = Settings(
         kafka=kafka,
@@ -632,11 +844,36 @@ def load_settings(
         tracing=env.flag("CARGOTRACK_TRACING"),
         position_retention_days=env.integer("CARGOTRACK_POSITION_RETENTION_DAYS", 30, minimum=1),
         projector_max_records=env.integer("CARGOTRACK_PROJECTOR_MAX_RECORDS", 5000, minimum=1),
+        projector_latency_budget_ms=env.integer(
+            "CARGOTRACK_PROJECTOR_LATENCY_BUDGET_MS", 100, minimum=0
+        ),
         page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
+        processes=env.integer("CARGOTRACK_PROCESSES", 1, minimum=1),
+        query_cache_mb=env.integer("CARGOTRACK_QUERY_CACHE_MB", 64, minimum=0),
     )
+    if settings.processes > MAX_PROCESSES:
+        env.errors.append(
+            f"CARGOTRACK_PROCESSES={settings.processes}: at most {MAX_PROCESSES}"
+            " (one per core of the pod; scale further with replicas)"
+        )
+    if (
+        settings.processes > 1
+        and settings.metrics_port
+        and settings.metrics_port + settings.processes > 65535
+    ):
+        env.errors.append(
+            f"CARGOTRACK_METRICS_PORT={settings.metrics_port}: with CARGOTRACK_PROCESSES="
+            f"{settings.processes} the workers also use the {settings.processes} ports above"
+            " it (on 127.0.0.1), which must be at most 65535"
+        )
     if settings.page_token_key is not None and len(settings.page_token_key) < MIN_PAGE_TOKEN_KEY:
         env.errors.append(
             f"CARGOTRACK_PAGE_TOKEN_KEY: must be at least {MIN_PAGE_TOKEN_KEY} characters"
+        )
+    if settings.query_cache_mb > MAX_QUERY_CACHE_MB:
+        env.errors.append(
+            f"CARGOTRACK_QUERY_CACHE_MB={settings.query_cache_mb}: counts MiB, at most"
+            f" {MAX_QUERY_CACHE_MB} (was a number of bytes meant?)"
         )
     if settings.tracing and not _opentelemetry_installed():
         env.errors.append(

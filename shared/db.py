@@ -30,12 +30,15 @@ _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 #: Arbitrary constant: the advisory lock key that serialises migrations.
 _MIGRATION_LOCK = 0x6361_7267_6F74
 #: Failures that mean "PostgreSQL is not answering yet": refused, unresolvable or
-#: timed-out connections, and a server still starting up. Anything else (a wrong
-#: password, a missing database) is a configuration error and fails at once.
+#: timed-out connections, a server still starting up, and (a DATABASE_URL naming
+#: several hosts with target_session_attrs=read-write) no host accepting writes yet,
+#: as while a standby is being promoted. Anything else (a wrong password, a missing
+#: database) is a configuration error and fails at once.
 NOT_ANSWERING: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
 )
 
 log = logging.getLogger(__name__)
@@ -43,13 +46,15 @@ T = TypeVar("T")
 
 
 #: What asyncpg raises when PostgreSQL cannot be reached or went away mid-call (e.g.
-#: "connection is closed" between two calls): worth a retry, never a client's fault.
+#: "connection is closed" between two calls), or when none of several hosts accepts
+#: writes (a failover in progress): worth a retry, never a client's fault.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
 )
 
 

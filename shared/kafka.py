@@ -87,14 +87,21 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     retention_hours: int
+    #: With acks=all (every producer here), a write is acknowledged only once this
+    #: many replicas have it; below that many in sync, writes are refused.
+    min_insync_replicas: int = 1
 
     def config(self) -> dict[str, str]:
+        """The topic configs set at creation: retention and min.insync.replicas."""
         retention_ms = -1 if self.retention_hours < 0 else self.retention_hours * 3_600_000
-        return {"retention.ms": str(retention_ms)}
+        return {
+            "retention.ms": str(retention_ms),
+            "min.insync.replicas": str(self.min_insync_replicas),
+        }
 
 
 def topic_specs(topics: TopicSettings) -> list[TopicSpec]:
-    """Every topic cargotrack uses, with its partitions and retention.
+    """Every topic cargotrack uses, with its partitions, replication and retention.
 
     Shipment events and delivery confirmations have the same partition count and
     are both keyed by shipment id, so the records of one shipment land on the same
@@ -102,7 +109,9 @@ def topic_specs(topics: TopicSettings) -> list[TopicSpec]:
     """
 
     def spec(name: str, hours: int) -> TopicSpec:
-        return TopicSpec(name, topics.partitions, topics.replication_factor, hours)
+        return TopicSpec(
+            name, topics.partitions, topics.replication_factor, hours, topics.min_insync_replicas
+        )
 
     return [
         spec(topics.gps_points, topics.gps_retention_hours),

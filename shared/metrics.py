@@ -13,9 +13,11 @@ Who records what:
   is measured there;
 - `shared.kafka` / `shared.ingest.KafkaLink`: every write to Kafka (produce latency,
   records, failures) by topic;
+- `services.tracking_query.cache`: the response cache's hits, misses and size;
 - `services.gps_ingest.servicer`: GPS batches and points;
 - `shared.projection.ProjectionRunner`: the projector's batches, records applied,
   fold and commit latency, dead letters, offset conflicts, consumer lag;
+- `services.projector.freshness`: receipt-to-visible age of GPS records;
 - `services.projector.outbox`: alerts published by kind;
 - `services.webhooks`: webhook deliveries recorded, attempts by outcome and latency.
 
@@ -105,6 +107,20 @@ GRPC_IN_FLIGHT = Gauge(
     "cargotrack_grpc_server_in_flight",
     "gRPC calls in progress (open streams included).",
     ["service", "method"],
+)
+
+# --- tracking-query's response cache (services/tracking_query/cache.py) ------------
+
+QUERY_CACHE_LOOKUPS = Counter(
+    "cargotrack_query_cache_lookups",
+    "GetShipment and TrackByToken calls by what the response cache did: hit (answered"
+    " from memory), miss (read PostgreSQL), bypass (cache off, or the change feed not"
+    " listening).",
+    ["outcome"],
+)
+QUERY_CACHE_BYTES = Gauge(
+    "cargotrack_query_cache_bytes",
+    "Memory counted against CARGOTRACK_QUERY_CACHE_MB: cached answers plus their overhead.",
 )
 
 # --- HTTP gateway (services/http_gateway) ---------------------------------------------
@@ -226,6 +242,30 @@ PROJECTOR_FRESHNESS = Histogram(
     "From the moment ingest accepted a record (its envelope's recorded_at) until the"
     " transaction that applied it committed; observed once per batch, for its oldest record.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0),
+)
+#: Seconds around the 100 ms receipt-to-visible target of issue #16, up to half a minute.
+FRESHNESS_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+PROJECTOR_GPS_FRESHNESS = Histogram(
+    "cargotrack_projector_gps_freshness_seconds",
+    "From gps-ingest accepting a GPS batch (its envelope's recorded_at) until the projector"
+    " transaction that applied it committed: one observation per GPS record, none for a"
+    " transaction that rolled back.",
+    buckets=FRESHNESS_BUCKETS,
 )
 PROJECTOR_LAG = Gauge(
     "cargotrack_projector_consumer_lag",
@@ -378,16 +418,19 @@ def _version() -> str:
 async def serve_metrics(settings: Settings, label: str) -> AsyncIterator[MetricsServer | None]:
     """Expose the metrics of service `label` on settings.metrics_port for the block's
     duration (yields None when the port is 0: metrics off). Binds the gRPC host, so the
-    local suite serves on loopback and Kubernetes (0.0.0.0) on every interface."""
+    local suite serves on loopback and Kubernetes (0.0.0.0) on every interface; a
+    worker of several processes binds loopback (settings.metrics_host), and its parent
+    serves all workers' metrics (shared/workers.py)."""
     SERVICE_INFO.info({"service": label, "version": _version()})
     record_certificate_expiry("grpc_server", settings.grpc.tls_cert_file)
     record_certificate_expiry("kafka_ca", settings.kafka.ssl_cafile)
     if settings.metrics_port <= 0:
         yield None
         return
-    server = MetricsServer(settings.metrics_port, settings.grpc.host)
+    host = settings.metrics_host or settings.grpc.host
+    server = MetricsServer(settings.metrics_port, host)
     port = server.start()
-    log.info("%s metrics on %s:%d/metrics", label, settings.grpc.host, port)
+    log.info("%s metrics on %s:%d/metrics", label, host, port)
     try:
         yield server
     finally:

@@ -24,6 +24,17 @@ each record's effect is applied once, whatever crashes or rebalances happen:
 - partitions are assigned with the range assignor, so partition N of every
   subscribed topic goes to the same member: shipment events and delivery
   confirmations, co-partitioned by shipment id, are folded by one instance;
+- pipelining (`pipelined=True`; off by default and not yet used by any service:
+  with it, tests/e2e/test_projector_crash.py's final catch-up timed out on one
+  shipment-events partition, cause not found yet): while a batch's transaction runs,
+  the next batch is polled and decoded; it is applied only after the batch in front
+  of it committed, and never
+  if a seek or a revocation came after its first poll began (records of a revoked
+  partition stay unapplied). When a commit fails, the batch polled ahead is dropped
+  and the consumer seeks to the stored offsets once that batch's last poll ended;
+- poll sizing (`shared.poll_sizing`): with a latency budget, batches hold what the
+  observed pace applies in half the budget while the projector keeps up, and grow
+  to `max_records` while it catches up;
 - after each PostgreSQL commit the offsets are also committed to Kafka, best
   effort and only for monitoring (consumer-lag exporters, KEDA); they are never
   read back (the consumer may fetch from them until the seek, see above).
@@ -38,6 +49,7 @@ linked to the trace context of every record in it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -63,6 +75,7 @@ from shared.envelopes import (
 )
 from shared.kafka import dead_letter_headers, produce
 from shared.pb import envelope_pb2
+from shared.poll_sizing import PollSizer
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +135,10 @@ class RunnerStats:
     records: int = 0
     dead_letters: int = 0
     conflicts: int = 0
+    #: Polled batches dropped unapplied, whole or in part: fetched before a seek,
+    #: gathered behind a batch that failed to commit (both followed by a seek to the
+    #: stored offsets), or holding records of partitions no longer owned.
+    dropped: int = 0
     positions: dict[TopicPartition, int] = field(default_factory=dict)
 
 
@@ -170,6 +187,72 @@ async def save_offsets(
             raise OffsetConflict(f"{projection}: offset of {tp.topic}[{tp.partition}] moved")
 
 
+#: While a batch commits, the next one is topped up from the consumer this often; the
+#: last top-up happens at once when the commit ends (a wait on it, not a sleep).
+GATHER_SLICE_S = 0.01
+#: Records decoded between two yields to the event loop: while the next batch is decoded,
+#: the batch in flight waits for PostgreSQL's replies, which should not wait long.
+DECODE_YIELD_EVERY = 256
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One record as the consumer returned it: decoded, or why it is a dead letter."""
+
+    record: ConsumerRecord[Any, Any]
+    delivered: Delivered | None
+    poison: str = ""
+
+
+@dataclass
+class Polled:
+    """What one or more polls returned, decoded, per partition in log order.
+
+    `seeks` is the runner's seek count when the first of those polls began: records
+    polled before a seek are never applied (see `ProjectionRunner._apply`).
+    `discarded`: the batch in front of it failed to commit, so it is dropped and the
+    runner seeks to the stored offsets once its last poll has ended.
+    """
+
+    seeks: int
+    partitions: dict[TopicPartition, list[Fetched]] = field(default_factory=dict)
+    count: int = 0
+    discarded: bool = False
+
+
+class _Gathering:
+    """The next batch, polled and decoded while the batch in front of it commits.
+
+    A task tops the batch up from the consumer, never beyond what the poll sizer
+    allows, until `finish()` (then one last poll takes what arrived meanwhile) or
+    `discard()` (no more polls). `finish()` must not be awaited under the
+    runner's batch lock: a poll waits for a rebalance in progress, and the rebalance
+    listener waits for that lock.
+    """
+
+    def __init__(self, runner: ProjectionRunner) -> None:
+        self.polled = Polled(runner.seeks)
+        self._done = asyncio.Event()
+        self.task = asyncio.create_task(runner._gather(self.polled, self._done))
+
+    def discard(self) -> None:
+        """Poll no more; the batch will be dropped (not blocking)."""
+        self.polled.discarded = True
+        self._done.set()
+
+    async def finish(self) -> Polled:
+        """The batch, after one last poll (none if discarded)."""
+        self._done.set()
+        return await self.task
+
+    async def cancel(self) -> None:
+        """Stop at once (the runner is stopping or failing)."""
+        self.task.cancel()
+        await asyncio.wait([self.task])
+        if not self.task.cancelled():
+            self.task.exception()  # retrieved: the runner's own failure is what counts
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, runner: ProjectionRunner) -> None:
         self._runner = runner
@@ -178,13 +261,18 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # Wait for the batch in flight to commit, so the next owner starts after it.
         async with self._runner.batch_lock:
             self._runner.projection.forget()
+            # Until the new assignment, the consumer still reports these as assigned:
+            # records fetched from them (a batch polled ahead) must not be applied now.
+            self._runner.revoked = set(revoked)
             for tp in revoked:
                 self._runner.expected.pop(tp, None)
+                self._runner.fetched_to.pop(tp, None)
             metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._runner.batch_lock:
             self._runner.projection.forget()
+            self._runner.revoked = set()
             await self._runner.seek_to_stored(assigned)
 
 
@@ -194,6 +282,16 @@ class ProjectionRunner:
     `run()` loops until cancelled; `stop()` is not needed beyond cancelling run():
     the consumer is closed in run()'s finally block and an unfinished batch's
     transaction rolls back, which is safe (it is replayed by whoever resumes).
+
+    Pipelining (`pipelined=True`, off by default): while a batch's transaction runs,
+    the next batch is polled from the consumer and decoded (`_Gathering`); it is
+    applied only if the batch in front of it committed and no seek or revocation
+    happened since its first poll began. Records of partitions revoked and not yet
+    reassigned are never applied, pipelined or not.
+
+    Poll sizing: `max_records` is the ceiling of a batch; with `latency_budget_s`,
+    a `PollSizer` keeps batches to what is applied in half the budget while the
+    projector keeps up, and lets them grow to the ceiling while it catches up.
     """
 
     def __init__(
@@ -208,6 +306,8 @@ class ProjectionRunner:
         topic_prefix: str = "cargotrack.",
         max_records: int = 5000,
         poll_timeout_ms: int = 200,
+        latency_budget_s: float | None = None,
+        pipelined: bool = False,
     ) -> None:
         self.projection = projection
         self.pool = pool
@@ -218,16 +318,29 @@ class ProjectionRunner:
         self.group_id = group_id or f"{topic_prefix}{projection.name}"
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
+        self.sizer = PollSizer(latency_budget_s, ceiling=max_records)
+        #: Poll the next batch while a batch commits (see the class docstring).
+        self.pipelined = pipelined
         self.batch_lock = asyncio.Lock()
         #: Last offset applied per owned partition, as this instance believes.
         self.expected: dict[TopicPartition, int] = {}
+        #: Per partition, the offset after the last record polled (for poll sizing).
+        self.fetched_to: dict[TopicPartition, int] = {}
+        #: Partitions revoked and not yet reassigned (between the two listener calls).
+        self.revoked: set[TopicPartition] = set()
         self.stats = RunnerStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.assigned = asyncio.Event()
-        #: Counts completed seeks (see `seek_to_stored`): records fetched by a getmany
+        #: Counts completed seeks (see `seek_to_stored`): records fetched by a poll
         #: that began before the last seek completed are not applied (see `_apply`).
         self.seeks = 0
-        self._polled_at_seek = 0
+        #: The next batch, gathered while the one in flight commits.
+        self._ahead: _Gathering | None = None
+
+    @property
+    def prefetched(self) -> int:
+        """Records polled ahead of the batch in flight (0 when none is gathered)."""
+        return self._ahead.polled.count if self._ahead is not None else 0
 
     async def seek_to_stored(self, partitions: Sequence[TopicPartition]) -> None:
         """Point the consumer at stored + 1 for each partition (beginning if none)."""
@@ -238,6 +351,7 @@ class ProjectionRunner:
             stored = await load_offsets(connection, self.projection.name, partitions)
         unknown = [tp for tp in partitions if tp not in stored]
         for tp in partitions:
+            self.fetched_to.pop(tp, None)
             if tp in stored:
                 self.expected[tp] = stored[tp]
                 self.consumer.seek(tp, stored[tp] + 1)
@@ -258,8 +372,11 @@ class ProjectionRunner:
         self.assigned.set()
 
     async def run(self) -> None:
-        """Consume and apply until cancelled. Raises on database or Kafka failure."""
-        self.consumer = AIOKafkaConsumer(
+        """Consume and apply until cancelled. Raises on database or Kafka failure.
+
+        The consumer is closed whatever happens once it exists, a failed start
+        included (aiokafka warns of an unclosed consumer otherwise)."""
+        consumer = self.consumer = AIOKafkaConsumer(
             **self.kafka.client_options(),
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -270,22 +387,104 @@ class ProjectionRunner:
             session_timeout_ms=self.kafka.consumer_session_timeout_ms,
             heartbeat_interval_ms=max(100, self.kafka.consumer_session_timeout_ms // 4),
         )
-        self.consumer.subscribe(list(self.projection.topics), listener=_Rebalance(self))
-        await self.consumer.start()
         try:
-            while True:
-                self._polled_at_seek = self.seeks
-                batches = await self.consumer.getmany(
-                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-                )
-                if batches:
-                    await self._apply(batches)
-                self._update_lag()
+            consumer.subscribe(list(self.projection.topics), listener=_Rebalance(self))
+            await consumer.start()
+            await self._consume()
         finally:
-            metrics.forget_partitions(
-                [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
-            )
-            await self.consumer.stop()
+            try:
+                if self._ahead is not None:
+                    await self._ahead.cancel()
+                    self._ahead = None
+                metrics.forget_partitions(
+                    [(tp.topic, tp.partition) for tp in consumer.assignment()]
+                )
+            finally:
+                await consumer.stop()
+
+    async def _consume(self) -> None:
+        """Apply batch after batch: the one gathered ahead if any, else a fresh poll."""
+        while True:
+            if self._ahead is None:
+                polled = await self._poll()
+            else:
+                polled = await self._ahead.finish()
+                self._ahead = None
+            if polled.count or polled.discarded:
+                await self._apply(polled)
+            self._update_lag()
+
+    async def _poll(self) -> Polled:
+        """One poll, waiting up to `poll_timeout_ms` for records, decoded."""
+        assert self.consumer is not None
+        polled = Polled(self.seeks)
+        batches = await self.consumer.getmany(
+            timeout_ms=self.poll_timeout_ms, max_records=self.sizer.limit(self._waiting())
+        )
+        await self._take(polled, batches)
+        return polled
+
+    async def _gather(self, polled: Polled, done: asyncio.Event) -> Polled:
+        """Top `polled` up with what the consumer has, without waiting for records,
+        every GATHER_SLICE_S until `done`, then once more (unless discarded)."""
+        assert self.consumer is not None
+        while not polled.discarded:
+            last = done.is_set()
+            # Full, the batch polls no more (the rest goes to the batch after it) unless
+            # the sizer lifts the limit: more records came than a budget-sized batch holds.
+            room = self.sizer.limit(self._waiting()) - polled.count
+            if room > 0:
+                batches = await self.consumer.getmany(timeout_ms=0, max_records=room)
+                await self._take(polled, batches)
+            if last:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GATHER_SLICE_S):
+                    await done.wait()
+        return polled
+
+    async def _take(
+        self, polled: Polled, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+    ) -> None:
+        """Decode polled records into `polled` (dead letters are decided here, sent
+        only when the batch is applied)."""
+        decoded = 0
+        for tp, records in batches.items():
+            if not records:
+                continue
+            into = polled.partitions.setdefault(tp, [])
+            for record in records:
+                into.append(self._decode(tp, record))
+                decoded += 1
+                if decoded % DECODE_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            polled.count += len(records)
+            self.fetched_to[tp] = records[-1].offset + 1
+
+    def _decode(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> Fetched:
+        try:
+            envelope = decode(record.value, list(record.headers or ()))
+        except PoisonRecord as error:
+            return Fetched(record, None, str(error))
+        kind = envelope.WhichOneof("payload")
+        allowed = self.projection.payloads.get(tp.topic)
+        if allowed is not None and kind not in allowed:
+            return Fetched(record, None, f"a {kind} payload does not belong on {tp.topic}")
+        return Fetched(
+            record, Delivered(tp.topic, tp.partition, record.offset, record.key, envelope)
+        )
+
+    def _waiting(self) -> int:
+        """Records in the owned partitions' logs beyond those polled already, from the
+        end offsets the last fetches reported (no request of their own)."""
+        assert self.consumer is not None
+        waiting = 0
+        for tp in self.consumer.assignment():
+            end = self.consumer.highwater(tp)
+            if end is not None:
+                start = self.fetched_to.get(tp, self.expected.get(tp, -1) + 1)
+                waiting += max(0, end - start)
+        return waiting
 
     def _update_lag(self) -> None:
         """Lag of each owned partition from the end offset the last fetch reported
@@ -299,50 +498,45 @@ class ProjectionRunner:
             lag = max(0, end - (self.expected.get(tp, -1) + 1))
             metrics.PROJECTOR_LAG.labels(tp.topic, str(tp.partition)).set(lag)
 
-    async def _apply(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+    async def _apply(self, polled: Polled) -> None:
+        """Apply a polled batch in one transaction with its offsets, and start gathering
+        the next batch while that transaction runs (`self._ahead`)."""
         async with self.batch_lock:
             assert self.consumer is not None
-            owned = set(self.consumer.assignment())
-            if self._polled_at_seek != self.seeks:
-                # Fetched (at least partly) before a seek to the stored offsets completed:
-                # from positions that were not ours (the group's Kafka offsets), so
-                # applying it could put a log's tail before its head and drop the head
-                # as applied. Seek again: what was fetched after the seek is fetched anew.
+            owned = set(self.consumer.assignment()) - self.revoked
+            if polled.discarded or polled.seeks != self.seeks:
+                # Discarded: the batch in front of it failed, so positions must go back
+                # to the stored offsets, now that its last poll has ended. Stale: it was
+                # fetched (at least partly) before a seek to the stored offsets
+                # completed, from positions that were not ours (the group's Kafka
+                # offsets), so applying it could put a log's tail before its head and
+                # drop the head as applied. Either way: seek, and what was fetched after
+                # the seek is fetched anew.
+                self.stats.dropped += 1
                 await self.seek_to_stored(list(owned))
                 return
+            # Records of partitions revoked (or being revoked) are not ours to apply; the
+            # new assignment seeks those that come back.
+            if not owned.issuperset(polled.partitions):
+                self.stats.dropped += 1
             # Records at or below the last applied offset were fetched before a seek
             # (a rebalance, a conflict): applying them again would repeat their effect.
             batches = {
                 tp: fresh
-                for tp, records in batches.items()
+                for tp, fetched in polled.partitions.items()
                 if tp in owned
-                and (fresh := [r for r in records if r.offset > self.expected.get(tp, -1)])
+                and (fresh := [f for f in fetched if f.record.offset > self.expected.get(tp, -1)])
             }
             if not batches:
                 return
-            delivered: list[Delivered] = []
-            poison: list[tuple[ConsumerRecord[Any, Any], str]] = []
-            advanced: dict[TopicPartition, int] = {}
-            for tp, records in batches.items():
-                for record in records:
-                    try:
-                        envelope = decode(record.value, list(record.headers or ()))
-                    except PoisonRecord as error:
-                        poison.append((record, str(error)))
-                        continue
-                    kind = envelope.WhichOneof("payload")
-                    allowed = self.projection.payloads.get(tp.topic)
-                    if allowed is not None and kind not in allowed:
-                        poison.append((record, f"a {kind} payload does not belong on {tp.topic}"))
-                        continue
-                    delivered.append(
-                        Delivered(tp.topic, tp.partition, record.offset, record.key, envelope)
-                    )
-                advanced[tp] = records[-1].offset
+            delivered = [f.delivered for fs in batches.values() for f in fs if f.delivered]
+            poison = [(f.record, f.poison) for fs in batches.values() for f in fs if f.poison]
+            advanced = {tp: fetched[-1].record.offset for tp, fetched in batches.items()}
+            raw = {tp: [f.record for f in fetched] for tp, fetched in batches.items()}
             with tracing.span(
                 f"{self.projection.name} apply",
                 kind="consumer",
-                links=_traceparents(batches),
+                links=_traceparents(raw),
                 attributes={
                     "messaging.system": "kafka",
                     "messaging.operation.type": "process",
@@ -354,23 +548,37 @@ class ProjectionRunner:
                 # replay (at least once), but the records are never lost.
                 for record, reason in poison:
                     await self._dead_letter(record, reason)
+                ahead = self._ahead = _Gathering(self) if self.pipelined else None
                 try:
                     await self._transact(delivered, advanced)
                 except OffsetConflict as conflict:
                     self._conflicted(conflict)
-                    await self.seek_to_stored(list(owned))
+                    await self._after_failure(ahead, owned)
                     return
                 except UNSTORABLE as error:
-                    raw = {
-                        (r.topic, r.partition, r.offset): r for rs in batches.values() for r in rs
-                    }
-                    await self._isolate_unstorable(delivered, raw, error)
-                    await self.seek_to_stored(list(owned))  # the rest is fetched again
+                    await self._isolate_unstorable(
+                        delivered,
+                        {(r.topic, r.partition, r.offset): r for rs in raw.values() for r in rs},
+                        error,
+                    )
+                    await self._after_failure(ahead, owned)  # the rest is fetched again
                     return
             self.stats.dead_letters += len(poison)
         # Outside the lock: a commit waits for a rebalance in progress, and the
         # rebalance listener waits for this lock.
         await self._commit_for_monitoring(advanced)
+
+    async def _after_failure(
+        self, ahead: _Gathering | None, owned: Collection[TopicPartition]
+    ) -> None:
+        """A batch did not commit: the consumer must go back to the stored offsets. A
+        batch gathered behind it follows records that were not applied: it is dropped,
+        and the seek waits until its last poll has ended (`_apply` of the discarded
+        batch); without one, seek now."""
+        if ahead is not None:
+            ahead.discard()
+        else:
+            await self.seek_to_stored(list(owned))
 
     async def _transact(
         self, records: list[Delivered], advanced: dict[TopicPartition, int], *, apply: bool = True
@@ -392,6 +600,7 @@ class ProjectionRunner:
         self.stats.batches += 1
         self.stats.records += len(records)
         self.stats.positions.update(advanced)
+        self.sizer.observe(len(records), committed - started)
         _record_batch(records, started, folded, committed)
 
     def _conflicted(self, conflict: OffsetConflict) -> None:

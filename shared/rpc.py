@@ -497,7 +497,8 @@ class StreamLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
     """Every channel argument a cargotrack gRPC server is built with: message size,
-    streams per connection, keepalive and connection age (see GrpcLimits)."""
+    streams per connection, keepalive and connection age (see GrpcLimits), and whether
+    the port is shared with other worker processes (GrpcSettings.reuse_port)."""
     limits: GrpcLimits = settings.limits
 
     def ms(seconds: float) -> int:
@@ -506,7 +507,9 @@ def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Off unless this process is one of several workers behind the port
+        # (shared/workers.py): a lone server must fail when its port is taken.
+        ("grpc.so_reuseport", int(settings.reuse_port)),
         ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
         ("grpc.keepalive_time_ms", ms(limits.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", ms(limits.keepalive_timeout_s)),
@@ -573,7 +576,9 @@ class GrpcApp:
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         if settings.health_port is not None:
-            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self._health_server = grpc.aio.server(
+                options=[("grpc.so_reuseport", int(settings.reuse_port))]
+            )
         self._stopped = False
 
     @property

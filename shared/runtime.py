@@ -11,9 +11,10 @@ docs/architecture.md ("One server shape") shows a minimal service.
 cancels the rest, waits for them, and re-raises the first error. `Backoff` is the
 one retry delay policy (first delay, doubling up to a cap, no jitter).
 
-This module is imported by `cargotrack serve` before the service's own module, so
-that a signal is handled from then on: grpc, Kafka and PostgreSQL are imported only
-where they are used.
+A stop signal is noted from the first moment of `cargotrack serve`
+(`shared.early_signals`, installed by the console script before any other import) and
+acted on once `serve()` runs. grpc, Kafka and PostgreSQL are imported only where they
+are used.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from shared.early_signals import STOP_SIGNALS, note_stop_signals, noted_signal
 from shared.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ T = TypeVar("T")
 CANCEL_AGAIN_AFTER_S = 5.0
 #: How often the readiness checks run.
 READINESS_INTERVAL_S = 2.0
-#: The signals that ask a service to drain and exit with status 0.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -116,14 +115,15 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT request a graceful stop (a second one is not special).
 
-        A signal that arrived before, while `run_service` was starting the process,
-        counts as a stop request too."""
+        A signal noted before (`shared.early_signals`: while the process was
+        starting) counts as a stop request too."""
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             self._replaced[sig] = signal.getsignal(sig)
             loop.add_signal_handler(sig, self.request_stop)
-        if _early_signal is not None:
-            log.info("stop requested (%s) while starting", signal.Signals(_early_signal).name)
+        early = noted_signal()
+        if early is not None:
+            log.info("stop requested (%s) while starting", signal.Signals(early).name)
             self.request_stop()
 
     def remove_signal_handlers(self) -> None:
@@ -402,23 +402,6 @@ async def _serve(server: ServiceServer, supervisor: Supervisor) -> None:
         await supervisor.run()
     finally:
         await server.stop()
-
-
-#: The first stop signal `run_service` saw before the event loop handled them.
-_early_signal: int | None = None
-
-
-def _note_signal(signum: int, _frame: FrameType | None) -> None:
-    global _early_signal
-    _early_signal = signum
-
-
-def note_stop_signals() -> None:
-    """From now until the event loop handles them, SIGTERM and SIGINT are noted
-    instead of killing the process (status 143) or raising KeyboardInterrupt; `serve`
-    then stops at once. `cargotrack serve` calls it first thing."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _note_signal)
 
 
 def run_service(module_name: str, settings: Settings) -> None:

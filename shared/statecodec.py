@@ -5,6 +5,15 @@ batch; `decode(Type, encode(state)) == state` for every state the folds build.
 Supported field types: str, int, float, bool, None, datetime (tz-aware, stored
 as ISO 8601), nested frozen dataclasses, `X | None`, `tuple[X, ...]`, fixed
 tuples, and `frozenset[X]` (stored sorted, so equal states give equal JSON).
+
+A dataclass field with ``init=False`` is derived from the others and not stored.
+Two keys of a field's metadata keep older stored data readable when a type changes
+(shared.domain.geo.Fix uses both):
+
+* ``json_key``: the key the field is stored under, when it differs from its name
+  (a field renamed in code keeps its stored key, and SQL that reads it);
+* ``zero_is_none``: a stored ``0`` decodes as ``None`` (an optional field whose older
+  stored form used 0 for "unknown").
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ T = TypeVar("T")
 def encode(value: Any) -> Any:
     """A JSON-compatible value for a state (see the module docstring for types)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {key: encode(getattr(value, name)) for name, key in _stored(type(value))}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
@@ -39,6 +48,14 @@ def encode(value: Any) -> Any:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _stored(cls: type) -> tuple[tuple[str, str], ...]:
+    """(field name, stored key) of each stored field of a dataclass, in field order."""
+    return tuple(
+        (f.name, f.metadata.get("json_key", f.name)) for f in dataclasses.fields(cls) if f.init
+    )
 
 
 def decode(kind: Any, data: Any) -> Any:
@@ -107,12 +124,26 @@ def _decoder_of(kind: Any) -> _Decoder:
     return run
 
 
+def _zero_is_none(decoder: _Decoder) -> _Decoder:
+    def run(data: Any) -> Any:
+        return None if data == 0 else decoder(data)
+
+    return run
+
+
 def _dataclass_decoder(kind: type) -> _Decoder:
     hints = _hints(kind)
-    fields = [(f.name, _decoder_of(hints[f.name])) for f in dataclasses.fields(kind)]
+    fields = []
+    for f in dataclasses.fields(kind):
+        if not f.init:
+            continue
+        decoder = _decoder_of(hints[f.name])
+        if f.metadata.get("zero_is_none"):
+            decoder = _zero_is_none(decoder)
+        fields.append((f.name, f.metadata.get("json_key", f.name), decoder))
 
     def run(data: Any) -> Any:
-        return kind(**{name: field(data[name]) for name, field in fields if name in data})
+        return kind(**{name: field(data[key]) for name, key, field in fields if key in data})
 
     return run
 

@@ -8,10 +8,12 @@ the speed learner and delay conditions were dropped). Do not "fix" or modernise 
 code: ``test_eta_reference.py`` asserts that the production model gives the same
 estimates as this one, and ``bench/micro_eta.py`` measures one against the other.
 
-When it is retired: together with the one fix type of issue #13 (wall 5). This copy
-shares the production ``Fix``; once a fix carries unknown speed as ``None`` and loses
-its memo slots, the two can no longer see the same objects. At that change, record
-the estimates this copy gives for the 160 seeded scenarios as golden values beside
+When it is retired: with the ETA work of the issue after #13, which changes the model
+(the planned trigger was the one fix type of #13, wall 5; that change kept everything
+this copy reads of a fix, ``at``, ``t``, ``lat``, ``lon`` and ``speed_mps``, and moved
+the memos into a caller-owned ``TrackMemo``, so the two still see the same objects and
+the comparison still holds bit for bit). At that change, record the estimates this
+copy gives for the 160 seeded scenarios as golden values beside
 ``test_eta_reference.py``, compare the new code against those, and delete this
 package. Until then it only pins models without the learner's area level
 (``bench/micro_eta.py`` strips it before building this model).

@@ -1,6 +1,11 @@
-"""A single-node Apache Kafka broker (KRaft, combined broker + controller) for dev and tests.
+"""Apache Kafka (KRaft) for dev and tests: one node, or a cluster of several.
 
-The broker's jars come from Maven Central through ``mvn`` (see ``kafka-pom.xml``) into a
+:class:`KafkaBroker` is one node, broker and KRaft controller in one process.
+:class:`KafkaCluster` is several such nodes whose controllers form one quorum (every
+node a voter), with replicated internal topics: what a replicated production
+cluster looks like, small enough for a laptop (``CARGOTRACK_KAFKA_BROKERS=3``).
+
+The jars come from Maven Central through ``mvn`` (see ``kafka-pom.xml``) into a
 cache outside the repository, and run on the machine's Java 17+. No Docker, no tarball.
 
 Layout of a broker's state directory::
@@ -30,10 +35,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.protocol.metadata import MetadataRequest
 
 from devtools.devstack.errors import DevStackError
 from devtools.devstack.ports import (
@@ -50,12 +57,15 @@ from devtools.devstack.process import (
     log_tail,
     run_command,
 )
+from shared.lifecycle import Lifecycle
 
 __all__ = [
     "CACHE_DIR_ENV",
     "DEFAULT_KAFKA_VERSION",
     "DEFAULT_LOG4J_VERSION",
     "KafkaBroker",
+    "KafkaCluster",
+    "PartitionState",
     "default_cache_dir",
     "ensure_kafka_jars",
     "find_java",
@@ -314,6 +324,13 @@ class KafkaBroker(ServerProcess):
       (SIGKILL, a crash) are idempotent and return once the JVM is gone.
     * Each start formats a fresh, empty log directory unless ``keep_data=True``, which
       reuses the existing one (and its cluster id) — for restart and crash tests.
+    * :meth:`pause` (SIGSTOP) freezes the JVM as a long GC pause or a hung host would:
+      its sockets stay open, nothing answers. :meth:`resume` (SIGCONT) thaws it;
+      :meth:`stop` resumes a paused broker first, so its SIGTERM is acted on.
+
+    Alone (the defaults) it is node 1 and the only voter of its quorum. As a member
+    of a :class:`KafkaCluster` it gets its ``node_id``, the quorum's ``quorum_voters``
+    and the ``cluster_id`` every member is formatted with.
     """
 
     def __init__(
@@ -329,7 +346,14 @@ class KafkaBroker(ServerProcess):
         extra_properties: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
         stop_timeout: float = 30.0,
+        node_id: int = _NODE_ID,
+        quorum_voters: str | None = None,
+        cluster_id: str | None = None,
     ) -> None:
+        """``quorum_voters`` is ``controller.quorum.voters`` (``id@host:port,...``); None
+        makes this node the only voter. ``cluster_id``, when given, is the id a fresh
+        log directory is formatted with (a cluster's members share it); kept data
+        with another id is refused."""
         super().__init__(state_dir, stop_timeout)
         self._version = version
         self._port = port
@@ -339,8 +363,12 @@ class KafkaBroker(ServerProcess):
         self._heap = heap
         self._extra_properties = dict(extra_properties or {})
         self._start_timeout = start_timeout
+        self._node_id = node_id
+        self._quorum_voters = quorum_voters
+        self._fixed_cluster_id = cluster_id
         self._cluster_id: str | None = None
         self._starts = 0
+        self._paused = False
 
     # -- properties ---------------------------------------------------------------
 
@@ -381,6 +409,44 @@ class KafkaBroker(ServerProcess):
         """The KRaft cluster id of the current data directory; None before a start."""
         return self._cluster_id
 
+    @property
+    def node_id(self) -> int:
+        """This node's ``node.id`` (broker and controller id alike)."""
+        return self._node_id
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume` (or the process's end)."""
+        return self._paused and self.running
+
+    # -- faults: freeze and thaw ------------------------------------------------------
+
+    def pause(self) -> None:
+        """SIGSTOP the broker: it keeps its sockets and answers nothing until resumed.
+
+        Raises RuntimeError when it is not running.
+        """
+        if self._proc is None or not self._proc.running:
+            raise RuntimeError(f"Kafka node {self._node_id} is not running: nothing to pause")
+        self._proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused broker; a no-op when it is not paused."""
+        if self._paused and self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    async def stop(self) -> None:
+        """Stop gracefully (resuming a paused broker first); see :class:`ServerProcess`."""
+        self.resume()
+        await super().stop()
+
+    async def kill(self) -> None:
+        """SIGKILL (a crash), paused or not; returns once the JVM is gone. Idempotent."""
+        await super().kill()
+        self._paused = False
+
     # -- lifecycle: start/stop/kill/restart/async with come from ServerProcess ------
 
     _stop_signal = signal.SIGTERM
@@ -417,11 +483,17 @@ class KafkaBroker(ServerProcess):
         ]
 
         cluster_id = _read_cluster_id(data / "meta.properties") if keep_data else None
+        if cluster_id is not None and self._fixed_cluster_id not in (None, cluster_id):
+            raise DevStackError(
+                f"the Kafka log in {data} belongs to cluster {cluster_id}, not to "
+                f"{self._fixed_cluster_id}: start the cluster without keeping data"
+            )
         if cluster_id is None:
             shutil.rmtree(data, ignore_errors=True)
-            cluster_id = _new_cluster_id()
+            cluster_id = self._fixed_cluster_id or _new_cluster_id()
             await self._format(jvm, classpath, properties, cluster_id)
         self._cluster_id = cluster_id
+        self._paused = False
 
         self._check_ports()  # again: the jar fetch may have taken a while
         self._proc = ChildProcess.spawn(
@@ -435,7 +507,7 @@ class KafkaBroker(ServerProcess):
                 "kafka.Kafka",
                 str(properties),
             ],
-            name=f"Kafka {self._version} broker",
+            name=f"Kafka {self._version} node {self._node_id}",
             log_path=self.log_path,
             append_log=self._starts > 0,
             cwd=self._state_dir,
@@ -444,8 +516,9 @@ class KafkaBroker(ServerProcess):
         started = time.monotonic()
         await self._wait_ready(self._proc)
         _log.info(
-            "Kafka %s ready on %s in %.1f s (pid %d, log %s)",
+            "Kafka %s node %d ready on %s in %.1f s (pid %d, log %s)",
             self._version,
+            self._node_id,
             self.bootstrap_servers,
             time.monotonic() - started,
             self._proc.pid,
@@ -461,10 +534,11 @@ class KafkaBroker(ServerProcess):
         )
 
     def _server_properties(self, data: Path) -> str:
+        voters = self._quorum_voters or f"{self._node_id}@{LOCALHOST}:{self._controller_port}"
         props = {
             "process.roles": "broker,controller",
-            "node.id": str(_NODE_ID),
-            "controller.quorum.voters": f"{_NODE_ID}@{LOCALHOST}:{self._controller_port}",
+            "node.id": str(self._node_id),
+            "controller.quorum.voters": voters,
             "listeners": (
                 f"PLAINTEXT://{LOCALHOST}:{self._port},CONTROLLER://{LOCALHOST}:"
                 f"{self._controller_port}"
@@ -475,7 +549,8 @@ class KafkaBroker(ServerProcess):
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "log.dirs": str(data),
-            # One node: every internal topic has a single replica.
+            # One node: every internal topic has a single replica (a KafkaCluster
+            # overrides these through extra_properties).
             "offsets.topic.replication.factor": "1",
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1",
@@ -528,10 +603,12 @@ class KafkaBroker(ServerProcess):
             )
 
     async def _wait_ready(self, proc: ChildProcess) -> None:
-        """Poll until a metadata round trip succeeds; fail early if the JVM exits.
+        """Poll until metadata lists this node; fail early if the JVM exits.
 
         "Port open" is not enough: the listener binds before the broker has caught up
-        with the metadata log and been unfenced, and until then metadata lists no broker.
+        with the metadata log and been unfenced, and until then metadata does not list
+        it (metadata lists unfenced brokers only). In a cluster the other members may
+        be listed long before this one is.
         """
         deadline = time.monotonic() + self._start_timeout
         last_problem = "no answer yet"
@@ -559,9 +636,10 @@ class KafkaBroker(ServerProcess):
                             f"another Kafka (cluster {answered_id}) answers on port "
                             f"{self._port} — stop it or set {KAFKA_PORT_ENV} to a free port"
                         )
-                    if info.get("brokers"):
+                    listed = {broker.get("node_id") for broker in info.get("brokers") or ()}
+                    if self._node_id in listed:
                         return
-                    last_problem = "broker not registered yet"
+                    last_problem = f"node {self._node_id} not registered yet (listed: {listed})"
             await asyncio.sleep(0.1)
 
     async def _port_accepts(self) -> bool:
@@ -585,3 +663,276 @@ class KafkaBroker(ServerProcess):
             return info
         finally:
             await admin.close()
+
+
+@dataclass(frozen=True)
+class PartitionState:
+    """One partition as the cluster's metadata describes it (node ids; leader -1: none)."""
+
+    leader: int
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+    @property
+    def fully_replicated(self) -> bool:
+        """A leader, and every replica in sync."""
+        return self.leader >= 0 and set(self.isr) == set(self.replicas)
+
+
+class KafkaCluster(Lifecycle):
+    """``brokers`` Kafka nodes on 127.0.0.1, each broker + KRaft controller, one quorum.
+
+    The simplest shape that survives losing any one node: every node is a combined
+    broker and controller, and all of them are voters of the metadata quorum (3 nodes:
+    a majority of 2 keeps the quorum). Topics created without an explicit replication
+    factor, and the internal topics (consumer offsets, transaction state), get
+    replication factor ``min(3, brokers)`` and ``min.insync.replicas`` one less, so
+    with three nodes an ``acks=all`` write is on at least two of them.
+
+    Memory: each node runs with ``-Xmx{heap}`` (512 MiB by default) and about 200 MiB
+    more outside the heap (metaspace, threads, buffers); three nodes take 2-2.5 GB.
+
+    Guarantees:
+
+    * The ports (client and controller, for each node) are chosen when the object is
+      made, free ones unless ``port``/``controller_port`` are given (then node ``i``
+      uses ``port + 2*i`` and ``controller_port + 2*i``), and kept by every start.
+    * :meth:`start` starts every node concurrently (a lone node cannot elect a
+      controller) and returns once each is registered and unfenced; if any fails or
+      the start is cancelled, every node is killed before the error propagates. A
+      no-op while all nodes run. ``keep_data=True`` keeps each node's log (and the
+      cluster id); ``False`` formats every node afresh with a new shared id.
+    * :meth:`stop` stops every node gracefully and concurrently (paused ones are
+      resumed first); :meth:`kill` SIGKILLs all. Both are idempotent.
+    * Single nodes are reached with :meth:`node` (``stop``, ``kill``, ``pause``,
+      ``resume``, ``restart``, ``start(keep_data=True)``): the faults of the cluster
+      fault suite. :meth:`leader_of` and :meth:`wait_fully_replicated` read the
+      metadata from a running, unpaused node.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        brokers: int = 3,
+        version: str = DEFAULT_KAFKA_VERSION,
+        port: int | None = None,
+        *,
+        controller_port: int | None = None,
+        heap: str = "512m",
+        cache_dir: Path | None = None,
+        start_timeout: float = 180.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        """``start_timeout`` is per node: three JVMs starting at once on two busy cores
+        took up to 76 s each (measured)."""
+        if brokers < 2:
+            raise ValueError(
+                f"a KafkaCluster has at least 2 nodes (got {brokers}); use KafkaBroker"
+            )
+        self._state_dir = Path(state_dir).absolute()
+        self._version = version
+        if port is None or controller_port is None:
+            chosen = free_ports(2 * brokers)
+            clients = [port + 2 * i for i in range(brokers)] if port else chosen[:brokers]
+            controllers = (
+                [controller_port + 2 * i for i in range(brokers)]
+                if controller_port
+                else chosen[brokers:]
+            )
+        else:
+            clients = [port + 2 * i for i in range(brokers)]
+            controllers = [controller_port + 2 * i for i in range(brokers)]
+        self.replication_factor = min(3, brokers)
+        """Replication factor of the internal topics, and the default of new topics."""
+        self.min_insync_replicas = self.replication_factor - 1
+        """``min.insync.replicas`` of the internal topics, and the brokers' default."""
+        voters = ",".join(
+            f"{node}@{LOCALHOST}:{controllers[node - 1]}" for node in range(1, brokers + 1)
+        )
+        self._cluster_id = _new_cluster_id()
+        replication = {
+            "default.replication.factor": str(self.replication_factor),
+            "min.insync.replicas": str(self.min_insync_replicas),
+            "offsets.topic.replication.factor": str(self.replication_factor),
+            "transaction.state.log.replication.factor": str(self.replication_factor),
+            "transaction.state.log.min.isr": str(self.min_insync_replicas),
+            "share.coordinator.state.topic.replication.factor": str(self.replication_factor),
+            "share.coordinator.state.topic.min.isr": str(self.min_insync_replicas),
+            # Never elect an out-of-sync replica: that would drop acknowledged writes.
+            "unclean.leader.election.enable": "false",
+        }
+        self.brokers: list[KafkaBroker] = [
+            KafkaBroker(
+                self._state_dir / f"node-{node}",
+                version,
+                clients[node - 1],
+                controller_port=controllers[node - 1],
+                cache_dir=cache_dir,
+                heap=heap,
+                extra_properties=replication,
+                start_timeout=start_timeout,
+                stop_timeout=stop_timeout,
+                node_id=node,
+                quorum_voters=voters,
+                cluster_id=self._cluster_id,
+            )
+            for node in range(1, brokers + 1)
+        ]
+        """The nodes, node id ``i`` at index ``i - 1``."""
+
+    @property
+    def version(self) -> str:
+        """The Apache Kafka version run."""
+        return self._version
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Every node's client address, comma-separated (clients need one that is up)."""
+        return ",".join(broker.bootstrap_servers for broker in self.brokers)
+
+    @property
+    def running(self) -> bool:
+        """True while every node's process is up (paused ones count as up)."""
+        return all(broker.running for broker in self.brokers)
+
+    def node(self, node_id: int) -> KafkaBroker:
+        """The node with that ``node.id`` (1-based). KeyError for an unknown id."""
+        if not 1 <= node_id <= len(self.brokers):
+            raise KeyError(f"no Kafka node {node_id} (nodes 1..{len(self.brokers)})")
+        return self.brokers[node_id - 1]
+
+    def topic_env(self) -> dict[str, str]:
+        """The settings that give cargotrack's topics this cluster's replication."""
+        return {
+            "CARGOTRACK_TOPIC_REPLICATION_FACTOR": str(self.replication_factor),
+            "CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS": str(self.min_insync_replicas),
+        }
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self, *, keep_data: bool = False) -> None:
+        """Start every node that is not running, concurrently; see the class guarantees."""
+        if not keep_data:
+            # Fresh logs: a new id, so that a node can never rejoin an old cluster's log.
+            self._cluster_id = _new_cluster_id()
+            for broker in self.brokers:
+                broker._fixed_cluster_id = self._cluster_id
+        else:
+            kept = {
+                _read_cluster_id(broker.state_dir / "data" / "meta.properties")
+                for broker in self.brokers
+            } - {None}
+            if len(kept) > 1:
+                raise DevStackError(
+                    f"the Kafka nodes in {self._state_dir} hold logs of different clusters "
+                    f"({', '.join(sorted(str(k) for k in kept))}): start without keeping data"
+                )
+            if kept:
+                self._cluster_id = str(kept.pop())
+                for broker in self.brokers:
+                    broker._fixed_cluster_id = self._cluster_id
+        tasks = [
+            asyncio.create_task(broker.start(keep_data=keep_data), name=f"kafka-{broker.node_id}")
+            for broker in self.brokers
+            if not broker.running
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.kill()
+            raise
+        _log.info("Kafka cluster of %d nodes ready: %s", len(self.brokers), self.bootstrap_servers)
+
+    async def stop(self) -> None:
+        """Stop every node gracefully, all at once (paused ones resumed first). Idempotent.
+
+        All at once, because a node's controlled shutdown needs an active controller:
+        stopped one after another, the last one finds no quorum and waits out its stop
+        timeout (30 s) before it is killed. Together, each asks while the quorum is up.
+        """
+        results = await asyncio.gather(
+            *(broker.stop() for broker in self.brokers), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def kill(self) -> None:
+        """SIGKILL every node. Idempotent."""
+        await asyncio.gather(*(broker.kill() for broker in self.brokers))
+
+    # -- metadata -----------------------------------------------------------------
+
+    def _reachable(self) -> list[KafkaBroker]:
+        return [b for b in self.brokers if b.running and not b.paused]
+
+    async def partitions(
+        self, topics: list[str] | None = None
+    ) -> dict[tuple[str, int], PartitionState]:
+        """(topic, partition) -> state, for ``topics`` (None: every topic, internal
+        ones included), as a running, unpaused node's metadata says.
+
+        Raises DevStackError when no node answers.
+        """
+        problems = []
+        for broker in self._reachable():
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=broker.bootstrap_servers, request_timeout_ms=5000
+            )
+            try:
+                async with asyncio.timeout(10):
+                    await admin.start()
+                    # Ask this very node: the admin client would pick a random one,
+                    # which may be the paused or the dead one.
+                    response = await admin._client.send(broker.node_id, MetadataRequest(topics))
+            except Exception as err:  # this node does not answer: try the next
+                problems.append(f"node {broker.node_id}: {type(err).__name__}: {err}")
+                continue
+            finally:
+                await admin.close()
+            found: dict[tuple[str, int], PartitionState] = {}
+            for topic in response.to_object()["topics"]:
+                for partition in topic["partitions"]:
+                    found[(topic["topic"], partition["partition"])] = PartitionState(
+                        partition["leader"], tuple(partition["replicas"]), tuple(partition["isr"])
+                    )
+            return found
+        raise DevStackError(f"no Kafka node answered a metadata request: {problems}")
+
+    async def leader_of(self, topic: str, partition: int, timeout_s: float = 30.0) -> KafkaBroker:
+        """The node leading that partition, waiting until its leader is a node that is
+        up and not paused (after a kill or a pause: until the controller moved it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = (await self.partitions([topic])).get((topic, partition))
+            leader = self.node(state.leader) if state is not None and state.leader > 0 else None
+            if leader is not None and leader.running and not leader.paused:
+                return leader
+            if time.monotonic() >= deadline:
+                raise DevStackError(f"{topic}[{partition}] has no live leader: {state}")
+            await asyncio.sleep(0.2)
+
+    async def wait_fully_replicated(self, timeout_s: float = 120.0) -> None:
+        """Until every partition of every topic has a leader and all replicas in sync.
+
+        What a rolling restart waits for between two nodes: restarting the next one
+        before its partners caught up would leave partitions below min.insync.replicas
+        (writes refused) or with no in-sync replica at all (offline).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            behind: dict[tuple[str, int], PartitionState] = {}
+            with contextlib.suppress(DevStackError):
+                states = await self.partitions()
+                behind = {tp: s for tp, s in states.items() if not s.fully_replicated}
+                if not behind:  # no topic at all counts: nothing to catch up
+                    return
+            if time.monotonic() >= deadline:
+                raise DevStackError(
+                    f"Kafka partitions not fully replicated within {timeout_s:.0f} s: "
+                    f"{dict(list(behind.items())[:5])}"
+                )
+            await asyncio.sleep(0.25)

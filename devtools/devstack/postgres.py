@@ -14,7 +14,11 @@ Layout of a server's state directory::
     data/          PGDATA (kept across starts unless ``keep_data=False``)
     run/           unix socket directory
     postgres.log   the server's stdout/stderr
-    initdb.log     output of the last initdb
+    initdb.log     output of the last initdb (a standby: basebackup.log, of pg_basebackup)
+
+A :class:`PostgresStandby` is a hot standby of a :class:`PostgresServer`, made from the
+same binaries: asynchronous streaming replication, promotable (:meth:`PostgresServer.promote`).
+:func:`multi_host_dsn` names both in one URL that connects to whichever is the primary.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -42,13 +46,20 @@ from devtools.devstack.process import (
     run_command,
 )
 
-__all__ = ["PG_SYSTEM_USER", "PostgresServer", "default_bin_dir"]
+__all__ = [
+    "PG_SYSTEM_USER",
+    "PostgresServer",
+    "PostgresStandby",
+    "default_bin_dir",
+    "multi_host_dsn",
+]
 
 _log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "embedded_postgres"
 _SUPERUSER = "postgres"
 _INITDB_TIMEOUT = 300.0
+_BASEBACKUP_TIMEOUT = 300.0
 # Unix domain socket paths are limited to 108 bytes on Linux (104 on macOS).
 _MAX_SOCKET_PATH = 100
 
@@ -172,6 +183,43 @@ class PostgresServer(ServerProcess):
             raise RuntimeError("PostgresServer: port not chosen yet, call start() first")
         return f"postgresql://{_SUPERUSER}@{LOCALHOST}:{self._port}/postgres"
 
+    # -- roles: primary or standby --------------------------------------------------
+
+    async def connect(self, timeout_s: float = 5.0) -> asyncpg.Connection:
+        """A connection to this server alone (never another host); close it when done."""
+        return await asyncpg.connect(self.dsn, timeout=timeout_s)
+
+    async def in_recovery(self) -> bool:
+        """True while this server is a standby (``pg_is_in_recovery()``)."""
+        conn = await self.connect()
+        try:
+            return bool(await conn.fetchval("SELECT pg_is_in_recovery()"))
+        finally:
+            await conn.close()
+
+    async def promote(self, wait_s: float = 60.0) -> None:
+        """Make this standby the primary (``pg_promote``); returns once it accepts writes.
+
+        Whatever WAL it has received is replayed first; nothing more is fetched from
+        the old primary. Raises :class:`DevStackError` if it is no standby or the
+        promotion did not finish within ``wait_s``.
+        """
+        conn = await self.connect()
+        try:
+            if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                raise DevStackError(f"PostgreSQL on port {self._port} is not a standby")
+            done = await conn.fetchval(
+                "SELECT pg_promote(true, $1::int)", max(1, round(wait_s)), timeout=wait_s + 5
+            )
+        finally:
+            await conn.close()
+        if not done:
+            raise DevStackError(
+                f"PostgreSQL on port {self._port} was not promoted within {wait_s:g} s; "
+                f"see {self.log_path}"
+            )
+        _log.info("PostgreSQL on port %s promoted to primary", self._port)
+
     # -- lifecycle: start/stop/kill/restart/async with come from ServerProcess ------
 
     # SIGINT is PostgreSQL's "fast shutdown": abort transactions, checkpoint, exit.
@@ -203,7 +251,7 @@ class PostgresServer(ServerProcess):
         env["LC_ALL"] = "C"
 
         if not (data / "PG_VERSION").is_file():
-            await self._initdb(bin_dir, data, env, user)
+            await self._create_data(bin_dir, data, env, user)
 
         socket_dir = str(run_dir)
         if len(f"{run_dir}/.s.PGSQL.{self._port}") > _MAX_SOCKET_PATH:
@@ -253,9 +301,10 @@ class PostgresServer(ServerProcess):
         settings.update(self._settings)
         return settings
 
-    async def _initdb(
+    async def _create_data(
         self, bin_dir: Path, data: Path, env: Mapping[str, str], user: str | None
     ) -> None:
+        """Fill the empty data directory: a new cluster (``initdb``)."""
         log_path = self._state_dir / "initdb.log"
         started = time.monotonic()
         argv = [
@@ -331,3 +380,152 @@ class PostgresServer(ServerProcess):
             return str(await conn.fetchval("select current_setting('data_directory')"))
         finally:
             await conn.close(timeout=2)
+
+
+class PostgresStandby(PostgresServer):
+    """A hot standby of ``primary``, streaming its WAL: PostgreSQL's own replication.
+
+    * The first start (or any start with ``keep_data=False``) copies the primary's
+      data directory with ``pg_basebackup -R``, which also writes ``standby.signal``
+      and ``primary_conninfo``: the primary must be running then. Later starts keep
+      the copy and resume streaming where it stopped.
+    * Replication is asynchronous (the primary names no synchronous standby): a
+      commit returns on the primary before the standby has received it. That is the
+      window in which a failover loses committed transactions, which
+      tests/faults/test_failover.py makes certain with :meth:`stop_replication`.
+    * It serves read-only queries while it is a standby (``hot_standby``), and
+      becomes a primary with :meth:`promote`; a promoted standby starts again as a
+      primary (PostgreSQL removed ``standby.signal``).
+    * No replication role: initdb's ``pg_hba.conf`` (trust) already lets the
+      superuser connect for replication from 127.0.0.1, and nothing here is reachable
+      from elsewhere. The port and the other settings are chosen as for any
+      :class:`PostgresServer`.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        primary: PostgresServer,
+        port: int | None = None,
+        *,
+        fsync: bool = True,
+        bin_dir: Path | None = None,
+        settings: Mapping[str, str] | None = None,
+        start_timeout: float = 60.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(
+            state_dir,
+            port,
+            fsync=fsync,
+            bin_dir=bin_dir,
+            settings=settings,
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+        )
+        self.primary = primary
+
+    async def _create_data(
+        self, bin_dir: Path, data: Path, env: Mapping[str, str], user: str | None
+    ) -> None:
+        """Fill the empty data directory: a base backup of the running primary."""
+        if not self.primary.running or self.primary.port is None:
+            raise DevStackError("the standby's primary PostgreSQL must be running before it")
+        log_path = self._state_dir / "basebackup.log"
+        started = time.monotonic()
+        argv = [
+            str(bin_dir / "pg_basebackup"),
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(self.primary.port),
+            "--username",
+            _SUPERUSER,
+            "--pgdata",
+            str(data),
+            "--write-recovery-conf",
+            "--wal-method=stream",
+            "--checkpoint=fast",
+        ]
+        if not self._fsync:
+            argv.append("--no-sync")
+        code = await run_command(
+            argv,
+            name="pg_basebackup",
+            log_path=log_path,
+            time_limit=_BASEBACKUP_TIMEOUT,
+            cwd=data,
+            env=env,
+            user=user,
+        )
+        if code != 0:
+            raise DevStackError(
+                f"pg_basebackup failed (exit {code}): {log_tail(log_path, lines=2)}; "
+                f"full output: {log_path}"
+            )
+        _log.info(
+            "standby %s copied from port %s in %.1f s",
+            data,
+            self.primary.port,
+            time.monotonic() - started,
+        )
+
+    async def stop_replication(self, timeout_s: float = 30.0) -> int:
+        """Stop receiving WAL from the primary; return the WAL position replayed (bytes).
+
+        ``primary_conninfo`` is emptied (``ALTER SYSTEM``, then a reload): PostgreSQL
+        stops the WAL receiver and starts no other. Returns once the receiver is gone
+        and the startup process, having replayed every complete record it received,
+        waits for more (wait event ``RecoveryRetrieveRetryInterval``), so the
+        standby's data no longer changes: what it holds is what a promotion would
+        give now. (The received position may stay ahead of the replayed one: the
+        stream can stop in the middle of a record.) This stands for a standby that
+        lags at the moment its primary dies.
+        """
+        conn = await self.connect()
+        try:
+            await conn.execute("ALTER SYSTEM SET primary_conninfo = ''")
+            await conn.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + timeout_s
+            previous = None
+            while True:
+                row = await conn.fetchrow(
+                    "SELECT (SELECT count(*) FROM pg_stat_wal_receiver) AS receivers,"
+                    " (SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'startup')"
+                    " AS waiting, pg_last_wal_replay_lsn() AS replayed"
+                )
+                assert row is not None
+                replayed = int(row["replayed"])
+                idle = row["receivers"] == 0 and row["waiting"] == "RecoveryRetrieveRetryInterval"
+                if idle and replayed == previous:
+                    return replayed
+                if time.monotonic() >= deadline:
+                    raise DevStackError(
+                        f"the standby on port {self._port} still streams or replays after "
+                        f"{timeout_s:g} s ({dict(row)}); see {self.log_path}"
+                    )
+                previous = replayed
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+
+
+def multi_host_dsn(
+    servers: Sequence[PostgresServer], *, target_session_attrs: str = "read-write"
+) -> str:
+    """One URL naming every server, for clients to find the primary among them.
+
+    ``postgresql://postgres@127.0.0.1:<p1>,127.0.0.1:<p2>/postgres?target_session_attrs=read-write``:
+    a client tries the hosts in order and keeps the first that accepts writes, so
+    the same URL works before and after a standby is promoted. The ports must be
+    chosen (the servers started once).
+    """
+    hosts = []
+    for server in servers:
+        if server.port is None:
+            raise RuntimeError("multi_host_dsn: a server has no port yet, start it first")
+        hosts.append(f"{LOCALHOST}:{server.port}")
+    return (
+        f"postgresql://{_SUPERUSER}@{','.join(hosts)}/postgres"
+        f"?target_session_attrs={target_session_attrs}"
+    )

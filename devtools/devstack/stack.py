@@ -3,6 +3,14 @@
 Either server is replaced by an existing one when its environment variable is set:
 ``KAFKA_BOOTSTRAP_SERVERS`` (no broker started) and ``DATABASE_URL`` (no PostgreSQL
 started). External servers are used as they are: never started, stopped or wiped.
+
+``CARGOTRACK_KAFKA_BROKERS=3`` runs Kafka as a 3-node cluster (:class:`KafkaCluster`)
+instead of one broker; the services then create their topics with replication factor
+3 and ``min.insync.replicas=2`` (:meth:`LocalStack.topic_env`).
+
+``CARGOTRACK_POSTGRES_STANDBY=1`` adds a streaming standby of the local PostgreSQL
+(:class:`PostgresStandby`, on the next port) and points ``DATABASE_URL`` at both with
+``target_session_attrs=read-write``, so the services follow a promotion.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker
+from devtools.devstack.errors import DevStackError
+from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker, KafkaCluster
 from devtools.devstack.ports import (
     DEFAULT_KAFKA_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
@@ -23,15 +32,42 @@ from devtools.devstack.ports import (
     POSTGRES_PORT_ENV,
     port_from_env,
 )
-from devtools.devstack.postgres import PostgresServer
+from devtools.devstack.postgres import PostgresServer, PostgresStandby, multi_host_dsn
 from shared.lifecycle import Lifecycle
 
-__all__ = ["DATABASE_URL_ENV", "KAFKA_BOOTSTRAP_SERVERS_ENV", "LocalStack"]
+__all__ = [
+    "DATABASE_URL_ENV",
+    "KAFKA_BOOTSTRAP_SERVERS_ENV",
+    "KAFKA_BROKERS_ENV",
+    "POSTGRES_STANDBY_ENV",
+    "LocalStack",
+    "kafka_brokers_from_env",
+]
 
 _log = logging.getLogger(__name__)
 
 KAFKA_BOOTSTRAP_SERVERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "DATABASE_URL"
+POSTGRES_STANDBY_ENV = "CARGOTRACK_POSTGRES_STANDBY"
+KAFKA_BROKERS_ENV = "CARGOTRACK_KAFKA_BROKERS"
+#: Node counts the local stack supports: one broker, or a cluster that survives
+#: losing any one node with min.insync.replicas=2.
+KAFKA_BROKER_COUNTS = (1, 3)
+
+
+def kafka_brokers_from_env(environ: Mapping[str, str]) -> int:
+    """``CARGOTRACK_KAFKA_BROKERS``: 1 (unset or empty) or 3.
+
+    Raises :class:`DevStackError` naming the variable for any other value.
+    """
+    raw = environ.get(KAFKA_BROKERS_ENV, "").strip()
+    if not raw:
+        return 1
+    if raw not in {str(n) for n in KAFKA_BROKER_COUNTS}:
+        raise DevStackError(
+            f"{KAFKA_BROKERS_ENV} must be 1 (one broker) or 3 (a replicated cluster), got {raw!r}"
+        )
+    return int(raw)
 
 
 class LocalStack(Lifecycle):
@@ -50,6 +86,14 @@ class LocalStack(Lifecycle):
       because consumers store their Kafka offsets in PostgreSQL: offsets kept in a
       database whose topics were wiped would point past the end of the new topics.
 
+    * ``kafka_brokers=3`` runs a :class:`KafkaCluster` (3 nodes, state in
+      ``<state_dir>/kafka/node-N``) instead of one :class:`KafkaBroker`; the first
+      node listens on ``kafka_port``/``kafka_controller_port``, the others two ports
+      further each.
+    * ``postgres_standby=True`` also runs a hot standby of that PostgreSQL, started
+      after it, on the port after its port (or a free one), with state in
+      ``<state_dir>/postgres-standby``; :attr:`database_url` then names both.
+
     State lives in ``<state_dir>/kafka`` and ``<state_dir>/postgres``.
     """
 
@@ -65,6 +109,8 @@ class LocalStack(Lifecycle):
         keep_data: bool = True,
         postgres_fsync: bool = True,
         kafka_version: str = DEFAULT_KAFKA_VERSION,
+        kafka_brokers: int = 1,
+        postgres_standby: bool = False,
     ) -> None:
         """``bootstrap_servers`` / ``database_url``, when given, are external servers to
         use instead of starting our own. Ports left as None are chosen free at start."""
@@ -72,21 +118,38 @@ class LocalStack(Lifecycle):
         self._external_bootstrap = bootstrap_servers
         self._external_database_url = database_url
         self._keep_data = keep_data
-        self.kafka: KafkaBroker | None = None
-        """The broker this stack runs, or None when Kafka is external."""
+        self.kafka: KafkaBroker | KafkaCluster | None = None
+        """The broker or cluster this stack runs, or None when Kafka is external."""
         self.postgres: PostgresServer | None = None
         """The PostgreSQL server this stack runs, or None when it is external."""
-        if bootstrap_servers is None:
+        if bootstrap_servers is None and kafka_brokers > 1:
+            self.kafka = KafkaCluster(
+                self._state_dir / "kafka",
+                kafka_brokers,
+                kafka_version,
+                kafka_port,
+                controller_port=kafka_controller_port,
+            )
+        elif bootstrap_servers is None:
             self.kafka = KafkaBroker(
                 self._state_dir / "kafka",
                 kafka_version,
                 kafka_port,
                 controller_port=kafka_controller_port,
             )
+        self.postgres_standby: PostgresStandby | None = None
+        """The standby of :attr:`postgres`, when asked for."""
         if database_url is None:
             self.postgres = PostgresServer(
                 self._state_dir / "postgres", postgres_port, fsync=postgres_fsync
             )
+            if postgres_standby:
+                self.postgres_standby = PostgresStandby(
+                    self._state_dir / "postgres-standby",
+                    self.postgres,
+                    None if postgres_port is None else postgres_port + 1,
+                    fsync=postgres_fsync,
+                )
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -99,8 +162,9 @@ class LocalStack(Lifecycle):
         Ports default to 19092 (Kafka), 19093 (KRaft controller) and 15432 (PostgreSQL)
         and move with ``CARGOTRACK_KAFKA_PORT``, ``CARGOTRACK_KAFKA_CONTROLLER_PORT`` and
         ``CARGOTRACK_POSTGRES_PORT``. Data is kept across runs unless ``reset``.
-        Honours ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL``. Raises
-        :class:`~devtools.devstack.errors.DevStackError` for a malformed port variable.
+        Honours ``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL`` and
+        ``CARGOTRACK_KAFKA_BROKERS``. Raises
+        :class:`~devtools.devstack.errors.DevStackError` for a malformed variable.
         """
         return cls(
             state_dir,
@@ -112,6 +176,8 @@ class LocalStack(Lifecycle):
             bootstrap_servers=environ.get(KAFKA_BOOTSTRAP_SERVERS_ENV) or None,
             database_url=environ.get(DATABASE_URL_ENV) or None,
             keep_data=not reset,
+            kafka_brokers=kafka_brokers_from_env(environ),
+            postgres_standby=environ.get(POSTGRES_STANDBY_ENV) == "1",
         )
 
     @classmethod
@@ -119,7 +185,7 @@ class LocalStack(Lifecycle):
         """The stack of the test suite: free ports, fresh data, ``fsync=off``.
 
         Honours ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` (for example to run the
-        suite against servers provided by CI).
+        suite against servers provided by CI), and ``CARGOTRACK_KAFKA_BROKERS``.
         """
         return cls(
             state_dir,
@@ -127,6 +193,7 @@ class LocalStack(Lifecycle):
             database_url=environ.get(DATABASE_URL_ENV) or None,
             keep_data=False,
             postgres_fsync=False,
+            kafka_brokers=kafka_brokers_from_env(environ),
         )
 
     @property
@@ -143,13 +210,28 @@ class LocalStack(Lifecycle):
         if self.postgres is None:
             assert self._external_database_url is not None
             return self._external_database_url
+        if self.postgres_standby is not None:
+            return multi_host_dsn([self.postgres, self.postgres_standby])
         return self.postgres.dsn
+
+    @property
+    def kafka_brokers(self) -> list[KafkaBroker]:
+        """Every Kafka node this stack runs (none when Kafka is external)."""
+        if isinstance(self.kafka, KafkaCluster):
+            return list(self.kafka.brokers)
+        return [] if self.kafka is None else [self.kafka]
+
+    def topic_env(self) -> dict[str, str]:
+        """Topic settings the stack's Kafka needs: on a cluster, its replication
+        factor and min.insync.replicas; nothing for one broker or an external Kafka."""
+        return self.kafka.topic_env() if isinstance(self.kafka, KafkaCluster) else {}
 
     def env(self) -> dict[str, str]:
         """The environment variables that point a service process at this stack."""
         return {
             KAFKA_BOOTSTRAP_SERVERS_ENV: self.bootstrap_servers,
             DATABASE_URL_ENV: self.database_url,
+            **self.topic_env(),
         }
 
     def describe(self) -> list[str]:
@@ -158,6 +240,13 @@ class LocalStack(Lifecycle):
         if self.kafka is None:
             lines.append(
                 f"Kafka       {self.bootstrap_servers} (external, {KAFKA_BOOTSTRAP_SERVERS_ENV})"
+            )
+        elif isinstance(self.kafka, KafkaCluster):
+            lines.append(
+                f"Kafka       {self.bootstrap_servers} (Apache Kafka {self.kafka.version}, "
+                f"{len(self.kafka.brokers)} nodes, replication factor "
+                f"{self.kafka.replication_factor}, logs "
+                f"{', '.join(str(b.log_path) for b in self.kafka.brokers)})"
             )
         else:
             lines.append(
@@ -168,6 +257,11 @@ class LocalStack(Lifecycle):
             lines.append(f"PostgreSQL  {self.database_url} (external, {DATABASE_URL_ENV})")
         else:
             lines.append(f"PostgreSQL  {self.database_url} (log {self.postgres.log_path})")
+            if self.postgres_standby is not None:
+                lines.append(
+                    f"PostgreSQL  standby on port {self.postgres_standby.port}, streaming "
+                    f"(log {self.postgres_standby.log_path})"
+                )
         return lines
 
     async def start(self) -> None:
@@ -184,11 +278,7 @@ class LocalStack(Lifecycle):
                     asyncio.create_task(self.kafka.start(keep_data=self._keep_data), name="kafka")
                 )
             if self.postgres is not None:
-                tasks.append(
-                    asyncio.create_task(
-                        self.postgres.start(keep_data=self._keep_data), name="postgres"
-                    )
-                )
+                tasks.append(asyncio.create_task(self._start_postgres(), name="postgres"))
             try:
                 # Without return_exceptions, gather raises the first failure at once.
                 await asyncio.gather(*tasks)
@@ -203,6 +293,12 @@ class LocalStack(Lifecycle):
             for line in self.describe():
                 _log.info("devstack: %s", line)
 
+    async def _start_postgres(self) -> None:
+        assert self.postgres is not None
+        await self.postgres.start(keep_data=self._keep_data)
+        if self.postgres_standby is not None:  # its first start copies the primary
+            await self.postgres_standby.start(keep_data=self._keep_data)
+
     async def stop(self) -> None:
         """Stop the servers this stack started (both, even if one fails). Idempotent."""
         async with self._lock:
@@ -210,8 +306,8 @@ class LocalStack(Lifecycle):
             await self._stop_servers()
 
     async def _stop_servers(self) -> None:
-        servers: list[KafkaBroker | PostgresServer] = [
-            s for s in (self.kafka, self.postgres) if s is not None
+        servers: list[KafkaBroker | KafkaCluster | PostgresServer] = [
+            s for s in (self.kafka, self.postgres, self.postgres_standby) if s is not None
         ]
         results = await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
         for result in results:

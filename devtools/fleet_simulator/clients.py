@@ -22,6 +22,7 @@ from devtools.fleet_simulator.uplink import Metadata
 from shared.auth import Role, mint_token
 from shared.pb import delivery_pb2, delivery_pb2_grpc, shipment_pb2, shipment_pb2_grpc
 from shared.rpc import field_violations
+from shared.runtime import Backoff
 
 __all__ = ["DriverApp", "Tms", "TokenSource", "call_with_retry", "event_id"]
 
@@ -89,21 +90,22 @@ async def call_with_retry(
     *,
     backoff_s: tuple[float, float] = (0.2, 5.0),
 ) -> T:
-    """Run `call` until it succeeds; retry RETRYABLE errors with doubling back-off.
+    """Run `call` until it succeeds; retry RETRYABLE errors after a `Backoff` of
+    `backoff_s` = (first, most) seconds, doubling.
 
     Other errors are raised at once. Retries forever: the caller bounds it with a
     timeout or by cancelling (the simulator's stop).
     """
-    delay, most = backoff_s
+    backoff = Backoff(*backoff_s)
     while True:
         try:
             return await call()
         except grpc.aio.AioRpcError as error:
             if error.code() not in RETRYABLE:
                 raise
+            delay = backoff.next()
             log.info("%s: %s; retrying in %.1fs", what, error.code().name, delay)
         await asyncio.sleep(delay)
-        delay = min(delay * 2, most)
 
 
 def _refusal(error: grpc.aio.AioRpcError) -> str:

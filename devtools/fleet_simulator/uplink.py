@@ -36,6 +36,7 @@ from devtools.fleet_simulator.stats import SimulatorStats
 from shared.auth import STREAM_TOKEN_EXPIRED
 from shared.lifecycle import Lifecycle
 from shared.pb import gps_pb2, gps_pb2_grpc
+from shared.runtime import Backoff
 
 __all__ = ["GpsUplink", "Metadata"]
 
@@ -184,10 +185,14 @@ class GpsUplink(Lifecycle):
     # -- the connection --------------------------------------------------------------
 
     async def _run(self) -> None:
-        first, most = self._backoff
-        delay = first
+        """Open stream after stream until closed, waiting a `Backoff` between them: it
+        starts again from its first delay after a stream that ended normally or got
+        answers; a failure that is not transient (a refused token, a bug) waits the
+        longest delay, as retrying it fast would only repeat it."""
+        backoff = Backoff(*self._backoff)
         while not self._closing:
             answered_before = self.stats.batches_acked
+            hard_failure = False
             try:
                 outcome = await self._one_stream()
             except grpc.aio.AioRpcError as error:
@@ -204,7 +209,7 @@ class GpsUplink(Lifecycle):
                     log.error(
                         "%s: stream failed: %s %s", self.device_id, code.name, error.details()
                     )
-                    delay = most
+                    hard_failure = True
             except _OutOfOrder as error:
                 self.stats.stream_errors += 1
                 log.error("%s: %s; reconnecting", self.device_id, error)
@@ -215,11 +220,13 @@ class GpsUplink(Lifecycle):
                     log.info("%s: lost the stream (network drill); reconnecting", self.device_id)
                 else:
                     log.info("%s: the server ended the stream; reconnecting", self.device_id)
-                delay = first
-            if self.stats.batches_acked > answered_before:
-                delay = first  # the stream worked for a while: not a tight failure loop
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, most)
+                backoff.reset()
+            progressed = self.stats.batches_acked > answered_before
+            if progressed:
+                backoff.reset()  # the stream worked for a while: not a tight failure loop
+            await asyncio.sleep(
+                backoff.max_s if hard_failure and not progressed else backoff.next()
+            )
 
     async def _one_stream(self) -> str:
         """Run one stream until it ends: "dropped" (drill), "ended" (the server ended it

@@ -7,6 +7,13 @@ gRPC client; the public routes (`/v1/track/...`, the page `/t/{token}`) call the
 public RPCs, which answer only `PublicShipment` fields. docs/http.md has the
 client's view.
 
+What it does decide is what any client may send and receive (guard.py holds the
+parts that know nothing of aiohttp): public tracking-token lookups and streams are
+rate-limited per client, streams are capped per client and in total, bodies, query
+strings and headers are bounded, slow clients are timed out, cross-origin calls
+follow an explicit policy, every response carries the security headers, and every
+error, whatever caused it, is a JSON `google.rpc.Status` without a stack trace.
+
 `GatewayServer` is one running gateway: gRPC health on CARGOTRACK_GRPC_PORT (like
 every service: probes and the dev launcher use it; SERVING while both upstream
 services answer SERVING), HTTP on CARGOTRACK_HTTP_PORT (`/healthz`, `/readyz` too),
@@ -22,19 +29,22 @@ import contextlib
 import html
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.http_gateway import openapi, streams
+from services.http_gateway import guard, openapi, streams
 from services.http_gateway.errors import (
     HTTP_STATUS,
+    gateway_error,
     http_status,
     invalid,
     status_from,
@@ -61,10 +71,38 @@ LABEL = "http-gateway"
 STATIC = Path(__file__).resolve().parent / "static"
 #: Deadline of a unary call forwarded to a gRPC service.
 UNARY_TIMEOUT_S = 30.0
-#: Largest JSON body accepted.
+#: Largest request body accepted (413 beyond; the Ingress has the same limit).
 MAX_BODY_BYTES = 1 << 20
+#: Longest query string accepted (414 beyond); a whole request line over
+#: MAX_LINE_BYTES, or a header over MAX_FIELD_BYTES, is refused by the HTTP parser.
+MAX_QUERY_BYTES = 4096
+MAX_LINE_BYTES = 8190
+MAX_FIELD_BYTES = 8190
+#: Most header lines in one request.
+MAX_HEADERS = 64
+#: Retry-After of a stream refused at a stream cap: streams end at unknown times.
+STREAM_RETRY_AFTER_S = 10
 #: Request headers forwarded to the gRPC services as metadata.
 FORWARDED_HEADERS = ("authorization",)
+JSON = "application/json"
+#: Set on a request once its stream's head is sent.
+_STREAMING = web.RequestKey("streaming", bool)
+
+
+class _ParserErrors(logging.Filter):
+    """Requests aiohttp's HTTP parser refuses (garbage, TLS on the plain port, a
+    header over the limits) are counted (`unparsed`), not logged: aiohttp logs each
+    with a stack trace at ERROR, which anyone could use to flood the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            metrics.HTTP_REQUESTS.labels("unparsed", str(error.code or 400)).inc()
+            return False
+        return True
+
+
+_PARSER_ERRORS = _ParserErrors()
 
 
 def _json_response(body: Any, status: int = 200, **headers: str) -> web.Response:
@@ -82,6 +120,17 @@ def _error_response(status: Any) -> web.Response:
     return _json_response(status_json(status), http, **headers)
 
 
+def _refuse(label: str, http: int, message: str, **headers: str) -> web.Response:
+    """An error the gateway decides itself, counted under `label` (the RPC method, or
+    `unrouted`), as a `google.rpc.Status` JSON body."""
+    metrics.HTTP_REQUESTS.labels(label, str(http)).inc()
+    return _json_response(gateway_error(http, message), http, **headers)
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 class Gateway:
     """The HTTP application: routes from the protos onto two gRPC channels."""
 
@@ -97,21 +146,91 @@ class Gateway:
         self.closing = asyncio.Event()
         self.ready = ready
         self._openapi = openapi.document(self.routes)
+        gateway = settings.gateway
+        self.limiter = guard.RateLimiter(
+            gateway.rate_per_s, gateway.rate_burst, gateway.rate_clients
+        )
+        self.streams = guard.StreamSlots(gateway.max_streams_per_client, gateway.max_streams)
+        self.cors = guard.Cors(gateway.cors_origins)
+        self._page_policy = guard.page_policy(gateway.tile_url)
+        #: The files /static/ serves, by path: fixed at start, so no request path,
+        #: however encoded, can reach anything else (no `..`, no symbolic links).
+        self._static_files = {
+            path.relative_to(STATIC).as_posix(): path
+            for path in STATIC.rglob("*")
+            if path.is_file() and not path.is_symlink()
+        }
+
+    def client(self, request: web.Request) -> str:
+        """The key `request` is counted under (guard.client_address, client_key)."""
+        address = guard.client_address(
+            request.remote,
+            request.headers.getall("X-Forwarded-For", ()),
+            self.settings.gateway.trusted_proxies,
+        )
+        return guard.client_key(address)
 
     def channel_for(self, route: Route) -> grpc.aio.Channel:
         return self._channels[route.method.containing_service.full_name]
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app.on_response_prepare.append(self._headers)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/openapi.json", self._openapi_json)
         app.router.add_get("/t/{tracking_token}", self._tracking_page)
         app.router.add_get("/dispatch", self._dispatch_page)
         app.router.add_get("/", self._index)
-        app.router.add_static("/static/", STATIC, follow_symlinks=False)
+        app.router.add_get("/static/{name:.*}", self._static)
         app.router.add_route("*", "/v1/{tail:.*}", self._api)
         return app
+
+    def runner_options(self) -> dict[str, Any]:
+        """aiohttp server options: the parser's bounds and the slow-client timeout
+        (a connection without a whole request head within it is closed)."""
+        return {
+            "max_line_size": MAX_LINE_BYTES,
+            "max_field_size": MAX_FIELD_BYTES,
+            "max_headers": MAX_HEADERS,
+            "keepalive_timeout": self.settings.gateway.idle_timeout_s,
+        }
+
+    # --- every response ----------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every error as JSON: aiohttp's own (no route, method not allowed on a page,
+        a static file refused) keep their status; anything unexpected is logged and
+        answered 500 without details (never a stack trace)."""
+        try:
+            return await handler(request)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise  # redirects
+            headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
+            return _refuse("unrouted", error.status, error.reason, **headers)
+        except Exception:
+            if request.get(_STREAMING):
+                raise  # a stream's head is sent: nothing left to answer with
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+            return _refuse("unrouted", 500, "internal error")
+
+    async def _headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The security headers of every response (those a handler set win)."""
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("Content-Security-Policy", guard.API_POLICY)
+        if not request.path.startswith("/static/"):
+            # Tracking tokens are in paths, bearer answers are private: no cache keeps
+            # them. Static files are the same for everyone and may be cached.
+            headers.setdefault("Cache-Control", "no-store")
+        if request.path.startswith("/v1/") and request.method != "OPTIONS":
+            headers.update(self.cors.response_headers(request.headers.get("Origin")))
 
     # --- pages -------------------------------------------------------------------------
 
@@ -133,19 +252,19 @@ class Gateway:
         text = (STATIC / name).read_text()
         text = text.replace("{{TILE_URL}}", html.escape(self.settings.gateway.tile_url, quote=True))
         metrics.HTTP_REQUESTS.labels(method, "200").inc()
+        # The other security headers (no-referrer: the tracking token is in the URL;
+        # no-store; no framing) are every response's (`_headers`).
         return web.Response(
             text=text,
             content_type="text/html",
-            headers={
-                "Cache-Control": "no-store",
-                "Referrer-Policy": "no-referrer",
-                "X-Content-Type-Options": "nosniff",
-                "Content-Security-Policy": (
-                    "default-src 'self'; img-src 'self' data: https: http:; "
-                    "style-src 'self'; script-src 'self'; connect-src 'self'"
-                ),
-            },
+            headers={"Content-Security-Policy": self._page_policy},
         )
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        path = self._static_files.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound()  # JSON, by `_errors`
+        return web.FileResponse(path)
 
     async def _tracking_page(self, request: web.Request) -> web.Response:
         # The token is read by the page's script from its own URL; nothing is looked up
@@ -159,35 +278,82 @@ class Gateway:
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
         path = request.rel_url.raw_path
+        if request.method == "OPTIONS":
+            return self._options(request, path)
+        if len(request.rel_url.raw_query_string) > MAX_QUERY_BYTES:
+            return _refuse("unrouted", 414, f"query string over {MAX_QUERY_BYTES} bytes")
         found = find(self.routes, request.method, path)
         if found is None:
             verbs = allowed_verbs(self.routes, path)
             if verbs:
-                metrics.HTTP_REQUESTS.labels("unrouted", "405").inc()
-                return _json_response(
-                    {"code": 12, "message": f"{request.method} not allowed", "details": []},
-                    405,
-                    Allow=", ".join(verbs),
-                )
-            metrics.HTTP_REQUESTS.labels("unrouted", "404").inc()
-            return _json_response({"code": 5, "message": "no such route", "details": []}, 404)
+                message = f"{request.method} not allowed"
+                return _refuse("unrouted", 405, message, Allow=", ".join(verbs))
+            return _refuse("unrouted", 404, "no such route")
         route, variables = found
+        label = route.method.name
+        client = self.client(request)
+        if route.public:
+            # Before any work: a token guesser costs one bucket look-up per request.
+            wait = self.limiter.take(client)
+            if wait > 0:
+                message = (
+                    "too many tracking look-ups from this client"
+                    " (CARGOTRACK_GATEWAY_RATE_PER_S): retry later"
+                )
+                return _refuse(label, 429, message, **_retry_after(wait))
+        if route.body == "*" and request.can_read_body and request.content_type != JSON:
+            return _refuse(label, 415, f"the body must be {JSON}, not {request.content_type}")
         try:
-            message = build_request(
-                route, variables, request.rel_url.query.items(), await request.read()
-            )
-        except RequestError as error:
-            metrics.HTTP_REQUESTS.labels(route.method.name, "400").inc()
-            return _error_response(invalid(error.field, error.description))
+            async with asyncio.timeout(self.settings.gateway.idle_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            metrics.HTTP_REQUESTS.labels(route.method.name, "413").inc()
-            raise
+            return _refuse(label, 413, f"request body over {MAX_BODY_BYTES} bytes")
+        except TimeoutError:
+            message = "the request body did not arrive in time (CARGOTRACK_GATEWAY_IDLE_TIMEOUT_S)"
+            return _refuse(label, 408, message, Connection="close")
+        try:
+            rpc_request = build_request(route, variables, request.rel_url.query.items(), body)
+        except RequestError as error:
+            metrics.HTTP_REQUESTS.labels(label, "400").inc()
+            return _error_response(invalid(error.field, error.description))
         metadata = tuple(
             (name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers
         )
-        if route.streaming:
-            return await self._stream(request, route, message, metadata)
-        return await self._unary(route, message, metadata)
+        if not route.streaming:
+            return await self._unary(route, rpc_request, metadata)
+        full = self.streams.acquire(client)
+        if full == guard.StreamSlots.PER_CLIENT:
+            message = (
+                f"this client holds {self.streams.per_client} open streams"
+                " (CARGOTRACK_GATEWAY_MAX_STREAMS_PER_CLIENT): close one first"
+            )
+            return _refuse(label, 429, message, **_retry_after(STREAM_RETRY_AFTER_S))
+        if full == guard.StreamSlots.TOTAL:
+            message = (
+                f"this gateway holds {self.streams.total} open streams"
+                " (CARGOTRACK_GATEWAY_MAX_STREAMS): retry later"
+            )
+            return _refuse(label, 503, message, **_retry_after(STREAM_RETRY_AFTER_S))
+        try:
+            return await self._stream(request, route, rpc_request, metadata)
+        finally:
+            self.streams.release(client)
+
+    def _options(self, request: web.Request, path: str) -> web.Response:
+        """OPTIONS on an API route: its verbs in `Allow`, and, for a CORS preflight,
+        the grant when the policy allows it (guard.Cors); 404 for no route."""
+        verbs = allowed_verbs(self.routes, path)
+        if not verbs:
+            return _refuse("unrouted", 404, "no such route")
+        metrics.HTTP_REQUESTS.labels("options", "204").inc()
+        headers = self.cors.preflight_headers(
+            request.headers.get("Origin"),
+            request.headers.get("Access-Control-Request-Method", ""),
+            request.headers.get("Access-Control-Request-Headers", ""),
+            verbs,
+        )
+        allow = ", ".join([*verbs, "OPTIONS"])
+        return web.Response(status=204, headers={"Allow": allow, **headers})
 
     async def _unary(
         self, route: Route, message: Message, metadata: tuple[tuple[str, str], ...]
@@ -249,6 +415,7 @@ class Gateway:
         )
         metrics.HTTP_REQUESTS.labels(method, "200").inc()
         metrics.HTTP_OPEN_STREAMS.labels(method).inc()
+        request[_STREAMING] = True
         closing = asyncio.ensure_future(self.closing.wait())
         reader: asyncio.Future[Any] = asyncio.ensure_future(call.read())
         try:
@@ -361,9 +528,14 @@ class GatewayServer(ServiceServer):
             self.on_stop(channel.close)
         gateway = Gateway(settings, channels, self.ready)
         self.gateway = gateway
+        logging.getLogger("aiohttp.server").addFilter(_PARSER_ERRORS)  # once: a set
         await self.serve_grpc(GrpcApp(settings.grpc, settings.auth, [], {}))  # health only
         runner = web.AppRunner(
-            gateway.application(), access_log=None, handle_signals=False, shutdown_timeout=5.0
+            gateway.application(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=5.0,
+            **gateway.runner_options(),
         )
         await runner.setup()
         self.on_stop(runner.cleanup)

@@ -80,3 +80,23 @@ def http_status(code: int) -> int:
         if status_code.value[0] == code:
             return http
     return 500
+
+
+#: google.rpc.Code of an error the gateway answers itself (no RPC was called).
+_CODE_OF_HTTP = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    403: code_pb2.PERMISSION_DENIED,
+    404: code_pb2.NOT_FOUND,
+    405: code_pb2.UNIMPLEMENTED,
+    408: code_pb2.DEADLINE_EXCEEDED,
+    429: code_pb2.RESOURCE_EXHAUSTED,
+    503: code_pb2.UNAVAILABLE,
+}
+
+
+def gateway_error(http: int, message: str) -> dict[str, Any]:
+    """The `google.rpc.Status` JSON of an error decided by the gateway: the code of
+    `http` (other 4xx INVALID_ARGUMENT: the request itself is wrong; 5xx INTERNAL)."""
+    code = _CODE_OF_HTTP.get(http, code_pb2.INVALID_ARGUMENT if http < 500 else code_pb2.INTERNAL)
+    return {"code": int(code), "message": message, "details": []}

@@ -178,7 +178,7 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
                 "description": "OK",
                 "content": {"application/json": {"schema": response}},
             }
-        if not method.name.endswith("ByToken"):
+        if not route.public:
             operation["security"] = [{"bearer": []}]
         path = route.template
         paths.setdefault(path, {})[route.verb.lower()] = operation

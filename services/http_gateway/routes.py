@@ -62,6 +62,12 @@ class Route:
     def streaming(self) -> bool:
         return bool(self.method.server_streaming)
 
+    @property
+    def public(self) -> bool:
+        """Answered without a bearer token, by tracking token (TrackByToken,
+        WatchByToken: tracking-query's PUBLIC_METHODS)."""
+        return bool(self.method.name.endswith("ByToken"))
+
     def request_class(self) -> type[Message]:
         return message_factory.GetMessageClass(self.method.input_type)
 

@@ -63,13 +63,7 @@ class LearnerProjection:
             envelope = record.envelope
             batch = envelope.gps_batch
             found = points.setdefault(envelope.tenant_id, [])
-            for p in gps_positions(batch):
-                found.append(
-                    (
-                        batch.vehicle_id,
-                        Fix.trusted(p.recorded_at, p.lat, p.lon, p.speed_mps or None),
-                    )
-                )
+            found.extend((batch.vehicle_id, fix) for fix in gps_positions(batch))
         missing = [t for t in points if t not in self.states]
         loaded = await learner_state.load_states(connection, missing) if missing else {}
         staged: dict[str, LearnerState] = {}

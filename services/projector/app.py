@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from services.projector.freshness import ReceiptAges
 from services.projector.live import LiveTracker
 from services.projector.models import ModelStore
 from services.projector.outbox import OutboxRelay
@@ -94,7 +95,9 @@ class ProjectorServer(ServiceServer):
         models = self.models = ModelStore(pool, settings.learner.model_poll_s)
         await models.refresh()
         projection = TrackingProjection(
-            settings.topics, LiveTracker(settings.alerts, models=models)
+            settings.topics,
+            LiveTracker(settings.alerts, models=models),
+            freshness=ReceiptAges(),
         )
         self.runner = ProjectionRunner(
             projection,
@@ -105,6 +108,7 @@ class ProjectorServer(ServiceServer):
             group_id=self._group_id,
             topic_prefix=settings.topics.prefix,
             max_records=settings.projector_max_records,
+            latency_budget_s=(settings.projector_latency_budget_ms / 1000) or None,
         )
         self.relay = OutboxRelay(settings, pool, producer, idle_s=self._outbox_idle_s)
         self.scanner = StaleScanner(pool, settings.alerts, interval_s=self._stale_scan_interval_s)

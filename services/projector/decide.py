@@ -30,8 +30,8 @@ from shared.domain.eta import (
     late_probability,
 )
 from shared.domain.eta_accuracy import geofence_arrival
-from shared.domain.geo import Fix, Route, haversine_m, route_from_polyline
-from shared.domain.tracking import ACTIVE, Position, ShipmentState
+from shared.domain.geo import Fix, Route, TrackMemo, haversine_m, route_from_polyline
+from shared.domain.tracking import ACTIVE, ShipmentState
 from shared.envelopes import timestamp
 from shared.pb import alerts_pb2, common_pb2
 from shared.readmodel.messages import eta_message
@@ -85,6 +85,10 @@ class Track(Protocol):
 
     def at(self, moment: datetime) -> tuple[float, float] | None:
         """Where the newest fix at or before `moment` was."""
+
+    @property
+    def memo(self) -> TrackMemo:
+        """What the ETA model worked out about these fix objects, kept between calls."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +254,7 @@ def failed_deliveries(shipment: ShipmentState) -> Iterator[PendingAlert]:
             yield PendingAlert(shipment, decision, detected_at=entry.occurred_at)
 
 
-def arrival(shipment: ShipmentState, track: Track, position: Position) -> datetime | None:
+def arrival(shipment: ShipmentState, track: Track, position: Fix) -> datetime | None:
     """When the vehicle, now near the destination, entered its geofence and stayed
     (eta_accuracy.geofence_arrival), counting fixes since the shipment became active."""
     destination = shipment.destination
@@ -264,7 +268,7 @@ def arrival(shipment: ShipmentState, track: Track, position: Position) -> dateti
 def decide(
     shipment: ShipmentState,
     stored: StoredTracking | None,
-    position: Position,
+    position: Fix,
     track: Track | None,
     model: EtaModel,
     policy: Policy,
@@ -290,8 +294,14 @@ def decide(
     def estimate_at(
         moment: datetime, previous: EtaEstimate | None, fixes: list[Fix]
     ) -> EtaEstimate | None:
+        assert track is not None
         return model.estimate(
-            now=moment, destination=destination, positions=fixes, route=route, previous=previous
+            now=moment,
+            destination=destination,
+            positions=fixes,
+            route=route,
+            previous=previous,
+            memo=track.memo,
         )
 
     # Observations: what the debouncer sees, independent of batching.
@@ -311,7 +321,7 @@ def decide(
                 )
 
     # The ETA shown: at the vehicle's newest position.
-    now = position.recorded_at
+    now = position.at
     shown: EtaEstimate | None = None
     if chain is not None and observed_at == now:
         shown = chain

@@ -70,11 +70,11 @@ from services.projector.track_cache import CachedTrack, TrackCache, VehicleTrack
 from shared.config import AlertSettings
 from shared.db import Connection
 from shared.domain.eta import DelayMargins, EtaModel
+from shared.domain.geo import Fix
 from shared.domain.tracking import (
     ACTIVE,
     DELIVERED,
     DELIVERY_FAILED,
-    Position,
     ShipmentState,
     VehicleState,
 )
@@ -177,12 +177,14 @@ class LiveTracker:
         connection: Connection,
         vehicles_moved: dict[VehicleKey, VehicleState],
         shipments_changed: dict[ShipmentKey, ShipmentState],
-        new_points: Mapping[VehicleKey, Sequence[tuple[str, Position]]] | None = None,
+        new_points: Mapping[VehicleKey, Sequence[tuple[str, Fix]]] | None = None,
     ) -> None:
         """Track the shipments of the moved vehicles inside the caller's transaction.
 
-        `new_points` are the history rows (event id, position) this transaction
-        added per vehicle; without them the cache is not used for this batch.
+        `new_points` are the history rows (event id, fix) this transaction added per
+        vehicle, the fix objects the fold decoded (the cache keeps them, so the ETA's
+        memo works on them from their first batch on); without them the cache is not
+        used for this batch.
         """
         self._staged = {}
         self._arrivals = []
@@ -260,7 +262,7 @@ class LiveTracker:
             newest = moved[key].last_position
             assert newest is not None
             first = needed_from(
-                shipment, stored.get((shipment.tenant_id, shipment.shipment_id)), newest.recorded_at
+                shipment, stored.get((shipment.tenant_id, shipment.shipment_id)), newest.at
             )
             since[key] = min(since.get(key, first), first)
         tracks = await self._load_tracks(connection, since)

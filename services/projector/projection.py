@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
+from services.projector.freshness import ReceiptAges
 from services.projector.live import LiveTracker
 from shared.config import TopicSettings
 from shared.db import Connection
 from shared.domain import tracking
-from shared.domain.tracking import Position, ShipmentState, VehicleState
+from shared.domain.geo import Fix
+from shared.domain.tracking import ShipmentState, VehicleState
 from shared.pb import envelope_pb2
 from shared.projection import Delivered
 from shared.readmodel import shipments, vehicle_positions, vehicles
@@ -74,8 +76,10 @@ class BatchEffect:
     shipments: dict[ShipmentKey, ShipmentState] = field(default_factory=dict)
     vehicles_moved: dict[VehicleKey, VehicleState] = field(default_factory=dict)
     history_points: int = 0
-    #: The history rows added, per vehicle: (event id, position).
-    new_points: dict[VehicleKey, list[tuple[str, Position]]] = field(default_factory=dict)
+    #: The history rows added, per vehicle: (event id, fix). The fix objects are the
+    #: ones the fold decoded: the history COPY, the vehicle's motion and the track
+    #: cache share them (one object per point).
+    new_points: dict[VehicleKey, list[tuple[str, Fix]]] = field(default_factory=dict)
     ignored: int = 0
 
 
@@ -84,7 +88,13 @@ class TrackingProjection:
 
     name = "tracking"
 
-    def __init__(self, topics: TopicSettings, live: LiveTracker | None = None) -> None:
+    def __init__(
+        self,
+        topics: TopicSettings,
+        live: LiveTracker | None = None,
+        *,
+        freshness: ReceiptAges | None = None,
+    ) -> None:
         self.topics = (topics.shipment_events, topics.delivery_confirmations, topics.gps_points)
         #: What each topic carries: anything else there was written by mistake.
         self.payloads = {
@@ -93,6 +103,9 @@ class TrackingProjection:
             topics.gps_points: ("gps_batch",),
         }
         self.live = live
+        #: The running projector's receipt-to-visible ages; None where the records are
+        #: history being replayed (a rebuild), whose age says nothing about freshness.
+        self.freshness = freshness
         self.last_effect = BatchEffect()
 
     async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
@@ -116,15 +129,21 @@ class TrackingProjection:
             await self.live.update(
                 connection, effect.vehicles_moved, effect.shipments, effect.new_points
             )
+        if self.freshness is not None:
+            self.freshness.stage(gps_records)
         self.last_effect = effect
 
     def committed(self) -> None:
         """The transaction of the last `apply` committed."""
+        if self.freshness is not None:
+            self.freshness.committed()  # first: its clock reads as close to COMMIT as can be
         if self.live is not None:
             self.live.committed()
 
     def forget(self) -> None:
         """The last `apply` did not commit, or partitions changed hands."""
+        if self.freshness is not None:
+            self.freshness.forget()
         if self.live is not None:
             self.live.forget()
 

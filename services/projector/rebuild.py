@@ -9,8 +9,10 @@
    never re-announces the past).
 3. In the same transaction rename the live schema away and the rebuilt one into
    its place. Queries keep answering throughout: before the commit they read the
-   old tables, after it the new ones. The old schema is dropped afterwards
-   (unless --keep-old), which also makes every cached plan re-resolve its tables.
+   old tables, after it the new ones; the commit notifies tracking-query that every
+   shipment may have changed (its watches re-read, its response cache empties). The
+   old schema is dropped afterwards (unless --keep-old), which also makes every
+   cached plan re-resolve its tables.
 4. The live projector, on its next batch, finds the offsets moved (fencing) and
    re-seeks to the rebuilt schema's offsets: nothing lost, nothing applied twice.
 
@@ -181,6 +183,11 @@ async def rebuild(
             old_schema = f"{live_schema}_old_{stamp}"
             await live.execute(f'ALTER SCHEMA "{live_schema}" RENAME TO "{old_schema}"')
             await live.execute(f'ALTER SCHEMA "{new_schema}" RENAME TO "{live_schema}"')
+            # The rebuilt rows were written under another schema's name, so their
+            # triggers notified another channel: tell tracking-query, on commit, that
+            # any shipment may have changed (payload "*": its watches re-read and its
+            # response cache empties; services/tracking_query/watch.py).
+            await live.execute("SELECT pg_notify($1, '*')", f"{live_schema}.shipment_changed")
         dropped = None
         if not keep_old:
             await live.execute(f'DROP SCHEMA "{old_schema}" CASCADE')

@@ -85,7 +85,7 @@ class StaleScanner:
             for row in rows:
                 updated, decisions = alerts.observe_silence(
                     row.conditions,
-                    row.position.recorded_at,
+                    row.position.at,
                     now,
                     stale_after_s=self.stale_after.total_seconds(),
                     tenant_id=row.tenant_id,

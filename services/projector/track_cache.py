@@ -15,13 +15,12 @@ import bisect
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import pairwise
 
 from shared import metrics
-from shared.domain.geo import Fix
-from shared.domain.tracking import Position
+from shared.domain.geo import Fix, TrackMemo
 from shared.readmodel.rows import VehicleKey
 
 
@@ -33,6 +32,8 @@ class VehicleTrack:
     times: list[datetime]
     #: Event time of each GPS record: its newest fix. Sorted, distinct.
     records: list[datetime]
+    #: What the ETA model worked out about these fix objects (the cached track's memo).
+    memo: TrackMemo = field(default_factory=TrackMemo)
 
     def up_to(self, moment: datetime, window_s: float) -> list[Fix]:
         """The fixes in (moment - window_s, moment]."""
@@ -56,27 +57,35 @@ class CachedTrack:
     """A vehicle's history rows after `covered_from` (exclusive), in history order.
 
     Immutable: a batch derives new tracks from the committed ones, so a rollback
-    leaves the cache as it was.
+    leaves the cache as it was. The derived tracks share one `memo`: it only records
+    what the ETA model worked out about fix objects (pure functions of them), which
+    stays true whatever commits; `TrackCache.apply` trims it to the committed fixes.
     """
 
     covered_from: datetime
     fixes: tuple[Fix, ...]
     #: The GPS record (event id) of each fix.
     events: tuple[str, ...]
+    memo: TrackMemo = field(default_factory=TrackMemo, compare=False, repr=False)
 
     def covers(self, since: datetime) -> bool:
         return self.covered_from <= since
 
-    def with_points(self, points: Sequence[tuple[str, Position]]) -> CachedTrack:
-        """This track plus a batch's new history rows."""
-        added = [(_fix_of(point), event_id) for event_id, point in points]
+    def with_points(self, points: Sequence[tuple[str, Fix]]) -> CachedTrack:
+        """This track plus a batch's new history rows: the fixes the fold decoded, kept
+        as they are (a fix equals what reading its row back gives: see
+        `vehicle_positions.recent_fixes`)."""
+        added = [(fix, event_id) for event_id, fix in points]
         merged = list(zip(self.fixes, self.events, strict=True))
         in_order = not merged or _fix_order(merged[-1][0]) <= _fix_order(added[0][0])
         merged.extend(added)
         if not in_order or any(_fix_order(a[0]) > _fix_order(b[0]) for a, b in pairwise(added)):
             merged.sort(key=lambda pair: _fix_order(pair[0]))
         return CachedTrack(
-            self.covered_from, tuple(f for f, _ in merged), tuple(e for _, e in merged)
+            self.covered_from,
+            tuple(f for f, _ in merged),
+            tuple(e for _, e in merged),
+            self.memo,
         )
 
     def after(self, moment: datetime) -> CachedTrack:
@@ -84,7 +93,7 @@ class CachedTrack:
         if moment <= self.covered_from:
             return self
         lo = bisect.bisect_right(self.fixes, moment, key=lambda f: f.at)
-        return CachedTrack(moment, self.fixes[lo:], self.events[lo:])
+        return CachedTrack(moment, self.fixes[lo:], self.events[lo:], self.memo)
 
     def view(self, after: datetime) -> VehicleTrack:
         """What the history query returns for rows after `after` (must be covered)."""
@@ -93,14 +102,7 @@ class CachedTrack:
         newest: dict[str, datetime] = {}
         for fix, event_id in zip(fixes, self.events[lo:], strict=True):
             newest[event_id] = fix.at  # time order: the last one of a record is its newest
-        return VehicleTrack(fixes, [f.at for f in fixes], sorted(set(newest.values())))
-
-
-def _fix_of(point: Position) -> Fix:
-    # Exactly what reading the row back gives: speeds are float32 on the wire and
-    # `real` in the table, so the value survives the round trip unchanged.
-    # The fold validated the point (tracking.gps_positions): no need to check it again.
-    return Fix.trusted(point.recorded_at, point.lat, point.lon, point.speed_mps or None)
+        return VehicleTrack(fixes, [f.at for f in fixes], sorted(set(newest.values())), self.memo)
 
 
 class TrackCache:
@@ -158,10 +160,13 @@ class TrackCache:
         return None
 
     def apply(self, changes: Mapping[VehicleKey, CachedTrack | None]) -> None:
-        """Store a committed batch's tracks (None: forget that vehicle)."""
+        """Store a committed batch's tracks (None: forget that vehicle). Each stored
+        track's memo is trimmed to its fixes, so memos are bounded with the tracks."""
         now = self._clock()
         newcomers = []
         for key, track in changes.items():
+            if track is not None:
+                track.memo.retain(track.fixes)
             if key not in self._tracks:
                 if track is not None:
                     newcomers.append((key, track))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from services.tracking_query.servicer import TrackingServicer
+from services.tracking_query.cache import ResponseCache
+from services.tracking_query.servicer import TrackingServicer, add_to_server
 from services.tracking_query.watch import ChangeFeed
 from shared import readiness
 from shared.auth import Role
 from shared.config import ConfigError, Settings
 from shared.db import create_pool, migrate_or_check
-from shared.pb import tracking_pb2, tracking_pb2_grpc
+from shared.pb import tracking_pb2
 from shared.rpc import GrpcApp
 from shared.runtime import ServiceServer, serve
 
@@ -48,11 +49,19 @@ class QueryServer(ServiceServer):
     streams end normally, `server.stop(grace)` lets in-flight calls finish, the pool
     closes. Idempotent and safe after a failed start; `async with` does both.
     `wait()` re-raises the first task failure.
+
+    `cache` holds GetShipment and TrackByToken answers (CARGOTRACK_QUERY_CACHE_MB;
+    services/tracking_query/cache.py), kept true by the LISTEN feed. `feed`: tests
+    pass a ChangeFeed whose connections they control; by default one on
+    settings.database.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, feed: ChangeFeed | None = None) -> None:
         super().__init__(settings, LABEL)
-        self.feed = ChangeFeed(settings.database)
+        self.feed = feed if feed is not None else ChangeFeed(settings.database)
+        self.cache = ResponseCache(settings.query_cache_mb * 1024 * 1024)
+        self.feed.observe(self.cache)
+        self.servicer: TrackingServicer | None = None
         key = settings.page_token_key_bytes()
         if key is None:
             raise ConfigError(
@@ -66,19 +75,13 @@ class QueryServer(ServiceServer):
         await migrate_or_check(self.settings.database)
         pool = await create_pool(self.settings.database)
         self.on_stop(pool.close)
-        servicer = TrackingServicer(pool, self.feed, self._page_token_key)
+        servicer = TrackingServicer(pool, self.feed, self._page_token_key, self.cache)
+        self.servicer = servicer
         await self.serve_grpc(
             GrpcApp(
                 self.settings.grpc,
                 self.settings.auth,
-                [
-                    (
-                        SERVICE_NAME,
-                        lambda server: tracking_pb2_grpc.add_TrackingServiceServicer_to_server(
-                            servicer, server
-                        ),
-                    )
-                ],
+                [(SERVICE_NAME, lambda server: add_to_server(servicer, server))],
                 ROLES,
                 PUBLIC_METHODS,
             )

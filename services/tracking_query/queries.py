@@ -31,7 +31,7 @@ from shared.readmodel import messages, shipment_tracking, shipments
 from shared.readmodel.rows import TrackingView
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the response cache keeps one per key
 class Scope:
     """What a caller may read: one tenant and, if `customer_id` is set, only that
     customer's shipments within it."""

@@ -15,6 +15,10 @@ Contract (docs/query.md has the client's view):
 - Which fields each caller sees is decided in one place, by audience (staff,
   customer, public) and the shipment's status: shared.domain.visibility. Every RPC
   answers through `ShipmentView.message_for` / `timeline_for`.
+- GetShipment and TrackByToken answer from the response cache when it holds the
+  answer (services/tracking_query/cache.py has the contract: never a state older
+  than one committed and notified). They answer with encoded bytes, which
+  `add_to_server` registers them for.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from datetime import timedelta
 from typing import NoReturn
 
@@ -32,6 +36,7 @@ import structlog
 from google.protobuf.message import Message
 
 from services.tracking_query import queries
+from services.tracking_query.cache import ResponseCache
 from services.tracking_query.paging import (
     PageTokenError,
     decode_page_token,
@@ -103,11 +108,53 @@ def public_shipment(view: ShipmentView) -> tracking_pb2.PublicShipment:
     return public
 
 
+def _encoded(response: bytes | Message) -> bytes:
+    """A response serializer that also takes a response already encoded."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(servicer: TrackingServicer, server: grpc.aio.Server) -> None:
+    """Register the TrackingService, as tracking_pb2_grpc's
+    add_TrackingServiceServicer_to_server does, except that every method may answer
+    with its response already encoded (bytes): the cache's answers are sent as stored."""
+    service = tracking_pb2.DESCRIPTOR.services_by_name["TrackingService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        assert not method.client_streaming, "no client streaming in TrackingService"
+        request_class = getattr(tracking_pb2, method.input_type.name)
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request_class.FromString,
+            response_serializer=_encoded,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, feed: ChangeFeed, page_token_key: bytes) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        feed: ChangeFeed,
+        page_token_key: bytes,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self._pool = pool
         self._feed = feed
         self._page_token_key = page_token_key
+        #: Answers of GetShipment and TrackByToken (off when None or max_bytes is 0).
+        self._cache = cache if cache is not None else ResponseCache(0)
+        #: Tests only: awaited after a cache miss has read and encoded its answer and
+        #: before it stores it, so that a test can commit a change at exactly that
+        #: point (tests/integration/test_query_cache.py).
+        self.after_read: Callable[[], Awaitable[None]] | None = None
 
     def _connection(self, context: Context) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A pooled connection; UNAVAILABLE when the database cannot be reached."""
@@ -135,15 +182,38 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 connection, scope, shipment_id, whole_state=whole_state
             )
 
-    async def GetShipment(
+    async def _cached(
+        self, key: Hashable, answer: Callable[[], Awaitable[tuple[str, bytes]]]
+    ) -> bytes:
+        """The cached answer for `key`, else `answer()`'s (shipment key, encoded
+        answer), stored unless the shipment changed meanwhile (see ResponseCache).
+        `answer` aborts the call (NOT_FOUND, UNAVAILABLE) instead of returning."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        ticket = self._cache.ticket()  # before PostgreSQL is asked anything
+        shipment, encoded = await answer()
+        if self.after_read is not None:
+            await self.after_read()
+        self._cache.put(key, shipment, encoded, ticket)
+        return encoded
+
+    async def GetShipment(  # type: ignore[override]  # encoded: see add_to_server
         self, request: tracking_pb2.GetShipmentRequest, context: Context
-    ) -> tracking_pb2.GetShipmentResponse:
+    ) -> bytes:
+        """The shipment as the caller's scope sees it, encoded (a GetShipmentResponse)."""
         scope = Scope.of(current_principal())
         shipment_id = await self._shipment_id(request.shipment_id, context)
-        view = await self._read(scope, shipment_id, context)
-        if view is None:
-            await self._not_found(context)
-        return tracking_pb2.GetShipmentResponse(shipment=view.message_for(scope.audience))
+
+        async def answer() -> tuple[str, bytes]:
+            view = await self._read(scope, shipment_id, context)
+            if view is None:
+                await self._not_found(context)
+            response = tracking_pb2.GetShipmentResponse(shipment=view.message_for(scope.audience))
+            return ChangeFeed.key(scope.tenant_id, shipment_id), response.SerializeToString()
+
+        # The scope is all of the caller that decides the answer (tenant, customer).
+        return await self._cached(("GetShipment", scope, shipment_id), answer)
 
     async def GetTimeline(
         self, request: tracking_pb2.GetTimelineRequest, context: Context
@@ -237,13 +307,23 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                     last = current
                     yield tracking_pb2.WatchShipmentResponse(shipment=current)
 
-    async def TrackByToken(
+    async def TrackByToken(  # type: ignore[override]  # encoded: see add_to_server
         self, request: tracking_pb2.TrackByTokenRequest, context: Context
-    ) -> tracking_pb2.TrackByTokenResponse:
-        view = await self._by_token(request.tracking_token, context)
-        if view is None:
-            await self._not_found(context, "unknown tracking token")
-        return tracking_pb2.TrackByTokenResponse(shipment=public_shipment(view))
+    ) -> bytes:
+        """The public view of the token's shipment, encoded (a TrackByTokenResponse)."""
+        token = request.tracking_token
+        await self._check_token(token, context)
+
+        async def answer() -> tuple[str, bytes]:
+            view = await self._by_token(token, context)
+            if view is None:
+                await self._not_found(context, "unknown tracking token")
+            response = tracking_pb2.TrackByTokenResponse(shipment=public_shipment(view))
+            shipment = ChangeFeed.key(view.state.tenant_id, view.state.shipment_id)
+            return shipment, response.SerializeToString()
+
+        # The answer is the same for every caller: the token is the whole key.
+        return await self._cached(("TrackByToken", token), answer)
 
     async def WatchByToken(
         self, request: tracking_pb2.WatchByTokenRequest, context: Context
@@ -252,6 +332,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         may see (consecutive equal views are sent once), until the client cancels or
         the server shuts down (the page watches again: the first message is the
         current view, so nothing is lost)."""
+        await self._check_token(request.tracking_token, context)
         view = await self._by_token(request.tracking_token, context)
         if view is None:
             await self._not_found(context, "unknown tracking token")
@@ -271,8 +352,8 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                     last = current
                     yield tracking_pb2.WatchByTokenResponse(shipment=current)
 
-    async def _by_token(self, token: str, context: Context) -> ShipmentView | None:
-        """The shipment holding this tracking token (INVALID_ARGUMENT when malformed)."""
+    async def _check_token(self, token: str, context: Context) -> None:
+        """INVALID_ARGUMENT unless `token` has the form of a tracking token."""
         if not token or len(token) > MAX_TRACKING_TOKEN_LENGTH:
             await abort_invalid(
                 context,
@@ -289,5 +370,8 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 [Violation("tracking_token", "must consist of base64url characters")],
                 "invalid tracking token",
             )
+
+    async def _by_token(self, token: str, context: Context) -> ShipmentView | None:
+        """The shipment holding this (well-formed: `_check_token`) tracking token."""
         async with self._connection(context) as connection:
             return await queries.by_tracking_token(connection, token)

@@ -19,6 +19,13 @@ No change is missed:
 - a connection that dies silently is found by a periodic `SELECT 1`.
 Wake-ups may be spurious (a reconnect, a payload shared by two keys); watchers
 compare before sending.
+
+The payload `*` (sent by `cargotrack rebuild` when it switches the tables) means
+"every shipment may have changed": every subscription is woken.
+
+Observers (`FeedObserver`; the response cache of services/tracking_query/cache.py)
+are told, synchronously and before any subscription wakes, of each notification
+taken, of the connection's loss and of each LISTEN established.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -46,9 +53,26 @@ CONNECT_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S = 0.1
 RECONNECT_BACKOFF_MAX_S = 5.0
 
-#: Failures that mean "the connection is gone or unusable": reconnect.
+#: A notification's payload meaning "every shipment may have changed".
+EVERYTHING = "*"
 
 Connect = Callable[[], Awaitable["asyncpg.Connection[Any]"]]
+
+
+class FeedObserver(Protocol):
+    """What the feed tells an observer; every call comes from the event loop."""
+
+    def changed(self, key: str) -> None:
+        """A notification for this key (`ChangeFeed.key`) was taken."""
+
+    def everything_changed(self) -> None:
+        """The `*` notification was taken: any shipment may have changed."""
+
+    def lost(self) -> None:
+        """The LISTEN connection is gone: notifications may be missed until `listening`."""
+
+    def listening(self) -> None:
+        """LISTEN is established (again): from now on every commit notifies."""
 
 
 class Signal(enum.Enum):
@@ -114,6 +138,9 @@ class ChangeFeed:
         )
         self._ping_interval_s = ping_interval_s
         self._subscriptions: dict[str, set[Subscription]] = {}
+        self._observers: list[FeedObserver] = []
+        #: The connection `run()` holds, while it holds one.
+        self._current: asyncpg.Connection[Any] | None = None
         self._closed = False
         self._listening = False
         #: How many times LISTEN was established (observability and tests).
@@ -128,6 +155,11 @@ class ChangeFeed:
     @property
     def listening(self) -> bool:
         return self._listening
+
+    def observe(self, observer: FeedObserver) -> None:
+        """Tell `observer` of every notification, loss and LISTEN from now on. Add it
+        before `run()` starts, so that it hears the first LISTEN."""
+        self._observers.append(observer)
 
     @property
     def watchers(self) -> int:
@@ -171,8 +203,21 @@ class ChangeFeed:
     def _on_notification(
         self, _connection: object, _pid: int, _channel: str, payload: object
     ) -> None:
-        for subscription in self._subscriptions.get(str(payload), ()):
+        key = str(payload)
+        if key == EVERYTHING:
+            for observer in self._observers:
+                observer.everything_changed()
+            self._wake_all()
+            return
+        # Observers first: a woken watcher's re-read must not find a stale answer.
+        for observer in self._observers:
+            observer.changed(key)
+        for subscription in self._subscriptions.get(key, ()):
             subscription._wake()
+
+    def _lost(self) -> None:
+        for observer in self._observers:
+            observer.lost()
 
     def _wake_all(self) -> None:
         for subscribers in self._subscriptions.values():
@@ -197,11 +242,14 @@ class ChangeFeed:
                 await backoff.sleep()
                 continue
             established = self.connections
+            self._current = connection
             try:
                 await self._listen(connection)
             except CONNECTION_ERRORS as error:
                 log.warning("LISTEN connection lost, reconnecting: %r", error)
             finally:
+                self._current = None
+                self._lost()  # at once, before anything awaits
                 await self._set_listening(False)
                 await _close_quietly(connection)
             if self.connections > established:  # it worked for a while: retry promptly
@@ -212,8 +260,20 @@ class ChangeFeed:
     async def _listen(self, connection: asyncpg.Connection[Any]) -> None:
         """LISTEN, wake everyone, then hold the connection until it fails (raises)."""
         lost = asyncio.Event()
-        connection.add_termination_listener(lambda _connection: lost.set())
+
+        def terminated(closed: object) -> None:
+            # The observers hear it now, not once the loop below notices; unless this
+            # is run()'s own close of a connection already given up.
+            if closed is self._current:
+                self._lost()
+            lost.set()
+
+        connection.add_termination_listener(terminated)
         await connection.add_listener(self.channel, self._on_notification)
+        # LISTEN is in effect: every transaction committing from now on notifies us,
+        # and a read that starts now sees every one committed before.
+        for observer in self._observers:
+            observer.listening()
         await self._set_listening(True)
         log.info("listening on %s (connection %d)", self.channel, self.connections)
         # Changes committed while nobody listened sent notifications to no one.

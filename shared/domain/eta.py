@@ -46,6 +46,7 @@ from shared.domain.geo import (
     LatLon,
     Route,
     RoutePosition,
+    TrackMemo,
     bearing_deg,
     check_lat_lon,
     clean_track,
@@ -203,9 +204,9 @@ class EtaModel:
       piece, 56 KB for a 100 km route in 100 m pieces), held weakly: dropped with the
       route (``route_from_polyline`` keeps at most 4096). Without per-cell speeds (the
       default, as the projector runs) nothing is kept per route;
-    * on each fix, its projection onto the last route it was projected onto, and
-      whether the next fix of its track was checked plausible (see
-      :class:`~shared.domain.geo.Fix`): one entry per fix, dropped with the fix;
+    * in the caller's :class:`~shared.domain.geo.TrackMemo`, when one is passed: each
+      fix's projection onto the routes it was projected onto, and whether the next fix
+      of its track was checked plausible (the caller bounds it);
     * on each route, the projections of the last 16 destinations.
     """
 
@@ -234,6 +235,7 @@ class EtaModel:
         route: Route | None = None,
         stops: Sequence[Stop] = (),
         previous: EtaEstimate | None = None,
+        memo: TrackMemo | None = None,
     ) -> EtaEstimate | None:
         """The ETA at ``now`` to ``destination``, or ``None`` without a usable position.
 
@@ -244,7 +246,10 @@ class EtaModel:
         are intermediate stops along ``route`` (ignored without one); a stop at or past
         the destination adds nothing. ``previous`` (the last estimate for the same
         shipment, if any) carries the off-route state and the position along the route.
-        Raises ``ValueError`` for a naive ``now`` or an invalid destination.
+        ``memo`` is what earlier calls worked out about the same fix objects (the
+        vehicle's :class:`~shared.domain.geo.TrackMemo`, kept by the caller): it saves
+        work and never changes the estimate. Raises ``ValueError`` for a naive ``now``
+        or an invalid destination.
         """
         p = self.params
         t_now = _check_aware("now", now)
@@ -254,7 +259,9 @@ class EtaModel:
             usable = list(positions)  # the usual case: nothing from the future
         else:
             usable = [f for f in positions if f.t <= limit]
-        track = clean_track(usable, p.max_jump_mps)
+        if memo is None:
+            memo = TrackMemo()  # for this call only: the route projection reuses it
+        track = clean_track(usable, p.max_jump_mps, memo)
         if not track:
             return None
         newest = track[-1]
@@ -262,7 +269,9 @@ class EtaModel:
         window = track[bisect.bisect_left(track, newest.t - p.window_s, key=_T) :]
         anchor = min(newest.t, t_now)
         if route is not None:
-            return self._along_route(t_now, anchor, destination, window, route, stops, previous)
+            return self._along_route(
+                t_now, anchor, destination, window, route, stops, previous, memo
+            )
         return self._great_circle(t_now, anchor, destination, window, None, 0.0)
 
     # -- route ----------------------------------------------------------------------
@@ -276,11 +285,12 @@ class EtaModel:
         route: Route,
         stops: Sequence[Stop],
         previous: EtaEstimate | None,
+        memo: TrackMemo,
     ) -> EtaEstimate:
         p = self.params
         newest = window[-1]
         hint = previous.distance_along_m if previous is not None else None
-        alongs, offsets = route.project_fixes(window, near_m=hint)
+        alongs, offsets = route.project_fixes(window, near_m=hint, memo=memo)
         off = previous.off_route if previous is not None else False
         streak = 0
         if off or max(offsets) > p.off_route_m:

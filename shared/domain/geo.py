@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from itertools import compress, islice, pairwise, repeat
-from operator import attrgetter, gt, is_not, or_
+from itertools import compress, pairwise, repeat
+from operator import attrgetter, is_
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,7 @@ import shapely
 from shapely.geometry import LineString, Point
 from shapely.ops import substring
 
+from shared.domain import _accel
 from shared.domain.polyline import decode as decode_polyline
 
 EARTH_RADIUS_M = 6_371_008.8
@@ -58,19 +59,6 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2.0 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
 
 
-def haversine_many(
-    lat1: FloatArray, lon1: FloatArray, lat2: FloatArray, lon2: FloatArray
-) -> FloatArray:
-    """Vectorised :func:`haversine_m` (broadcasting numpy arrays)."""
-    p1 = np.radians(lat1)
-    p2 = np.radians(lat2)
-    dp = p2 - p1
-    dl = np.radians(lon2 - lon1)
-    h = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    out: FloatArray = 2.0 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(h)))
-    return out
-
-
 def bearing_deg(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Initial bearing from point 1 to point 2, degrees clockwise from north in [0, 360)."""
     p1 = math.radians(lat1)
@@ -81,43 +69,39 @@ def bearing_deg(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return math.degrees(math.atan2(y, x)) % 360.0
 
 
-class _FixMemos:
-    """Slots for what a :class:`Fix` memoises: not dataclass fields, so never part of
-    its value (equality, hash, repr, ``dataclasses.fields``/``asdict``, pickling).
-
-    The projector passes the same Fix objects to the ETA model call after call (a
-    vehicle's window slides by a few dozen fixes), so what depends only on a fix is
-    worked out once and kept on it. Each memo is one entry per fix, freed with it: the
-    bound is the number of fixes the caller keeps (the projector's track cache), at
-    32 bytes of slots per fix plus 32 bytes once its projection is set.
-    """
-
-    __slots__ = ("_next", "_next_mps", "_route_pos", "_route_token")
-
-    #: The token of the route `_route_pos` was computed on (see `Route.project_fixes`).
-    _route_token: object
-    #: This fix's global projection onto that route: distance along + offset * 1j. A
-    #: complex holds the two floats exactly in one 32-byte object (a tuple of two
-    #: floats takes 112 bytes).
-    _route_pos: complex
-    #: The next fix of a track, checked later in time and plausible from this one at
-    #: `_next_mps` (see `clean_track`).
-    _next: Fix | None
-    _next_mps: float
+#: Field metadata of `Fix`'s optional readings, for shared.statecodec: a stored 0
+#: decodes as None (see `Fix`).
+_ZERO_IS_UNKNOWN = {"zero_is_none": True}
 
 
 @dataclass(frozen=True, slots=True)
-class Fix(_FixMemos):
-    """One GPS position of a vehicle.
+class Fix:
+    """One GPS position of a vehicle: the one type of a point from its decoding in the
+    projector to the ETA model (the vehicle fold's motion, the history rows, the track
+    cache and the model share the same objects).
 
-    ``at`` must be timezone-aware (any zone; compared as instants). ``speed_mps`` is the
-    device-reported ground speed, ``None`` when unknown.
+    ``at`` must be timezone-aware (any zone; compared as instants). ``speed_mps`` (the
+    device-reported ground speed), ``heading_deg`` (degrees clockwise from north) and
+    ``accuracy_m`` (horizontal accuracy radius) are ``None`` when unknown, else finite
+    and >= 0.
+
+    A plain value: what the ETA model works out about a fix (its projection onto a
+    route, whether the next fix of its track is plausible from it) is kept by the
+    caller in a :class:`TrackMemo`, never on the fix.
+
+    Stored (shared.statecodec: vehicle states, tracking rows) under the keys the
+    earlier ``Position`` type used, so old rows and states read back: ``at`` as
+    ``recorded_at``, and a stored ``0`` for speed, heading or accuracy reads back as
+    ``None``: ``0`` meant unknown in what earlier versions stored (as it does on the
+    wire, gps.proto), and no fix decoded from the wire carries a known 0.
     """
 
-    at: datetime
+    at: datetime = field(metadata={"json_key": "recorded_at"})
     lat: float
     lon: float
-    speed_mps: float | None = None
+    speed_mps: float | None = field(default=None, metadata=_ZERO_IS_UNKNOWN)
+    heading_deg: float | None = field(default=None, metadata=_ZERO_IS_UNKNOWN)
+    accuracy_m: float | None = field(default=None, metadata=_ZERO_IS_UNKNOWN)
     #: ``at`` as epoch seconds (UTC), computed once: the ETA model reads it many times per
     #: fix. A plain slot, not a property: reading it is then about twice as fast.
     t: float = field(init=False, repr=False, compare=False)
@@ -126,53 +110,138 @@ class Fix(_FixMemos):
         if self.at.tzinfo is None or self.at.utcoffset() is None:
             raise ValueError("Fix.at must be timezone-aware")
         check_lat_lon(self.lat, self.lon)
-        if self.speed_mps is not None and not (
-            math.isfinite(self.speed_mps) and self.speed_mps >= 0.0
-        ):
-            raise ValueError(f"speed_mps must be finite and >= 0, got {self.speed_mps!r}")
-        object.__setattr__(self, "t", self.at.timestamp())
-        object.__setattr__(self, "_route_token", None)
-        object.__setattr__(self, "_route_pos", 0j)
-        object.__setattr__(self, "_next", None)
-        object.__setattr__(self, "_next_mps", math.inf)
+        for name in ("speed_mps", "heading_deg", "accuracy_m"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be None or finite and >= 0, got {value!r}")
+        _SET(self, "t", self.at.timestamp())
 
     @classmethod
-    def trusted(cls, at: datetime, lat: float, lon: float, speed_mps: float | None) -> Fix:
-        """``Fix(at, lat, lon, speed_mps)`` without its checks, for values already
-        validated: a timezone-aware ``at``, coordinates finite and in range, a speed
-        that is None or finite and >= 0 (the projector's decoded GPS points). Checking
-        every point again was a tenth of the projector's time."""
+    def trusted(
+        cls,
+        at: datetime,
+        lat: float,
+        lon: float,
+        speed_mps: float | None,
+        heading_deg: float | None = None,
+        accuracy_m: float | None = None,
+    ) -> Fix:
+        """``Fix(at, lat, lon, speed_mps, heading_deg, accuracy_m)`` without its checks,
+        for values already validated (the projector's decoded GPS points, its own
+        history rows). Checking every point again was a tenth of the projector's time."""
         fix = object.__new__(cls)
         _SET(fix, "at", at)
         _SET(fix, "lat", lat)
         _SET(fix, "lon", lon)
         _SET(fix, "speed_mps", speed_mps)
+        _SET(fix, "heading_deg", heading_deg)
+        _SET(fix, "accuracy_m", accuracy_m)
         _SET(fix, "t", at.timestamp())
-        _SET(fix, "_route_token", None)
-        _SET(fix, "_route_pos", 0j)
-        _SET(fix, "_next", None)
-        _SET(fix, "_next_mps", math.inf)
         return fix
 
-    def __reduce__(self) -> tuple[type[Fix], tuple[datetime, float, float, float | None]]:
-        # Pickle and copy through the constructor: the value only, with fresh memos.
-        return Fix, (self.at, self.lat, self.lon, self.speed_mps)
+
+_SET = object.__setattr__
 
 
-def fix_sort_key(f: Fix) -> tuple[float, float, float, float]:
-    """Total order on fixes: time, then position, then speed (unknown first)."""
-    return (f.t, f.lat, f.lon, -1.0 if f.speed_mps is None else f.speed_mps)
+class TrackMemo:
+    """What the ETA model worked out about a vehicle's fixes, kept by the caller.
+
+    The projector passes the same fix objects to the ETA model call after call (a
+    vehicle's window slides by a few dozen fixes), so what depends only on the fixes is
+    worked out once and kept here: each fix's global projection onto each route it was
+    projected onto (:meth:`Route.project_fixes`), and which consecutive pairs
+    :func:`clean_track` checked plausible, at which speed. A memo never changes a
+    result, only what is recomputed: passing none (or a fresh one) gives the same
+    estimates.
+
+    Entries are keyed by fix *identity*, which is what makes the lookups cheap (no
+    hashing of dates and floats): a fix equal to a memoised one but another object is
+    simply worked out again. The memo holds a reference to every fix it has an entry
+    for, so no id is reused while its entry exists. It is bounded by its owner:
+    :meth:`retain` drops every fix but those given (the projector's track cache calls
+    it with the vehicle's cached track on each commit). At most `ROUTES` routes are
+    remembered, the least recently used dropped first. Not thread-safe; one memo per
+    vehicle.
+    """
+
+    __slots__ = ("_fixes", "_max_checked_mps", "_next", "_next_mps", "_routes")
+
+    #: Routes remembered per memo (a vehicle carries a few shipments at once).
+    ROUTES = 4
+
+    def __init__(self) -> None:
+        #: Every fix with an entry, by id: keeps the ids valid.
+        self._fixes: dict[int, Fix] = {}
+        #: id(a) -> b: the pair (a, b) was checked plausible at `_next_mps[id(a)]`.
+        self._next: dict[int, Fix] = {}
+        self._next_mps: dict[int, float] = {}
+        #: The highest speed any pair was checked at (see `_ordered_and_plausible`).
+        self._max_checked_mps = 0.0
+        #: Per route, id(fix) -> its global projection: distance along + offset * 1j (a
+        #: complex holds the two floats in one 32-byte object; a tuple takes 112 bytes).
+        self._routes: dict[Route, dict[int, complex]] = {}
+
+    def __len__(self) -> int:
+        """How many fixes have an entry."""
+        return len(self._fixes)
+
+    def retain(self, fixes: Iterable[Fix]) -> None:
+        """Forget every fix but ``fixes`` (those without an entry are ignored)."""
+        held = self._fixes
+        keep = {key: f for f in fixes if (key := id(f)) in held}
+        if len(keep) == len(held):
+            return
+        self._fixes = keep
+        self._next = {k: b for k, b in self._next.items() if k in keep and id(b) in keep}
+        self._next_mps = {k: self._next_mps[k] for k in self._next}
+        self._routes = {
+            route: {k: pos for k, pos in table.items() if k in keep}
+            for route, table in self._routes.items()
+        }
+
+    def _projections(self, route: Route) -> dict[int, complex]:
+        """The projections onto `route`, made the most recently used route's."""
+        table = self._routes.pop(route, None)
+        if table is None:
+            table = {}
+            if len(self._routes) >= self.ROUTES:
+                del self._routes[next(iter(self._routes))]
+        self._routes[route] = table
+        return table
 
 
-def clean_track(fixes: Iterable[Fix], max_speed_mps: float = 60.0) -> list[Fix]:
+def fix_sort_key(f: Fix) -> tuple[float, float, float, float, float, float]:
+    """Total order on fixes: time, then position, then speed, heading and accuracy
+    (unknown first)."""
+    return (
+        f.t,
+        f.lat,
+        f.lon,
+        -1.0 if f.speed_mps is None else f.speed_mps,
+        -1.0 if f.heading_deg is None else f.heading_deg,
+        -1.0 if f.accuracy_m is None else f.accuracy_m,
+    )
+
+
+def _same_reading(a: Fix, b: Fix) -> bool:
+    """Whether two fixes say the same to the ETA model: time, position and speed (it
+    reads no heading or accuracy)."""
+    return a.t == b.t and a.lat == b.lat and a.lon == b.lon and a.speed_mps == b.speed_mps
+
+
+def clean_track(
+    fixes: Iterable[Fix], max_speed_mps: float = 60.0, memo: TrackMemo | None = None
+) -> list[Fix]:
     """One vehicle's fixes in time order, without duplicates and isolated GPS jumps.
 
-    Deterministic for any input order (sorted by :func:`fix_sort_key`, exact duplicates
-    removed). A fix whose implied speed from the last kept fix exceeds ``max_speed_mps``
-    is dropped unless the next fix confirms it (plausible from it and implausible from
+    Deterministic for any input order (sorted by :func:`fix_sort_key`; of fixes with
+    the same time, position and speed, the first in that order is kept). A fix whose
+    implied speed from the last kept fix exceeds ``max_speed_mps`` is dropped unless
+    the next fix confirms it (plausible from it and implausible from
     the last kept one): a single outlier never survives, while a genuine relocation
     (two agreeing fixes) does, and then a lone first fix it contradicts is dropped.
-    Fixes with equal times count as one second apart.
+    Fixes with equal times count as one second apart. ``memo`` (see :class:`TrackMemo`)
+    only saves checking pairs checked before.
     """
     given = list(fixes)
 
@@ -180,14 +249,17 @@ def clean_track(fixes: Iterable[Fix], max_speed_mps: float = 60.0) -> list[Fix]:
         dt = max(b.t - a.t, 1.0)
         return haversine_m(a.lat, a.lon, b.lat, b.lon) <= max_speed_mps * dt
 
-    if _ordered_and_plausible(given, max_speed_mps):
+    if _ordered_and_plausible(given, max_speed_mps, TrackMemo() if memo is None else memo):
         # Strictly in time order and every step plausible: the loop below would keep
         # every fix, in this order.
         return given
     if all(a.t < b.t for a, b in pairwise(given)):
         pts = given  # already in time order, hence distinct: what sorting would give
     else:
-        pts = sorted(set(given), key=fix_sort_key)
+        pts = []
+        for f in sorted(given, key=fix_sort_key):
+            if not pts or not _same_reading(pts[-1], f):
+                pts.append(f)
 
     kept: list[Fix] = []
     for i, p in enumerate(pts):
@@ -202,87 +274,60 @@ def clean_track(fixes: Iterable[Fix], max_speed_mps: float = 60.0) -> list[Fix]:
     return kept
 
 
-_SET = object.__setattr__
-_NEXT = attrgetter("_next")
-_NEXT_MPS = attrgetter("_next_mps")
-#: The highest speed any pair of fixes was checked at (see `_ordered_and_plausible`).
-_max_checked_mps = 0.0
-
-
-def _ordered_and_plausible(given: list[Fix], max_speed_mps: float) -> bool:
+def _ordered_and_plausible(given: list[Fix], max_speed_mps: float, memo: TrackMemo) -> bool:
     """Whether every fix is strictly later than the one before and plausible from it at
-    ``max_speed_mps`` (what `clean_track` checks), remembering checked pairs on the
-    fixes (``Fix._next``) so that a track passed again only checks its new pairs.
+    ``max_speed_mps`` (what `clean_track` checks), remembering checked pairs in
+    ``memo`` so that a track passed again only checks its new pairs.
 
     A pair checked at some speed stays plausible at any higher one (``d <= v * dt`` is
-    monotone in ``v``, also in floating point), hence ``_next_mps <= max_speed_mps``.
+    monotone in ``v``, also in floating point), so a remembered pair counts as checked
+    unless it was checked at a higher speed than ``max_speed_mps``.
     """
-    global _max_checked_mps
     if len(given) < 2:
         return True
-    # The pairs not checked before, found by a C-level scan (a sliding window's are
-    # its newest few): the next fix is another one, or was checked at a higher speed
-    # (which no pair was if no pair was ever checked at a higher speed: the usual case,
-    # as every caller uses the same speed, and then a cheaper scan).
-    unchecked = map(is_not, map(_NEXT, given), islice(given, 1, None))
-    if _max_checked_mps > max_speed_mps:
-        unchecked = map(or_, unchecked, map(gt, map(_NEXT_MPS, given), repeat(max_speed_mps)))
-    todo = list(compress(range(len(given) - 1), unchecked))
+    ids = list(map(id, given))
+    todo = _accel.unchecked_pairs(
+        ids, given, memo._next, memo._next_mps, memo._max_checked_mps > max_speed_mps,
+        max_speed_mps,
+    )  # fmt: skip
     if not todo:
         return True
-    _max_checked_mps = max(_max_checked_mps, max_speed_mps)
-    if len(todo) >= _VECTORISE_FROM:
-        undecided = _screen_pairs(given, todo, max_speed_mps)
-        if undecided is None:
+    memo._max_checked_mps = max(memo._max_checked_mps, max_speed_mps)
+    checked: list[int] = []
+    ok = True
+    if len(todo) >= _accel.VECTORISE_FROM:
+        # A numpy screen decides most pairs at once; the scalar check below decides
+        # the rest exactly.
+        firsts = [given[i] for i in todo]
+        seconds = [given[i + 1] for i in todo]
+        sure = _accel.screen_pairs(
+            [f.t for f in firsts], [f.t for f in seconds],
+            [f.lat for f in firsts], [f.lon for f in firsts],
+            [f.lat for f in seconds], [f.lon for f in seconds],
+            max_speed_mps,
+        )  # fmt: skip
+        if sure is None:
             return False
-        todo = undecided
+        checked = [i for i, certain in zip(todo, sure, strict=True) if certain]
+        todo = [i for i, certain in zip(todo, sure, strict=True) if not certain]
     for i in todo:
         a, b = given[i], given[i + 1]
         ta, tb = a.t, b.t
         if not ta < tb:
-            return False
+            ok = False
+            break
         if haversine_m(a.lat, a.lon, b.lat, b.lon) > max_speed_mps * max(tb - ta, 1.0):
-            return False
-        _SET(a, "_next", b)
-        _SET(a, "_next_mps", max_speed_mps)
-    return True
-
-
-#: From how many unchecked pairs `_screen_pairs` (numpy) beats the scalar loop.
-_VECTORISE_FROM = 12
-#: Relative band around the speed limit where numpy's haversine cannot decide for
-#: `haversine_m`: the two evaluate the same formula with sin, cos and asin from
-#: different libraries, a few ulps (1e-15) apart, up to ~1e-8 for nearly antipodal
-#: points where asin is ill-conditioned. 1e-7 is well outside either.
-_SCREEN_BAND = 1e-7
-
-
-def _screen_pairs(given: list[Fix], todo: list[int], max_speed_mps: float) -> list[int] | None:
-    """`_ordered_and_plausible`'s check of pairs ``(given[i], given[i + 1])`` for
-    ``i`` in ``todo``, vectorised: ``None`` if one certainly fails, else the pairs it
-    could not decide (distance within `_SCREEN_BAND` of the limit), for the exact
-    scalar check. Pairs certainly plausible are remembered as checked."""
-    a = [given[i] for i in todo]
-    b = [given[i + 1] for i in todo]
-    ta = np.array([f.t for f in a])
-    tb = np.array([f.t for f in b])
-    if not bool(np.all(ta < tb)):
-        return None
-    d = haversine_many(
-        np.array([f.lat for f in a]),
-        np.array([f.lon for f in a]),
-        np.array([f.lat for f in b]),
-        np.array([f.lon for f in b]),
-    )
-    limit = max_speed_mps * np.maximum(tb - ta, 1.0)
-    if bool(np.any(d > limit * (1.0 + _SCREEN_BAND))):
-        return None
-    sure = (d <= limit * (1.0 - _SCREEN_BAND)).tolist()
-    for f, g, ok in zip(a, b, sure, strict=True):
-        if ok:
-            _SET(f, "_next", g)
-            _SET(f, "_next_mps", max_speed_mps)
-    return [i for i, ok in zip(todo, sure, strict=True) if not ok]
+            ok = False
+            break
+        checked.append(i)
+    # The pairs found plausible are remembered, also when another one failed.
+    held, nexts, speeds = memo._fixes, memo._next, memo._next_mps
+    for i in checked:
+        key = ids[i]
+        held[key] = given[i]
+        nexts[key] = given[i + 1]
+        speeds[key] = max_speed_mps
+    return ok
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +447,6 @@ class Route:
         "_samples",
         "_simple",
         "_threshold",
-        "_token",
     )
 
     def __init__(
@@ -446,10 +490,6 @@ class Route:
         #: model projects each shipment's destination on every call. At most
         #: `_POINT_MEMO_SIZE` entries (oldest dropped first).
         self._point_memo: dict[LatLon, RoutePosition] = {}
-        #: Identifies this route in the fixes' projection memo (`Fix._route_token`).
-        #: A fresh object, not `id(self)`: a memo holding it keeps it alive, so no
-        #: other route can ever have the same token.
-        self._token = object()
 
     @property
     def points(self) -> tuple[LatLon, ...]:
@@ -533,7 +573,7 @@ class Route:
             # point too (on a simple line the nearest point is unique): skip cutting the
             # line, which costs more than everything else here together.
             return best
-        if self._farther_than(x, y, lo, hi, best.offset_m + slack_m):
+        if _accel.farther_than(self._line, x, y, lo, hi, best.offset_m + slack_m):
             # The window's nearest point is certainly worse than `best` by more than the
             # slack, so `best` wins: skip cutting the line. The usual case when the hint
             # comes from the newest fix of the previous call and this fix is the oldest
@@ -541,33 +581,6 @@ class Route:
             return best
         local = self._position(x, y, substring(self._line, lo, hi), lo)
         return local if local.offset_m <= best.offset_m + slack_m else best
-
-    def _farther_than(self, x: float, y: float, lo: float, hi: float, limit: float) -> bool:
-        """True only if every point of the route between ``lo`` and ``hi`` metres along
-        is farther than ``limit`` from ``(x, y)``, by a margin.
-
-        A lower bound on what ``substring(line, lo, hi).distance(point)`` returns: the
-        distance to the segments overlapping ``[lo - 1 m, hi + 1 m]`` (the cut line's
-        segments are parts of them). Computed here with numpy rather than GEOS, so it
-        may differ from GEOS's figures in the last bits: the 1 m and 1 mm margins are
-        many orders of magnitude wider than that, and when in doubt it says False and
-        the caller does the exact computation.
-        """
-        xy = shapely.get_coordinates(self._line)
-        ax, ay = xy[:-1, 0], xy[:-1, 1]
-        dx, dy = xy[1:, 0] - ax, xy[1:, 1] - ay
-        seg = np.hypot(dx, dy)
-        end = np.cumsum(seg)
-        start = np.concatenate([[0.0], end[:-1]])
-        first = int(np.searchsorted(end, lo - 1.0, side="left"))
-        last = int(np.searchsorted(start, hi + 1.0, side="right"))
-        if last <= first:
-            return False
-        ax, ay, dx, dy = ax[first:last], ay[first:last], dx[first:last], dy[first:last]
-        len2 = dx * dx + dy * dy
-        r = np.clip(((x - ax) * dx + (y - ay) * dy) / np.where(len2 > 0, len2, 1.0), 0.0, 1.0)
-        nearest = float(np.min(np.hypot(ax + r * dx - x, ay + r * dy - y)))
-        return nearest - 1e-3 > limit
 
     def project_track(
         self,
@@ -594,7 +607,7 @@ class Route:
         offsets = shapely.distance(self._line, pts).tolist()
         length = self.length_m
         threshold = self._threshold
-        if self._all_nearest_in_window(raw, length, near_m, back_m, ahead_m):
+        if _accel.all_nearest_in_window(raw, length, near_m, back_m, ahead_m, self._simple):
             # The usual case: every point's global nearest lies in the window around the
             # previous one, so `_near` would keep each as it is.
             return [
@@ -611,34 +624,6 @@ class Route:
             hint = best.distance_along_m
         return found
 
-    def _all_nearest_in_window(
-        self,
-        raw_alongs: FloatArray,
-        length: float,
-        near_m: float | None,
-        back_m: float,
-        ahead_m: float,
-    ) -> bool:
-        """True when `_near` would return the global nearest point for every point of a
-        track: each one's window (around the previous one's distance along, the first
-        one's around `near_m`) is degenerate or, on a simple line, holds it."""
-        along = np.minimum(np.maximum(raw_alongs, 0.0), length)
-        previous = along[:-1]
-        ok = np.ones(len(along), dtype=bool)
-        if near_m is None:
-            current = along[1:]
-            keep = ok[1:]
-        else:
-            previous = np.concatenate([[near_m], previous])
-            current = along
-            keep = ok
-        lo = np.maximum(previous - back_m, 0.0)
-        hi = np.minimum(previous + ahead_m, length)
-        degenerate = (hi - lo < 1.0) | ((lo <= 0.0) & (hi >= length))
-        inside = (lo <= current) & (current <= hi) if self._simple else False
-        keep &= degenerate | inside
-        return bool(ok.all())
-
     def project_fixes(
         self,
         fixes: Sequence[Fix],
@@ -647,40 +632,39 @@ class Route:
         back_m: float = 500.0,
         ahead_m: float = 5000.0,
         slack_m: float = 30.0,
+        memo: TrackMemo | None = None,
     ) -> tuple[list[float], list[float]]:
         """:meth:`project_track` of the fixes' positions, as two lists: each fix's
         ``distance_along_m`` and ``offset_m`` (the same values, without building a
         :class:`RoutePosition` per fix).
 
-        The global projection of each fix (which depends only on its position) is
-        memoised on the fix (``Fix._route_pos``, one route per fix: the last one it
-        was projected onto), so a fix passed again is not projected again. The choice
-        between it and the nearest point around the previous position (``near_m``) is
-        redone every call, vectorised, with :meth:`project`'s rule.
+        The global projection of each fix depends only on its position: ``memo`` (see
+        :class:`TrackMemo`) keeps it per fix and route, so a fix passed again is not
+        projected again. The choice between it and the nearest point around the
+        previous position (``near_m``) is redone every call, with :meth:`project`'s rule.
         """
         if not fixes:
             return [], []
-        token = self._token
-        # The fixes without this route's projection, found by a C-level scan.
-        missing = list(
-            compress(range(len(fixes)), map(is_not, map(_ROUTE_TOKEN, fixes), repeat(token)))
-        )
+        if memo is None:
+            memo = TrackMemo()
+        held = memo._fixes
+        table = memo._projections(self)
+        ids = list(map(id, fixes))
+        pos: list[complex | None] = list(map(table.get, ids))
+        # The fixes without a projection onto this route, found by a C-level scan.
+        missing = list(compress(range(len(fixes)), map(is_, pos, repeat(None))))
         if missing:
-            # Elementwise numpy and per-point GEOS results do not depend on which other
-            # points are in the batch, so projecting only the new fixes gives exactly
-            # what projecting the whole window does.
-            lats = np.array([fixes[i].lat for i in missing])
-            lons = np.array([fixes[i].lon for i in missing])
-            xs, ys = self._proj.to_xy_many(lats, lons)
-            pts = shapely.points(xs, ys)
-            raw = shapely.line_locate_point(self._line, pts).tolist()
-            offsets = shapely.distance(self._line, pts).tolist()
-            length = self._length
-            for i, along, off in zip(missing, raw, offsets, strict=True):
-                f = fixes[i]
-                _SET(f, "_route_pos", complex(min(max(along, 0.0), length), off))
-                _SET(f, "_route_token", token)
-        pos = list(map(_ROUTE_POS, fixes))
+            new_alongs, new_offs = _accel.project_points(
+                self._proj,
+                self._line,
+                self._length,
+                np.array([fixes[i].lat for i in missing]),
+                np.array([fixes[i].lon for i in missing]),
+            )
+            for i, along, off in zip(missing, new_alongs, new_offs, strict=True):
+                key = ids[i]
+                pos[i] = table[key] = complex(along, off)
+                held[key] = fixes[i]
         alongs: list[float] = list(map(_REAL, pos))
         offs: list[float] = list(map(_IMAG, pos))
         self._apply_hints(fixes, alongs, offs, near_m, back_m, ahead_m, slack_m)
@@ -701,21 +685,12 @@ class Route:
 
         `_near` keeps the global nearest point whenever the window around the hint is
         degenerate or (on a simple line) holds it; that is checked for all fixes at
-        once, assuming each hint is the previous global projection. Only the fixes
-        failing it go through `_near`; when one of them is moved off its global
-        projection, the next fix's hint differs from what was assumed, so it is checked
-        again on its own.
+        once (`_accel.keeps_global`), assuming each hint is the previous global
+        projection. Only the fixes failing it go through `_near`; when one of them is
+        moved off its global projection, the next fix's hint differs from what was
+        assumed, so it is checked again on its own.
         """
-        length = self._length
-        along = np.array(alongs)
-        previous = np.concatenate([[math.nan if near_m is None else near_m], along[:-1]])
-        lo = np.maximum(previous - back_m, 0.0)
-        hi = np.minimum(previous + ahead_m, length)
-        keep = (hi - lo < 1.0) | ((lo <= 0.0) & (hi >= length))
-        if self._simple:
-            keep |= (lo <= along) & (along <= hi)
-        if near_m is None:
-            keep[0] = True  # no hint: the global nearest point
+        keep = _accel.keeps_global(alongs, near_m, back_m, ahead_m, self._length, self._simple)
         if keep.all():
             return
         threshold = self._threshold
@@ -783,8 +758,6 @@ class Route:
         return RouteSamples(step_m, starts, ends - starts, lat, lon, heading)
 
 
-_ROUTE_TOKEN = attrgetter("_route_token")
-_ROUTE_POS = attrgetter("_route_pos")
 _REAL = attrgetter("real")
 _IMAG = attrgetter("imag")
 _POINT_MEMO_SIZE = 16

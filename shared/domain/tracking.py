@@ -71,12 +71,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from typing import TypeAlias
 
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.domain.geo import haversine_m
+from shared.domain.geo import Fix, haversine_m
 from shared.pb import common_pb2, delivery_pb2, envelope_pb2, gps_pb2, shipment_pb2
 
 Status: TypeAlias = shipment_pb2.ShipmentStatus.ValueType
@@ -663,18 +664,6 @@ def apply(state: ShipmentState | None, envelope: envelope_pb2.Envelope) -> Shipm
 
 
 @dataclass(frozen=True)
-class Position:
-    """One GPS fix of a vehicle. Speed, heading and accuracy: 0 = unknown."""
-
-    lat: float
-    lon: float
-    recorded_at: datetime
-    speed_mps: float = 0.0
-    heading_deg: float = 0.0
-    accuracy_m: float = 0.0
-
-
-@dataclass(frozen=True)
 class NoiseFilter:
     """Which newer points may move a vehicle's last position (all points go to history).
 
@@ -705,7 +694,7 @@ class VehicleState:
     vehicle_id: str
     tenant_id: str
     #: The newest accepted fix by event time; None before the first one.
-    last_position: Position | None = None
+    last_position: Fix | None = None
     #: (device id, highest batch sequence applied), least recently written first; at
     #: most MAX_DEVICES_PER_VEHICLE. A batch from one device more evicts the least
     #: recently written device: if that device ever streams again, its sequence starts
@@ -715,7 +704,7 @@ class VehicleState:
     device_sequences: tuple[tuple[str, int], ...] = ()
     evicted_devices: int = 0
     #: The newest point of a pending jump (see NoiseFilter) and how many confirm it.
-    jump_candidate: Position | None = None
+    jump_candidate: Fix | None = None
     jump_streak: int = 0
 
     def sequence_of(self, device_id: str) -> int:
@@ -726,16 +715,19 @@ class VehicleState:
         return 0
 
 
-def gps_positions(batch: gps_pb2.GpsBatch) -> list[Position]:
-    """The batch's usable points as Positions, in batch order.
+def gps_positions(batch: gps_pb2.GpsBatch) -> list[Fix]:
+    """The batch's usable points as fixes, in batch order: one :class:`Fix` per point,
+    which the fold's motion, the history rows and the projector's track cache share.
 
     A point is skipped when ingest would have refused it structurally: unset or
     unrepresentable ``recorded_at``, non-finite or out-of-range coordinates, (0, 0),
     non-finite or negative speed/heading/accuracy. (Ingest validates before producing,
     so this only guards the fold against foreign or old records; skipping also keeps
-    NaN, which is unequal to itself, out of states that must compare equal.)
+    NaN, which is unequal to itself, out of states that must compare equal.) A speed,
+    heading or accuracy of 0 is unknown on the wire (gps.proto): ``None`` in the fix.
     """
-    positions: list[Position] = []
+    positions: list[Fix] = []
+    trusted = Fix.trusted
     isfinite = math.isfinite
     for point in batch.points:
         recorded_at = _dt(point.recorded_at)
@@ -754,7 +746,12 @@ def gps_positions(batch: gps_pb2.GpsBatch) -> list[Position]:
             and accuracy >= 0.0
         ):
             continue
-        positions.append(Position(where[0], where[1], recorded_at, speed, heading, accuracy))
+        # Checked above as Fix's constructor would: built without checking again.
+        positions.append(
+            trusted(
+                recorded_at, where[0], where[1], speed or None, heading or None, accuracy or None
+            )
+        )
     return positions
 
 
@@ -777,34 +774,36 @@ def is_duplicate_gps(state: VehicleState | None, envelope: envelope_pb2.Envelope
 
 def accepted_history_points(
     state_before: VehicleState | None, envelope: envelope_pb2.Envelope
-) -> list[Position]:
+) -> list[Fix]:
     """The positions the shell should append to history for this record: [] for a duplicate."""
     if envelope.WhichOneof("payload") != "gps_batch" or is_duplicate_gps(state_before, envelope):
         return []
     return gps_positions(envelope.gps_batch)
 
 
-def _implied_speed(a: Position, b: Position) -> float:
-    elapsed = max((b.recorded_at - a.recorded_at).total_seconds(), 1.0)
-    distance = haversine_m(a.lat, a.lon, b.lat, b.lon) - a.accuracy_m - b.accuracy_m
+def _implied_speed(a: Fix, b: Fix) -> float:
+    elapsed = max((b.at - a.at).total_seconds(), 1.0)
+    # An unknown accuracy radius absorbs nothing.
+    radii = (a.accuracy_m or 0.0) + (b.accuracy_m or 0.0)
+    distance = haversine_m(a.lat, a.lon, b.lat, b.lon) - radii
     return max(distance, 0.0) / elapsed
 
 
 #: (last_position, jump_candidate, jump_streak): the part of a VehicleState a point moves.
-_Motion = tuple[Position | None, Position | None, int]
+_Motion = tuple[Fix | None, Fix | None, int]
 
 
-def _advance(motion: _Motion, point: Position, noise: NoiseFilter) -> _Motion:
+def _advance(motion: _Motion, point: Fix, noise: NoiseFilter) -> _Motion:
     last, candidate, streak = motion
-    if last is not None and point.recorded_at <= last.recorded_at:
+    if last is not None and point.at <= last.at:
         return motion  # older: history only, never moves the vehicle back
-    if point.accuracy_m > noise.max_accuracy_m:
+    if point.accuracy_m is not None and point.accuracy_m > noise.max_accuracy_m:
         return motion
     if last is None or _implied_speed(last, point) <= noise.max_implied_speed_mps:
         return point, None, 0
     if (
         candidate is not None
-        and point.recorded_at > candidate.recorded_at
+        and point.at > candidate.at
         and _implied_speed(candidate, point) <= noise.max_implied_speed_mps
     ):
         streak += 1
@@ -833,11 +832,14 @@ def apply_gps(
     return fold_gps(state, envelope, noise)[0]
 
 
+_EVENT_TIME = attrgetter("t")
+
+
 def fold_gps(
     state: VehicleState | None,
     envelope: envelope_pb2.Envelope,
     noise: NoiseFilter = DEFAULT_NOISE_FILTER,
-) -> tuple[VehicleState, list[Position]]:
+) -> tuple[VehicleState, list[Fix]]:
     """``(apply_gps(state, envelope), accepted_history_points(state, envelope))`` with the
     batch's points decoded once (the projector needs both for every GPS record)."""
     if envelope.WhichOneof("payload") != "gps_batch":
@@ -861,7 +863,7 @@ def fold_gps(
     # per point): the same result, without a dataclass copy per point.
     before: _Motion = (current.last_position, current.jump_candidate, current.jump_streak)
     motion = before
-    for point in sorted(positions, key=lambda p: p.recorded_at):
+    for point in sorted(positions, key=_EVENT_TIME):
         motion = _advance(motion, point, noise)
     if motion is not before:
         last, candidate, streak = motion

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from shared.domain.tracking import TIMELINE_HEAD, Position, ShipmentState
+from shared.domain.geo import Fix
+from shared.domain.tracking import TIMELINE_HEAD, ShipmentState
 from shared.envelopes import timestamp
 from shared.pb import common_pb2, delivery_pb2, tracking_pb2
 from shared.readmodel.rows import EtaRow, Progress, TrackingView
@@ -19,13 +20,14 @@ def _latlng(point: tuple[float, float] | None) -> common_pb2.LatLng | None:
     return common_pb2.LatLng(latitude=point[0], longitude=point[1]) if point else None
 
 
-def position_message(position: Position) -> common_pb2.Position:
+def position_message(position: Fix) -> common_pb2.Position:
+    """The API's Position of a fix: unknown speed, heading and accuracy are 0 there."""
     return common_pb2.Position(
         location=common_pb2.LatLng(latitude=position.lat, longitude=position.lon),
-        recorded_at=timestamp(position.recorded_at),
-        speed_mps=position.speed_mps,
-        heading_deg=position.heading_deg,
-        accuracy_m=position.accuracy_m,
+        recorded_at=timestamp(position.at),
+        speed_mps=position.speed_mps or 0.0,
+        heading_deg=position.heading_deg or 0.0,
+        accuracy_m=position.accuracy_m or 0.0,
     )
 
 

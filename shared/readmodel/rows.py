@@ -16,7 +16,8 @@ from datetime import datetime
 
 from shared.domain.alerts import AlertConditions
 from shared.domain.eta import EtaEstimate
-from shared.domain.tracking import Position, ShipmentState
+from shared.domain.geo import Fix
+from shared.domain.tracking import ShipmentState
 
 ShipmentKey = tuple[str, str]  # (tenant_id, shipment_id)
 VehicleKey = tuple[str, str]  # (tenant_id, vehicle_id)
@@ -91,7 +92,7 @@ class TrackingRow:
     tenant_id: str
     shipment_id: str
     vehicle_id: str
-    position: Position
+    position: Fix
     progress: Progress | None
     eta: EtaRow | None
     conditions: AlertConditions
@@ -111,7 +112,7 @@ class StoredTracking:
 class TrackingView:
     """What the query service reads of a shipment's tracking row (None: not known yet)."""
 
-    position: Position | None = None
+    position: Fix | None = None
     progress: Progress | None = None
     eta: EtaRow | None = None
 
@@ -122,7 +123,7 @@ class StaleCandidate:
 
     tenant_id: str
     shipment_id: str
-    position: Position
+    position: Fix
     conditions: AlertConditions
     shipment: ShipmentState
 

@@ -5,7 +5,7 @@ Columns and their typed rows (shared.readmodel.rows, stored through statecodec):
 
 | column | type | written by |
 |---|---|---|
-| `position` | `Position` | the projector, every batch the vehicle moved |
+| `position` | `Fix` (stored as `Position` was) | the projector, every batch the vehicle moved |
 | `progress` | `Progress` | the projector; kept when a batch computes none |
 | `eta` | `EtaRow` (what the API shows, plus the model's estimate) | as `progress` |
 | `conditions` | `AlertConditions` (debounce state) | the projector; the stale scan: `stale_since` |
@@ -32,7 +32,8 @@ from shared import statecodec
 from shared.db import Connection, as_columns
 from shared.domain.alerts import AlertConditions
 from shared.domain.eta import EtaEstimate
-from shared.domain.tracking import MOVING, Position, ShipmentState
+from shared.domain.geo import Fix
+from shared.domain.tracking import MOVING, ShipmentState
 from shared.readmodel.rows import (
     Cursor,
     EtaRow,
@@ -189,7 +190,7 @@ def view_of(row: asyncpg.Record | Mapping[str, Any]) -> TrackingView | None:
     if position is None and progress is None and eta is None:
         return None
     return TrackingView(
-        statecodec.decode_as(Position, position) if position else None,
+        statecodec.decode_as(Fix, position) if position else None,
         statecodec.decode_as(Progress, progress) if progress else None,
         statecodec.decode_as(EtaRow, eta) if eta else None,
     )
@@ -219,7 +220,7 @@ async def stale_candidates(
         StaleCandidate(
             row["tenant_id"],
             row["shipment_id"],
-            statecodec.decode_as(Position, json.loads(row["position"])),
+            statecodec.decode_as(Fix, json.loads(row["position"])),
             statecodec.decode_as(AlertConditions, json.loads(row["conditions"])),
             statecodec.decode_as(ShipmentState, json.loads(row["state"])),
         )

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 
 from shared.db import Connection
 from shared.domain.geo import Fix
-from shared.domain.tracking import Position
 from shared.readmodel.rows import VehicleKey
 
 HISTORY_COLUMNS = (
@@ -34,20 +33,22 @@ YIELD_EVERY_ROWS = 16_000
 
 
 async def append_history(
-    connection: Connection, points: Mapping[VehicleKey, Sequence[tuple[str, Position]]]
+    connection: Connection, points: Mapping[VehicleKey, Sequence[tuple[str, Fix]]]
 ) -> int:
-    """COPY positions into the history table: per (tenant, vehicle), (event id, position)
-    pairs. Returns how many rows it wrote."""
+    """COPY fixes into the history table: per (tenant, vehicle), (event id, fix) pairs.
+    Returns how many rows it wrote. The table stores an unknown speed, heading or
+    accuracy as 0 (its columns are NOT NULL DEFAULT 0, as since migration 001, and
+    0 is what every reader of it takes for unknown)."""
     records = [
         (
             tenant,
             vehicle,
-            p.recorded_at,
+            p.at,
             p.lat,
             p.lon,
-            p.speed_mps,
-            p.heading_deg,
-            p.accuracy_m,
+            p.speed_mps or 0.0,
+            p.heading_deg or 0.0,
+            p.accuracy_m or 0.0,
             event_id,
         )
         for (tenant, vehicle), pairs in points.items()
@@ -65,14 +66,16 @@ async def recent_fixes(
 ) -> dict[VehicleKey, tuple[list[Fix], list[str]]]:
     """Per vehicle, its rows recorded strictly after its instant, as fixes with the GPS
     record (event id) of each, in (recorded_at, latitude, longitude) order. Every
-    asked vehicle is in the answer (with empty lists when it has no such rows)."""
+    asked vehicle is in the answer (with empty lists when it has no such rows). A
+    fix read back equals the one written (0 reads back as None; speed, heading and
+    accuracy are float32 on the wire and `real` in the table, so they survive)."""
     keys = sorted(after)
     found: dict[VehicleKey, tuple[list[Fix], list[str]]] = {key: ([], []) for key in keys}
     if not keys:
         return found
     rows = await connection.fetch(
         "SELECT p.tenant_id, p.vehicle_id, p.recorded_at, p.latitude, p.longitude,"
-        " p.speed_mps, p.event_id FROM vehicle_positions p"
+        " p.speed_mps, p.heading_deg, p.accuracy_m, p.event_id FROM vehicle_positions p"
         " JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(tenant_id, vehicle_id,"
         " after) USING (tenant_id, vehicle_id)"
         " WHERE p.recorded_at > k.after"
@@ -88,7 +91,12 @@ async def recent_fixes(
         # Rows are this projection's own COPY of points the fold validated.
         fixes.append(
             Fix.trusted(
-                row["recorded_at"], row["latitude"], row["longitude"], row["speed_mps"] or None
+                row["recorded_at"],
+                row["latitude"],
+                row["longitude"],
+                row["speed_mps"] or None,
+                row["heading_deg"] or None,
+                row["accuracy_m"] or None,
             )
         )
         events.append(row["event_id"])

@@ -40,7 +40,7 @@ async def save_vehicles(connection: Connection, states: Sequence[VehicleState]) 
             s.vehicle_id,
             s.last_position.lat if s.last_position else None,
             s.last_position.lon if s.last_position else None,
-            s.last_position.recorded_at if s.last_position else None,
+            s.last_position.at if s.last_position else None,
             json.dumps(statecodec.encode(s)),
         )
         for s in ordered

@@ -98,10 +98,20 @@ async def test_the_tracking_page_shows_status_eta_timeline_and_moves_the_vehicle
         assert secret not in html, secret
 
 
-async def test_an_unknown_tracking_link_says_so(web: Web, browser: Browser) -> None:  # noqa: F811
+async def test_an_unknown_tracking_link_says_so_in_words(web: Web, browser: Browser) -> None:  # noqa: F811
     page = await browser.new_page(viewport=PHONE)
-    await page.goto(f"{web.base}/t/{'A' * 22}")
-    await expect(page.locator("#connection")).to_have_text("This tracking link is unknown.")
+    # A well-formed token of no shipment (404), and one copied with the full stop of the
+    # sentence around it (malformed: 400). To the reader both lead to no shipment.
+    for token, name in (("A" * 22, "tracking-page-unknown"), ("B" * 22 + ".", "tracking-page-bad")):
+        await page.goto(f"{web.base}/t/{token}")
+        await expect(page.locator("#connection")).to_have_text("No shipment found for this link.")
+        await expect(page.locator("#hint")).to_be_visible()
+        # No empty status, map or timeline that would pass for a shipment without news.
+        await expect(page.locator("main")).to_be_hidden()
+        await screenshot(page, name)
+        text = await page.locator("body").inner_text()
+        for raw in ("HTTP", "404", "400"):
+            assert raw not in text, text
 
 
 async def test_the_dispatch_board_shows_a_new_alert_within_seconds(
@@ -127,7 +137,12 @@ async def test_the_dispatch_board_shows_a_new_alert_within_seconds(
         # The link opens the shipment, read with the dispatcher's token (unknown here).
         await alert.locator("a").click()
         await expect(page.locator("#shipment-details")).to_contain_text("shp-late")
-        await expect(page.locator("#shipment-details")).to_contain_text("HTTP 404")
+        problem = page.locator("#shipment-problem")
+        await expect(problem).to_have_text(
+            "No shipment with this id, or not one your account may see."
+        )
+        await screenshot(page, "dispatch-board-unknown-shipment")
+        assert "404" not in await page.locator("#shipment").inner_text()
 
         # Filters: an at-risk warning arrives; "critical only" hides it, "all" shows both.
         [risk] = await publish(

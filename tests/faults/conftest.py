@@ -10,7 +10,10 @@ With CARGOTRACK_FAULTS_FULL=1 the reduced scenarios are skipped (the full ones
 cover them) and the fuzz tests run 300 examples per endpoint instead of 25.
 
 At the end of the session the table of every scenario that ran is printed
-(scenario, acked, reflected, lost, duplicated, ...), see tests/faults/checker.py.
+(scenario, acked, reflected, lost, duplicated, ...), see tests/faults/checker.py,
+and, after the Kafka cluster scenarios (test_cluster.py: the tiny leader kill by
+default, all of them at full size with CARGOTRACK_FAULTS_CLUSTER=1), the table of
+what users felt: ack, update and query gaps (tests/faults/gaps.py).
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import pytest
 
+from tests.faults import gaps
 from tests.faults.checker import REPORTS, table
 
 FULL_ENV = "CARGOTRACK_FAULTS_FULL"
+#: Every Kafka cluster scenario at full size (test_cluster.py), and the PostgreSQL
+#: failover's full size (test_failover.py); unset: the reduced leader kill and failover.
+CLUSTER_ENV = "CARGOTRACK_FAULTS_CLUSTER"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,3 +63,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for report in REPORTS:
         if not report.ok:
             terminalreporter.write_line(f"{report.scenario} ({report.size}): {report.problems[:5]}")
+    if gaps.ROWS:
+        terminalreporter.section("fault suite: what users felt (Kafka cluster)")
+        for line in gaps.table(gaps.ROWS).splitlines():
+            terminalreporter.write_line(line)

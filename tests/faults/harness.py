@@ -198,7 +198,12 @@ class Rig:
         session_timeout_ms: int = 6000,
         max_records: int = 20,
         kafka_timeout_s: float = 3.0,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        """`extra_env`: more settings for every service of the scenario (in-process and
+        processes alike), e.g. a Kafka cluster's topic replication."""
+        extra = dict(extra_env or {})
+        self.extra_env = extra
         self.scenario = scenario
         self.size = size
         self.tmp_path = tmp_path
@@ -211,6 +216,7 @@ class Rig:
             topic_prefix,
             schema,
             CARGOTRACK_CONSUMER_SESSION_TIMEOUT_MS=str(session_timeout_ms),
+            **extra,
         )
         self.env = {
             **os.environ,
@@ -228,6 +234,7 @@ class Rig:
             "CARGOTRACK_CONSUMER_SESSION_TIMEOUT_MS": str(session_timeout_ms),
             # Small transactions, so that a fault lands in the middle of the stream.
             "CARGOTRACK_PROJECTOR_MAX_RECORDS": str(max_records),
+            **extra,
         }
         # Times relative to a base a few hours back: valid for ingest (never in the
         # future) and inside the position history's retention.
@@ -294,6 +301,7 @@ class Rig:
             self.topic_prefix,
             CARGOTRACK_KAFKA_TIMEOUT_S=self.kafka_timeout_s,
             CARGOTRACK_SHUTDOWN_GRACE_S=2,
+            **self.extra_env,
         )
         ports = []
         for name in INGEST:

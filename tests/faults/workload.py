@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import math
 import random
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,8 @@ class Item:
     failures: int = 0
     acked: bool = False
     ack_order: int = -1
+    #: time.monotonic() when the client got the acknowledgement (tests/faults/gaps.py).
+    acked_at: float = 0.0
     #: GPS: the answer's outcome and accepted point count.
     outcome: int = 0
     accepted_points: int = 0
@@ -189,6 +192,7 @@ class Ledger:
             return
         item.acked = True
         item.ack_order = next(self._acks)
+        item.acked_at = time.monotonic()
 
     def failed(self, items: Sequence[Item], code: str) -> None:
         for item in items:

@@ -5,6 +5,7 @@ forwarding, the public view, SSE / NDJSON streams with heartbeats and resume."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -49,6 +50,19 @@ class Web:
 
 @pytest.fixture
 async def web(query: Query, kafka_bootstrap: str, topic_prefix: str) -> AsyncIterator[Web]:  # noqa: F811
+    async with running_web(query, kafka_bootstrap, topic_prefix) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_web(
+    query: Query,  # noqa: F811
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    **environ: str | float | int,
+) -> AsyncIterator[Web]:
+    """A ready gateway in front of `query` and a dispatch service of its own;
+    `environ`: more gateway settings (environment variables)."""
     dispatch_settings = service_settings(kafka_bootstrap, topic_prefix)
     async with running_dispatch(dispatch_settings) as dispatch:
         settings = service_settings(
@@ -58,6 +72,7 @@ async def web(query: Query, kafka_bootstrap: str, topic_prefix: str) -> AsyncIte
             CARGOTRACK_GATEWAY_TRACKING_TARGET=f"127.0.0.1:{query.service.port}",
             CARGOTRACK_GATEWAY_DISPATCH_TARGET=dispatch.target,
             CARGOTRACK_GATEWAY_HEARTBEAT_S=0.3,
+            **environ,
         )
         async with GatewayServer(settings) as gateway:
             base = f"http://127.0.0.1:{gateway.http_port}"

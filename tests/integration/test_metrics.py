@@ -12,23 +12,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.projector.app import ProjectorServer
+from services.projector.freshness import ReceiptAges
 from services.projector.live import LiveTracker
 from services.projector.projection import TrackingProjection
 from shared.auth import Role
 from shared.config import Settings
 from shared.db import Connection, create_pool
+from shared.envelopes import timestamp, utc_now
 from shared.metrics import MetricsServer
-from shared.pb import gps_pb2, gps_pb2_grpc, shipment_pb2, shipment_pb2_grpc
+from shared.pb import envelope_pb2, gps_pb2, gps_pb2_grpc, shipment_pb2, shipment_pb2_grpc
 from shared.projection import Delivered, Projection, ProjectionRunner, wait_caught_up
 from tests.ingest_helpers import (
     bearer,
@@ -453,3 +458,152 @@ async def test_lag_counts_records_fetched_but_not_applied(
             )
 
         await wait_for(port, caught_up)
+
+
+# --- freshness: receipt to visible (#16) ------------------------------------------------
+
+GPS_FRESHNESS = "cargotrack_projector_gps_freshness_seconds"
+
+
+async def test_the_projector_observes_each_gps_batch_age_from_receipt_to_commit(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """The production wiring: gps-ingest stamps each batch it accepts (recorded_at), the
+    projector (ProjectorServer) observes its age once the transaction that applied it
+    committed. Each age lies between 0 and the wall-clock time from before the first
+    batch was sent until the metric held them all. The points were taken an hour ago
+    (an app that was offline): their device time must not count, only the receipt."""
+    port = free_port()
+    settings = projector_settings(
+        kafka_bootstrap,
+        database_url,
+        topic_prefix,
+        pg_schema,
+        CARGOTRACK_GRPC_HOST="127.0.0.1",
+        CARGOTRACK_GRPC_PORT="0",
+        CARGOTRACK_METRICS_PORT=str(port),
+    )
+    an_hour_ago = utc_now() - timedelta(hours=1)
+    batches = [
+        gps_batch("veh-fresh", sequence, points=5, start=an_hour_ago + timedelta(minutes=sequence))
+        for sequence in range(1, 5)
+    ]
+    async with (
+        ProjectorServer(settings) as projector,
+        running_service("gps-ingest", service_settings(kafka_bootstrap, topic_prefix)) as ingest,
+    ):
+        await asyncio.wait_for(projector.runner.assigned.wait(), 60)
+        before = await scrape(port)
+        started = time.time()
+        stub = gps_pb2_grpc.GpsIngestServiceStub(ingest.channel)
+        call = stub.StreamPoints(
+            iter(gps_pb2.StreamPointsRequest(batch=b) for b in batches),
+            metadata=bearer(Role.DRIVER, vehicle_id="veh-fresh"),
+            timeout=30,
+        )
+        answers = [answer async for answer in call]
+        assert [a.outcome for a in answers] == [gps_pb2.BATCH_OUTCOME_ACCEPTED] * 4
+        found = await wait_for(
+            port, lambda found: delta(before, found, f"{GPS_FRESHNESS}_count") >= len(batches)
+        )
+        bound = time.time() - started
+        ends = await end_offsets(settings, [settings.topics.gps_points])
+        await wait_caught_up(projector.pool, projector.runner.projection.name, ends)
+        after = await scrape(port)
+
+    # Once per GPS record (a batch), not per point, and nothing more once caught up.
+    assert delta(before, found, f"{GPS_FRESHNESS}_count") == len(batches)
+    assert delta(before, after, f"{GPS_FRESHNESS}_count") == len(batches)
+    total = delta(before, after, f"{GPS_FRESHNESS}_sum")
+    assert 0 < total <= len(batches) * bound, (total, bound)
+    # Every age within the bound: all in the first bucket whose bound is at least it.
+    le = min(
+        (
+            labels["le"]
+            for labels in after.series(f"{GPS_FRESHNESS}_bucket")
+            if labels["le"] != "+Inf" and float(labels["le"]) >= bound
+        ),
+        key=float,
+    )
+    assert delta(before, after, f"{GPS_FRESHNESS}_bucket", le=le) == len(batches), (le, bound)
+
+
+class ConflictedProjection:
+    """The tracking projection, whose first batch with GPS records is rolled back: while
+    that transaction is open, "another instance" stores offsets past its records, so
+    the runner's fenced offset update fails (OffsetConflict) and it re-seeks past them."""
+
+    def __init__(self, inner: TrackingProjection) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.pool: Any = None  # the runner's, set once it exists
+        self.rolled_back: list[Delivered] = []
+
+    @property
+    def topics(self) -> Sequence[str]:
+        return self.inner.topics
+
+    @property
+    def payloads(self) -> Mapping[str, Collection[str]]:
+        return self.inner.payloads
+
+    async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
+        await self.inner.apply(connection, records)
+        if self.rolled_back or not any(r.envelope.HasField("gps_batch") for r in records):
+            return
+        self.rolled_back = list(records)
+        last = {(r.topic, r.partition): r.offset for r in records}  # records in log order
+        async with self.pool.acquire() as other:
+            await other.executemany(
+                "INSERT INTO projection_offsets (projection, topic, partition, last_offset)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (projection, topic, partition)"
+                " DO UPDATE SET last_offset = EXCLUDED.last_offset",
+                [(self.name, topic, part, offset) for (topic, part), offset in last.items()],
+            )
+
+    def committed(self) -> None:
+        self.inner.committed()
+
+    def forget(self) -> None:
+        self.inner.forget()
+
+
+async def test_gps_batches_of_a_rolled_back_transaction_are_not_observed(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    settings = projector_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema)
+    await prepare(settings)
+    projection = ConflictedProjection(
+        TrackingProjection(settings.topics, LiveTracker(settings.alerts), freshness=ReceiptAges())
+    )
+
+    def gps(sequence: int) -> envelope_pb2.Envelope:
+        at = T0 + timedelta(minutes=sequence)
+        envelope = gps_envelope("acme", "v-rb", "phone", sequence, [(at, 53.4, -2.99)])
+        envelope.recorded_at.CopyFrom(timestamp(utc_now()))  # received now
+        return envelope
+
+    before = await scrape_registry()
+    async with projector_with_metrics(settings, projection) as (runner, port):
+        projection.pool = runner.pool
+        # Three records, the first batch of which rolls back; then three more.
+        async with producer_for(settings) as producer:
+            await send_all(producer, settings, [gps(n) for n in (1, 2, 3)])
+            async with asyncio.timeout(60):
+                while not runner.stats.conflicts:  # noqa: ASYNC110 - the runner's own count
+                    await asyncio.sleep(0.05)
+            ends = await end_offsets(settings, runner.projection.topics)
+            await wait_caught_up(runner.pool, runner.projection.name, ends, timeout_s=60)
+            await send_all(producer, settings, [gps(n) for n in (4, 5, 6)])
+        ends = await end_offsets(settings, runner.projection.topics)
+        await wait_caught_up(runner.pool, runner.projection.name, ends, timeout_s=60)
+        assert runner.stats.conflicts == 1
+        rolled_back = len(projection.rolled_back)
+        assert 1 <= rolled_back <= 3
+        committed = 6 - rolled_back
+        # Observed right after each commit: wait for the last one, then check none more.
+        await wait_for(
+            port, lambda found: delta(before, found, f"{GPS_FRESHNESS}_count") >= committed
+        )
+        after = await scrape(port)
+    assert delta(before, after, f"{GPS_FRESHNESS}_count") == committed

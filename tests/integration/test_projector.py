@@ -180,14 +180,14 @@ async def test_a_day_partition_is_created_even_when_default_holds_its_rows(
 
     from shared.config import DatabaseSettings
     from shared.db import migrate
-    from shared.domain.tracking import Position
+    from shared.domain.geo import Fix
 
     db = DatabaseSettings(url=database_url, schema=pg_schema)
     await migrate(db)
     now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
     try:
-        point = Position(53.4, -2.99, now)
+        point = Fix(now, 53.4, -2.99)
         await store.append_history(connection, {("acme", "v1"): [("e1", point)]})
         created, _ = await store.maintain_position_partitions(connection, now, 2)
         in_default = await connection.fetchval("SELECT count(*) FROM vehicle_positions_default")
@@ -211,7 +211,7 @@ async def test_retention_drops_exactly_the_days_before_the_horizon(
 
     from shared.config import DatabaseSettings
     from shared.db import migrate
-    from shared.domain.tracking import Position
+    from shared.domain.geo import Fix
 
     await migrate(DatabaseSettings(url=database_url, schema=pg_schema))
     connection = await asyncpg.connect(database_url, server_settings={"search_path": pg_schema})
@@ -230,7 +230,7 @@ async def test_retention_drops_exactly_the_days_before_the_horizon(
         ]
         await store.append_history(
             connection,
-            {("acme", "v1"): [(f"e{i}", Position(53.4, -2.99, at)) for i, at in enumerate(times)]},
+            {("acme", "v1"): [(f"e{i}", Fix(at, 53.4, -2.99)) for i, at in enumerate(times)]},
         )
         assert await connection.fetchval("SELECT count(*) FROM vehicle_positions_default") == 1
         _, dropped = await store.maintain_position_partitions(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from services.projector.rebuild import rebuild
@@ -24,6 +26,20 @@ from tests.projection_helpers import (
     projector_settings,
     send_all,
 )
+
+
+@contextlib.asynccontextmanager
+async def everything_notified(database_url: str, channel: str) -> AsyncIterator[asyncio.Event]:
+    """An event set when `channel` carries the payload "*" (every shipment changed)."""
+    seen = asyncio.Event()
+    listener = await asyncpg.connect(database_url)
+    try:
+        await listener.add_listener(
+            channel, lambda _c, _pid, _channel, payload: seen.set() if payload == "*" else None
+        )
+        yield seen
+    finally:
+        await listener.close()
 
 
 async def test_rebuild_while_queries_run_equals_the_live_state(
@@ -93,7 +109,11 @@ async def test_rebuild_while_queries_run_equals_the_live_state(
                     expected_before = dict(runner.expected)
                     await send_all(producer, settings, [in_flight])
                     log.append(in_flight)
-                    report = await rebuild(settings, switch_lag=0, progress=lambda _line: None)
+                    channel = f"{pg_schema}.shipment_changed"
+                    async with everything_notified(database_url, channel) as switched:
+                        report = await rebuild(settings, switch_lag=0, progress=lambda _line: None)
+                        # tracking-query is told that every shipment may have changed.
+                        await asyncio.wait_for(switched.wait(), 30)
                     async with runner.pool.acquire() as connection:
                         rebuilt_offsets = await load_offsets(
                             connection, "tracking", list(expected_before)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import socket
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +25,14 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from shared.config import Settings
 from shared.db import Connection, create_pool
 from shared.envelopes import encode
 from shared.kafka import HEADER_DLQ_OFFSET, HEADER_DLQ_PARTITION, HEADER_DLQ_REASON
 from shared.pb import envelope_pb2, shipment_pb2
-from shared.projection import Delivered, ProjectionRunner, wait_caught_up
+from shared.projection import Delivered, Polled, ProjectionRunner, _Rebalance, wait_caught_up
 from tests.projection_helpers import (
     T0,
     end_offsets,
@@ -50,9 +54,11 @@ class Recorder:
     name: str = NAME
     forgets: int = 0
     commits: int = 0
-    #: apply() call number (1-based) to hold until `gate` is set.
+    #: apply() call number (1-based) to hold, before it inserts, until `gate` is set.
     hold_call: int | None = None
     calls: int = 0
+    #: Per apply() call, the (partition, offset) of each record it was given.
+    batches: list[list[tuple[int, int]]] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -62,6 +68,10 @@ class Recorder:
 
     async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
         self.calls += 1
+        self.batches.append([(r.partition, r.offset) for r in records])
+        if self.calls == self.hold_call:
+            self.holding.set()
+            await self.gate.wait()
         await connection.executemany(
             "INSERT INTO recorded (member, topic, partition, record_offset, key, note)"
             " VALUES ($1, $2, $3, $4, $5, $6)",
@@ -77,9 +87,6 @@ class Recorder:
                 for r in records
             ],
         )
-        if self.calls == self.hold_call:
-            self.holding.set()
-            await self.gate.wait()
 
     def committed(self) -> None:
         self.commits += 1
@@ -145,13 +152,14 @@ async def running(
             producer,
             group_id=f"{settings.topics.prefix}{group}",
             max_records=max_records,
+            pipelined=True,
         )
         if fetched is not None:
             apply_batches = runner._apply
 
-            async def spy(batches: dict[TopicPartition, list[Any]]) -> None:
-                fetched.extend(r.offset for records in batches.values() for r in records)
-                await apply_batches(batches)
+            async def spy(polled: Polled) -> None:
+                fetched.extend(f.record.offset for fs in polled.partitions.values() for f in fs)
+                await apply_batches(polled)
 
             runner._apply = spy  # type: ignore[method-assign]
         task = asyncio.create_task(runner.run())
@@ -388,3 +396,152 @@ async def test_records_fetched_before_the_seek_to_stored_offsets_are_not_applied
         rows = await recorded(s)
     assert end == 10
     assert [r["record_offset"] for r in rows] == list(range(10))
+
+
+async def write_to(settings: Settings, topic: str, partitions: Mapping[int, Sequence[int]]) -> None:
+    """Records `k{p}-{n}` straight to partition p (the key does not choose it)."""
+    async with producer_for(settings) as producer:
+        for partition, numbers in partitions.items():
+            for n in numbers:
+                encoded = encode(record(f"k{partition}", n), f"k{partition}")
+                await producer.send_and_wait(
+                    topic,
+                    encoded.value,
+                    key=encoded.key,
+                    headers=encoded.headers,
+                    partition=partition,
+                )
+
+
+async def until(condition: Any, what: str, timeout_s: float = 30) -> None:
+    """Wait for `condition()` to hold (a state the test reaches, not a duration)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not condition():  # noqa: ASYNC110 - polls the runner's state
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"never reached: {what}") from None
+
+
+async def test_records_polled_ahead_from_a_revoked_partition_are_never_applied(
+    kafka_bootstrap: str,
+    database_url: str,
+    topic_prefix: str,
+    pg_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While its batch on partition 0 is in its transaction, the first member polls the
+    next batch ahead: every record of partitions 1 and 2 (no offsets stored yet, so the
+    fencing would let an apply through). A second member joins; the revocation waits
+    for the batch in flight to commit. Between the revocation and the new assignment the
+    consumer still reports the old partitions as assigned: the batch polled ahead must
+    not be applied then, and the records of the partitions the second member takes are
+    applied by it, once each."""
+    revoking = asyncio.Event()
+    firsts: list[ProjectionRunner] = []
+    revoke = _Rebalance.on_partitions_revoked
+
+    async def noting_revoke(listener: _Rebalance, revoked: list[TopicPartition]) -> None:
+        if revoked and firsts and listener._runner is firsts[0]:
+            revoking.set()
+        await revoke(listener, revoked)
+
+    monkeypatch.setattr(_Rebalance, "on_partitions_revoked", noting_revoke)
+    async with recording_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema) as s:
+        topic = s.topics.shipment_events
+        await write_to(s, topic, {0: range(3)})
+        first = Recorder([topic], "first", hold_call=1)
+        # A ceiling of 10: the batch polled ahead fills with the 10 records below and
+        # stops polling, so nothing else (a poll waiting out the rebalance) stales it.
+        async with running(s, first, group="shared", max_records=10) as runner:
+            firsts.append(runner)
+            await asyncio.wait_for(first.holding.wait(), 30)
+            await write_to(s, topic, {1: range(5), 2: range(5)})
+            await until(lambda: runner.prefetched == 10, "the next batch polled ahead")
+            assert runner._ahead is not None
+            ahead = {
+                (tp.partition, f.record.offset)
+                for tp, fetched in runner._ahead.polled.partitions.items()
+                for f in fetched
+            }
+            second = Recorder([topic], "second")
+            async with running(s, second, group="shared", max_records=10) as other:
+                await asyncio.wait_for(revoking.wait(), 60)
+                first.gate.set()
+                await until(
+                    lambda: (
+                        other.consumer is not None
+                        and runner.consumer is not None
+                        and other.consumer.assignment()
+                        and len(runner.consumer.assignment() | other.consumer.assignment()) == 3
+                    ),
+                    "the group settled with both members",
+                    timeout_s=60,
+                )
+                await caught_up(s, [topic])
+                assert other.consumer is not None
+                taken = {tp.partition for tp in other.consumer.assignment()}
+            dropped = runner.stats.dropped
+        rows = await recorded(s)
+    held = set(first.batches[0])
+    assert held == {(0, n) for n in range(3)}
+    assert ahead == {(p, n) for p in (1, 2) for n in range(5)}
+    assert taken & {1, 2}, f"the second member took none of the partitions polled ahead: {taken}"
+    applied = Counter((r["partition"], r["record_offset"]) for r in rows)
+    assert applied == Counter(held | ahead), "a record lost or applied twice"
+    by = {(r["partition"], r["record_offset"]): r["member"] for r in rows}
+    misapplied = sorted(at for at in ahead if at[0] in taken and by[at] != "second")
+    assert not misapplied, f"revoked partitions' records applied by the first member: {misapplied}"
+    assert dropped >= 1, "the batch polled ahead was never dropped"
+
+
+async def test_a_batch_failing_with_the_next_one_polled_ahead_loses_and_repeats_nothing(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """Batch 4..7 fails for its data (a NUL at offset 5) while 8 and 9 were polled ahead.
+    The batch polled ahead follows records that were not applied: it is dropped and the
+    consumer seeks to the stored offsets. Applying it instead would store offset 9 and
+    lose 5, 6 and 7. In the end every record but the bad one is applied once and the bad
+    one is dead-lettered."""
+    async with recording_settings(kafka_bootstrap, database_url, topic_prefix, pg_schema) as s:
+        topic = s.topics.shipment_events
+        await write(s, topic, [("k", n, "bad \x00" if n == 5 else None) for n in range(10)])
+        recorder = Recorder([topic], "runner", hold_call=2)
+        async with running(s, recorder, max_records=4) as runner:
+            await asyncio.wait_for(recorder.holding.wait(), 30)
+            await until(lambda: runner.prefetched == 2, "8 and 9 polled ahead")
+            recorder.gate.set()
+            await caught_up(s, [topic])
+            dead_letters, dropped = runner.stats.dead_letters, runner.stats.dropped
+        rows = await recorded(s)
+    assert [offset for _, offset in recorder.batches[1]] == [4, 5, 6, 7]
+    applied = Counter(r["record_offset"] for r in rows)
+    assert applied == Counter(n for n in range(10) if n != 5), "a record lost or applied twice"
+    assert dead_letters == 1
+    assert dropped >= 1, "the batch polled ahead was never dropped"
+
+
+async def test_a_runner_whose_consumer_cannot_start_closes_it(
+    database_url: str, topic_prefix: str, pg_schema: str
+) -> None:
+    """No broker at the address: run() raises, and the consumer it made is closed
+    (aiokafka warns "Unclosed AIOKafkaConsumer" when one is dropped unclosed)."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    s = projector_settings(f"127.0.0.1:{port}", database_url, topic_prefix, pg_schema)
+    runner = ProjectionRunner(
+        Recorder([s.topics.shipment_events], "runner"),
+        None,  # type: ignore[arg-type]  # the pool and the producer are never reached
+        s.kafka,
+        s.topics.dead_letters,
+        None,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KafkaError):
+            await runner.run()
+        del runner
+        gc.collect()
+    unclosed = [w for w in caught if "Unclosed AIOKafkaConsumer" in str(w.message)]
+    assert not unclosed

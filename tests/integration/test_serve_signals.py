@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -131,6 +132,76 @@ async def test_sigterm_once_serving_drains_and_exits_0(
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+#: Put on PYTHONPATH, this holds the process at the import of services.cli: it says so on
+#: stderr and waits for a byte on stdin. The console script's own module has run by then
+#: and services.cli is the first heavy import (argparse, the settings, the entry points
+#: of the development commands, then the service's modules), so a signal sent while the
+#: process is held arrives exactly in the window this test is about.
+HOLD_AT_IMPORT = """
+import os, sys
+
+class _Hold:
+    def find_spec(self, name, path=None, target=None):
+        if name == "services.cli":
+            sys.meta_path.remove(self)
+            os.write(2, b"held at import of services.cli\\n")
+            os.read(0, 1)
+        return None
+
+sys.meta_path.insert(0, _Hold())
+"""
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_while_importing_exits_0(tmp_path: Path) -> None:
+    """SIGTERM while `cargotrack serve` (the console script, as the image runs it) is
+    still importing its modules: noted, and the service stops before it starts, exit 0
+    (before: the default action, status 143). Deterministic: the process is held at
+    the import (HOLD_AT_IMPORT) until the signal has been sent."""
+    hook = tmp_path / "sitecustomize.py"
+    hook.write_text(HOLD_AT_IMPORT)
+    console_script = Path(sys.executable).parent / "cargotrack"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(hook.parent), os.environ.get("PYTHONPATH")])
+        ),
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "DATABASE_URL": "postgresql://cargotrack@127.0.0.1:1/cargotrack",
+        "CARGOTRACK_DEV_MODE": "1",
+        "CARGOTRACK_GRPC_PORT": "0",
+        "CARGOTRACK_LOG_FORMAT": "console",
+    }
+    process = await asyncio.create_subprocess_exec(
+        str(console_script),
+        "serve",
+        "tracking-query",
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            held = await process.stderr.readline()
+        assert held == b"held at import of services.cli\n", held
+        process.send_signal(signal.SIGTERM)
+        process.stdin.write(b"go")
+        await process.stdin.drain()
+        async with asyncio.timeout(30):
+            stdout, stderr = await process.communicate()
+        output = (stdout + stderr).decode()
+        assert process.returncode == 0, output
+        assert "stop requested (SIGTERM) while starting" in output, output
+        assert "listening on" not in output, output
     finally:
         if process.returncode is None:
             process.kill()

@@ -21,7 +21,8 @@ from shared.config import DatabaseSettings
 from shared.db import Connection, migrate
 from shared.domain.alerts import AlertConditions
 from shared.domain.eta import EtaEstimate, EtaMethod
-from shared.domain.tracking import Position, ShipmentState
+from shared.domain.geo import Fix
+from shared.domain.tracking import ShipmentState
 from shared.readmodel import shipment_tracking
 from shared.readmodel.rows import Cursor, EtaRow, Progress, TrackingRow
 
@@ -82,7 +83,7 @@ def row(minutes: float, cursor: Cursor | None, *, with_eta: bool = True) -> Trac
         "acme",
         "s1",
         "v1",
-        Position(52.4, 13.1, at(minutes)),
+        Fix(at(minutes), 52.4, 13.1),
         Progress(remaining_m=30_000.0) if with_eta else None,
         eta if with_eta else None,
         AlertConditions(pending_count=int(minutes)),

@@ -36,7 +36,8 @@ from shared import tracking_store as store
 from shared.auth import Role
 from shared.config import Settings
 from shared.domain import tracking
-from shared.domain.tracking import Position, ShipmentState
+from shared.domain.geo import Fix
+from shared.domain.tracking import ShipmentState
 from shared.envelopes import timestamp
 from shared.pb import common_pb2, envelope_pb2, shipment_pb2, tracking_pb2, tracking_pb2_grpc
 from shared.rpc import field_violations
@@ -449,7 +450,7 @@ async def test_pagination_is_stable_when_shipments_change_between_pages(
         " VALUES ($1, $2, 'v1', $3::jsonb)",
         TENANT,
         tracked,
-        json.dumps(statecodec.encode(Position(53.41, -2.95, T0 + timedelta(hours=1)))),
+        json.dumps(statecodec.encode(Fix(T0 + timedelta(hours=1), 53.41, -2.95))),
     )
 
     rest: list[tracking_pb2.Shipment] = []

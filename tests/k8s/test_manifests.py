@@ -320,6 +320,9 @@ def test_topics_partitions_and_retention(overlay: list[Resource]) -> None:
         assert topic["spec"]["config"]["retention.ms"] == TOPIC_RETENTION_MS[name]
         assert topic["spec"]["partitions"] == int(settings["CARGOTRACK_TOPIC_PARTITIONS"])
         assert topic["spec"]["replicas"] == int(settings["CARGOTRACK_TOPIC_REPLICATION_FACTOR"])
+        assert topic["spec"]["config"]["min.insync.replicas"] == int(
+            settings["CARGOTRACK_TOPIC_MIN_INSYNC_REPLICAS"]
+        )
     assert topics["cargotrack.gps-points"]["spec"]["partitions"] == 12
     assert topics["cargotrack.shipment-events"]["spec"]["partitions"] == 12
     # Co-partitioned: the same shipments on the same partition numbers.

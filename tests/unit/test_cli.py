@@ -103,3 +103,27 @@ def test_dev_commands_turn_expected_failures_into_one_line_usage_errors() -> Non
     assert str(missing.value) == f"rich is not installed; {DEV_INSTALL}"
     with pytest.raises(ModuleNotFoundError):  # the project's own: a bug, kept as it is
         _one_line_errors(bug)(argparse.Namespace())
+
+
+@pytest.mark.parametrize("name", ["projector", "learner", "webhooks", "dispatch"])
+def test_several_processes_are_refused_where_they_are_unsafe(name: str) -> None:
+    """Before anything starts, in one line naming the setting and the services allowed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "serve", name],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "DATABASE_URL": "postgresql://cargotrack@127.0.0.1:1/cargotrack",
+            "CARGOTRACK_DEV_MODE": "1",
+            "CARGOTRACK_PROCESSES": "2",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"cargotrack: CARGOTRACK_PROCESSES=2: {name} runs as one process (only gps-ingest and"
+        " tracking-query run several behind one port); scale it with replicas, and set"
+        " CARGOTRACK_PROCESSES on those Deployments only"
+    ]

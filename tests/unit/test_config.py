@@ -112,3 +112,37 @@ def test_learner_settings_are_parsed_and_checked() -> None:
         )
     assert "CARGOTRACK_LEARNER_TIMEZONE" in str(raised.value)
     assert "CARGOTRACK_LEARNER_KEEP_VERSIONS" in str(raised.value)
+
+
+def test_processes_default_to_one_and_are_bounded() -> None:
+    assert load_settings(BASE).processes == 1
+    assert load_settings({**BASE, "CARGOTRACK_PROCESSES": "4"}).processes == 4
+    for bad, expected in (("0", "at least 1"), ("65", "at most 64"), ("two", "an integer")):
+        with pytest.raises(ConfigError, match=f"CARGOTRACK_PROCESSES=.*{expected}"):
+            load_settings({**BASE, "CARGOTRACK_PROCESSES": bad})
+    with pytest.raises(ConfigError, match="CARGOTRACK_METRICS_PORT=65534: with CARGOTRACK_PRO"):
+        load_settings({**BASE, "CARGOTRACK_PROCESSES": "2", "CARGOTRACK_METRICS_PORT": "65534"})
+    assert (
+        load_settings(
+            {**BASE, "CARGOTRACK_PROCESSES": "2", "CARGOTRACK_METRICS_PORT": "65533"}
+        ).processes
+        == 2
+    )
+
+
+def test_a_worker_shares_the_grpc_port_and_has_its_own_metrics_port() -> None:
+    settings = load_settings(
+        {**BASE, "CARGOTRACK_PROCESSES": "3", "CARGOTRACK_METRICS_PORT": "9090"},
+        default_grpc_port=50054,
+    )
+    assert not settings.grpc.reuse_port  # a lone process never shares its port
+    second = settings.for_worker(1)
+    assert second.grpc.reuse_port
+    assert second.grpc.port == 50054
+    # Each on loopback above the parent's port, where the parent collects them.
+    assert [settings.for_worker(i).metrics_port for i in range(3)] == [9091, 9092, 9093]
+    assert second.metrics_host == "127.0.0.1"
+    assert settings.metrics_host is None  # the parent binds the gRPC host
+    assert load_settings(BASE).for_worker(0).metrics_port == 0  # metrics off stay off
+    with pytest.raises(ValueError, match="worker 3 of 3"):
+        settings.for_worker(3)

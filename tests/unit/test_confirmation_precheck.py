@@ -85,6 +85,8 @@ def test_only_delivery_confirmations_and_the_gateway_may_run_without_a_database(
 def test_cargotrack_dev_gives_delivery_confirmations_the_database() -> None:
     """So the local suite runs the pre-check (the launcher passes every service the
     stack's PostgreSQL)."""
-    stack = SimpleNamespace(bootstrap_servers="127.0.0.1:9092", database_url="postgresql://pg/x")
+    stack = SimpleNamespace(
+        bootstrap_servers="127.0.0.1:9092", database_url="postgresql://pg/x", topic_env=dict
+    )
     environment = service_env(cast(LocalStack, stack), {}, 50053)
     assert environment["DATABASE_URL"] == "postgresql://pg/x"

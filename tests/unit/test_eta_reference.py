@@ -6,7 +6,8 @@ Seeded random scenarios (routes that bend, double back on themselves or cross
 themselves; noisy, jumping, shuffled, off-route and partly future tracks; learned
 speeds in several time zones; varied parameters, stops and destinations) run through
 both models with each model's previous estimate fed back, the same ``Fix`` objects
-passed again as the window slides, as the projector does. Every field of every
+passed again as the window slides with the vehicle's ``TrackMemo``, as the projector
+does. Every field of every
 estimate must be equal, bit for bit: the new code does the same floating-point
 operations in the same order (see ``EtaModel._travel``), so no tolerance is needed.
 """
@@ -26,7 +27,7 @@ from bench.eta_reference import eta as ref_eta
 from bench.eta_reference import geo as ref_geo
 from bench.eta_reference import speeds as ref_speeds
 from shared.domain.eta import EtaModel, EtaParams, Stop
-from shared.domain.geo import Fix, LatLon, LocalProjection, Route
+from shared.domain.geo import Fix, LatLon, LocalProjection, Route, TrackMemo
 from shared.domain.speeds import HistoricalSpeeds, SpeedParams, learn_speeds
 
 PROJ = LocalProjection(51.5, -0.1)
@@ -174,6 +175,9 @@ def _scenario(seed: int) -> int:
     ref_stops = [ref_eta.Stop(s.distance_along_m, s.dwell_s) for s in stops]
     new_prev: Any = None
     ref_prev: Any = None
+    # The vehicle's memo, kept across calls and trimmed to the track as the projector's
+    # track cache does: it must never change an estimate.
+    memo = TrackMemo()
     compared = 0
     hi = 0
     while hi < len(fixes):
@@ -196,7 +200,9 @@ def _scenario(seed: int) -> int:
             route=new_routes[which] if use_route else None,
             stops=stops,
             previous=new_prev,
+            memo=memo,
         )
+        memo.retain(fixes[lo:hi])
         ref = ref_model.estimate(
             **kw,
             route=ref_routes[which] if use_route else None,
@@ -223,12 +229,13 @@ def test_project_fixes_equals_project_track_with_any_hint() -> None:
         new = Route([_latlon(p) for p in xy])
         ref = ref_geo.Route([_latlon(p) for p in xy])
         fixes = _trip(rng, new, T0)
+        memo = TrackMemo()
         for _ in range(3):
             lo = rng.randrange(len(fixes))
             part = fixes[lo : lo + rng.randint(1, 80)]
             hint = rng.choice([None, rng.uniform(-100, new.length_m + 100)])
             want = ref.project_track([f.lat for f in part], [f.lon for f in part], near_m=hint)
-            alongs, offsets = new.project_fixes(part, near_m=hint)
+            alongs, offsets = new.project_fixes(part, near_m=hint, memo=memo)
             assert alongs == [p.distance_along_m for p in want]
             assert offsets == [p.offset_m for p in want]
 

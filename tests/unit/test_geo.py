@@ -15,11 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.eta_reference.geo import clean_track as reference_clean_track
+from shared.domain import _accel
 from shared.domain.geo import (
     EARTH_RADIUS_M,
     Fix,
     LocalProjection,
     Route,
+    TrackMemo,
     bearing_deg,
     clean_track,
     haversine_m,
@@ -171,9 +173,10 @@ def test_clean_track_ignores_input_order(fixes: list[Fix]) -> None:
 
 def test_clean_track_rechecks_pairs_checked_at_a_higher_speed() -> None:
     track = [fix(10 * i, 300 * i, 0) for i in range(5)]  # 30 m/s
-    assert clean_track(track, 60.0) == track  # remembers the pairs as plausible at 60
+    memo = TrackMemo()
+    assert clean_track(track, 60.0, memo) == track  # remembers the pairs as plausible at 60
     fresh = [fix(10 * i, 300 * i, 0) for i in range(5)]
-    assert clean_track(track, 20.0) == clean_track(fresh, 20.0) != track
+    assert clean_track(track, 20.0, memo) == clean_track(fresh, 20.0) != track
 
 
 def test_clean_track_decides_borderline_speeds_exactly() -> None:
@@ -187,42 +190,76 @@ def test_clean_track_decides_borderline_speeds_exactly() -> None:
             lat += math.degrees(60.0 * 10.0 / EARTH_RADIUS_M * (1 + eps))
             fixes.append(Fix(T0 + timedelta(seconds=10 * i), lat, 20.0))
         fresh = [Fix(f.at, f.lat, f.lon) for f in fixes]
-        assert clean_track(fixes) == reference_clean_track(fresh)
-        assert clean_track(fixes) == reference_clean_track(fresh)  # memoised
+        memo = TrackMemo()
+        assert clean_track(fixes, memo=memo) == reference_clean_track(fresh)
+        assert clean_track(fixes, memo=memo) == reference_clean_track(fresh)  # memoised
 
 
 # -- memos -----------------------------------------------------------------------------------
 
 
-def test_memos_are_not_part_of_a_fix() -> None:
+def test_a_fix_is_a_plain_value() -> None:
     f, g = fix(0, 100, 20), fix(0, 100, 20)
-    STRAIGHT.project_fixes([f])
-    clean_track([f, fix(10, 150, 20)])
+    memo = TrackMemo()
+    STRAIGHT.project_fixes([f], memo=memo)
+    clean_track([f, fix(10, 150, 20)], memo=memo)
+    assert len(memo) == 1  # the memo, not the fix, holds what was worked out
     assert f == g
     assert hash(f) == hash(g)
     assert repr(f) == repr(g)
-    assert dataclasses.replace(f, lat=f.lat)._route_token is None  # not carried over
+    assert [x.name for x in dataclasses.fields(f)] == [
+        "at",
+        "lat",
+        "lon",
+        "speed_mps",
+        "heading_deg",
+        "accuracy_m",
+        "t",
+    ]
+    for clone in (pickle.loads(pickle.dumps(f)), copy.deepcopy(f), dataclasses.replace(f)):
+        assert clone == f
+        assert clone.t == f.t
 
 
-def test_pickling_or_copying_a_fix_leaves_the_memos_behind() -> None:
-    track = [fix(i, 10 * i, 0) for i in range(5000)]
-    assert clean_track(track) == track  # links each fix to the next
-    STRAIGHT.project_fixes(track)
-    for clone in (pickle.loads(pickle.dumps(track[0])), copy.deepcopy(track[0])):
-        assert clone == track[0]
-        assert clone.t == track[0].t
-        assert clone._next is None
-        assert clone._route_token is None
+def test_a_memo_is_keyed_by_identity_and_trimmed_by_its_owner() -> None:
+    track = [fix(i, 10 * i, 0) for i in range(50)]
+    memo = TrackMemo()
+    assert clean_track(track, memo=memo) == track  # links each fix to the next
+    STRAIGHT.project_fixes(track, memo=memo)
+    assert len(memo) == 50
+    # An equal fix that is another object is worked out again, with the same result.
+    twin = [Fix(f.at, f.lat, f.lon) for f in track]
+    assert STRAIGHT.project_fixes(twin, memo=memo) == STRAIGHT.project_fixes(track)
+    assert len(memo) == 100
+    memo.retain(track[40:])
+    assert len(memo) == 10
+    assert clean_track(track[40:], memo=memo) == track[40:]
+    assert STRAIGHT.project_fixes(track[40:], memo=memo) == STRAIGHT.project_fixes(track[40:])
+
+
+def test_a_memo_remembers_a_few_routes() -> None:
+    fixes = [fix(i, 100 * i, 30) for i in range(10)]
+    memo = TrackMemo()
+    routes = [Route([at(0, 500 * k), at(2000, 500 * k)]) for k in range(TrackMemo.ROUTES + 2)]
+    for route in routes:
+        route.project_fixes(fixes, memo=memo)
+    assert len(memo._routes) == TrackMemo.ROUTES
+    assert list(memo._routes) == routes[-TrackMemo.ROUTES :]  # the most recent ones
 
 
 def test_project_fixes_follows_the_route_asked_for() -> None:
     fixes = [fix(i, 100 * i, 30) for i in range(10)]
     other = Route([at(0, 500), at(2000, 500)])
+    memo = TrackMemo()
     for route in (STRAIGHT, other, STRAIGHT):
-        alongs, offsets = route.project_fixes(fixes)
+        alongs, offsets = route.project_fixes(fixes, memo=memo)
         fresh = route.project_track([f.lat for f in fixes], [f.lon for f in fixes])
         assert alongs == [p.distance_along_m for p in fresh]
         assert offsets == [p.offset_m for p in fresh]
+
+
+def test_the_accelerators_use_the_models_earth() -> None:
+    assert _accel.EARTH_RADIUS_M == EARTH_RADIUS_M
 
 
 def test_single_point_projections_are_memoised_boundedly() -> None:

@@ -45,7 +45,6 @@ from shared.domain.tracking import (
     CREATED,
     DELIVERY_FAILED,
     IN_TRANSIT,
-    Position,
     ShipmentState,
     Status,
     TimelineEntry,
@@ -102,7 +101,7 @@ ROUTE = polyline.encode([(DESTINATION[0] - START_M / 111_195.0, DESTINATION[1]),
 
 def drive(
     speeds: list[float], start_m: float = START_M, detours: frozenset[int] = frozenset()
-) -> list[list[tuple[str, Position]]]:
+) -> list[list[tuple[str, Fix]]]:
     """GPS records (each 3 fixes, 20 s apart) of a vehicle heading for DESTINATION from
     `start_m` south of it, at each record's speed; in the records numbered in `detours`
     it is 700 m east of the straight line (off the planned ROUTE)."""
@@ -117,7 +116,7 @@ def drive(
             remaining = max(start_m - travelled, 0.0)
             lat = DESTINATION[0] - remaining / 111_195.0
             lon = DESTINATION[1] + (0.0103 if n in detours else 0.0)
-            points.append((f"gps-{n}", Position(lat, lon, at(second), speed_mps=speed)))
+            points.append((f"gps-{n}", Fix(at(second), lat, lon, speed_mps=speed)))
         records.append(points)
     return records
 
@@ -134,7 +133,7 @@ def stored_after(previous: dict[str, object] | None, row: TrackingRow) -> dict[s
 
 
 def run(
-    state: ShipmentState, records: list[list[tuple[str, Position]]], cuts: set[int]
+    state: ShipmentState, records: list[list[tuple[str, Fix]]], cuts: set[int]
 ) -> tuple[list[PendingAlert], list[Decision]]:
     """Decide as the tracker does, with a batch ending after each record index in `cuts`
     (and after the last record)."""
@@ -148,7 +147,7 @@ def run(
             continue
         position = record[-1][1]
         stored = stored_of(columns) if columns is not None else None
-        since = needed_from(state, stored, position.recorded_at)
+        since = needed_from(state, stored, position.at)
         view = track.view(since - timedelta(seconds=POLICY.window_s))
         decision = decide(state, stored, position, view if view.fixes else None, MODEL, POLICY)
         raised.extend(decision.alerts)
@@ -187,7 +186,7 @@ def test_the_alerts_do_not_depend_on_how_the_records_were_batched(
     assert decisions[-1].row.cursor == last.row.cursor
     # The ETA shown is at the newest position, whatever the batches.
     assert decisions[-1].row.eta is not None
-    assert decisions[-1].row.eta.computed_at == records[-1][-1][1].recorded_at
+    assert decisions[-1].row.eta.computed_at == records[-1][-1][1].at
 
 
 def test_a_shipment_that_will_clearly_miss_its_window_raises_late_once() -> None:
@@ -328,7 +327,7 @@ def test_a_stored_row_without_a_cursor_continues_after_its_eta() -> None:
 def test_decide_without_a_track_keeps_the_stored_eta_and_raises_nothing() -> None:
     state = shipment()
     stored = StoredTracking(AlertConditions(), EtaRow(computed_at=at(0)), Cursor(at(0)))
-    position = Position(51.9, 13.0, at(900))
+    position = Fix(at(900), 51.9, 13.0)
     decision = decide(state, stored, position, None, MODEL, POLICY)
     assert decision.row.eta is None
     assert decision.row.progress is None
@@ -360,7 +359,7 @@ def test_the_cursor_columns_round_trip_and_store_the_shown_estimate_once() -> No
         "acme",
         "s1",
         "v1",
-        Position(51.8, 13.0, at(120)),
+        Fix(at(120), 51.8, 13.0),
         None,
         eta,
         AlertConditions(pending_count=1),
@@ -381,10 +380,10 @@ def test_the_cursor_columns_round_trip_and_store_the_shown_estimate_once() -> No
 def test_arrival_is_the_geofence_entry_once_the_vehicle_stayed_since_activation() -> None:
     state = shipment()
     approach = [
-        (f"gps-{n}", Position(DESTINATION[0] - (550 - 100 * n) / 111_195.0, 13.0, at(20 * n)))
+        (f"gps-{n}", Fix(at(20 * n), DESTINATION[0] - (550 - 100 * n) / 111_195.0, 13.0))
         for n in range(6)
     ]
-    parked = [(f"gps-p{n}", Position(*DESTINATION, at(120 + 20 * n))) for n in range(6)]
+    parked = [(f"gps-p{n}", Fix(at(120 + 20 * n), *DESTINATION)) for n in range(6)]
     track = CachedTrack(LONG_AGO, (), ()).with_points(approach + parked).view(LONG_AGO)
     # Entered the 100 m geofence with the fix 50 m away (n = 5), then stayed.
     assert arrival(state, track, parked[-1][1]) == at(100)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from devtools.fleet_simulator import clients
 from devtools.fleet_simulator.config import SimulatorConfig
 from devtools.fleet_simulator.plan import (
     LOAD_S,
@@ -367,6 +369,39 @@ def _points(n: int) -> list[gps_pb2.GpsPoint]:
         gps_pb2.GpsPoint(recorded_at=timestamp(now), latitude=53.4, longitude=-2.9 + i / 1e4)
         for i in range(n)
     ]
+
+
+def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), code.name)
+
+
+async def test_call_with_retry_backs_off_on_transient_errors_and_raises_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+
+    # The module's own view of asyncio: nothing else in the test waits less.
+    monkeypatch.setattr(clients, "asyncio", SimpleNamespace(sleep=sleep))
+    answers: list[grpc.StatusCode | str] = [grpc.StatusCode.UNAVAILABLE] * 4 + ["done"]
+
+    async def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, grpc.StatusCode):
+            raise _rpc_error(answer)
+        return answer
+
+    assert await clients.call_with_retry(call, "test", backoff_s=(0.2, 0.5)) == "done"
+    assert slept == [0.2, 0.4, 0.5, 0.5]  # doubling up to the most, one wait per failure
+
+    slept.clear()
+    answers[:] = [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await clients.call_with_retry(call, "test", backoff_s=(0.2, 0.5))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert slept == [0.2]  # a fresh back-off per call; no wait before raising
 
 
 @pytest.mark.timeout(30)

@@ -11,28 +11,30 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
 from services.projector.track_cache import CachedTrack, TrackCache
 from shared.domain.geo import Fix
-from shared.domain.tracking import Position
+from shared.domain.tracking import gps_positions
+from shared.pb import gps_pb2
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
 
-def position(second: float, lat: float = 53.4, speed: float = 5.0) -> Position:
-    return Position(
+def position(second: float, lat: float = 53.4, speed: float = 5.0) -> Fix:
+    return Fix(
+        at=T0 + timedelta(seconds=second),
         lat=lat,
         lon=-2.9 + second / 10_000,
-        recorded_at=T0 + timedelta(seconds=second),
         speed_mps=speed,
     )
 
 
-def history_order(rows: list[tuple[str, Position]]) -> list[tuple[datetime, float, float, str]]:
+def history_order(rows: list[tuple[str, Fix]]) -> list[tuple[datetime, float, float, str]]:
     """What `ORDER BY recorded_at, latitude, longitude` returns for these rows."""
-    return sorted((p.recorded_at, p.lat, p.lon, e) for e, p in rows)
+    return sorted((p.at, p.lat, p.lon, e) for e, p in rows)
 
 
 def empty(covered_from: datetime = T0 - timedelta(hours=1)) -> CachedTrack:
@@ -49,7 +51,7 @@ uploads = st.lists(
 @given(uploads)
 def test_a_track_holds_every_upload_in_history_order(batches: list[list[int]]) -> None:
     track = empty()
-    rows: list[tuple[str, Position]] = []
+    rows: list[tuple[str, Fix]] = []
     for n, seconds in enumerate(batches):
         batch = [(f"rec-{n}", position(s)) for s in seconds]
         rows.extend(batch)
@@ -64,7 +66,7 @@ def test_a_view_is_what_the_history_query_returns_after_an_instant(
     batches: list[list[int]], after_s: int
 ) -> None:
     track = empty()
-    rows: list[tuple[str, Position]] = []
+    rows: list[tuple[str, Fix]] = []
     for n, seconds in enumerate(batches):
         batch = [(f"rec-{n}", position(s)) for s in seconds]
         rows.extend(batch)
@@ -91,8 +93,22 @@ def test_trimming_moves_the_covered_instant_forward_only() -> None:
 
 
 def test_a_fix_is_what_reading_the_row_back_gives() -> None:
-    track = empty().with_points([("r1", position(5, speed=0.0))])
+    # The cache keeps the fold's decoded fixes as they are; a point's unknown speed
+    # (0 on the wire) is None there, as reading its row back gives (0 in the table).
+    batch = gps_pb2.GpsBatch(
+        points=[
+            gps_pb2.GpsPoint(
+                recorded_at=Timestamp(seconds=int(T0.timestamp()) + 5),
+                latitude=53.4,
+                longitude=-2.9 + 5 / 10_000,
+                speed_mps=0.0,
+            )
+        ]
+    )
+    [decoded] = gps_positions(batch)
+    track = empty().with_points([("r1", decoded)])
     assert track.fixes == (Fix(T0 + timedelta(seconds=5), 53.4, -2.9 + 5 / 10_000, None),)
+    assert track.fixes[0] is decoded  # one object per point
     assert track.events == ("r1",)  # speed 0 (unknown) reads back as None
 
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared import tracking_store
+from shared.domain.geo import Fix
 from shared.domain.ids import alert_id, gps_batch_event_id, uuid7, uuid7_unix_ms
 from shared.domain.tracking import (
     ALLOWED_FROM,
@@ -33,7 +34,6 @@ from shared.domain.tracking import (
     TIMELINE_TAIL,
     TRACKING_TOKEN_LENGTH,
     NoiseFilter,
-    Position,
     ShipmentState,
     VehicleState,
     accepted_history_points,
@@ -748,7 +748,9 @@ def test_the_garbage_reaches_every_folded_payload() -> None:
     of them for the folded shipment or vehicle."""
     seen: list[str] = []
 
-    @settings(max_examples=30, database=None)
+    # Derandomised: a fixed sequence of examples, so the check cannot pass or fail
+    # by the luck of the draw; it fails when the strategy stops producing a kind.
+    @settings(max_examples=30, database=None, derandomize=True)
     @given(garbage_logs())
     def collect(envelopes: list[envelope_pb2.Envelope | None]) -> None:
         seen.extend(e.WhichOneof("payload") or "" for e in envelopes if e is not None)
@@ -799,7 +801,7 @@ def gps_envelope(
 def position_of(state: VehicleState) -> tuple[datetime, float, float]:
     assert state.last_position is not None
     p = state.last_position
-    return (p.recorded_at, p.lat, p.lon)
+    return (p.at, p.lat, p.lon)
 
 
 def test_first_batch_moves_to_its_newest_point_by_event_time() -> None:
@@ -807,9 +809,7 @@ def test_first_batch_moves_to_its_newest_point_by_event_time() -> None:
     assert (state.vehicle_id, state.tenant_id) == ("VAN-7", TENANT)
     assert position_of(state) == (T0 + timedelta(seconds=20), 52.5002, 13.4)
     assert state.device_sequences == (("d1", 1),)
-    assert state.last_position == Position(
-        52.5002, 13.4, T0 + timedelta(seconds=20), 10.0, 45.0, 5.0
-    )
+    assert state.last_position == Fix(T0 + timedelta(seconds=20), 52.5002, 13.4, 10.0, 45.0, 5.0)
 
 
 def test_older_point_does_not_move_the_vehicle_back() -> None:
@@ -912,9 +912,9 @@ def batched_permutations(
     return points, batches
 
 
-def newest(points: list[gps_pb2.GpsPoint]) -> Position:
+def newest(points: list[gps_pb2.GpsPoint]) -> Fix:
     envelope = gps_envelope("any", 1, points)
-    return max(gps_positions(envelope.gps_batch), key=lambda p: p.recorded_at)
+    return max(gps_positions(envelope.gps_batch), key=lambda p: p.at)
 
 
 def fold_batches(batches: list[list[gps_pb2.GpsPoint]], noise: NoiseFilter) -> VehicleState:
@@ -956,8 +956,8 @@ def test_the_last_position_never_moves_back_in_time(
     for sequence, points in enumerate(batches, start=1):
         state = apply_gps(state, gps_envelope("d1", sequence, points))
         if state.last_position is not None:
-            assert seen is None or state.last_position.recorded_at >= seen
-            seen = state.last_position.recorded_at
+            assert seen is None or state.last_position.at >= seen
+            seen = state.last_position.at
         # A resend of any earlier batch changes nothing.
         assert apply_gps(state, gps_envelope("d1", max(1, sequence - 1), points)) is state
 

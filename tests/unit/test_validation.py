@@ -388,8 +388,9 @@ def check_paths(violations: list[Violation], root: str, message: Message) -> Non
 
 
 ids = st.text(max_size=140)
-#: Free text as ingest accepts it: anything but NUL (PostgreSQL cannot store it).
-no_nul = st.characters(exclude_characters="\x00")
+#: Free text as ingest accepts it: anything but NUL (PostgreSQL cannot store it), in
+#: valid UTF-8 (a protobuf string field cannot hold a lone surrogate).
+no_nul = st.characters(exclude_characters="\x00", codec="utf-8")
 doubles = st.floats(allow_nan=True, allow_infinity=True)
 floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 enums = st.integers(-(2**31), 2**31 - 1)

@@ -126,23 +126,41 @@
     $("signin").hidden = false;
   }
 
+  // Why a shipment cannot be shown, in words a dispatcher can act on (never a bare
+  // HTTP status). tracking-query answers a shipment of another tenant exactly as a
+  // missing one (NOT_FOUND), so 404 cannot say which of the two it is.
+  function lookupProblem(status) {
+    switch (status) {
+      case 404: return "No shipment with this id, or not one your account may see.";
+      case 400: return "This is not a valid shipment id.";
+      case 401: case 403: return "Your sign-in was refused: sign out and sign in again.";
+      case 429: return "Too many requests just now; try again in a minute.";
+      default: return "The shipment cannot be loaded right now; try again in a moment.";
+    }
+  }
+
   async function showShipment() {
     const match = location.hash.match(/^#shipment=(.+)$/);
     if (!match || !token()) return;
     const id = decodeURIComponent(match[1]);
+    const problem = $("shipment-problem");
+    // A network failure has no status at all (null): the default message.
     const response = await fetch(`/v1/shipments/${encodeURIComponent(id)}`, {
       headers: { Authorization: `Bearer ${token()}` },
-    });
+    }).catch(() => null);
     const details = $("shipment-details");
     const rows = [["Shipment", id]];
-    if (response.ok) {
+    if (response && response.ok) {
       const s = (await response.json()).shipment || {};
       rows.push(["Status", ct.label(s.status, "SHIPMENT_STATUS_")], ["Customer", s.customerId || "–"],
         ["Vehicle", s.vehicleId || "–"], ["Expected", ct.time(s.eta && s.eta.estimatedArrival)],
         ["Promised", ct.window(s.promisedWindow)]);
       if (s.trackingToken) rows.push(["Tracking page", `/t/${s.trackingToken}`]);
+      problem.hidden = true;
+      problem.textContent = "";
     } else {
-      rows.push(["Error", `HTTP ${response.status}`]);
+      problem.textContent = lookupProblem(response ? response.status : 0);
+      problem.hidden = false;
     }
     details.replaceChildren(...rows.flatMap(([name, value]) => {
       const dt = document.createElement("dt");

@@ -81,12 +81,27 @@
     }
   }
 
+  // The page says why nothing is shown, in words (never a bare HTTP status). An unknown
+  // token (404) and a malformed one (400: cut off, mistyped) are the same to a reader:
+  // this link leads to no shipment. Everything else may pass: try again later.
+  function unavailable(status) {
+    const unknown = status === 404 || status === 400;
+    $("connection").textContent = unknown
+      ? "No shipment found for this link."
+      : status === 429
+        ? "Too many lookups from your connection; try again in a minute."
+        : "Tracking is unavailable right now; try again later.";
+    $("connection").className = "error";
+    $("hint").hidden = !unknown;
+    // An empty status, map and timeline would only look like a shipment with no news.
+    document.querySelector("main").hidden = unknown;
+    document.querySelector("footer").hidden = true;
+  }
+
   async function start() {
     const response = await fetch(base, { headers: { Accept: "application/json" } });
     if (!response.ok) {
-      $("connection").textContent = response.status === 404
-        ? "This tracking link is unknown." : "Tracking is unavailable right now; try again later.";
-      $("connection").className = "error";
+      unavailable(response.status);
       return;
     }
     render((await response.json()).shipment || {});
@@ -102,5 +117,5 @@
       }
     });
   }
-  start().catch(() => { $("connection").textContent = "Tracking is unavailable right now."; });
+  start().catch(() => unavailable(0));
 })();
