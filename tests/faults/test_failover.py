@@ -271,9 +271,16 @@ async def test_postgres_failover_to_a_lagging_standby(
     # writable, and is restarted until the standby is promoted. When the promotion
     # completes before its next transaction it rides through on a fresh connection
     # (seen in CI: 0 restarts), so any number of restarts is allowed; what is proven
-    # is the checker's verdict above. Ingest does not use PostgreSQL: its clients see
-    # no error at all.
-    assert_clean(report, rig, restarts=range(1000))
+    # is the checker's verdict above.
+    # The full size's GPS streams can outlive the workload's 30 s stream deadline on a
+    # 2-core machine (seen: a 48 s workload): such a stream ends DEADLINE_EXCEEDED, and a
+    # write issued just before it UNAVAILABLE (ingest gives the write only what remains
+    # of the deadline); the client resends, and the checker above counts every batch.
+    # Ingest does not use PostgreSQL, so the failover itself explains no client error.
+    stream_deadline = (
+        frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE"}) if size != REDUCED else frozenset()
+    )
+    assert_clean(report, rig, restarts=range(1000), client_errors=stream_deadline)
     # tracking-query was never restarted (the keeper does not keep it) and told its
     # client only answers or "retry", also while no host accepted writes.
     assert not query_tail, f"tracking-query exited:\n{query_tail}"
