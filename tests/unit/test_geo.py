@@ -237,6 +237,25 @@ def test_a_memo_is_keyed_by_identity_and_trimmed_by_its_owner() -> None:
     assert STRAIGHT.project_fixes(track[40:], memo=memo) == STRAIGHT.project_fixes(track[40:])
 
 
+def test_a_memo_trims_late_but_stays_bounded_on_a_sliding_window() -> None:
+    track = [fix(i, 10 * i, 0) for i in range(400)]
+    memo = TrackMemo()
+    window = 100
+    sizes = []
+    for hi in range(window, len(track) + 1):
+        fixes = track[hi - window : hi]
+        STRAIGHT.project_fixes(fixes, memo=memo)
+        memo.retain(fixes)
+        sizes.append(len(memo))
+    bound = window + TrackMemo.SPARE_MIN + window * TrackMemo.SPARE
+    assert max(sizes) <= bound
+    assert len(set(sizes)) > 1  # it does trim, not only grow
+    # What it still holds is right for the window it is asked about.
+    assert STRAIGHT.project_fixes(track[-window:], memo=memo) == STRAIGHT.project_fixes(
+        track[-window:]
+    )
+
+
 def test_a_memo_remembers_a_few_routes() -> None:
     fixes = [fix(i, 100 * i, 30) for i in range(10)]
     memo = TrackMemo()
