@@ -26,6 +26,7 @@ every partition fully replicated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -224,8 +225,8 @@ async def run_scenario(
        with a `QueryProbe` polling them round robin;
     3. an `UpdateProbe` and the query probe start, then the clients' workload;
     4. `fault(scene)`: the scenario's faults, its notes and its checks meanwhile;
-    5. `Rig.recovered`, `Rig.finish`, the probes stopped; the gaps measured
-       (tests/faults/gaps.py) and printed;
+    5. `Rig.recovered`, `Rig.finish`, the probes stopped (also when a step fails);
+       the gaps measured (tests/faults/gaps.py) and printed;
     6. `assert_clean`: restarts within `restarts` (by default `kafka_fault_restarts`
        of the faults counted), clients' failures only of `client_errors`.
 
@@ -246,19 +247,16 @@ async def run_scenario(
                 replicas_target(f"127.0.0.1:{r.port}" for r in replicas),
                 [s.shipment_id for s in rig.plan.shipments],
             )
-        updates = UpdateProbe(rig.settings, rig.topics)
-        updates.start()
-        if queries is not None:
-            queries.start()
-        workload = rig.start_workload()
-        started = time.monotonic()
-        scene = Scene(rig, workload, running, replicas, queries)
-        await fault(scene)
-        await rig.recovered()
-        report = await rig.finish()
-        if queries is not None:
-            await queries.stop()
-        await updates.stop()
+        async with contextlib.AsyncExitStack() as probes:  # stopped last started first
+            updates = await probes.enter_async_context(UpdateProbe(rig.settings, rig.topics))
+            if queries is not None:
+                await probes.enter_async_context(queries)
+            workload = rig.start_workload()
+            started = time.monotonic()
+            scene = Scene(rig, workload, running, replicas, queries)
+            await fault(scene)
+            await rig.recovered()
+            report = await rig.finish()
     row = measure(report, workload, updates, queries, started=started, restarts=rig.keeper.total)
     print(f"gaps: {row}")
     if restarts is None:
