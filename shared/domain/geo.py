@@ -125,10 +125,14 @@ class Fix:
         speed_mps: float | None,
         heading_deg: float | None = None,
         accuracy_m: float | None = None,
+        *,
+        t: float | None = None,
     ) -> Fix:
         """``Fix(at, lat, lon, speed_mps, heading_deg, accuracy_m)`` without its checks,
         for values already validated (the projector's decoded GPS points, its own
-        history rows). Checking every point again was a tenth of the projector's time."""
+        history rows). Checking every point again was a tenth of the projector's time.
+        ``t``, when given, must equal ``at.timestamp()`` (a caller decoding a time from
+        integer seconds has it for less)."""
         fix = object.__new__(cls)
         _SET(fix, "at", at)
         _SET(fix, "lat", lat)
@@ -136,7 +140,7 @@ class Fix:
         _SET(fix, "speed_mps", speed_mps)
         _SET(fix, "heading_deg", heading_deg)
         _SET(fix, "accuracy_m", accuracy_m)
-        _SET(fix, "t", at.timestamp())
+        _SET(fix, "t", at.timestamp() if t is None else t)
         return fix
 
 
