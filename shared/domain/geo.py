@@ -15,7 +15,7 @@ meridian (no city does).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -125,10 +125,14 @@ class Fix:
         speed_mps: float | None,
         heading_deg: float | None = None,
         accuracy_m: float | None = None,
+        *,
+        t: float | None = None,
     ) -> Fix:
         """``Fix(at, lat, lon, speed_mps, heading_deg, accuracy_m)`` without its checks,
         for values already validated (the projector's decoded GPS points, its own
-        history rows). Checking every point again was a tenth of the projector's time."""
+        history rows). Checking every point again was a tenth of the projector's time.
+        ``t``, when given, must equal ``at.timestamp()`` (a caller decoding a time from
+        integer seconds has it for less)."""
         fix = object.__new__(cls)
         _SET(fix, "at", at)
         _SET(fix, "lat", lat)
@@ -136,7 +140,7 @@ class Fix:
         _SET(fix, "speed_mps", speed_mps)
         _SET(fix, "heading_deg", heading_deg)
         _SET(fix, "accuracy_m", accuracy_m)
-        _SET(fix, "t", at.timestamp())
+        _SET(fix, "t", at.timestamp() if t is None else t)
         return fix
 
 
@@ -189,16 +193,29 @@ class TrackMemo:
         """How many fixes have an entry."""
         return len(self._fixes)
 
-    def retain(self, fixes: Collection[Fix]) -> None:
-        """Forget every fix but ``fixes`` (those without an entry are ignored) once the
-        memo holds more than :attr:`SPARE` over them; until then keep it as it is.
+    def retain(self, fixes: Sequence[Fix]) -> None:
+        """Forget every fix but ``fixes`` (those without an entry are ignored), a little
+        late: the memo may keep up to :attr:`SPARE` more.
 
-        Trimming is a pass over the memo, and its owner calls this on every change of a
-        track that slides by a few fixes: trimming each time cost a pass over the whole
-        track per vehicle per batch, the projector's largest cost at 20,000 points/s.
-        With the spare a trim happens once per about a quarter of a track's turnover,
-        so its cost per dropped fix is constant, for at most a quarter more entries."""
+        Made for an owner whose track slides, calling this on every change with the
+        track oldest first: the entries of fixes older than ``fixes[0]`` are dropped
+        in one scan from the oldest entry on, which costs what is dropped, not the
+        track (a pass over the whole memo per vehicle per batch was the projector's
+        largest cost at 20,000 points/s). What that leaves (fixes given in another
+        order, entries of fixes not in the track) is dropped by a full pass once the
+        memo holds more than the spare over ``fixes``."""
         held = self._fixes
+        if fixes and held:
+            oldest = fixes[0].t
+            # Entries are in the order they were made, for a sliding track its time
+            # order; dropping an entry is always safe (it is worked out again).
+            stale = []
+            for key, fix in held.items():
+                if fix.t >= oldest:
+                    break
+                stale.append(key)
+            if stale:
+                self._forget(stale)
         if len(held) <= len(fixes) + self.SPARE_MIN + len(fixes) * self.SPARE:
             return
         keep = {key: f for f in fixes if (key := id(f)) in held}
@@ -209,6 +226,17 @@ class TrackMemo:
             route: {k: pos for k, pos in table.items() if k in keep}
             for route, table in self._routes.items()
         }
+
+    def _forget(self, keys: Iterable[int]) -> None:
+        """Drop the entries of the fixes with these ids (all held)."""
+        held, nexts, speeds = self._fixes, self._next, self._next_mps
+        tables = list(self._routes.values())
+        for key in keys:
+            del held[key]
+            nexts.pop(key, None)
+            speeds.pop(key, None)
+            for table in tables:
+                table.pop(key, None)
 
     def _projections(self, route: Route) -> dict[int, complex]:
         """The projections onto `route`, made the most recently used route's."""
