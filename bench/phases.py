@@ -886,6 +886,19 @@ class Bench:
             asyncio.create_task(poll_offsets()),
             listener,
         ]
+        # Where the projector's time goes at a fixed rate (the e2e profiles show it
+        # flat out, which is another shape of work: larger batches, no idle time).
+        profile = (
+            None
+            if o.profile_dir is None
+            else asyncio.create_task(
+                profiling.record(
+                    self.stack.services["projector"].pid,
+                    o.profile_dir / "latency-projector",
+                    duration_s=max(1.0, o.latency_s * 0.9),
+                )
+            )
+        )
         try:
             async with asyncio.timeout(60):
                 await subscriber_ready.wait()
@@ -940,6 +953,8 @@ class Bench:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if profile is not None:
+                await profile
         latencies = _commit_latencies(received, observed)
         offered = result["points"] / max(result["ended"] - result["started"], 1e-9)
         if rate == 20_000:

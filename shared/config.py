@@ -325,6 +325,10 @@ class Settings:
     #: Receipt-to-state budget the projector sizes its batches by (shared.poll_sizing);
     #: 0: no budget, every batch may hold projector_max_records.
     projector_latency_budget_ms: int = 100
+    #: Internal (issue 16, "Pipelining"): poll and decode the projector's next batch while
+    #: the batch in front of it commits (`ProjectionRunner(pipelined=True)`). Off until
+    #: measured; for tests and benchmarks.
+    projector_pipelined: bool = False
     #: Key of the MAC on ListShipments page tokens (tracking-query); None: derived from
     #: the JWT secret, and required when there is none (see page_token_key_bytes()).
     page_token_key: str | None = None
@@ -847,6 +851,7 @@ def load_settings(
         projector_latency_budget_ms=env.integer(
             "CARGOTRACK_PROJECTOR_LATENCY_BUDGET_MS", 100, minimum=0
         ),
+        projector_pipelined=env.flag("CARGOTRACK_PROJECTOR_PIPELINED"),
         page_token_key=env.optional("CARGOTRACK_PAGE_TOKEN_KEY"),
         processes=env.integer("CARGOTRACK_PROCESSES", 1, minimum=1),
         query_cache_mb=env.integer("CARGOTRACK_QUERY_CACHE_MB", 64, minimum=0),

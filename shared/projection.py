@@ -24,9 +24,9 @@ each record's effect is applied once, whatever crashes or rebalances happen:
 - partitions are assigned with the range assignor, so partition N of every
   subscribed topic goes to the same member: shipment events and delivery
   confirmations, co-partitioned by shipment id, are folded by one instance;
-- pipelining (`pipelined=True`; off by default and not yet used by any service:
-  with it, tests/e2e/test_projector_crash.py's final catch-up timed out on one
-  shipment-events partition, cause not found yet): while a batch's transaction runs,
+- pipelining (`pipelined=True`; off by default; the projector switches it on only
+  with the internal setting CARGOTRACK_PROJECTOR_PIPELINED, see docs/performance.md
+  row 21): while a batch's transaction runs,
   the next batch is polled and decoded; it is applied only after the batch in front
   of it committed, and never
   if a seek or a revocation came after its first poll began (records of a revoked
@@ -736,15 +736,20 @@ async def wait_caught_up(
     timeout_s: float = 30.0,
 ) -> None:
     """Wait until the stored offsets reach end_offsets (Kafka's next offsets); for tests,
-    benchmarks and rebuilds. Raises TimeoutError naming the partitions behind."""
+    benchmarks and rebuilds. Raises TimeoutError naming each partition behind with its
+    stored offset and the last offset it must reach (-1: nothing stored)."""
     targets = {tp: end - 1 for tp, end in end_offsets.items() if end > 0}
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         async with pool.acquire() as connection:
             stored = await load_offsets(connection, projection, list(targets))
-        behind = {tp: last for tp, last in targets.items() if stored.get(tp, -1) < last}
+        behind = {
+            f"{tp.topic}[{tp.partition}]": f"{stored.get(tp, -1)} of {last}"
+            for tp, last in targets.items()
+            if stored.get(tp, -1) < last
+        }
         if not behind:
             return
         if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"{projection} not caught up: {behind}")
+            raise TimeoutError(f"{projection} not caught up (stored of last): {behind}")
         await asyncio.sleep(0.05)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared.config import Settings, load_settings
-from shared.db import migrate
+from shared.db import Connection, migrate
 from shared.domain import tracking
 from shared.domain.tracking import ShipmentState, VehicleState
 from shared.envelopes import encode, timestamp
 from shared.kafka import ensure_topics, make_producer, topic_specs
 from shared.pb import common_pb2, envelope_pb2, gps_pb2, shipment_pb2
+from shared.projection import Delivered, Projection
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
 
@@ -38,6 +39,48 @@ def projector_settings(
             **extra,
         }
     )
+
+
+def in_process_server_settings(
+    kafka_bootstrap: str, database_url: str, topic_prefix: str, schema: str, **extra: str
+) -> Settings:
+    """`projector_settings` for a service that serves gRPC in this process: on
+    127.0.0.1, on a port the system picks (`extra` adds or overrides settings)."""
+    return projector_settings(
+        kafka_bootstrap,
+        database_url,
+        topic_prefix,
+        schema,
+        CARGOTRACK_GRPC_HOST="127.0.0.1",
+        CARGOTRACK_GRPC_PORT="0",
+        **extra,
+    )
+
+
+class WrappedProjection:
+    """A projection that hands everything to `inner`; a test subclasses it and
+    overrides `apply` to step into the runner's transactions."""
+
+    def __init__(self, inner: Projection) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    @property
+    def topics(self) -> Sequence[str]:
+        return self.inner.topics
+
+    @property
+    def payloads(self) -> Mapping[str, Collection[str]]:
+        return self.inner.payloads
+
+    async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
+        await self.inner.apply(connection, records)
+
+    def committed(self) -> None:
+        self.inner.committed()
+
+    def forget(self) -> None:
+        self.inner.forget()
 
 
 async def prepare(settings: Settings) -> None:

@@ -56,6 +56,8 @@ from devtools.devstack.process import (
     ensure_writable_dir,
     log_tail,
     run_command,
+    start_all,
+    stop_all,
 )
 from shared.lifecycle import Lifecycle
 
@@ -831,19 +833,14 @@ class KafkaCluster(Lifecycle):
                 self._cluster_id = str(kept.pop())
                 for broker in self.brokers:
                     broker._fixed_cluster_id = self._cluster_id
-        tasks = [
-            asyncio.create_task(broker.start(keep_data=keep_data), name=f"kafka-{broker.node_id}")
-            for broker in self.brokers
-            if not broker.running
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.kill()
-            raise
+        await start_all(
+            {
+                f"kafka-{broker.node_id}": broker.start(keep_data=keep_data)
+                for broker in self.brokers
+                if not broker.running
+            },
+            undo=self.kill,
+        )
         _log.info("Kafka cluster of %d nodes ready: %s", len(self.brokers), self.bootstrap_servers)
 
     async def stop(self) -> None:
@@ -853,12 +850,7 @@ class KafkaCluster(Lifecycle):
         stopped one after another, the last one finds no quorum and waits out its stop
         timeout (30 s) before it is killed. Together, each asks while the quorum is up.
         """
-        results = await asyncio.gather(
-            *(broker.stop() for broker in self.brokers), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await stop_all([broker.stop() for broker in self.brokers])
 
     async def kill(self) -> None:
         """SIGKILL every node. Idempotent."""

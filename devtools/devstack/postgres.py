@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TypedDict, Unpack
 
 import asyncpg
 
@@ -58,8 +59,8 @@ _log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "embedded_postgres"
 _SUPERUSER = "postgres"
-_INITDB_TIMEOUT = 300.0
-_BASEBACKUP_TIMEOUT = 300.0
+#: How long a command that fills a data directory (initdb, pg_basebackup) may take.
+_DATA_COMMAND_TIMEOUT = 300.0
 # Unix domain socket paths are limited to 108 bytes on Linux (104 on macOS).
 _MAX_SOCKET_PATH = 100
 
@@ -113,6 +114,16 @@ def _prepare_for_system_user(bin_dir: Path, dirs: list[Path]) -> None:
     for directory in dirs:
         ensure_prefix_permissions(directory)
         os.chown(directory, entry.pw_uid, entry.pw_gid)
+
+
+class _ServerOptions(TypedDict, total=False):
+    """The keyword options of :class:`PostgresServer` (a standby takes them too)."""
+
+    fsync: bool
+    bin_dir: Path | None
+    settings: Mapping[str, str] | None
+    start_timeout: float
+    stop_timeout: float
 
 
 class PostgresServer(ServerProcess):
@@ -305,8 +316,6 @@ class PostgresServer(ServerProcess):
         self, bin_dir: Path, data: Path, env: Mapping[str, str], user: str | None
     ) -> None:
         """Fill the empty data directory: a new cluster (``initdb``)."""
-        log_path = self._state_dir / "initdb.log"
-        started = time.monotonic()
         argv = [
             str(bin_dir / "initdb"),
             "-D",
@@ -317,23 +326,48 @@ class PostgresServer(ServerProcess):
             "--encoding=utf8",
             "--locale=C",
         ]
+        seconds = await self._run_data_command(
+            argv, "initdb", "initdb.log", data=data, env=env, user=user
+        )
+        _log.info("initdb %s in %.1f s", data, seconds)
+
+    async def _run_data_command(
+        self,
+        argv: list[str],
+        name: str,
+        log_name: str,
+        *,
+        data: Path,
+        env: Mapping[str, str],
+        user: str | None,
+    ) -> float:
+        """Run ``argv``, a command that fills the data directory (``initdb``,
+        ``pg_basebackup``), to completion in ``data``; return how long it took (s).
+
+        ``--no-sync`` is appended when fsync is off; the output goes to ``log_name`` in
+        the state directory. Raises :class:`DevStackError` with the log's last lines if
+        it exits non-zero, and (from :func:`run_command`) if it outlives
+        ``_DATA_COMMAND_TIMEOUT``.
+        """
+        log_path = self._state_dir / log_name
+        started = time.monotonic()
         if not self._fsync:
-            argv.append("--no-sync")
+            argv = [*argv, "--no-sync"]
         code = await run_command(
             argv,
-            name="initdb",
+            name=name,
             log_path=log_path,
-            time_limit=_INITDB_TIMEOUT,
+            time_limit=_DATA_COMMAND_TIMEOUT,
             cwd=data,
             env=env,
             user=user,
         )
         if code != 0:
             raise DevStackError(
-                f"initdb failed (exit {code}): {log_tail(log_path, lines=2)}; "
+                f"{name} failed (exit {code}): {log_tail(log_path, lines=2)}; "
                 f"full output: {log_path}"
             )
-        _log.info("initdb %s in %.1f s", data, time.monotonic() - started)
+        return time.monotonic() - started
 
     async def _wait_ready(self, proc: ChildProcess) -> None:
         """Poll until ``select 1`` succeeds over TCP; fail early if the postmaster exits.
@@ -407,22 +441,9 @@ class PostgresStandby(PostgresServer):
         state_dir: Path,
         primary: PostgresServer,
         port: int | None = None,
-        *,
-        fsync: bool = True,
-        bin_dir: Path | None = None,
-        settings: Mapping[str, str] | None = None,
-        start_timeout: float = 60.0,
-        stop_timeout: float = 30.0,
+        **options: Unpack[_ServerOptions],
     ) -> None:
-        super().__init__(
-            state_dir,
-            port,
-            fsync=fsync,
-            bin_dir=bin_dir,
-            settings=settings,
-            start_timeout=start_timeout,
-            stop_timeout=stop_timeout,
-        )
+        super().__init__(state_dir, port, **options)
         self.primary = primary
 
     async def _create_data(
@@ -431,8 +452,6 @@ class PostgresStandby(PostgresServer):
         """Fill the empty data directory: a base backup of the running primary."""
         if not self.primary.running or self.primary.port is None:
             raise DevStackError("the standby's primary PostgreSQL must be running before it")
-        log_path = self._state_dir / "basebackup.log"
-        started = time.monotonic()
         argv = [
             str(bin_dir / "pg_basebackup"),
             "--host",
@@ -447,28 +466,10 @@ class PostgresStandby(PostgresServer):
             "--wal-method=stream",
             "--checkpoint=fast",
         ]
-        if not self._fsync:
-            argv.append("--no-sync")
-        code = await run_command(
-            argv,
-            name="pg_basebackup",
-            log_path=log_path,
-            time_limit=_BASEBACKUP_TIMEOUT,
-            cwd=data,
-            env=env,
-            user=user,
+        seconds = await self._run_data_command(
+            argv, "pg_basebackup", "basebackup.log", data=data, env=env, user=user
         )
-        if code != 0:
-            raise DevStackError(
-                f"pg_basebackup failed (exit {code}): {log_tail(log_path, lines=2)}; "
-                f"full output: {log_path}"
-            )
-        _log.info(
-            "standby %s copied from port %s in %.1f s",
-            data,
-            self.primary.port,
-            time.monotonic() - started,
-        )
+        _log.info("standby %s copied from port %s in %.1f s", data, self.primary.port, seconds)
 
     async def stop_replication(self, timeout_s: float = 30.0) -> int:
         """Stop receiving WAL from the primary; return the WAL position replayed (bytes).

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from devtools.devstack.errors import DevStackError
 from shared.lifecycle import Lifecycle
@@ -29,6 +30,8 @@ __all__ = [
     "ensure_writable_dir",
     "log_tail",
     "run_command",
+    "start_all",
+    "stop_all",
 ]
 
 _POLL_INTERVAL = 0.05
@@ -426,3 +429,34 @@ class ServerProcess(Lifecycle):
 
     async def _start(self, keep_data: bool) -> None:
         raise NotImplementedError
+
+
+async def start_all(
+    starts: Mapping[str, Coroutine[Any, Any, None]], *, undo: Callable[[], Awaitable[None]]
+) -> None:
+    """Run the ``starts`` concurrently, each as a task named by its key; return once all
+    have succeeded.
+
+    As soon as one fails (or this is cancelled), the others are cancelled and awaited
+    to their end (a server's start kills what it launched when cancelled or failing),
+    then ``undo()`` is awaited and the first failure re-raised.
+    """
+    tasks = [asyncio.create_task(start, name=name) for name, start in starts.items()]
+    try:
+        # Without return_exceptions, gather raises the first failure at once.
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await undo()
+        raise
+
+
+async def stop_all(stops: Sequence[Awaitable[None]]) -> None:
+    """Await every one of ``stops`` concurrently, all to their end even if some fail; then
+    re-raise the first failure (in the order given), if any."""
+    results = await asyncio.gather(*stops, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result

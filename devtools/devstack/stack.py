@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 from devtools.devstack.errors import DevStackError
 from devtools.devstack.kafka import DEFAULT_KAFKA_VERSION, KafkaBroker, KafkaCluster
@@ -33,6 +34,7 @@ from devtools.devstack.ports import (
     port_from_env,
 )
 from devtools.devstack.postgres import PostgresServer, PostgresStandby, multi_host_dsn
+from devtools.devstack.process import start_all, stop_all
 from shared.lifecycle import Lifecycle
 
 __all__ = [
@@ -272,23 +274,12 @@ class LocalStack(Lifecycle):
         async with self._lock:
             if self._started:
                 return
-            tasks = []
+            starts: dict[str, Coroutine[Any, Any, None]] = {}
             if self.kafka is not None:
-                tasks.append(
-                    asyncio.create_task(self.kafka.start(keep_data=self._keep_data), name="kafka")
-                )
+                starts["kafka"] = self.kafka.start(keep_data=self._keep_data)
             if self.postgres is not None:
-                tasks.append(asyncio.create_task(self._start_postgres(), name="postgres"))
-            try:
-                # Without return_exceptions, gather raises the first failure at once.
-                await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                # Each server's start() kills what it launched when cancelled or failing.
-                await asyncio.gather(*tasks, return_exceptions=True)
-                await self._stop_servers()
-                raise
+                starts["postgres"] = self._start_postgres()
+            await start_all(starts, undo=self._stop_servers)
             self._started = True
             for line in self.describe():
                 _log.info("devstack: %s", line)
@@ -309,7 +300,4 @@ class LocalStack(Lifecycle):
         servers: list[KafkaBroker | KafkaCluster | PostgresServer] = [
             s for s in (self.kafka, self.postgres, self.postgres_standby) if s is not None
         ]
-        results = await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await stop_all([s.stop() for s in servers])

@@ -109,6 +109,7 @@ class ProjectorServer(ServiceServer):
             topic_prefix=settings.topics.prefix,
             max_records=settings.projector_max_records,
             latency_budget_s=(settings.projector_latency_budget_ms / 1000) or None,
+            pipelined=settings.projector_pipelined,
         )
         self.relay = OutboxRelay(settings, pool, producer, idle_s=self._outbox_idle_s)
         self.scanner = StaleScanner(pool, settings.alerts, interval_s=self._stale_scan_interval_s)

@@ -161,7 +161,9 @@ class TrackCache:
 
     def apply(self, changes: Mapping[VehicleKey, CachedTrack | None]) -> None:
         """Store a committed batch's tracks (None: forget that vehicle). Each stored
-        track's memo is trimmed to its fixes, so memos are bounded with the tracks."""
+        track's memo is trimmed to its fixes (oldest first, as `TrackMemo.retain` wants
+        them: what slid out goes at once, the rest within the memo's spare), so memos
+        are bounded with the tracks."""
         now = self._clock()
         newcomers = []
         for key, track in changes.items():

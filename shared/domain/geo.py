@@ -125,10 +125,14 @@ class Fix:
         speed_mps: float | None,
         heading_deg: float | None = None,
         accuracy_m: float | None = None,
+        *,
+        t: float | None = None,
     ) -> Fix:
         """``Fix(at, lat, lon, speed_mps, heading_deg, accuracy_m)`` without its checks,
         for values already validated (the projector's decoded GPS points, its own
-        history rows). Checking every point again was a tenth of the projector's time."""
+        history rows). Checking every point again was a tenth of the projector's time.
+        ``t``, when given, must equal ``at.timestamp()`` (a caller decoding a time from
+        integer seconds has it for less)."""
         fix = object.__new__(cls)
         _SET(fix, "at", at)
         _SET(fix, "lat", lat)
@@ -136,7 +140,7 @@ class Fix:
         _SET(fix, "speed_mps", speed_mps)
         _SET(fix, "heading_deg", heading_deg)
         _SET(fix, "accuracy_m", accuracy_m)
-        _SET(fix, "t", at.timestamp())
+        _SET(fix, "t", at.timestamp() if t is None else t)
         return fix
 
 
@@ -158,16 +162,20 @@ class TrackMemo:
     hashing of dates and floats): a fix equal to a memoised one but another object is
     simply worked out again. The memo holds a reference to every fix it has an entry
     for, so no id is reused while its entry exists. It is bounded by its owner:
-    :meth:`retain` drops every fix but those given (the projector's track cache calls
-    it with the vehicle's cached track on each commit). At most `ROUTES` routes are
-    remembered, the least recently used dropped first. Not thread-safe; one memo per
-    vehicle.
+    :meth:`retain` drops every fix but those given, a little late (the projector's
+    track cache calls it with the vehicle's cached track on each commit). At most
+    `ROUTES` routes are remembered, the least recently used dropped first. Not
+    thread-safe; one memo per vehicle.
     """
 
     __slots__ = ("_fixes", "_max_checked_mps", "_next", "_next_mps", "_routes")
 
     #: Routes remembered per memo (a vehicle carries a few shipments at once).
     ROUTES = 4
+    #: What :meth:`retain` lets the memo hold beyond the fixes it is given: this share
+    #: of them, plus `SPARE_MIN` entries.
+    SPARE = 0.25
+    SPARE_MIN = 16
 
     def __init__(self) -> None:
         #: Every fix with an entry, by id: keeps the ids valid.
@@ -185,12 +193,32 @@ class TrackMemo:
         """How many fixes have an entry."""
         return len(self._fixes)
 
-    def retain(self, fixes: Iterable[Fix]) -> None:
-        """Forget every fix but ``fixes`` (those without an entry are ignored)."""
+    def retain(self, fixes: Sequence[Fix]) -> None:
+        """Forget every fix but ``fixes`` (those without an entry are ignored), a little
+        late: the memo may keep up to :attr:`SPARE` more.
+
+        Made for an owner whose track slides, calling this on every change with the
+        track oldest first: the entries of fixes older than ``fixes[0]`` are dropped
+        in one scan from the oldest entry on, which costs what is dropped, not the
+        track (a pass over the whole memo per vehicle per batch was the projector's
+        largest cost at 20,000 points/s). What that leaves (fixes given in another
+        order, entries of fixes not in the track) is dropped by a full pass once the
+        memo holds more than the spare over ``fixes``."""
         held = self._fixes
-        keep = {key: f for f in fixes if (key := id(f)) in held}
-        if len(keep) == len(held):
+        if fixes and held:
+            oldest = fixes[0].t
+            # Entries are in the order they were made, for a sliding track its time
+            # order; dropping an entry is always safe (it is worked out again).
+            stale = []
+            for key, fix in held.items():
+                if fix.t >= oldest:
+                    break
+                stale.append(key)
+            if stale:
+                self._forget(stale)
+        if len(held) <= len(fixes) + self.SPARE_MIN + len(fixes) * self.SPARE:
             return
+        keep = {key: f for f in fixes if (key := id(f)) in held}
         self._fixes = keep
         self._next = {k: b for k, b in self._next.items() if k in keep and id(b) in keep}
         self._next_mps = {k: self._next_mps[k] for k in self._next}
@@ -198,6 +226,17 @@ class TrackMemo:
             route: {k: pos for k, pos in table.items() if k in keep}
             for route, table in self._routes.items()
         }
+
+    def _forget(self, keys: Iterable[int]) -> None:
+        """Drop the entries of the fixes with these ids (all held)."""
+        held, nexts, speeds = self._fixes, self._next, self._next_mps
+        tables = list(self._routes.values())
+        for key in keys:
+            del held[key]
+            nexts.pop(key, None)
+            speeds.pop(key, None)
+            for table in tables:
+                table.pop(key, None)
 
     def _projections(self, route: Route) -> dict[int, complex]:
         """The projections onto `route`, made the most recently used route's."""

@@ -254,16 +254,22 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECONDS_MIN, _SECONDS_MAX = -62_135_596_800, 253_402_300_799
 
 
+def _representable(seconds: int, nanos: int) -> bool:
+    """Whether a Timestamp's fields are set and within datetime's range."""
+    return (seconds != 0 or nanos != 0) and (
+        _SECONDS_MIN <= seconds <= _SECONDS_MAX and 0 <= nanos < 1_000_000_000
+    )
+
+
 def _dt(stamp: Timestamp) -> datetime | None:
     """``stamp.ToDatetime(tzinfo=UTC)``, None when unset or invalid; computed here
     because the library's version costs more than the rest of a GPS point's decoding."""
     seconds, nanos = stamp.seconds, stamp.nanos
-    if seconds == 0 and nanos == 0:
-        return None
-    if not (_SECONDS_MIN <= seconds <= _SECONDS_MAX and 0 <= nanos < 1_000_000_000):
+    if not _representable(seconds, nanos):
         return None
     try:
-        return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+        # Positional: timedelta's keyword form costs three times as much.
+        return _EPOCH + timedelta(0, seconds, nanos // 1000)
     except OverflowError:
         return None
 
@@ -730,9 +736,10 @@ def gps_positions(batch: gps_pb2.GpsBatch) -> list[Fix]:
     trusted = Fix.trusted
     isfinite = math.isfinite
     for point in batch.points:
-        recorded_at = _dt(point.recorded_at)
+        stamp = point.recorded_at
+        seconds, nanos = stamp.seconds, stamp.nanos
         where = _latlon(point.latitude, point.longitude)
-        if recorded_at is None or where is None or where == (0.0, 0.0):
+        if not _representable(seconds, nanos) or where is None or where == (0.0, 0.0):
             continue
         speed, heading, accuracy = point.speed_mps, point.heading_deg, point.accuracy_m
         # Written out (not all(... for x in ...)): this runs for every point the
@@ -746,10 +753,21 @@ def gps_positions(batch: gps_pb2.GpsBatch) -> list[Fix]:
             and accuracy >= 0.0
         ):
             continue
+        # _dt's conversion, with the epoch seconds from the same integers: exactly
+        # what `recorded_at.timestamp()` gives (one correctly rounded division of the
+        # microseconds), at a fifth of its cost.
+        micros = nanos // 1000
+        recorded_at = _EPOCH + timedelta(0, seconds, micros)
         # Checked above as Fix's constructor would: built without checking again.
         positions.append(
             trusted(
-                recorded_at, where[0], where[1], speed or None, heading or None, accuracy or None
+                recorded_at,
+                where[0],
+                where[1],
+                speed or None,
+                heading or None,
+                accuracy or None,
+                t=(seconds * 1_000_000 + micros) / 1_000_000,
             )
         )
     return positions

@@ -299,7 +299,11 @@ async def test_sigkill_mid_batch_loses_nothing_and_applies_nothing_twice(
     ) -> None:
         process = projector_process(env, log_path)
         try:
-            await wait_caught_up(pool, "tracking", targets, timeout_s=90)
+            try:
+                await wait_caught_up(pool, "tracking", targets, timeout_s=90)
+            except TimeoutError as behind:
+                # What the projector did meanwhile (a stall is diagnosed from its log).
+                raise AssertionError(f"{behind}\n{_tail(log_path)}") from behind
             # Its signal handlers exist once it reports ready; then SIGTERM must drain it.
             while "ready" not in _tail(log_path).split("starting projector")[-1]:  # noqa: ASYNC110 - polls a log file
                 await asyncio.sleep(0.05)

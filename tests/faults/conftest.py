@@ -31,11 +31,19 @@ import pytest
 
 from tests.faults import gaps
 from tests.faults.checker import REPORTS, table
+from tests.faults.harness import Servers
 
 FULL_ENV = "CARGOTRACK_FAULTS_FULL"
 #: Every Kafka cluster scenario at full size (test_cluster.py), and the PostgreSQL
 #: failover's full size (test_failover.py); unset: the reduced leader kill and failover.
 CLUSTER_ENV = "CARGOTRACK_FAULTS_CLUSTER"
+
+
+@pytest.fixture
+def servers(kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str) -> Servers:
+    """The session stack's Kafka and PostgreSQL, with this test's own topic prefix and
+    schema (a scenario with a server of its own replaces that one)."""
+    return Servers(kafka_bootstrap, database_url, topic_prefix, pg_schema)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -23,12 +23,13 @@ plus the time of one read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import asyncpg
 
+from tests.faults.background import Background
+from tests.faults.gaps import longest_gap
 from tests.faults.workload import Ledger
 
 
@@ -40,16 +41,17 @@ class Timeline:
 
     def longest_gap(self) -> float:
         """The longest time between two consecutive moments (0 with fewer than two)."""
-        pairs = zip(self.moments, self.moments[1:], strict=False)
-        return max((later - earlier for earlier, later in pairs), default=0.0)
+        return longest_gap(self.moments)
 
     def first_after(self, instant: float) -> float | None:
         """The first moment after `instant`, if any."""
         return next((m for m in self.moments if m > instant), None)
 
 
-class GapMeter:
+class GapMeter(Background):
     """Samples acknowledgements and committed state; `async with` runs the sampler."""
+
+    task_name = "gap-meter"
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class GapMeter:
         projection: str = "tracking",
         interval_s: float = 0.02,
     ) -> None:
+        super().__init__()
         self.ledger = ledger
         self.database_url = database_url
         self.schema = schema
@@ -72,17 +75,6 @@ class GapMeter:
         self.last_error = ""
         self._acked = 0
         self._progress = 0  # the first update is the first commit, not an empty read
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> GapMeter:
-        self._task = asyncio.create_task(self._run(), name="gap-meter")
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def notes(self) -> dict[str, object]:
         """The figures for a scenario's report."""

@@ -1,5 +1,7 @@
 """What users feel during a fault: the longest gaps in acknowledgements, state updates
-and query answers (the cluster scenarios, tests/faults/test_cluster.py).
+and query answers (the cluster scenarios, tests/faults/test_cluster.py; the PostgreSQL
+failover, tests/faults/test_failover.py, polls with the same `QueryProbe` and measures
+with `longest_gap` too).
 
 "Nothing lost" says the system was correct; these say how long it stood still:
 
@@ -24,7 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,12 +37,23 @@ from shared.auth import Role
 from shared.config import Settings
 from shared.pb import tracking_pb2, tracking_pb2_grpc
 from shared.projection import load_offsets
+from tests.faults.background import Background
 from tests.faults.checker import Report
 from tests.faults.workload import TENANT, Workload
 from tests.ingest_helpers import bearer
 
 #: How often the update and query probes look.
 PROBE_INTERVAL_S = 0.1
+#: What tracking-query answers a client: the shipment, or not yet (before its first
+#: event is projected). Any other status is a failed query.
+QUERY_ANSWERS = frozenset({"OK", "NOT_FOUND"})
+#: The gRPC channel options of a client of several replicas: calls spread round robin,
+#: and a replica that went away is retried within half a second.
+BALANCED = (
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
 
 
 def longest_gap(
@@ -70,26 +83,19 @@ def client_ack_times(workload: Workload) -> dict[str, list[float]]:
     return clients
 
 
-class UpdateProbe:
+class UpdateProbe(Background):
     """Polls the projection's stored offsets; remembers when the committed state moved."""
 
+    task_name = "update-probe"
+
     def __init__(self, settings: Settings, topics: Sequence[str], partitions: int = 3) -> None:
+        super().__init__()
         self._settings = settings
         self._partitions = [
             (topic, partition) for topic in topics for partition in range(partitions)
         ]
         self.moved: list[float] = []
         self.errors = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="update-probe")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         from aiokafka import TopicPartition
@@ -121,62 +127,79 @@ class UpdateProbe:
                     await connection.close()
 
 
-class QueryProbe:
-    """A client of tracking-query: GetShipment over and over, round robin over the
-    replicas (a load-balanced Service), each call with a 2 s deadline.
+def replicas_target(addresses: Iterable[str]) -> str:
+    """One gRPC target naming every replica ("ipv4:host:port,host:port"), for a channel
+    that spreads its calls over them (with `BALANCED`), as behind a Service."""
+    return "ipv4:" + ",".join(addresses)
 
-    An answer is OK or NOT_FOUND (a shipment not created yet); anything else failed.
+
+class QueryProbe(Background):
+    """A client of tracking-query: GetShipment over and over, `interval_s` apart, round
+    robin over `shipment_ids`, each call with a `timeout_s` deadline, on one channel to
+    `target` (with `channel_options`).
+
+    `codes` counts the outcomes by status; `answered` holds when each answer (one of
+    `QUERY_ANSWERS`) came; any other status failed (`failed`, `failures`). The
+    defaults are a client of several replicas (`replicas_target`, `BALANCED`).
     """
 
-    def __init__(self, targets: Sequence[str], shipment_ids: Sequence[str]) -> None:
-        self._target = "ipv4:" + ",".join(targets)
+    task_name = "query-probe"
+
+    def __init__(
+        self,
+        target: str,
+        shipment_ids: Sequence[str],
+        *,
+        interval_s: float = PROBE_INTERVAL_S / 2,
+        timeout_s: float = 2.0,
+        channel_options: Sequence[tuple[str, str | int]] = BALANCED,
+    ) -> None:
+        super().__init__()
+        self._target = target
         self._shipments = list(shipment_ids)
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._options = list(channel_options)
+        self.codes: Counter[str] = Counter()
         self.answered: list[float] = []
-        self.failed: defaultdict[str, int] = defaultdict(int)
         self.started = 0.0
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.started = time.monotonic()
-        self._task = asyncio.create_task(self._run(), name="query-probe")
+        super().start()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    @property
+    def failed(self) -> dict[str, int]:
+        """The calls that failed, by status."""
+        return {code: n for code, n in self.codes.items() if code not in QUERY_ANSWERS}
 
     @property
     def failures(self) -> int:
         return sum(self.failed.values())
 
+    def longest_gap(self) -> float:
+        """The longest time between two consecutive answers (0 with fewer than two)."""
+        return longest_gap(self.answered)
+
     async def _run(self) -> None:
         metadata = bearer(Role.OPS, tenant=TENANT)
-        options = [
-            ("grpc.lb_policy_name", "round_robin"),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 500),
-        ]
-        async with grpc.aio.insecure_channel(self._target, options=options) as channel:
+        async with grpc.aio.insecure_channel(self._target, options=self._options) as channel:
             stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-            n = 0
-            while True:
+            for n in itertools.count():
                 shipment_id = self._shipments[n % len(self._shipments)]
-                n += 1
                 try:
                     await stub.GetShipment(
                         tracking_pb2.GetShipmentRequest(shipment_id=shipment_id),
                         metadata=metadata,
-                        timeout=2.0,
+                        timeout=self._timeout_s,
                     )
+                    code = "OK"
                 except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.NOT_FOUND:
-                        self.answered.append(time.monotonic())
-                    else:
-                        self.failed[error.code().name] += 1
-                else:
+                    code = error.code().name
+                self.codes[code] += 1
+                if code in QUERY_ANSWERS:
                     self.answered.append(time.monotonic())
-                await asyncio.sleep(PROBE_INTERVAL_S / 2)
+                await asyncio.sleep(self._interval_s)
 
 
 @dataclass

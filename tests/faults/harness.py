@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +38,7 @@ from devtools.devstack.ports import free_ports
 from devtools.devstack.process import ChildProcess
 from shared.db import create_pool
 from shared.projection import load_offsets, wait_caught_up
+from tests.faults.background import Background
 from tests.faults.checker import Report, check
 from tests.faults.workload import Size, Targets, Workload, make_plan
 from tests.ingest_helpers import running_service, service_settings
@@ -139,13 +141,15 @@ class ServiceProcess:
             return 0
 
 
-class Keeper:
+class Keeper(Background):
     """Restarts the kept processes that exit, after a short back-off (counted)."""
 
+    task_name = "keeper"
+
     def __init__(self) -> None:
+        super().__init__()
         self.kept: list[ServiceProcess] = []
         self.restarts: Counter[str] = Counter()
-        self._task: asyncio.Task[None] | None = None
 
     def keep(self, process: ServiceProcess) -> None:
         if process not in self.kept:
@@ -160,16 +164,7 @@ class Keeper:
         if process in self.kept:
             self.kept.remove(process)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="keeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _watch(self) -> None:
+    async def _run(self) -> None:
         while True:
             for process in list(self.kept):
                 if not process.running:
@@ -181,6 +176,17 @@ class Keeper:
             await asyncio.sleep(0.3)
 
 
+@dataclass(frozen=True)
+class Servers:
+    """Where a scenario's services and its check connect: Kafka, PostgreSQL and the
+    schema there, and the prefix of the scenario's topics and consumer groups."""
+
+    kafka_bootstrap: str
+    database_url: str
+    topic_prefix: str
+    schema: str
+
+
 class Rig:
     """One scenario's services, workload and check. `async with` stops everything."""
 
@@ -189,11 +195,8 @@ class Rig:
         scenario: str,
         size: Size,
         tmp_path: Path,
+        servers: Servers,
         *,
-        kafka_bootstrap: str,
-        database_url: str,
-        topic_prefix: str,
-        schema: str,
         seed: int,
         session_timeout_ms: int = 6000,
         max_records: int = 20,
@@ -207,24 +210,23 @@ class Rig:
         self.scenario = scenario
         self.size = size
         self.tmp_path = tmp_path
-        self.kafka_bootstrap = kafka_bootstrap
-        self.topic_prefix = topic_prefix
+        self.servers = servers
         self.kafka_timeout_s = kafka_timeout_s
         self.settings = projector_settings(
-            kafka_bootstrap,
-            database_url,
-            topic_prefix,
-            schema,
+            servers.kafka_bootstrap,
+            servers.database_url,
+            servers.topic_prefix,
+            servers.schema,
             CARGOTRACK_CONSUMER_SESSION_TIMEOUT_MS=str(session_timeout_ms),
             **extra,
         )
         self.env = {
             **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "DATABASE_URL": database_url,
-            "CARGOTRACK_DB_SCHEMA": schema,
+            "KAFKA_BOOTSTRAP_SERVERS": servers.kafka_bootstrap,
+            "DATABASE_URL": servers.database_url,
+            "CARGOTRACK_DB_SCHEMA": servers.schema,
             "CARGOTRACK_DEV_MODE": "1",
-            "CARGOTRACK_TOPIC_PREFIX": topic_prefix,
+            "CARGOTRACK_TOPIC_PREFIX": servers.topic_prefix,
             "CARGOTRACK_TOPIC_PARTITIONS": "3",
             "CARGOTRACK_GRPC_HOST": "127.0.0.1",
             "CARGOTRACK_LOG_FORMAT": "console",
@@ -297,8 +299,8 @@ class Rig:
     async def ingest_in_process(self) -> None:
         """The three ingest services in this process (for scenarios that do not kill them)."""
         settings = service_settings(
-            self.kafka_bootstrap,
-            self.topic_prefix,
+            self.servers.kafka_bootstrap,
+            self.servers.topic_prefix,
             CARGOTRACK_KAFKA_TIMEOUT_S=self.kafka_timeout_s,
             CARGOTRACK_SHUTDOWN_GRACE_S=2,
             **self.extra_env,
@@ -310,6 +312,13 @@ class Rig:
         self.targets.gps, self.targets.events, self.targets.confirmations = (
             f"127.0.0.1:{port}" for port in ports
         )
+
+    async def start_services(self, projector: str = "projector") -> ServiceProcess:
+        """What most scenarios run: the three ingest services in this process and a
+        projector process labelled `projector` (kept: restarted whenever it exits),
+        which is returned."""
+        await self.ingest_in_process()
+        return self.projector(projector)
 
     async def ingest_as_processes(self) -> None:
         """The three ingest services as processes on fixed ports (restartable in place)."""

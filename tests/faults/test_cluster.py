@@ -26,10 +26,11 @@ every partition fully replicated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from devtools.devstack import DevStackError, KafkaCluster, LocalStack
 from tests.conftest import server_state_dir
 from tests.faults.conftest import CLUSTER_ENV
-from tests.faults.gaps import QueryProbe, UpdateProbe, measure
-from tests.faults.harness import SPAWN_CRASH, Rig
+from tests.faults.gaps import QueryProbe, UpdateProbe, measure, replicas_target
+from tests.faults.harness import SPAWN_CRASH, Rig, Servers, ServiceProcess
 from tests.faults.test_scenarios import OUTAGE_ERRORS, assert_clean, wait_log
-from tests.faults.workload import FULL, Size
+from tests.faults.workload import FULL, Size, Workload
 from tests.projection_helpers import end_offsets
 
 pytestmark = pytest.mark.timeout(900)
@@ -140,28 +141,19 @@ async def cluster(_cluster: KafkaCluster) -> KafkaCluster:
     return _cluster
 
 
+@pytest.fixture
 def cluster_rig(
-    scenario: str,
-    size: Size,
-    tmp_path: Path,
-    cluster: KafkaCluster,
-    *,
-    database_url: str,
-    topic_prefix: str,
-    schema: str,
-    seed: int,
-) -> Rig:
-    return Rig(
-        scenario,
-        size,
-        tmp_path,
-        kafka_bootstrap=cluster.bootstrap_servers,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=schema,
-        seed=seed,
-        extra_env=cluster.topic_env(),
-    )
+    cluster: KafkaCluster, servers: Servers, tmp_path: Path
+) -> Callable[[str, Size, int], Rig]:
+    """Makes a scenario's rig, `(scenario, size, seed)`, on the cluster: its nodes and
+    its topic replication, with the session's PostgreSQL, this test's schema and topic
+    prefix."""
+    on_cluster = dataclasses.replace(servers, kafka_bootstrap=cluster.bootstrap_servers)
+
+    def make(scenario: str, size: Size, seed: int) -> Rig:
+        return Rig(scenario, size, tmp_path, on_cluster, seed=seed, extra_env=cluster.topic_env())
+
+    return make
 
 
 def kafka_fault_restarts(rig: Rig) -> range:
@@ -203,39 +195,90 @@ async def busiest_gps_partition(rig: Rig) -> int:
     return busiest
 
 
+@dataclasses.dataclass
+class Scene:
+    """A cluster scenario under way: the services run and the clients write (and query,
+    when there are query replicas); what a scenario's fault acts on."""
+
+    rig: Rig
+    workload: Workload
+    projectors: list[ServiceProcess]
+    query_replicas: list[ServiceProcess]
+    queries: QueryProbe | None
+
+
+async def run_scenario(
+    rig: Rig,
+    fault: Callable[[Scene], Awaitable[None]],
+    *,
+    before_services: Callable[[Rig], Awaitable[None]] | None = None,
+    projectors: Sequence[str] = ("projector",),
+    query_replicas: int = 0,
+    restarts: range | None = None,
+    client_errors: frozenset[str] = OUTAGE_ERRORS,
+) -> Scene:
+    """One cluster scenario from the start to the verdict, around its `fault`:
+
+    1. the rig is entered, then `before_services(rig)` awaited (when given);
+    2. the ingest services start in this process, a projector process per label of
+       `projectors`, and `query_replicas` tracking-query processes (until SERVING)
+       with a `QueryProbe` polling them round robin;
+    3. an `UpdateProbe` and the query probe start, then the clients' workload;
+    4. `fault(scene)`: the scenario's faults, its notes and its checks meanwhile;
+    5. `Rig.recovered`, `Rig.finish`, the probes stopped (also when a step fails);
+       the gaps measured (tests/faults/gaps.py) and printed;
+    6. `assert_clean`: restarts within `restarts` (by default `kafka_fault_restarts`
+       of the faults counted), clients' failures only of `client_errors`.
+
+    Returns the scene, for the scenario's own assertions."""
+    async with rig:
+        if before_services is not None:
+            await before_services(rig)
+        await rig.ingest_in_process()
+        running = [rig.projector(label) for label in projectors]
+        replicas = [
+            rig.spawn("tracking-query", f"tracking-query-{n}") for n in range(1, query_replicas + 1)
+        ]
+        for replica in replicas:
+            await replica.wait_serving()
+        queries = None
+        if replicas:
+            queries = QueryProbe(
+                replicas_target(f"127.0.0.1:{r.port}" for r in replicas),
+                [s.shipment_id for s in rig.plan.shipments],
+            )
+        async with contextlib.AsyncExitStack() as probes:  # stopped last started first
+            updates = await probes.enter_async_context(UpdateProbe(rig.settings, rig.topics))
+            if queries is not None:
+                await probes.enter_async_context(queries)
+            workload = rig.start_workload()
+            started = time.monotonic()
+            scene = Scene(rig, workload, running, replicas, queries)
+            await fault(scene)
+            await rig.recovered()
+            report = await rig.finish()
+    row = measure(report, workload, updates, queries, started=started, restarts=rig.keeper.total)
+    print(f"gaps: {row}")
+    if restarts is None:
+        restarts = kafka_fault_restarts(rig)
+    assert_clean(report, rig, restarts=restarts, client_errors=client_errors)
+    return scene
+
+
 async def test_partition_leader_sigkill_during_ingest(
-    size: Size,
-    cluster: KafkaCluster,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, cluster: KafkaCluster, cluster_rig: Callable[[str, Size, int], Rig]
 ) -> None:
     """SIGKILL the node leading the busiest gps-points partition while drivers stream;
     a follower in sync takes over, ingest resends to it; the dead node restarts
     (keeping its log) and catches up. Acknowledged batches survive their leader."""
     kills = max(1, size.faults // 2)
-    async with cluster_rig(
-        "leader-sigkill",
-        paced(size, 1 if size is TINY else 4),
-        tmp_path,
-        cluster,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=71,
-    ) as rig:
-        await assert_topics_replicated(rig, cluster)
-        await rig.ingest_in_process()
-        rig.projector()
-        updates = UpdateProbe(rig.settings, rig.topics)
-        updates.start()
-        workload = rig.start_workload()
-        started = time.monotonic()
+    writing_at_kill: list[bool] = []
+
+    async def kill_leaders(scene: Scene) -> None:
+        rig = scene.rig
         killed = []
-        writing_at_kill = []
         for k in range(kills):
-            await workload.wait_progress((k + 1) / (kills + 2))
+            await scene.workload.wait_progress((k + 1) / (kills + 2))
             await rig.wait_commit()
             partition = await busiest_gps_partition(rig)
             leader = await cluster.leader_of(rig.settings.topics.gps_points, partition)
@@ -250,66 +293,38 @@ async def test_partition_leader_sigkill_during_ingest(
             await leader.start(keep_data=True)
             await cluster.wait_fully_replicated()
         rig.notes["killed"] = killed
-        await rig.recovered()
-        report = await rig.finish()
-        await updates.stop()
-    row = measure(report, workload, updates, started=started, restarts=rig.keeper.total)
-    print(f"gaps: {row}")
-    assert_clean(report, rig, restarts=kafka_fault_restarts(rig), client_errors=OUTAGE_ERRORS)
+
+    await run_scenario(
+        cluster_rig("leader-sigkill", paced(size, 1 if size is TINY else 4), 71),
+        kill_leaders,
+        before_services=lambda rig: assert_topics_replicated(rig, cluster),
+    )
     assert all(writing_at_kill), f"a kill came after the stream: {writing_at_kill}"
 
 
 async def test_rolling_restart_under_load(
-    size: Size,
-    cluster: KafkaCluster,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, cluster: KafkaCluster, cluster_rig: Callable[[str, Size, int], Rig]
 ) -> None:
     """Restart every node in turn (orderly stop, start keeping its log), waiting for
     full replication before the next, while the clients write."""
     full_only(size)
-    async with cluster_rig(
-        "rolling-restart",
-        paced(size, 5),
-        tmp_path,
-        cluster,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=73,
-    ) as rig:
-        await rig.ingest_in_process()
-        rig.projector()
-        updates = UpdateProbe(rig.settings, rig.topics)
-        updates.start()
-        workload = rig.start_workload()
-        started = time.monotonic()
-        writing = []
-        await workload.wait_progress(0.15)
+    writing: list[bool] = []
+
+    async def restart_every_node(scene: Scene) -> None:
+        await scene.workload.wait_progress(0.15)
         for broker in cluster.brokers:
-            writing.append(rig.workload_running)
+            writing.append(scene.rig.workload_running)
             await broker.restart()
-            rig.faults += 1
+            scene.rig.faults += 1
             await cluster.wait_fully_replicated()
-        rig.notes["clients writing at each restart"] = writing
-        await rig.recovered()
-        report = await rig.finish()
-        await updates.stop()
-    row = measure(report, workload, updates, started=started, restarts=rig.keeper.total)
-    print(f"gaps: {row}")
-    assert_clean(report, rig, restarts=kafka_fault_restarts(rig), client_errors=OUTAGE_ERRORS)
+        scene.rig.notes["clients writing at each restart"] = writing
+
+    await run_scenario(cluster_rig("rolling-restart", paced(size, 5), 73), restart_every_node)
     assert all(writing), f"a restart came after the stream: {writing}"
 
 
 async def test_node_paused_past_the_session_timeouts(
-    size: Size,
-    cluster: KafkaCluster,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, cluster: KafkaCluster, cluster_rig: Callable[[str, Size, int], Rig]
 ) -> None:
     """SIGSTOP the node leading the busiest gps-points partition for PAUSE_S (past the
     brokers' 3 s and the consumers' 6 s session timeouts), then SIGCONT: the
@@ -317,25 +332,12 @@ async def test_node_paused_past_the_session_timeouts(
     stale leader (nothing acknowledged by it alone), and it rejoins."""
     full_only(size)
     pauses = max(1, size.faults // 3)
-    async with cluster_rig(
-        "node-sigstop",
-        paced(size, 2),
-        tmp_path,
-        cluster,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=79,
-    ) as rig:
-        await rig.ingest_in_process()
-        rig.projector()
-        updates = UpdateProbe(rig.settings, rig.topics)
-        updates.start()
-        workload = rig.start_workload()
-        started = time.monotonic()
-        paused = []
+    paused: list[str] = []
+
+    async def freeze_leaders(scene: Scene) -> None:
+        rig = scene.rig
         for k in range(pauses):
-            await workload.wait_progress((k + 1) / (pauses + 2))
+            await scene.workload.wait_progress((k + 1) / (pauses + 2))
             await rig.wait_commit()
             partition = await busiest_gps_partition(rig)
             leader = await cluster.leader_of(rig.settings.topics.gps_points, partition)
@@ -351,77 +353,56 @@ async def test_node_paused_past_the_session_timeouts(
             assert successor.node_id != leader.node_id, "the frozen node kept its leadership"
             await cluster.wait_fully_replicated()
         rig.notes["paused"] = paused
-        await rig.recovered()
-        report = await rig.finish()
-        await updates.stop()
-    row = measure(report, workload, updates, started=started, restarts=rig.keeper.total)
-    print(f"gaps: {row}")
-    assert_clean(report, rig, restarts=kafka_fault_restarts(rig), client_errors=OUTAGE_ERRORS)
+
+    await run_scenario(cluster_rig("node-sigstop", paced(size, 2), 79), freeze_leaders)
     assert all("writing: True" in p for p in paused), paused
 
 
 async def test_two_projectors_and_two_query_replicas_one_of_each_killed(
-    size: Size,
-    cluster: KafkaCluster,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, cluster_rig: Callable[[str, Size, int], Rig]
 ) -> None:
     """Two projectors share the partitions and two tracking-query replicas answer
     GetShipment (round robin, as behind a Service); one of each is SIGKILLed for good
     while the clients write and query. The survivor projector takes the partitions
     over; queries go on being answered by the other replica."""
     full_only(size)
-    async with cluster_rig(
-        "projector-and-query-kill",
-        paced(size, 2),
-        tmp_path,
-        cluster,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=83,
-    ) as rig:
-        await rig.ingest_in_process()
-        first = rig.projector("projector-1")
-        second = rig.projector("projector-2")
-        replicas = [rig.spawn("tracking-query", f"tracking-query-{n}") for n in (1, 2)]
-        for replica in replicas:
-            await replica.wait_serving()
-        queries = QueryProbe(
-            [f"127.0.0.1:{r.port}" for r in replicas],
-            [s.shipment_id for s in rig.plan.shipments],
-        )
-        updates = UpdateProbe(rig.settings, rig.topics)
-        updates.start()
-        queries.start()
-        workload = rig.start_workload()
-        started = time.monotonic()
+    answered_before = 0
+    writing_at_kill = False
+    killed_at = 0.0
+
+    async def kill_one_of_each(scene: Scene) -> None:
+        nonlocal answered_before, writing_at_kill, killed_at
+        rig = scene.rig
+        first, second = scene.projectors
+        assert scene.queries is not None
         await wait_log(first, "assigned", 1)
         await wait_log(second, "assigned", 1)
-        await workload.wait_progress(0.3)
+        await scene.workload.wait_progress(0.3)
         await rig.wait_commit()
-        answered_before = len(queries.answered)
+        answered_before = len(scene.queries.answered)
         writing_at_kill = rig.workload_running
         rig.keeper.release(first)
         await first.kill()
-        await replicas[0].kill()
+        await scene.query_replicas[0].kill()
         killed_at = time.monotonic()
         rig.faults += 2
         # The survivor is assigned the dead member's partitions too.
         await wait_log(second, "assigned", 2)
-        await rig.recovered()
-        report = await rig.finish()
-        await queries.stop()
-        await updates.stop()
-    row = measure(report, workload, updates, queries, started=started, restarts=rig.keeper.total)
-    print(f"gaps: {row}")
+
     # No Kafka fault here, but slow clients: a driver's stream outlives the workload's
     # 30 s stream deadline (DEADLINE_EXCEEDED), and a write issued just before it is
     # answered UNAVAILABLE (ingest leaves the write only what remains of the deadline).
     stream_deadline = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE"})
-    assert_clean(report, rig, restarts=range(1), client_errors=stream_deadline)
+    scene = await run_scenario(
+        cluster_rig("projector-and-query-kill", paced(size, 2), 83),
+        kill_one_of_each,
+        projectors=("projector-1", "projector-2"),
+        query_replicas=2,
+        restarts=range(1),
+        client_errors=stream_deadline,
+    )
+    queries = scene.queries
+    assert queries is not None
     assert writing_at_kill, "the kills came after the stream"
     answered_after = sum(1 for t in queries.answered if t > killed_at)
     assert answered_before > 0

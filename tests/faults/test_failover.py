@@ -26,34 +26,28 @@ cluster suite) or CARGOTRACK_FAULTS_FULL=1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import time
-from collections import Counter
 from pathlib import Path
 
-import grpc
 import pytest
 from aiokafka import TopicPartition
 
 from devtools.devstack import PostgresServer, PostgresStandby, multi_host_dsn
-from shared.auth import Role
-from shared.pb import tracking_pb2, tracking_pb2_grpc
 from shared.projection import load_offsets
 from tests.faults.conftest import CLUSTER_ENV, FULL_ENV
 from tests.faults.failover_gaps import GapMeter
-from tests.faults.harness import Rig, start_server
+from tests.faults.gaps import QUERY_ANSWERS, QueryProbe
+from tests.faults.harness import Rig, Servers, start_server
 from tests.faults.test_scenarios import assert_clean
-from tests.faults.workload import FULL, REDUCED, TENANT, Size
-from tests.ingest_helpers import bearer
+from tests.faults.workload import FULL, REDUCED, Size
 
 pytestmark = pytest.mark.timeout(900)
 
 SCHEMA = "cargotrack"
-#: What tracking-query may answer while the database fails over: the shipment, not
-#: yet (before its first event is projected), or "retry".
-QUERY_ANSWERS = frozenset({"OK", "NOT_FOUND"})
+#: What tracking-query may answer while the database fails over, besides the shipment
+#: or not yet (QUERY_ANSWERS): "retry".
 QUERY_RETRY = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
@@ -121,50 +115,6 @@ async def wait_primary_ahead(
         await asyncio.sleep(0.25)
 
 
-class QueryProbe:
-    """Asks tracking-query for one shipment every `interval_s`, as a portal would;
-    counts the outcomes by status and notes when each answer came."""
-
-    def __init__(self, target: str, shipment_id: str, *, interval_s: float = 0.1) -> None:
-        self.target = target
-        self.shipment_id = shipment_id
-        self.interval_s = interval_s
-        self.codes: Counter[str] = Counter()
-        #: time.monotonic() of every call answered (OK or NOT_FOUND).
-        self.answered: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> QueryProbe:
-        self._task = asyncio.create_task(self._run(), name="query-probe")
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def longest_gap(self) -> float:
-        pairs = zip(self.answered, self.answered[1:], strict=False)
-        return max((later - earlier for earlier, later in pairs), default=0.0)
-
-    async def _run(self) -> None:
-        metadata = bearer(Role.OPS, tenant=TENANT)
-        request = tracking_pb2.GetShipmentRequest(shipment_id=self.shipment_id)
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = tracking_pb2_grpc.TrackingServiceStub(channel)
-            while True:
-                try:
-                    await stub.GetShipment(request, metadata=metadata, timeout=5)
-                    code = "OK"
-                except grpc.aio.AioRpcError as error:
-                    code = error.code().name
-                self.codes[code] += 1
-                if code in QUERY_ANSWERS:
-                    self.answered.append(time.monotonic())
-                await asyncio.sleep(self.interval_s)
-
-
 async def test_postgres_failover_to_a_lagging_standby(
     size: Size, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, state_dir: Path
 ) -> None:
@@ -182,26 +132,24 @@ async def test_postgres_failover_to_a_lagging_standby(
     # size writes long enough as it is; paced three times slower, a GPS stream would
     # outlive the clients' 30 s stream deadline (DEADLINE_EXCEEDED, then a resend).
     paced = dataclasses.replace(size, duration_s=size.duration_s * 3) if size == REDUCED else size
+    servers = Servers(kafka_bootstrap, database_url, topic_prefix, SCHEMA)
     try:
-        async with Rig(
-            "postgres-failover",
-            paced,
-            tmp_path,
-            kafka_bootstrap=kafka_bootstrap,
-            database_url=database_url,
-            topic_prefix=topic_prefix,
-            schema=SCHEMA,
-            seed=71,
-        ) as rig:
-            await rig.ingest_in_process()
-            rig.projector()
+        async with Rig("postgres-failover", paced, tmp_path, servers, seed=71) as rig:
+            await rig.start_services()
             query = rig.spawn("tracking-query", "tracking-query")
             await query.wait_serving()
             workload = rig.start_workload()
             shipment = rig.plan.shipments[0].shipment_id
+            # The probe asks for one shipment every 0.1 s, as a portal would.
             async with (
                 GapMeter(workload.ledger, database_url, SCHEMA) as meter,
-                QueryProbe(f"127.0.0.1:{query.port}", shipment) as probe,
+                QueryProbe(
+                    f"127.0.0.1:{query.port}",
+                    [shipment],
+                    interval_s=0.1,
+                    timeout_s=5,
+                    channel_options=(),
+                ) as probe,
             ):
                 await workload.wait_progress(0.25)
                 await rig.wait_commit()

@@ -23,7 +23,7 @@ import pytest
 
 from devtools.devstack import KafkaBroker, PostgresServer
 from tests.faults.checker import Report
-from tests.faults.harness import Rig, ServiceProcess, start_server
+from tests.faults.harness import Rig, Servers, ServiceProcess, start_server
 from tests.faults.workload import FULL, REDUCED, Size
 
 pytestmark = pytest.mark.timeout(900)
@@ -74,28 +74,13 @@ async def wait_log(process: ServiceProcess, text: str, count: int, timeout_s: fl
 
 
 async def test_projector_sigkill_mid_batch_repeatedly(
-    size: Size,
-    kafka_bootstrap: str,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, servers: Servers, tmp_path: Path
 ) -> None:
     """SIGKILL the projector at a random moment after each of its commits, again and
     again, while the clients keep writing; it is restarted each time (as a pod)."""
     rng = random.Random(11)
-    async with Rig(
-        "projector-sigkill",
-        size,
-        tmp_path,
-        kafka_bootstrap=kafka_bootstrap,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=11,
-    ) as rig:
-        await rig.ingest_in_process()
-        projector = rig.projector()
+    async with Rig("projector-sigkill", size, tmp_path, servers, seed=11) as rig:
+        projector = await rig.start_services()
         rig.start_workload()
         mid_stream = 0
         for _ in range(size.faults + 1):
@@ -116,7 +101,7 @@ async def test_projector_sigkill_mid_batch_repeatedly(
 
 
 async def test_kafka_broker_restart_mid_stream(
-    size: Size, database_url: str, topic_prefix: str, pg_schema: str, tmp_path: Path
+    size: Size, servers: Servers, tmp_path: Path
 ) -> None:
     """Stop the (dedicated) broker mid-stream, start it again keeping its data: ingest
     answers UNAVAILABLE meanwhile, clients resend, the projector resumes."""
@@ -126,18 +111,9 @@ async def test_kafka_broker_restart_mid_stream(
     # be writing when it is down (else the outage hits nobody).
     paced = dataclasses.replace(size, duration_s=size.duration_s * 3)
     try:
-        async with Rig(
-            "kafka-restart",
-            paced,
-            tmp_path,
-            kafka_bootstrap=broker.bootstrap_servers,
-            database_url=database_url,
-            topic_prefix=topic_prefix,
-            schema=pg_schema,
-            seed=23,
-        ) as rig:
-            await rig.ingest_in_process()
-            rig.projector()
+        own_kafka = dataclasses.replace(servers, kafka_bootstrap=broker.bootstrap_servers)
+        async with Rig("kafka-restart", paced, tmp_path, own_kafka, seed=23) as rig:
+            await rig.start_services()
             workload = rig.start_workload()
             restarts = max(1, size.faults // 2)
             writing_when_down = []
@@ -176,18 +152,9 @@ async def test_postgres_restart_mid_stream(
     # and restart take seconds, the reduced workload only a few).
     paced = dataclasses.replace(size, duration_s=size.duration_s * 3)
     try:
-        async with Rig(
-            "postgres-restart",
-            paced,
-            tmp_path,
-            kafka_bootstrap=kafka_bootstrap,
-            database_url=postgres.dsn,
-            topic_prefix=topic_prefix,
-            schema="cargotrack",
-            seed=37,
-        ) as rig:
-            await rig.ingest_in_process()
-            rig.projector()
+        own_postgres = Servers(kafka_bootstrap, postgres.dsn, topic_prefix, "cargotrack")
+        async with Rig("postgres-restart", paced, tmp_path, own_postgres, seed=37) as rig:
+            await rig.start_services()
             workload = rig.start_workload()
             behind_at_stop = []
             for k in range(size.faults):
@@ -214,28 +181,13 @@ async def test_postgres_restart_mid_stream(
 
 
 async def test_client_disconnects_with_unacknowledged_batches_then_resends(
-    size: Size,
-    kafka_bootstrap: str,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, servers: Servers, tmp_path: Path
 ) -> None:
     """Clients cut their own streams and calls while batches and events are in flight
     (sometimes dropping the channel too), reconnect and resend what is unanswered."""
     rng = random.Random(41)
-    async with Rig(
-        "client-disconnect",
-        size,
-        tmp_path,
-        kafka_bootstrap=kafka_bootstrap,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=41,
-    ) as rig:
-        await rig.ingest_in_process()
-        rig.projector()
+    async with Rig("client-disconnect", size, tmp_path, servers, seed=41) as rig:
+        await rig.start_services()
         workload = rig.start_workload()
         for _ in range(size.faults * 10):
             if not rig.workload_running:
@@ -250,12 +202,7 @@ async def test_client_disconnects_with_unacknowledged_batches_then_resends(
 
 
 async def test_two_projectors_rebalance_mid_stream_and_one_is_killed(
-    size: Size,
-    kafka_bootstrap: str,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, servers: Servers, tmp_path: Path
 ) -> None:
     """A second projector joins mid-stream (the group rebalances, partitions move while
     batches are in flight), then the first is SIGKILLed for good and the survivor
@@ -264,18 +211,8 @@ async def test_two_projectors_rebalance_mid_stream_and_one_is_killed(
     # Slower clients: a takeover waits for the dead member's session (6 s) to expire,
     # and it should happen while the stream goes on.
     paced = dataclasses.replace(size, duration_s=size.duration_s * 3)
-    async with Rig(
-        "two-projectors",
-        paced,
-        tmp_path,
-        kafka_bootstrap=kafka_bootstrap,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=53,
-    ) as rig:
-        await rig.ingest_in_process()
-        members = [rig.projector("projector-1")]
+    async with Rig("two-projectors", paced, tmp_path, servers, seed=53) as rig:
+        members = [await rig.start_services("projector-1")]
         workload = rig.start_workload()
         await rig.wait_commit()
         handovers = max(1, size.faults // 2)
@@ -306,25 +243,11 @@ async def test_two_projectors_rebalance_mid_stream_and_one_is_killed(
 
 
 async def test_ingest_killed_with_batches_in_flight(
-    size: Size,
-    kafka_bootstrap: str,
-    database_url: str,
-    topic_prefix: str,
-    pg_schema: str,
-    tmp_path: Path,
+    size: Size, servers: Servers, tmp_path: Path
 ) -> None:
     """SIGKILL the three ingest processes while GPS batches are in flight, start them
     again on the same ports: acknowledged batches survive, clients resend the rest."""
-    async with Rig(
-        "ingest-sigkill",
-        size,
-        tmp_path,
-        kafka_bootstrap=kafka_bootstrap,
-        database_url=database_url,
-        topic_prefix=topic_prefix,
-        schema=pg_schema,
-        seed=67,
-    ) as rig:
+    async with Rig("ingest-sigkill", size, tmp_path, servers, seed=67) as rig:
         await rig.ingest_as_processes()
         rig.projector()
         workload = rig.start_workload()

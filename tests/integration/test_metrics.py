@@ -15,7 +15,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -44,8 +44,10 @@ from tests.ingest_helpers import (
 )
 from tests.projection_helpers import (
     T0,
+    WrappedProjection,
     end_offsets,
     gps_envelope,
+    in_process_server_settings,
     lifecycle,
     prepare,
     producer_for,
@@ -397,23 +399,14 @@ async def scrape_registry() -> Scrape:
     )
 
 
-class GatedProjection:
+class GatedProjection(WrappedProjection):
     """The tracking projection, holding its second batch until `gate` is set."""
 
     def __init__(self, inner: TrackingProjection) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.calls = 0
         self.gate = asyncio.Event()
         self.holding = asyncio.Event()
-
-    @property
-    def topics(self) -> Sequence[str]:
-        return self.inner.topics
-
-    @property
-    def payloads(self) -> Mapping[str, Collection[str]]:
-        return self.inner.payloads
 
     async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
         self.calls += 1
@@ -421,12 +414,6 @@ class GatedProjection:
             self.holding.set()
             await self.gate.wait()
         await self.inner.apply(connection, records)
-
-    def committed(self) -> None:
-        self.inner.committed()
-
-    def forget(self) -> None:
-        self.inner.forget()
 
 
 async def test_lag_counts_records_fetched_but_not_applied(
@@ -474,14 +461,8 @@ async def test_the_projector_observes_each_gps_batch_age_from_receipt_to_commit(
     batch was sent until the metric held them all. The points were taken an hour ago
     (an app that was offline): their device time must not count, only the receipt."""
     port = free_port()
-    settings = projector_settings(
-        kafka_bootstrap,
-        database_url,
-        topic_prefix,
-        pg_schema,
-        CARGOTRACK_GRPC_HOST="127.0.0.1",
-        CARGOTRACK_GRPC_PORT="0",
-        CARGOTRACK_METRICS_PORT=str(port),
+    settings = in_process_server_settings(
+        kafka_bootstrap, database_url, topic_prefix, pg_schema, CARGOTRACK_METRICS_PORT=str(port)
     )
     an_hour_ago = utc_now() - timedelta(hours=1)
     batches = [
@@ -528,24 +509,15 @@ async def test_the_projector_observes_each_gps_batch_age_from_receipt_to_commit(
     assert delta(before, after, f"{GPS_FRESHNESS}_bucket", le=le) == len(batches), (le, bound)
 
 
-class ConflictedProjection:
+class ConflictedProjection(WrappedProjection):
     """The tracking projection, whose first batch with GPS records is rolled back: while
     that transaction is open, "another instance" stores offsets past its records, so
     the runner's fenced offset update fails (OffsetConflict) and it re-seeks past them."""
 
     def __init__(self, inner: TrackingProjection) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.pool: Any = None  # the runner's, set once it exists
         self.rolled_back: list[Delivered] = []
-
-    @property
-    def topics(self) -> Sequence[str]:
-        return self.inner.topics
-
-    @property
-    def payloads(self) -> Mapping[str, Collection[str]]:
-        return self.inner.payloads
 
     async def apply(self, connection: Connection, records: Sequence[Delivered]) -> None:
         await self.inner.apply(connection, records)
@@ -560,12 +532,6 @@ class ConflictedProjection:
                 " DO UPDATE SET last_offset = EXCLUDED.last_offset",
                 [(self.name, topic, part, offset) for (topic, part), offset in last.items()],
             )
-
-    def committed(self) -> None:
-        self.inner.committed()
-
-    def forget(self) -> None:
-        self.inner.forget()
 
 
 async def test_gps_batches_of_a_rolled_back_transaction_are_not_observed(

@@ -30,6 +30,7 @@ from tests.projection_helpers import (
     end_offsets,
     fold_log,
     gps_envelope,
+    in_process_server_settings,
     lifecycle,
     prepare,
     producer_for,
@@ -268,14 +269,8 @@ async def test_a_projector_server_runs_relay_stale_scan_maintenance_and_readines
     health turns SERVING, the history's partitions are made at start and kept by the
     periodic maintenance, a silent moving shipment is found by the stale scan and its
     alert reaches the alerts topic through the outbox relay."""
-    settings = projector_settings(
-        kafka_bootstrap,
-        database_url,
-        topic_prefix,
-        pg_schema,
-        CARGOTRACK_GRPC_HOST="127.0.0.1",
-        CARGOTRACK_GRPC_PORT="0",
-        CARGOTRACK_STALE_AFTER_MIN="10",
+    settings = in_process_server_settings(
+        kafka_bootstrap, database_url, topic_prefix, pg_schema, CARGOTRACK_STALE_AFTER_MIN="10"
     )
     now = utc_now()
     start = now - timedelta(minutes=40)

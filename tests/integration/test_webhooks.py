@@ -37,7 +37,7 @@ from shared.pb import alerts_pb2, envelope_pb2, webhooks_pb2, webhooks_pb2_grpc
 from shared.readmodel import webhooks as store
 from shared.readmodel.webhooks import Claimed
 from tests.ingest_helpers import Metadata, bearer, wait_health
-from tests.projection_helpers import producer_for, projector_settings
+from tests.projection_helpers import in_process_server_settings, producer_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,13 +133,11 @@ async def webhook_service(
 def webhook_settings(
     kafka_bootstrap: str, database_url: str, topic_prefix: str, pg_schema: str, **extra: str
 ) -> Settings:
-    return projector_settings(
+    return in_process_server_settings(
         kafka_bootstrap,
         database_url,
         topic_prefix,
         pg_schema,
-        CARGOTRACK_GRPC_HOST="127.0.0.1",
-        CARGOTRACK_GRPC_PORT="0",
         CARGOTRACK_SHUTDOWN_GRACE_S="1",
         CARGOTRACK_WEBHOOK_ALLOW_PRIVATE="1",
         CARGOTRACK_WEBHOOK_MAX_ATTEMPTS=str(MAX_ATTEMPTS),

@@ -146,3 +146,10 @@ def test_a_worker_shares_the_grpc_port_and_has_its_own_metrics_port() -> None:
     assert load_settings(BASE).for_worker(0).metrics_port == 0  # metrics off stay off
     with pytest.raises(ValueError, match="worker 3 of 3"):
         settings.for_worker(3)
+
+
+def test_projector_pipelining_is_off_unless_switched_on_and_a_bad_value_is_named() -> None:
+    assert load_settings(BASE).projector_pipelined is False
+    assert load_settings({**BASE, "CARGOTRACK_PROJECTOR_PIPELINED": "1"}).projector_pipelined
+    with pytest.raises(ConfigError, match="CARGOTRACK_PROJECTOR_PIPELINED"):
+        load_settings({**BASE, "CARGOTRACK_PROJECTOR_PIPELINED": "sometimes"})

@@ -237,6 +237,35 @@ def test_a_memo_is_keyed_by_identity_and_trimmed_by_its_owner() -> None:
     assert STRAIGHT.project_fixes(track[40:], memo=memo) == STRAIGHT.project_fixes(track[40:])
 
 
+def test_a_memo_follows_a_sliding_window_and_stays_bounded_otherwise() -> None:
+    track = [fix(i, 10 * i, 0) for i in range(400)]
+    window = 100
+    memo = TrackMemo()
+    sizes = []
+    for hi in range(window, len(track) + 1, 7):
+        fixes = track[hi - window : hi]
+        STRAIGHT.project_fixes(fixes, memo=memo)
+        memo.retain(fixes)
+        sizes.append(len(memo))
+    assert set(sizes) == {window}  # what slid out is forgotten at once
+    # Fixes given in another order, and entries of fixes not given, wait for a full
+    # pass; the memo stays within its spare meanwhile.
+    memo = TrackMemo()
+    bound = window + TrackMemo.SPARE_MIN + window * TrackMemo.SPARE
+    sizes = []
+    for hi in range(window, len(track) + 1, 7):
+        fixes = track[hi - window : hi][::-1]
+        STRAIGHT.project_fixes(fixes, memo=memo)
+        STRAIGHT.project_fixes([Fix(f.at, f.lat, f.lon) for f in fixes[:30]], memo=memo)
+        memo.retain(fixes)
+        sizes.append(len(memo))
+    assert max(sizes) <= bound
+    # What it still holds is right for the window it is asked about.
+    assert STRAIGHT.project_fixes(track[-window:], memo=memo) == STRAIGHT.project_fixes(
+        track[-window:]
+    )
+
+
 def test_a_memo_remembers_a_few_routes() -> None:
     fixes = [fix(i, 100 * i, 30) for i in range(10)]
     memo = TrackMemo()

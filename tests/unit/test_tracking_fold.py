@@ -881,6 +881,24 @@ def test_unusable_points_are_skipped() -> None:
     assert state == apply_gps(None, envelope)  # no NaN inside: equal to itself
 
 
+@given(
+    seconds=st.integers(-62_135_596_800, 253_402_300_799),
+    nanos=st.integers(0, 999_999_999),
+)
+def test_a_decoded_point_has_the_librarys_time_and_its_exact_epoch_seconds(
+    seconds: int, nanos: int
+) -> None:
+    stamp = Timestamp(seconds=seconds, nanos=nanos)
+    point = gps_pb2.GpsPoint(recorded_at=stamp, latitude=52.5, longitude=13.4)
+    decoded = gps_positions(gps_envelope("d1", 1, [point]).gps_batch)
+    if seconds == 0 and nanos == 0:
+        assert decoded == []  # unset
+        return
+    [fix] = decoded
+    assert fix.at == stamp.ToDatetime(tzinfo=UTC)
+    assert fix.t == fix.at.timestamp()  # bit for bit: the ETA compares and sorts by it
+
+
 def test_apply_gps_needs_a_gps_batch() -> None:
     with pytest.raises(ValueError, match="gps_batch"):
         apply_gps(None, created())
