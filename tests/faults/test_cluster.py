@@ -172,7 +172,13 @@ def kafka_fault_restarts(rig: Rig) -> range:
 async def assert_topics_replicated(rig: Rig, cluster: KafkaCluster) -> None:
     """The scenario's topics have 3 replicas, and min.insync.replicas 2 is what ingest
     writes against (read back from the brokers, not from our settings)."""
-    states = await cluster.partitions(rig.topics)
+    # Topic creation reaches each node through the metadata log: the node asked may
+    # lag the one that created them by a moment.
+    deadline = time.monotonic() + 30.0
+    while len(states := await cluster.partitions(rig.topics)) < 3 * len(rig.topics):
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
     assert len(states) == 3 * len(rig.topics), states
     assert {len(s.replicas) for s in states.values()} == {3}, states
     configs = await described_topic_configs(cluster, rig.settings.topics.gps_points)
