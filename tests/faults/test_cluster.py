@@ -172,20 +172,42 @@ def kafka_fault_restarts(rig: Rig) -> range:
 async def assert_topics_replicated(rig: Rig, cluster: KafkaCluster) -> None:
     """The scenario's topics have 3 replicas, and min.insync.replicas 2 is what ingest
     writes against (read back from the brokers, not from our settings)."""
-    states = await cluster.partitions(rig.topics)
+    # Topic creation reaches each node through the metadata log: the node asked may
+    # lag the one that created them by a moment.
+    deadline = time.monotonic() + 30.0
+    while len(states := await cluster.partitions(rig.topics)) < 3 * len(rig.topics):
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
     assert len(states) == 3 * len(rig.topics), states
     assert {len(s.replicas) for s in states.values()} == {3}, states
-    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
-    await admin.start()
-    try:
-        [response] = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, rig.settings.topics.gps_points)]
-        )
-    finally:
-        await admin.close()
-    [(_, _, _, _, entries, *_)] = response.resources
-    configs = {entry[0]: entry[1] for entry in entries}
-    assert configs["min.insync.replicas"] == "2", configs
+    configs = await described_topic_configs(cluster, rig.settings.topics.gps_points)
+    assert configs.get("min.insync.replicas") == "2", configs
+
+
+async def described_topic_configs(
+    cluster: KafkaCluster, topic: str, timeout_s: float = 30.0
+) -> dict[str, str]:
+    """The topic's configuration as a node describes it. The admin client asks a random
+    node, and one that has not yet applied the topic's creation from the metadata log
+    answers UNKNOWN_TOPIC_OR_PARTITION with no entries: ask again until one describes
+    it (the last error is in the failure message)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
+        await admin.start()
+        try:
+            [response] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic)]
+            )
+        finally:
+            await admin.close()
+        [(error_code, message, _, _, entries, *_)] = response.resources
+        if not error_code:
+            return {entry[0]: entry[1] for entry in entries}
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no node described {topic}: error {error_code} {message}")
+        await asyncio.sleep(0.2)
 
 
 async def busiest_gps_partition(rig: Rig) -> int:
