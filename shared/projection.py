@@ -270,6 +270,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             metrics.forget_partitions([(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        # No batch holding records of this assignment can take the lock before this
+        # seek: aiokafka calls us before the task that reads the group's committed
+        # offsets runs (the fetcher has no position for a new partition until then), the
+        # lock hands over in arrival order, and a batch polled meanwhile is stale once
+        # `seeks` moves. Partitions revoked and assigned again stay in `revoked` until
+        # here, so records polled ahead from them wait for this seek too.
         async with self._runner.batch_lock:
             self._runner.projection.forget()
             self._runner.revoked = set()

@@ -14,44 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from devtools.devstack.ports import free_ports, port_in_use
+from devtools.devstack.ports import free_port_range, free_ports
 
 CARGOTRACK = Path(sys.executable).parent / "cargotrack"
 SUMMARY = re.compile(r"^\[dev \+(\d+)s\] shipments=")
-
-
-def _ephemeral_ports() -> range:
-    """The kernel's range for the local ports of outgoing connections (Linux)."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32_768, 60_999
-    return range(low, high + 1)
-
-
-def free_port_base(count: int = 6, avoid: set[int] | None = None) -> int:
-    """A port p with p..p+count-1 free now (and none of them in `avoid`), outside the
-    ephemeral range: the services bind these ports seconds later, after Kafka and
-    PostgreSQL are up, and any outgoing connection made meanwhile (the run's own
-    clients included) can be given an ephemeral port, which once took one of them."""
-    avoid = avoid or set()
-    ephemeral = _ephemeral_ports()
-    rng = random.Random()
-    for _ in range(500):
-        base = rng.randrange(10_000, 65_536 - count)
-        ports = range(base, base + count)
-        if ports[-1] >= ephemeral.start and ports[0] < ephemeral.stop:
-            continue
-        if not avoid.intersection(ports) and not any(port_in_use(p) for p in ports):
-            return base
-    raise RuntimeError("no free port range found")
 
 
 def dev_env(state_dir: Path) -> dict[str, str]:
@@ -69,7 +41,7 @@ def dev_env(state_dir: Path) -> dict[str, str]:
         CARGOTRACK_KAFKA_PORT=str(kafka),
         CARGOTRACK_KAFKA_CONTROLLER_PORT=str(controller),
         CARGOTRACK_POSTGRES_PORT=str(postgres),
-        CARGOTRACK_DEV_PORT_BASE=str(free_port_base(avoid={kafka, controller, postgres})),
+        CARGOTRACK_DEV_PORT_BASE=str(free_port_range(6, (kafka, controller, postgres))[0]),
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -6,9 +6,10 @@ error messages and the settings parser agree on them.
 
 from __future__ import annotations
 
-import contextlib
+import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from pathlib import Path
 
 from devtools.devstack.errors import DevStackError
 
@@ -21,6 +22,8 @@ __all__ = [
     "LOCALHOST",
     "POSTGRES_PORT_ENV",
     "ensure_port_free",
+    "ephemeral_ports",
+    "free_port_range",
     "free_ports",
     "port_from_env",
     "port_in_use",
@@ -39,20 +42,47 @@ DEFAULT_KAFKA_CONTROLLER_PORT = 19093
 DEFAULT_POSTGRES_PORT = 15432
 
 
-def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
-    """Return ``count`` distinct TCP ports that were free on ``host`` a moment ago.
+def ephemeral_ports() -> range:
+    """The kernel's range for the local ports of outgoing connections (Linux's default
+    when it cannot be read)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32_768, 60_999
+    return range(low, high + 1)
 
-    All sockets are held open until every port is chosen, so the ports are distinct.
-    Another process may still take one before the caller binds it (callers re-check
-    with :func:`ensure_port_free` right before starting a server).
+
+def free_port_range(
+    count: int, avoid: Collection[int] = (), host: str = LOCALHOST, *, tries: int = 500
+) -> range:
+    """``count`` consecutive TCP ports free on ``host`` now, none in ``avoid``, all
+    outside the ephemeral range.
+
+    Outside it, because a server binds its port a while after the pick: the kernel may
+    give any ephemeral port to an outgoing connection made meanwhile (this once took a
+    service's port in a test run). Another process may still take one before the
+    caller binds it (callers re-check with :func:`ensure_port_free`).
+    Raises DevStackError when ``tries`` random candidates were all taken.
     """
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
+    ephemeral = ephemeral_ports()
+    rng = random.Random()
+    for _ in range(tries):
+        base = rng.randrange(10_000, 65_536 - count)
+        ports = range(base, base + count)
+        if ports[-1] >= ephemeral.start and ports[0] < ephemeral.stop:
+            continue
+        if not set(avoid).intersection(ports) and not any(port_in_use(p, host) for p in ports):
+            return ports
+    raise DevStackError(f"no {count} consecutive free TCP ports found on {host}")
+
+
+def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
+    """Return ``count`` distinct TCP ports that were free on ``host`` a moment ago,
+    outside the ephemeral range (see :func:`free_port_range`)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        ports.extend(free_port_range(1, ports, host))
+    return ports
 
 
 def port_in_use(port: int, host: str = LOCALHOST) -> bool:

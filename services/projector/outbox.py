@@ -12,12 +12,19 @@ transaction first takes a transaction-scoped advisory lock of the schema's
 outbox, and a relay that finds it taken publishes nothing this round. (Claiming
 disjoint rows with SKIP LOCKED instead would let a second relay publish a
 shipment's later alerts while the first is still sending its earlier ones.)
+
+Kafka outages: a batch Kafka did not acknowledge in time stays unpublished and is sent
+again after a backoff, by the same producer (which recovers from a leader change by
+itself), so a partition leader's failover does not restart the projector. Only Kafka
+refusing for longer than `give_up_after_s` ends the relay (and the process: its
+orchestrator restarts it with a new producer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 
 import asyncpg
@@ -26,11 +33,19 @@ from aiokafka import AIOKafkaProducer
 from shared import metrics
 from shared.config import Settings
 from shared.envelopes import encode, timestamp
-from shared.kafka import produce_many
+from shared.kafka import KafkaUnavailable, produce_many
 from shared.pb import alerts_pb2, envelope_pb2
 from shared.readmodel import alert_outbox
+from shared.runtime import Backoff
 
 log = logging.getLogger(__name__)
+
+#: How long the relay goes on retrying while Kafka acknowledges nothing: past a partition
+#: leader's failover (seconds), short of hiding an outage from the orchestrator.
+GIVE_UP_AFTER_S = 60.0
+#: The waits between two attempts while Kafka does not acknowledge.
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 5.0
 
 
 class OutboxRelay:
@@ -42,13 +57,17 @@ class OutboxRelay:
         *,
         batch_size: int = 500,
         idle_s: float = 0.1,
+        give_up_after_s: float = GIVE_UP_AFTER_S,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.producer = producer
         self.batch_size = batch_size
         self.idle_s = idle_s
+        self.give_up_after_s = give_up_after_s
         self.published = 0
+        #: Batches Kafka did not acknowledge in time (each sent again later).
+        self.retries = 0
 
     async def publish_pending(self) -> int:
         """Publish one batch of unpublished alerts; return how many (0 also when another
@@ -90,8 +109,25 @@ class OutboxRelay:
         return len(rows)
 
     async def run(self) -> None:
-        """Relay until cancelled; Kafka or database errors end the loop (the supervisor
-        restarts nothing: the process exits and its orchestrator restarts it)."""
+        """Relay until cancelled. A batch Kafka does not acknowledge is retried (see the
+        module doc) until Kafka has refused for `give_up_after_s`; then, or on a
+        database error, the error ends the loop (the process exits and its orchestrator
+        restarts it)."""
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S)
+        failing_since: float | None = None
         while True:
-            if await self.publish_pending() < self.batch_size:
+            try:
+                published = await self.publish_pending()
+            except KafkaUnavailable as error:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= self.give_up_after_s:
+                    raise
+                self.retries += 1
+                log.warning("alerts not published, retrying: %s", error)
+                await backoff.sleep()
+                continue
+            failing_since = None
+            backoff.reset()
+            if published < self.batch_size:
                 await asyncio.sleep(self.idle_s)

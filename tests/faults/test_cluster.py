@@ -159,13 +159,11 @@ def cluster_rig(
 def kafka_fault_restarts(rig: Rig) -> range:
     """Projector restarts a fault on one Kafka node may cause: at most two per fault.
 
-    The projector exits, by design, when a write to Kafka is not acknowledged within
-    CARGOTRACK_KAFKA_TIMEOUT_S (3 s in the rig): its alert relay (services/projector/
-    outbox.py) ends on Kafka errors and the orchestrator restarts the process. A
-    partition whose leader died has none until the controller fences the dead node
-    (broker session 3 s, up to ~8 s measured on two busy cores), so an alert write
-    in that window fails. No restart is allowed once the faults are over
-    (`Rig.recovered`: a crash loop fails the report)."""
+    The alert relay rides out a partition leader's failover (it retries the batch), but
+    the projector still exits, by design, on a Kafka error its consumer group or its
+    dead-letter writes cannot recover from, and the orchestrator restarts the process.
+    No restart is allowed once the faults are over (`Rig.recovered`: a crash loop fails
+    the report)."""
     return range(2 * rig.faults + 1)
 
 

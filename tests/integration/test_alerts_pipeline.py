@@ -419,6 +419,112 @@ async def test_relays_running_at_once_keep_a_shipments_alerts_in_order(
         await pool.close()
 
 
+async def test_a_relay_rides_out_a_kafka_outage_then_publishes_every_alert_in_order(
+    database_url: str, topic_prefix: str, pg_schema: str, dedicated_broker: KafkaBroker
+) -> None:
+    """The relay's broker is gone for several of its Kafka timeouts (a leader's failover,
+    longer): the relay retries instead of ending, which would restart the projector.
+    Once the broker is back every alert is on the topic, a shipment's in the order they
+    were decided (a batch sent again can repeat alerts: their ids tell)."""
+    settings = settings_for(
+        dedicated_broker.bootstrap_servers,
+        database_url,
+        topic_prefix,
+        pg_schema,
+        CARGOTRACK_KAFKA_TIMEOUT_S="1",
+    )
+    await prepare(settings)
+    kinds = [
+        alerts_pb2.ALERT_KIND_LATE,
+        alerts_pb2.ALERT_KIND_RECOVERED,
+        alerts_pb2.ALERT_KIND_OFF_ROUTE,
+    ]
+    written = [alert_envelope("shp-1", kind) for kind in kinds]
+    pool = await create_pool(settings.database)
+    try:
+        async with producer_for(settings) as producer:
+            await dedicated_broker.stop()
+            await pool.executemany(
+                "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
+                " VALUES ($1, $2, $3, $4)",
+                [(e.alert.alert_id, TENANT, "shp-1", e.alert.SerializeToString()) for e in written],
+            )
+            relay = OutboxRelay(settings, pool, producer, batch_size=2, idle_s=0.05)
+            relay_task = asyncio.create_task(relay.run())
+            try:
+                async with asyncio.timeout(60):
+                    while relay.retries < 3:
+                        assert not relay_task.done(), relay_task
+                        await asyncio.sleep(0.05)
+                assert relay.published == 0
+                await dedicated_broker.start(keep_data=True)
+                async with asyncio.timeout(60):
+                    while relay.published < len(written):
+                        assert not relay_task.done(), relay_task
+                        await asyncio.sleep(0.05)
+            finally:
+                if not dedicated_broker.running:  # the producer can stop only then
+                    await dedicated_broker.start(keep_data=True)
+                relay_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay_task
+        unpublished = await pool.fetchval(
+            "SELECT count(*) FROM alert_outbox WHERE published_at IS NULL"
+        )
+        history = await consume_envelopes(
+            dedicated_broker.bootstrap_servers,
+            settings.topics.shipment_alerts,
+            until=lambda got: (
+                {c.envelope.event_id for c in got} >= {e.alert.alert_id for e in written}
+            ),
+        )
+    finally:
+        await pool.close()
+    assert unpublished == 0
+    first_seen = list(dict.fromkeys(c.envelope.event_id for c in history))
+    assert first_seen == [e.alert.alert_id for e in written]
+
+
+async def test_a_relay_ends_once_kafka_refused_longer_than_it_waits(
+    database_url: str, topic_prefix: str, pg_schema: str, dedicated_broker: KafkaBroker
+) -> None:
+    """Past `give_up_after_s` of refusals the relay ends with the error (the process
+    exits and its orchestrator starts it again, with a new producer)."""
+    settings = settings_for(
+        dedicated_broker.bootstrap_servers,
+        database_url,
+        topic_prefix,
+        pg_schema,
+        CARGOTRACK_KAFKA_TIMEOUT_S="1",
+    )
+    await prepare(settings)
+    [envelope] = [alert_envelope("shp-1", alerts_pb2.ALERT_KIND_LATE)]
+    pool = await create_pool(settings.database)
+    try:
+        await pool.execute(
+            "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
+            " VALUES ($1, $2, $3, $4)",
+            envelope.alert.alert_id,
+            TENANT,
+            "shp-1",
+            envelope.alert.SerializeToString(),
+        )
+        async with producer_for(settings) as producer:
+            await dedicated_broker.stop()
+            try:
+                relay = OutboxRelay(settings, pool, producer, give_up_after_s=2.5)
+                with pytest.raises(KafkaUnavailable):
+                    await asyncio.wait_for(relay.run(), 60)
+                assert relay.retries >= 1
+                assert relay.published == 0
+            finally:
+                # An idempotent producer retries its batch until a broker takes it:
+                # only then can it stop.
+                await dedicated_broker.start(keep_data=True)
+    finally:
+        await pool.close()
+
+
 def late_upload(vehicle_id: str) -> envelope_pb2.Envelope:
     """A second device's batch of veh's minutes 3-6, uploaded late: its fixes fall
     between fixes already in the vehicle's track (7.5 s after each of them)."""

@@ -162,6 +162,33 @@ def test_workloads_run_as_non_root_with_resource_limits(overlay: list[Resource])
             assert {"cpu", "memory"} <= set(c["resources"][bound]), workload["metadata"]["name"]
 
 
+#: What the projector's RSS came to in the 10-minute soak (docs/performance.md, "Memory"):
+#: ~100 MB before any load, then ~1.25 KB per fix in the track cache once it is full.
+PROJECTOR_BASE_BYTES = 100_000_000
+BYTES_PER_CACHED_FIX = 1_250
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`512Mi`, `2Gi`, `1G`, bytes) in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+def test_the_projectors_memory_limit_holds_its_track_cache_when_full(
+    overlay: list[Resource],
+) -> None:
+    """A limit below what the configured cache takes when full would get the projector
+    killed for memory exactly when the fleet is largest, again after every restart."""
+    fixes = int(config(overlay)["CARGOTRACK_TRACK_CACHE_FIXES"])
+    projector = container(of_kind(overlay, "Deployment")["projector"])
+    limit = memory_bytes(projector["resources"]["limits"]["memory"])
+    needed = PROJECTOR_BASE_BYTES + fixes * BYTES_PER_CACHED_FIX
+    assert limit >= needed, f"limit {limit:,} B < {needed:,} B for {fixes:,} cached fixes"
+
+
 def test_termination_grace_exceeds_the_drain(overlay: list[Resource]) -> None:
     shutdown_grace = float(config(overlay)["CARGOTRACK_SHUTDOWN_GRACE_S"])
     for deployment in of_kind(overlay, "Deployment").values():
