@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -103,6 +103,13 @@ class _ParserErrors(logging.Filter):
 
 
 _PARSER_ERRORS = _ParserErrors()
+
+#: The Server header of every answer. aiohttp's default names the Python and aiohttp
+#: versions, which serves only a scanner matching them against known vulnerabilities.
+#: The default itself is replaced (in `GatewayServer.start`), because the answers
+#: aiohttp's HTTP parser sends before any handler runs (a 400 for a malformed request)
+#: reach no middleware or signal of ours.
+SERVER_HEADER = "cargotrack"
 
 
 def _json_response(body: Any, status: int = 200, **headers: str) -> web.Response:
@@ -529,6 +536,7 @@ class GatewayServer(ServiceServer):
         gateway = Gateway(settings, channels, self.ready)
         self.gateway = gateway
         logging.getLogger("aiohttp.server").addFilter(_PARSER_ERRORS)  # once: a set
+        web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
         await self.serve_grpc(GrpcApp(settings.grpc, settings.auth, [], {}))  # health only
         runner = web.AppRunner(
             gateway.application(),

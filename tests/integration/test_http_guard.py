@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from yarl import URL
 
+from services.http_gateway.app import SERVER_HEADER
 from shared.auth import Role
 from shared.pb import tracking_pb2_grpc
 from tests.ingest_helpers import bearer, running_service
@@ -274,6 +275,7 @@ async def test_every_response_carries_the_security_headers(guarded: Web) -> None
         async with guarded.http.get(path, headers=someone(), allow_redirects=False) as response:
             assert response.status == expected, path
             found = response.headers
+            assert found["Server"] == SERVER_HEADER, path  # no versions to match CVEs on
             assert found["X-Content-Type-Options"] == "nosniff", path
             assert found["X-Frame-Options"] == "DENY", path
             assert found["Referrer-Policy"] == "no-referrer", path
@@ -294,13 +296,17 @@ async def test_every_response_carries_the_security_headers(guarded: Web) -> None
         assert stream.status == 200
         assert "no-store" in stream.headers["Cache-Control"]
         assert stream.headers["X-Content-Type-Options"] == "nosniff"
+        assert stream.headers["Server"] == SERVER_HEADER
 
 
 # --- bounds, timeouts, nasty input -----------------------------------------------------
 
 
-async def raw_request(port: int, request: bytes, timeout_s: float = 15.0) -> tuple[int, str, str]:
-    """Send bytes as they are on a new connection; (status, content type, body)."""
+async def raw_request(
+    port: int, request: bytes, timeout_s: float = 15.0
+) -> tuple[int, dict[str, str], str]:
+    """Send bytes as they are on a new connection; (status, headers by lower-case name,
+    body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
@@ -316,7 +322,7 @@ async def raw_request(port: int, request: bytes, timeout_s: float = 15.0) -> tup
         name.strip().lower(): value.strip()
         for name, _, value in (line.partition(":") for line in lines[1:])
     }
-    return status, headers.get("content-type", ""), body.decode("latin-1")
+    return status, headers, body.decode("latin-1")
 
 
 def request_line(target: bytes, method: bytes = b"GET", *headers: bytes) -> bytes:
@@ -365,9 +371,12 @@ async def test_nasty_requests_get_a_clear_4xx(guarded: Web) -> None:
     before = REGISTRY.get_sample_value("cargotrack_http_requests_total", unparsed) or 0.0
     problems = []
     for name, request, expected, by_parser in NASTY:
-        status, content_type, body = await raw_request(port, request)
+        status, headers, body = await raw_request(port, request)
+        content_type = headers.get("content-type", "")
         if status != expected:
             problems.append(f"{name}: {status}, expected {expected}: {body[:200]!r}")
+        if headers.get("server") != SERVER_HEADER:  # the parser's answers too
+            problems.append(f"{name}: Server header {headers.get('server')!r}")
         if "Traceback" in body or 'File "' in body or "import" in body:
             problems.append(f"{name}: a trace or a source file came back: {body[:200]!r}")
         if not by_parser and not (
