@@ -191,21 +191,21 @@ async def described_topic_configs(
     answers UNKNOWN_TOPIC_OR_PARTITION with no entries: ask again until one describes
     it (the last error is in the failure message)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
-        await admin.start()
-        try:
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
+    await admin.start()
+    try:
+        while True:
             [response] = await admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, topic)]
             )
-        finally:
-            await admin.close()
-        [(error_code, message, _, _, entries, *_)] = response.resources
-        if not error_code:
-            return {entry[0]: entry[1] for entry in entries}
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"no node described {topic}: error {error_code} {message}")
-        await asyncio.sleep(0.2)
+            [(error_code, message, _, _, entries, *_)] = response.resources
+            if not error_code:
+                return {entry[0]: entry[1] for entry in entries}
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no node described {topic}: error {error_code} {message}")
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
 
 
 async def busiest_gps_partition(rig: Rig) -> int:

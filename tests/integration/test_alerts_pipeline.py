@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -356,6 +356,37 @@ async def test_stale_tracking_alerts_once_per_silence(
         subscriber.cancel()
 
 
+async def put_in_outbox(pool: asyncpg.Pool, envelopes: list[envelope_pb2.Envelope]) -> None:
+    """The alerts as a projection decides them: unpublished outbox rows of shp-1."""
+    await pool.executemany(
+        "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
+        " VALUES ($1, $2, $3, $4)",
+        [(e.alert.alert_id, TENANT, "shp-1", e.alert.SerializeToString()) for e in envelopes],
+    )
+
+
+async def on_dedicated_broker(
+    broker: KafkaBroker, database_url: str, topic_prefix: str, schema: str
+) -> Settings:
+    """Settings whose Kafka is `broker`, with a 1 s Kafka timeout; schema and topics
+    prepared."""
+    settings = settings_for(
+        broker.bootstrap_servers, database_url, topic_prefix, schema, CARGOTRACK_KAFKA_TIMEOUT_S="1"
+    )
+    await prepare(settings)
+    return settings
+
+
+async def still_running_until(
+    task: asyncio.Task[None], condition: Callable[[], bool], timeout_s: float = 60
+) -> None:
+    """Wait for `condition()` while `task` goes on running (its end fails the test)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            assert not task.done(), task
+            await asyncio.sleep(0.05)
+
+
 async def test_relays_running_at_once_keep_a_shipments_alerts_in_order(
     kafka_bootstrap: str,
     database_url: str,
@@ -384,11 +415,7 @@ async def test_relays_running_at_once_keep_a_shipments_alerts_in_order(
         CARGOTRACK_KAFKA_TIMEOUT_S="5",
     )
     try:
-        await pool.executemany(
-            "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
-            " VALUES ($1, $2, $3, $4)",
-            [(e.alert.alert_id, TENANT, "shp-1", e.alert.SerializeToString()) for e in written],
-        )
+        await put_in_outbox(pool, written)
         async with producer_for(stranded) as stranded_producer:
             await dedicated_broker.stop()
             stuck = OutboxRelay(stranded, pool, stranded_producer, batch_size=1)
@@ -426,14 +453,7 @@ async def test_a_relay_rides_out_a_kafka_outage_then_publishes_every_alert_in_or
     longer): the relay retries instead of ending, which would restart the projector.
     Once the broker is back every alert is on the topic, a shipment's in the order they
     were decided (a batch sent again can repeat alerts: their ids tell)."""
-    settings = settings_for(
-        dedicated_broker.bootstrap_servers,
-        database_url,
-        topic_prefix,
-        pg_schema,
-        CARGOTRACK_KAFKA_TIMEOUT_S="1",
-    )
-    await prepare(settings)
+    settings = await on_dedicated_broker(dedicated_broker, database_url, topic_prefix, pg_schema)
     kinds = [
         alerts_pb2.ALERT_KIND_LATE,
         alerts_pb2.ALERT_KIND_RECOVERED,
@@ -444,24 +464,14 @@ async def test_a_relay_rides_out_a_kafka_outage_then_publishes_every_alert_in_or
     try:
         async with producer_for(settings) as producer:
             await dedicated_broker.stop()
-            await pool.executemany(
-                "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
-                " VALUES ($1, $2, $3, $4)",
-                [(e.alert.alert_id, TENANT, "shp-1", e.alert.SerializeToString()) for e in written],
-            )
+            await put_in_outbox(pool, written)
             relay = OutboxRelay(settings, pool, producer, batch_size=2, idle_s=0.05)
             relay_task = asyncio.create_task(relay.run())
             try:
-                async with asyncio.timeout(60):
-                    while relay.retries < 3:
-                        assert not relay_task.done(), relay_task
-                        await asyncio.sleep(0.05)
+                await still_running_until(relay_task, lambda: relay.retries >= 3)
                 assert relay.published == 0
                 await dedicated_broker.start(keep_data=True)
-                async with asyncio.timeout(60):
-                    while relay.published < len(written):
-                        assert not relay_task.done(), relay_task
-                        await asyncio.sleep(0.05)
+                await still_running_until(relay_task, lambda: relay.published == len(written))
             finally:
                 if not dedicated_broker.running:  # the producer can stop only then
                     await dedicated_broker.start(keep_data=True)
@@ -490,25 +500,10 @@ async def test_a_relay_ends_once_kafka_refused_longer_than_it_waits(
 ) -> None:
     """Past `give_up_after_s` of refusals the relay ends with the error (the process
     exits and its orchestrator starts it again, with a new producer)."""
-    settings = settings_for(
-        dedicated_broker.bootstrap_servers,
-        database_url,
-        topic_prefix,
-        pg_schema,
-        CARGOTRACK_KAFKA_TIMEOUT_S="1",
-    )
-    await prepare(settings)
-    [envelope] = [alert_envelope("shp-1", alerts_pb2.ALERT_KIND_LATE)]
+    settings = await on_dedicated_broker(dedicated_broker, database_url, topic_prefix, pg_schema)
     pool = await create_pool(settings.database)
     try:
-        await pool.execute(
-            "INSERT INTO alert_outbox (alert_id, tenant_id, shipment_id, payload)"
-            " VALUES ($1, $2, $3, $4)",
-            envelope.alert.alert_id,
-            TENANT,
-            "shp-1",
-            envelope.alert.SerializeToString(),
-        )
+        await put_in_outbox(pool, [alert_envelope("shp-1", alerts_pb2.ALERT_KIND_LATE)])
         async with producer_for(settings) as producer:
             await dedicated_broker.stop()
             try:
